@@ -1,0 +1,72 @@
+"""The MemoryLLM / M+ core on plain PyTorch: `load` a checkpoint, `inject` text, `generate` answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import HUB_MODELS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import ModelConfig, config_from_hf, read_config
+from .generate import DecodeSettings, Generation, generate
+from .layers import KVCache
+from .memory import MemoryState
+from .memoryllm import InjectResult, MemoryLLM
+from .presets import PRESETS, UNTRAINED_LABEL, build_preset
+from .tokenizer import has_tokenizer, load_tokenizer
+
+__all__ = [
+    "HUB_MODELS",
+    "PRESETS",
+    "CheckpointError",
+    "DecodeSettings",
+    "Generation",
+    "InjectResult",
+    "KVCache",
+    "MemoryLLM",
+    "MemoryState",
+    "ModelConfig",
+    "config_from_hf",
+    "generate",
+    "load",
+    "read_config",
+    "save_checkpoint",
+]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(
+    name_or_path: str | Path = "tiny",
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    tokenizer: bool | str | Path = True,
+    rope_inv_freq_dtype: str | None = None,
+) -> MemoryLLM:
+    """Load a preset (`tiny`), a local checkpoint directory or a hub id (`memoryllm-8b`, `YuWangX/...`).
+
+    dtype defaults to float32 on CPU and bfloat16 on CUDA. `tokenizer`: True loads the checkpoint's own
+    tokenizer when it has one, a path or hub id loads that one, False skips it. The checkpoint's memory
+    becomes `model.initial_state`; `model.new_state(seed)` gives a working copy.
+    """
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    name = str(name_or_path)
+    if name in PRESETS:
+        model = build_preset(name).to(device=device, dtype=dtype)
+        model.initial_state.memory = model.initial_state.memory.to(device=device, dtype=dtype)
+        model.info = {"source": name, "label": UNTRAINED_LABEL}
+        return model
+    directory = resolve_checkpoint(name, revision)
+    model = load_checkpoint(directory, dtype, device, rope_inv_freq_dtype)
+    if tokenizer is True and has_tokenizer(directory):
+        model.tokenizer = load_tokenizer(directory)
+    elif tokenizer not in (True, False):
+        model.tokenizer = load_tokenizer(tokenizer)
+    label = UNTRAINED_LABEL if model.cfg.raw.get("mplus_preset") else ""
+    model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
+    return model

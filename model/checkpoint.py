@@ -1,0 +1,201 @@
+"""Load and save checkpoints in the authors' layout: config.json + (sharded) safetensors, loud on any key.
+
+Parameter names follow the authors' classes: the Llama trunk under `model.`, PEFT-style LoRA
+(`X.base_layer.weight`, `X.lora_A.default.weight`, `X.lora_B.decoder_adapter.weight`), and the memory
+tensors (`memory`, `bos_embedding`, `new_memory_positional_emb`, `initialized`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, read_config
+from .layers import DECODER, ENCODER
+from .memory import MemoryState
+from .memoryllm import MemoryLLM
+
+HUB_MODELS = {
+    "memoryllm-7b": "YuWangX/memoryllm-7b",
+    "memoryllm-8b": "YuWangX/memoryllm-8b",
+    "memoryllm-8b-chat": "YuWangX/memoryllm-8b-chat",
+    "mplus-8b": "YuWangX/mplus-8b",
+}
+ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
+STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState
+SHARD_SIZE = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match the model its config describes."""
+
+
+def to_module_key(key: str) -> str:
+    """Authors' parameter name -> our module parameter name."""
+    key = key.replace(".base_layer.weight", ".weight")
+    match = re.fullmatch(r"(.*)\.lora_([AB])\.([\w]+)\.weight", key)
+    if match and match.group(3) in ADAPTER_NAMES:
+        return f"{match.group(1)}.lora_{match.group(2)}.{ADAPTER_NAMES[match.group(3)]}"
+    return key
+
+
+def to_checkpoint_key(key: str, lora_wrapped: set[str]) -> str:
+    """Our module parameter name -> authors' name (`lora_wrapped` = our Linear modules with adapters)."""
+    match = re.fullmatch(r"(.*)\.lora_([AB])\.(\w+)", key)
+    if match:
+        authors = {v: k for k, v in ADAPTER_NAMES.items()}[match.group(3)]
+        return f"{match.group(1)}.lora_{match.group(2)}.{authors}.weight"
+    module = key.removesuffix(".weight")
+    return f"{module}.base_layer.weight" if module in lora_wrapped else key
+
+
+def _lora_wrapped(model: MemoryLLM) -> set[str]:
+    return {name for name, mod in model.named_modules() if getattr(mod, "lora_A", None)}
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (sharded via the index, or a single file)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert them to safetensors)"
+    raise FileNotFoundError(f"no safetensors weights in {directory}" + (hint if pickles else ""))
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path]]:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, path
+
+
+def expected_keys(model: MemoryLLM) -> dict[str, tuple[int, ...]]:
+    """Authors' key -> shape for every tensor the checkpoint must hold."""
+    wrapped = _lora_wrapped(model)
+    shapes = {to_checkpoint_key(k, wrapped): tuple(v.shape) for k, v in model.state_dict().items()}
+    cfg = model.cfg
+    shapes["memory"] = (cfg.num_layers, cfg.memory_rows, cfg.hidden_size)
+    shapes["initialized"] = ()
+    return shapes
+
+
+def _ignorable(key: str, cfg: ModelConfig) -> bool:
+    """Keys that carry nothing we need: a tied lm_head copy, rotary caches of old transformers."""
+    return (key == "lm_head.weight" and cfg.tie_word_embeddings) or key.endswith("rotary_emb.inv_freq")
+
+
+def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id (aliases: memoryllm-7b, memoryllm-8b, ...) downloaded to the HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file: pass the checkpoint directory that holds config.json")
+    repo_id = HUB_MODELS.get(name_or_path, name_or_path)
+    if repo_id.count("/") != 1:
+        known = ", ".join(["tiny", *HUB_MODELS])
+        raise FileNotFoundError(f"no model {name_or_path!r}: give a checkpoint directory, a hub id or one of {known}")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+
+
+def load_checkpoint(
+    directory: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    rope_inv_freq_dtype: str | None = None,
+) -> MemoryLLM:
+    """Build the model from config.json and fill every parameter; raise CheckpointError naming each
+    missing, unused or mis-shaped key."""
+    import dataclasses
+
+    cfg = read_config(directory)
+    if rope_inv_freq_dtype is not None:
+        cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))
+    with torch.device("meta"):
+        model = MemoryLLM(cfg)
+    expected = expected_keys(model)
+    located = dict(iter_tensors(checkpoint_files(directory)))
+    missing = sorted(set(expected) - set(located) - {"initialized"})
+    unused = sorted(k for k in set(located) - set(expected) if not _ignorable(k, cfg))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unused:
+        problems.append(f"unused keys: {', '.join(unused)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match its config.json; " + "; ".join(problems))
+
+    tensors, wrong_shapes = {}, []
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        if key in located:
+            by_file.setdefault(located[key], []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                t = f.get_tensor(key)
+                if tuple(t.shape) != expected[key]:
+                    wrong_shapes.append(f"{key} {tuple(t.shape)} (expected {expected[key]})")
+                tensors[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t
+    if wrong_shapes:
+        raise CheckpointError(f"checkpoint {directory} has wrongly shaped tensors: {', '.join(wrong_shapes)}")
+
+    state_dict = {to_module_key(k): v for k, v in tensors.items() if k not in STATE_KEYS}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    initialized = bool(tensors["initialized"].item()) if "initialized" in tensors else True
+    model.initial_state = MemoryState(memory=tensors["memory"], initialized=initialized)
+    return model
+
+
+def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path) -> Path:
+    """Write model + `state` memory in the authors' layout (config.json, sharded safetensors + index)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    wrapped = _lora_wrapped(model)
+    tensors = {to_checkpoint_key(k, wrapped): v for k, v in model.state_dict().items()}
+    tensors["memory"] = state.memory
+    tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_SIZE:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, name)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = dict(model.cfg.raw)
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(directory)
+    return directory

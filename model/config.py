@@ -1,0 +1,180 @@
+"""Model configuration, read from the authors' `config.json` (a LlamaConfig with extra memory fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MemoryKind = Literal["memoryllm", "mplus"]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Which rotary-embedding variant a checkpoint needs (spec §4.4).
+
+    kind: "default" (plain), "linear" (positions divided by `factor`), "llama3" (Llama-3.1 frequency
+    smoothing) or "interpolated" (MemoryLLM-7B: positions times `max_pos / max(max_pos, (blocks+1)*K)`).
+    inv_freq_dtype: "bfloat16" rounds the inverse frequencies to bf16 as the authors' M+ usage does.
+    """
+
+    kind: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    position_scale: float = 1.0
+    inv_freq_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    decoder_adapter: bool
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the core needs to build a MemoryLLM / M+ model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    num_tokens: int  # K: rows written per injection (one block)
+    num_blocks: int  # memory rows per layer = num_blocks * K (M+: includes the LTM blocks)
+    kind: MemoryKind = "memoryllm"
+    add_bos_embedding: bool = True
+    drop_memory_per_layer: bool = False
+    tie_word_embeddings: bool = False
+    lora: LoraConfig | None = None
+    # M+ only
+    num_ltm_blocks: int = 0
+    ltm_initial_size: int = 0
+    selector_hidden_dim: int = 0
+    num_selector_layers: int = 2
+    update_ltm_frequency: int = 0
+    decay_frequency: float = 1.0
+    initial_rf_when_moving_stm_to_ltm: float = 10.0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def memory_rows(self) -> int:
+        """Short-term rows per layer (M+: excluding the retrieved LTM blocks)."""
+        return (self.num_blocks - self.num_ltm_blocks) * self.num_tokens
+
+    @property
+    def ltm_rows_retrieved(self) -> int:
+        return self.num_ltm_blocks * self.num_tokens
+
+    def fingerprint(self) -> str:
+        """A short stable hash of the architecture (used to bind sessions to a model)."""
+        blob = json.dumps(dataclasses.asdict(self) | {"raw": None}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rope_from_hf(cfg: dict[str, Any], kind: MemoryKind) -> RopeConfig:
+    """Pick the RoPE variant the authors' code would use for this config."""
+    theta = float(cfg.get("rope_theta", 10000.0))
+    if cfg.get("interpolate_position_ids"):  # MemoryLLM-7B code path; theta is hard-coded there
+        max_pos = int(cfg["max_position_embeddings"])
+        covered = (int(cfg["num_blocks"]) + 1) * int(cfg["num_tokens"])
+        return RopeConfig(kind="interpolated", theta=10000.0, position_scale=max_pos / max(max_pos, covered))
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    theta = float(scaling.get("rope_theta", theta))
+    if rope_type in (None, "default"):
+        return RopeConfig(kind="default", theta=theta)
+    if rope_type == "linear":
+        return RopeConfig(kind="linear", theta=theta, factor=float(scaling["factor"]))
+    if rope_type == "llama3":
+        return RopeConfig(
+            kind="llama3",
+            theta=theta,
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            # The authors' M+ README casts the whole model (inv_freq included) to bf16.
+            inv_freq_dtype="bfloat16" if kind == "mplus" else "float32",
+        )
+    raise ValueError(f"unsupported rope scaling type {rope_type!r}: expected default, linear or llama3")
+
+
+def _lora_from_hf(cfg: dict[str, Any]) -> LoraConfig | None:
+    lc = cfg.get("lora_config")
+    if not lc:
+        return None
+    return LoraConfig(
+        r=int(lc["r"]),
+        alpha=float(lc["lora_alpha"]),
+        target_modules=tuple(lc["target_modules"]),
+        decoder_adapter=bool(cfg.get("add_decoder_lora", False)),
+    )
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Translate the authors' `config.json` dict into a ModelConfig."""
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_blocks", "num_tokens") if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}: not a MemoryLLM / M+ checkpoint config")
+    archs = cfg.get("architectures") or []
+    kind: MemoryKind = "mplus" if ("MPlus" in archs or "num_ltm_blocks" in cfg) else "memoryllm"
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) Llama models are supported")
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=rope_from_hf(cfg, kind),
+        num_tokens=int(cfg["num_tokens"]),
+        num_blocks=int(cfg["num_blocks"]),
+        kind=kind,
+        add_bos_embedding=bool(cfg.get("add_bos_embedding", True)),
+        # M+ always drops per layer; MemoryLLM only when the flag says so (7B shares one permutation).
+        drop_memory_per_layer=kind == "mplus" or bool(cfg.get("drop_memory_per_layer", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        lora=_lora_from_hf(cfg),
+        num_ltm_blocks=int(cfg.get("num_ltm_blocks", 0)) if kind == "mplus" else 0,
+        ltm_initial_size=int(cfg.get("ltm_initial_size", 0)),
+        selector_hidden_dim=int(cfg.get("selector_hidden_dim", 0)),
+        num_selector_layers=int(cfg.get("num_selector_layers", 2)),
+        update_ltm_frequency=int(cfg.get("update_ltm_frequency", 0)),
+        decay_frequency=float(cfg.get("decay_frequency", 1)),
+        initial_rf_when_moving_stm_to_ltm=float(cfg.get("initial_rf_when_moving_stm_to_ltm", 10)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        raw=dict(cfg),
+    )
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint directory needs config.json")
+    return config_from_hf(json.loads(path.read_text()))

@@ -1,0 +1,169 @@
+"""Llama building blocks with a per-layer memory prefix: RMSNorm, LoRA linears, GQA attention, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope
+
+try:  # optional, CUDA only
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+ENCODER, DECODER = "encoder", "decoder"  # our names for the authors' `default` / `decoder_adapter`
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer with optional LoRA adapters, applied unmerged: W x + s * B(A(x))."""
+
+    def __init__(self, in_features: int, out_features: int, adapters: tuple[str, ...] = (), r: int = 0, scaling=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.scaling = scaling
+        self.lora_A = nn.ParameterDict({a: nn.Parameter(torch.empty(r, in_features)) for a in adapters})
+        self.lora_B = nn.ParameterDict({a: nn.Parameter(torch.empty(out_features, r)) for a in adapters})
+
+    def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if adapter is None or adapter not in self.lora_A:
+            return y
+        return y + F.linear(F.linear(x, self.lora_A[adapter]), self.lora_B[adapter]) * self.scaling
+
+
+def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int) -> Linear:
+    lora = cfg.lora
+    if lora is None or name not in lora.target_modules:
+        return Linear(in_features, out_features)
+    adapters = (ENCODER, DECODER) if lora.decoder_adapter else (ENCODER,)
+    return Linear(in_features, out_features, adapters, lora.r, lora.scaling)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [L, B, H_kv, max_len, D], filled left to right."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.lengths = [0] * cfg.num_layers
+
+    @property
+    def seen(self) -> int:
+        """Positions already cached (all layers advance together between forwards)."""
+        return self.lengths[0]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.k.shape[3]:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        self.lengths[layer] = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last q_len positions over k_len >= q_len keys (bottom-right aligned).
+
+    q: [B, H, q_len, D]; k, v: [B, H_kv, k_len, D] -> [B, H, q_len, D]. Query i sits at absolute
+    position k_len - q_len + i and sees keys 0..that position (so every prefix row is visible).
+    """
+    q_len, k_len = q.shape[2], k.shape[2]
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.q_proj = make_linear(cfg, "q_proj", d, cfg.num_heads * hd)
+        self.k_proj = make_linear(cfg, "k_proj", d, cfg.num_kv_heads * hd)
+        self.v_proj = make_linear(cfg, "v_proj", d, cfg.num_kv_heads * hd)
+        self.o_proj = make_linear(cfg, "o_proj", cfg.num_heads * hd, d)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        n_query: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        adapter: str | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """h: [B, S, d] normed rows (prefix then queries); cos/sin: [S, D]. Returns [B, n_query, d]."""
+        B, S, _ = h.shape
+        q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos[S - n_query :], sin[S - n_query :])  # [B, H, n_query, D]
+        k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + S, D]
+        y = attend(q, k, v).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
+        return self.o_proj(y, adapter)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(cfg, "gate_proj", d, f)
+        self.up_proj = make_linear(cfg, "up_proj", d, f)
+        self.down_proj = make_linear(cfg, "down_proj", f, d)
+
+    def forward(self, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+
+
+class Block(nn.Module):
+    """One decoder layer. Prefix rows only give keys/values; residual and MLP run on the query rows."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        n_query: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        adapter: str | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        """h: [B, S, d] layer input (prefix rows then the n_query query rows) -> [B, n_query, d]."""
+        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer)
+        x = h[:, -n_query:] + attn
+        return x + self.mlp(self.post_attention_layernorm(x), adapter)

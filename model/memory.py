@@ -1,0 +1,135 @@
+"""The memory state: an explicit, serializable object that every injection updates (spec §5.5)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FORMAT = 1
+
+
+def new_generator(seed: int) -> torch.Generator:
+    """The CPU generator that decides which rows are dropped (CPU keeps the authors' draws)."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+@dataclass
+class MemoryState:
+    """Everything that changes when text is injected.
+
+    memory: [L, N, d] short-term rows per layer, oldest surviving rows first, newest block last.
+    initialized: False only for a model whose memory was never written (first injection tiles).
+    generator: CPU generator for the random drops; its state is part of the saved state.
+    """
+
+    memory: torch.Tensor
+    generator: torch.Generator = field(default_factory=lambda: new_generator(0))
+    initialized: bool = True
+    injections: int = 0
+    tokens_injected: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.memory.shape[0]
+
+    @property
+    def rows_per_layer(self) -> int:
+        return self.memory.shape[1]
+
+    def clone(self) -> MemoryState:
+        generator = torch.Generator(device="cpu")
+        generator.set_state(self.generator.get_state())
+        return MemoryState(
+            memory=self.memory.clone(),
+            generator=generator,
+            initialized=self.initialized,
+            injections=self.injections,
+            tokens_injected=self.tokens_injected,
+        )
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory": self.memory.contiguous(), "generator_state": self.generator.get_state()}
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "initialized": self.initialized,
+            "injections": self.injections,
+            "tokens_injected": self.tokens_injected,
+            "memory_shape": list(self.memory.shape),
+            "dtype": str(self.memory.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device | str = "cpu"
+    ) -> MemoryState:
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown memory-state format {meta.get('format')!r} (expected {STATE_FORMAT})")
+        generator = torch.Generator(device="cpu")
+        generator.set_state(tensors["generator_state"])
+        return cls(
+            memory=tensors["memory"].to(device),
+            generator=generator,
+            initialized=bool(meta["initialized"]),
+            injections=int(meta["injections"]),
+            tokens_injected=int(meta["tokens_injected"]),
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write `state.safetensors` + `state.json` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in self.to_tensors().items()}, directory / "state.safetensors")
+        (directory / "state.json").write_text(json.dumps(self.to_meta(), indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> MemoryState:
+        directory = Path(directory)
+        meta = json.loads((directory / "state.json").read_text())
+        return cls.from_tensors(load_file(directory / "state.safetensors"), meta, device)
+
+
+def draw_permutations(generator: torch.Generator, draws: int, rows: int) -> torch.Tensor:
+    """[draws, rows] permutations, one `randperm` call each, in order (the authors' RNG sequence)."""
+    return torch.stack([torch.randperm(rows, generator=generator) for _ in range(draws)])
+
+
+def split_permutation(perm: torch.Tensor, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, dropped) row indices, each ascending: kept = sort(perm[:N-drop])."""
+    rows = perm.shape[0]
+    return perm[: rows - drop].sort().values, perm[rows - drop :].sort().values
+
+
+def tile_first_delta(delta: torch.Tensor, rows: int) -> torch.Tensor:
+    """The uninitialized-memory rule: repeat the first delta [L, k, d] to fill [L, rows, d]."""
+    k = delta.shape[1]
+    if k >= rows:
+        return delta[:, -rows:]
+    reps, rest = divmod(rows, k)
+    pieces = [delta] * reps + ([delta[:, k - rest :]] if rest else [])
+    return torch.cat(pieces, dim=1)
+
+
+def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """Drop delta-many rows per layer and append the delta; returns the dropped rows [L, k, d].
+
+    memory: [L, N, d] updated in place; delta: [L, k, d]; perms: [L, N] (per-layer drop) or [1, N]
+    (one permutation shared by all layers). Survivors keep their order; the new rows go last.
+    """
+    L, N, _ = memory.shape
+    k = delta.shape[1]
+    dropped = []
+    for layer in range(L):
+        kept, drop = split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)
+        kept, drop = kept.to(memory.device), drop.to(memory.device)
+        dropped.append(memory[layer, drop])
+        memory[layer, : N - k] = memory[layer, kept]
+        memory[layer, N - k :] = delta[layer].to(memory.dtype)
+    return torch.stack(dropped)

@@ -1,0 +1,194 @@
+"""MemoryLLM: a Llama decoder that reads a per-layer memory prefix and writes to it by injection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
+from .memory import MemoryState, draw_permutations, drop_and_append, new_generator, tile_first_delta
+from .rope import cos_sin, inverse_frequencies
+
+
+@dataclass
+class InjectResult:
+    delta: torch.Tensor  # [L, k, d] new rows written per layer
+    perms: torch.Tensor  # [draws, N] permutations used for the drop (empty on the first, tiling injection)
+    dropped: torch.Tensor | None  # [L, k, d] rows removed from short-term memory
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, n, V] float32
+    hidden_states: list[torch.Tensor] | None = None  # L+1 entries of [B, n, d]: layer inputs, then final norm
+
+
+class Decoder(nn.Module):
+    """Holds the Llama trunk under the authors' `model.` parameter prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MemoryLLM(nn.Module):
+    """The model; memory lives in a separate MemoryState that `forward` reads and `inject` updates."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.model = Decoder(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.bos_embedding = nn.Parameter(torch.empty(cfg.num_layers, 1, d)) if cfg.add_bos_embedding else None
+        self.new_memory_positional_emb = nn.Parameter(torch.empty(1, 1, d))
+        self.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)  # float32, never cast with the weights
+        self.initial_state: MemoryState | None = None  # the checkpoint's memory, set by the loader
+        self.tokenizer = None
+        self.info: dict = {}
+
+    # -- basics --------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def n_bos(self) -> int:
+        return int(self.cfg.add_bos_embedding)
+
+    def encoder_adapter(self) -> str | None:
+        return ENCODER if self.cfg.lora else None
+
+    def decoder_adapter(self) -> str | None:
+        """Questions use `decoder_adapter` when the checkpoint has one, else the only adapter."""
+        if self.cfg.lora is None:
+            return None
+        return DECODER if self.cfg.lora.decoder_adapter else ENCODER
+
+    def new_state(self, seed: int = 0) -> MemoryState:
+        """A fresh copy of the checkpoint memory with a drop generator seeded by `seed`."""
+        if self.initial_state is None:
+            raise RuntimeError("this model has no initial memory: load it with model.load()")
+        state = self.initial_state.clone()
+        state.generator = new_generator(seed)
+        return state
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos_sin(self.cfg.rope, self.inv_freq.to(self.device), positions.to(self.device), self.dtype)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+    def _with_bos(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """[bos_embedding[layer], rows]: [R, d] -> [bos + R, d]."""
+        if self.bos_embedding is None:
+            return rows
+        return torch.cat([self.bos_embedding[layer], rows.to(self.dtype)], dim=0)
+
+    # -- reading: question forward ---------------------------------------------------------------
+    def prefix_length(self, state: MemoryState) -> int:
+        """Rows placed before the question at every layer (bos + memory)."""
+        return self.n_bos + state.rows_per_layer if state.initialized else 0
+
+    def question_prefix(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
+        """[P, d] prefix rows of `layer` for a question whose layer input is x [B, n, d]."""
+        return self._with_bos(layer, state.memory[layer])
+
+    @torch.no_grad()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        state: MemoryState,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> ForwardOutput:
+        """Logits for ids [B, n] read against `state`. With a cache, the prefix is added only at the
+        prefill (empty cache); later calls continue at the cached positions."""
+        ids = ids.to(self.device)
+        x = self.model.embed_tokens(ids)  # [B, n, d]
+        B, n, _ = x.shape
+        seen = cache.seen if cache is not None else 0
+        with_prefix = seen == 0 and state.initialized
+        start = seen
+        total = self.prefix_length(state) + n if with_prefix else n
+        cos, sin = self._cos_sin(torch.arange(start, start + total))
+        hidden = [] if return_hidden else None
+        for layer, block in enumerate(self.model.layers):
+            if hidden is not None:
+                hidden.append(x)
+            h = x
+            if with_prefix:
+                prefix = self.question_prefix(layer, state, x)  # [P, d]
+                h = torch.cat([prefix.unsqueeze(0).expand(B, -1, -1), x], dim=1)  # [B, P + n, d]
+            x = block(h, n, cos, sin, self.decoder_adapter(), cache, layer)
+        x = self.model.norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        return ForwardOutput(logits=self._logits(x), hidden_states=hidden)
+
+    # -- writing: injection ----------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_delta(self, ids: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """New memory rows [L, k, d] for a context ids [n] (k = K, or min(n, K) before initialization).
+
+        Per layer the input is [bos, last K memory rows, context]; `new_memory_positional_emb` is added
+        to its last K rows; the last max(n, K) rows are queries (P = bos + min(n, K)); the delta is the
+        last K outputs. No logits, no KV cache.
+        """
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("inject takes one non-empty 1-D sequence of token ids")
+        K = self.cfg.num_tokens
+        x = self.model.embed_tokens(ids.to(self.device))[None]  # [1, n, d]
+        n = x.shape[1]
+        memory_block = K if state.initialized else 0
+        cos, sin = self._cos_sin(torch.arange(self.n_bos * (memory_block > 0) + memory_block + n))
+        n_query = max(n, K) if state.initialized else n
+        last = self.cfg.num_layers - 1
+        deltas = []
+        for layer, block in enumerate(self.model.layers):
+            parts = [x]
+            if state.initialized:
+                parts.insert(0, self._with_bos(layer, state.memory[layer, -K:])[None])
+            h = torch.cat(parts, dim=1)  # [1, bos + K + n, d] (a fresh tensor: safe to add into)
+            h[:, -K:] += self.new_memory_positional_emb
+            # the last layer only needs the delta rows as queries
+            out = block(h, min(n_query, K) if layer == last else n_query, cos, sin, self.encoder_adapter(), None, layer)
+            deltas.append(out[0, -K:])
+            x = out[:, -n:]
+        return torch.stack(deltas)  # [L, k, d]
+
+    @torch.no_grad()
+    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+        """Drop k rows per layer (random, from `state.generator` unless `perms` are given) and append delta."""
+        N = state.rows_per_layer
+        if not state.initialized:
+            state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
+            state.initialized = True
+            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None)
+        draws = self.cfg.num_layers if self.cfg.drop_memory_per_layer else 1
+        if perms is None:
+            perms = draw_permutations(state.generator, draws, N)
+        elif tuple(perms.shape) != (draws, N):
+            raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
+        dropped = drop_and_append(state.memory, delta, perms)
+        return InjectResult(delta, perms, dropped)
+
+    @torch.no_grad()
+    def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+        """Write the context ids [n] into `state` (in place)."""
+        delta = self.compute_delta(ids, state)
+        result = self.update_memory(state, delta, perms)
+        state.injections += 1
+        state.tokens_injected += int(ids.numel())
+        return result

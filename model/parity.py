@@ -1,0 +1,137 @@
+"""Replay a reference-output directory (the format of shared/fixtures/official) and compare every tensor.
+
+Usage: python -m model.parity DIR [DIR ...]   exit 0 only when every comparison is within tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import load
+from .generate import DecodeSettings, generate
+from .memory import new_generator
+from .memoryllm import MemoryLLM
+
+# README §5 of the fixtures: what is compared exactly and with which absolute tolerance
+TOLERANCES = {"logits": 1e-4, "hidden_states": 1e-4, "memory": 1e-4, "rows": 1e-4, "scores": 1e-5, "rope": 1e-5}
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, float, float | None, bool]] = field(default_factory=list)
+    compared: set[str] = field(default_factory=set)
+
+    def close(self, key: str, ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+        self.compared.add(key)
+        ours = ours.detach().float().cpu().reshape(ref.shape) if ours.numel() == ref.numel() else ours
+        if tuple(ours.shape) != tuple(ref.shape):
+            self.rows.append((f"{key} shape {tuple(ours.shape)} != {tuple(ref.shape)}", float("inf"), tol, False))
+            return
+        diff = (ours - ref.float()).abs().max().item() if ref.numel() else 0.0
+        self.rows.append((key, diff, tol, diff <= tol))
+
+    def exact(self, key: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+        self.compared.add(key)
+        ours = ours.detach().cpu()
+        same = tuple(ours.shape) == tuple(ref.shape) and torch.equal(ours.to(ref.dtype), ref)
+        if same:
+            mismatches = 0.0
+        elif ours.numel() == ref.numel():
+            mismatches = float((ours.reshape(-1) != ref.reshape(-1).to(ours.dtype)).sum())
+        else:
+            mismatches = float("inf")
+        self.rows.append((key, mismatches, None, same))
+
+    @property
+    def ok(self) -> bool:
+        return all(row[3] for row in self.rows)
+
+    def print(self, title: str) -> None:
+        print(f"== {title}")
+        width = max(len(r[0]) for r in self.rows)
+        for key, diff, tol, ok in self.rows:
+            bound = "exact" if tol is None else f"<= {tol:.0e}"
+            measure = f"{int(diff)} mismatches" if tol is None else f"max |diff| {diff:.3e}"
+            print(f"  {'ok  ' if ok else 'FAIL'} {key:<{width}}  {measure:<22} {bound}")
+
+
+def compare_forward(report: Report, prefix: str, model: MemoryLLM, state, question, ref: dict) -> None:
+    out = model(question[None], state, return_hidden=True)
+    report.close(f"{prefix}.logits", out.logits[0], ref[f"{prefix}.logits"], TOLERANCES["logits"])
+    if f"{prefix}.hidden_states" in ref:
+        hidden = torch.stack([h[0] for h in out.hidden_states])  # [L+1, q, d]
+        report.close(f"{prefix}.hidden_states", hidden, ref[f"{prefix}.hidden_states"], TOLERANCES["hidden_states"])
+
+
+def replay(directory: Path) -> Report:
+    meta = json.loads((directory / "meta.json").read_text())
+    ref = load_file(directory / "tensors.safetensors")
+    report = Report()
+    torch.set_num_threads(1)
+    inv_dtype = meta.get("rope", {}).get("inv_freq_dtype", "float32")
+    model = load(directory / "model", dtype=torch.float32, tokenizer=False, rope_inv_freq_dtype=inv_dtype)
+    if model.cfg.kind != "memoryllm":
+        raise SystemExit(f"{directory}: {model.cfg.kind} scenarios are not supported by this replayer yet")
+
+    # rope tables
+    report.close("rope.inv_freq", model.inv_freq, ref["rope.inv_freq"], TOLERANCES["rope"])
+    if "rope.inv_freq_fp32" in ref:
+        fp32 = load(directory / "model", dtype=torch.float32, tokenizer=False, rope_inv_freq_dtype="float32")
+        report.close("rope.inv_freq_fp32", fp32.inv_freq, ref["rope.inv_freq_fp32"], TOLERANCES["rope"])
+    cos, sin = model._cos_sin(torch.arange(ref["rope.cos"].shape[0]))
+    report.close("rope.cos", cos, ref["rope.cos"], TOLERANCES["rope"])
+    report.close("rope.sin", sin, ref["rope.sin"], TOLERANCES["rope"])
+
+    state = model.new_state()
+    report.close("init.memory", state.memory, ref["init.memory"], TOLERANCES["memory"])
+    question = ref["input.question"]
+    compare_forward(report, "fwd_init", model, state, question, ref)
+
+    for i, seed in enumerate(meta["inject_seeds"]):
+        state.generator = new_generator(seed)
+        if f"inj{i}.rng_state" in ref:
+            report.exact(f"inj{i}.rng_state", state.generator.get_state(), ref[f"inj{i}.rng_state"])
+        result = model.inject(state, ref[f"input.context.{i}"])
+        report.exact(f"inj{i}.randperm", result.perms, ref[f"inj{i}.randperm"])
+        report.close(f"inj{i}.delta_memory", result.delta, ref[f"inj{i}.delta_memory"], TOLERANCES["memory"])
+        report.close(f"inj{i}.memory", state.memory, ref[f"inj{i}.memory"], TOLERANCES["memory"])
+        compare_forward(report, f"fwd_after_inj{i}", model, state, question, ref)
+
+    if "fwd_final_inv_freq_fp32.logits" in ref:
+        fp32 = load(directory / "model", dtype=torch.float32, tokenizer=False, rope_inv_freq_dtype="float32")
+        compare_forward(report, "fwd_final_inv_freq_fp32", fp32, state, question, ref)
+
+    settings = DecodeSettings(max_new_tokens=int(meta["generate"]["max_new_tokens"]))
+    before = state.memory.clone()
+    gen = generate(model, state, question, settings, keep_logits=True)
+    report.exact("generate.ids", torch.tensor(gen.token_ids), ref["generate.ids"])
+    report.close("generate.logits", torch.stack(gen.step_logits), ref["generate.logits"], TOLERANCES["logits"])
+    report.exact("memory unchanged by forward and generate", state.memory, before)
+
+    for key in sorted(set(ref) - report.compared):
+        if not key.startswith("input."):
+            report.rows.append((f"{key} (not compared)", float("inf"), 0.0, False))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.parity", description=__doc__.splitlines()[0])
+    parser.add_argument("directories", nargs="+", type=Path, help="reference-output directories")
+    args = parser.parse_args(argv)
+    all_ok = True
+    for directory in args.directories:
+        report = replay(directory)
+        report.print(f"{directory} ({'PASS' if report.ok else 'FAIL'})")
+        all_ok &= report.ok
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
