@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as mp
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+MEMORYLLM_SCENARIOS = ["memoryllm", "memoryllm_lora", "memoryllm7b"]
+
+
+@pytest.fixture(scope="session")
+def tiny() -> mp.MemoryLLM:
+    torch.set_num_threads(1)
+    return mp.load("tiny")
+
+
+@pytest.fixture
+def state(tiny: mp.MemoryLLM) -> mp.MemoryState:
+    return tiny.new_state(seed=0)
+
+
+def token_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    """n random token ids (deterministic per seed)."""
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))

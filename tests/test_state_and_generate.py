@@ -1,0 +1,109 @@
+"""Memory-state serialization and decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import token_ids
+
+import model as mp
+from model.generate import pick_token
+
+
+def test_state_round_trips_bit_exactly(tiny, state, tmp_path):
+    tiny.inject(state, token_ids(30))
+    state.save(tmp_path / "s")
+    loaded = mp.MemoryState.load(tmp_path / "s")
+    assert torch.equal(loaded.memory, state.memory) and loaded.memory.dtype == state.memory.dtype
+    assert torch.equal(loaded.generator.get_state(), state.generator.get_state())
+    assert (loaded.initialized, loaded.injections, loaded.tokens_injected) == (True, 1, 30)
+    # the reloaded state continues exactly like the original: same draws, same rows
+    ids = token_ids(25, seed=9)
+    a, b = tiny.inject(state, ids), tiny.inject(loaded, ids)
+    assert torch.equal(a.perms, b.perms) and torch.equal(state.memory, loaded.memory)
+
+
+def test_state_refuses_unknown_format(state, tmp_path):
+    state.save(tmp_path)
+    meta = json.loads((tmp_path / "state.json").read_text())
+    (tmp_path / "state.json").write_text(json.dumps(meta | {"format": 99}))
+    with pytest.raises(ValueError, match="format"):
+        mp.MemoryState.load(tmp_path)
+
+
+def test_clone_is_independent(tiny, state):
+    copy = state.clone()
+    tiny.inject(state, token_ids(20))
+    assert not torch.equal(copy.memory, state.memory)
+    assert copy.injections == 0
+
+
+def full_forward_greedy(model, state, prompt: torch.Tensor, steps: int) -> list[int]:
+    """Greedy decoding by re-running the whole forward (no KV cache) after each token."""
+    ids = prompt.clone()
+    out = []
+    for _ in range(steps):
+        token = int(model(ids[None], state).logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([token])])
+    return out
+
+
+def test_cached_greedy_equals_full_forward_reruns(tiny, state):
+    tiny.inject(state, token_ids(40))
+    prompt = token_ids(7, seed=3)
+    gen = mp.generate(tiny, state, prompt, mp.DecodeSettings(max_new_tokens=8), keep_logits=True)
+    assert gen.token_ids == full_forward_greedy(tiny, state, prompt, 8)
+    assert gen.finish_reason == "length" and len(gen.step_logits) == 8
+    torch.testing.assert_close(gen.step_logits[0], tiny(prompt[None], state).logits[0, -1])
+
+
+def test_generation_leaves_the_state_untouched(tiny, state):
+    before = state.clone()
+    mp.generate(tiny, state, token_ids(5), mp.DecodeSettings(max_new_tokens=4, sample=True, seed=1))
+    assert torch.equal(state.memory, before.memory)
+    assert torch.equal(state.generator.get_state(), before.generator.get_state())
+
+
+def test_stop_tokens_end_generation_and_callback_streams(tiny, state):
+    prompt = token_ids(5)
+    greedy = mp.generate(tiny, state, prompt, mp.DecodeSettings(max_new_tokens=6)).token_ids
+    streamed: list[int] = []
+    stopped = mp.generate(
+        tiny, state, prompt, mp.DecodeSettings(max_new_tokens=6, stop_token_ids=(greedy[2],)), on_token=streamed.append
+    )
+    first_stop = greedy.index(greedy[2])
+    assert stopped.token_ids == greedy[:first_stop] == streamed
+    assert stopped.finish_reason == "stop"
+
+
+def test_sampling_is_seeded():
+    logits = torch.linspace(0, 1, 50)
+    draw = lambda seed: [  # noqa: E731
+        pick_token(logits, mp.DecodeSettings(sample=True, temperature=5.0, seed=seed), g)
+        for g in [torch.Generator().manual_seed(seed)]
+        for _ in range(20)
+    ]
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_top_p_and_top_k_restrict_the_candidates():
+    logits = torch.tensor([5.0, 4.0, 0.0, -1.0, -2.0])
+    g = torch.Generator().manual_seed(0)
+    top_k = {pick_token(logits, mp.DecodeSettings(sample=True, top_k=2), g) for _ in range(200)}
+    assert top_k == {0, 1}
+    # p(0) ~ 0.73, p(0)+p(1) ~ 0.99: a nucleus of 0.5 holds token 0 alone
+    top_p = {pick_token(logits, mp.DecodeSettings(sample=True, top_p=0.5), g) for _ in range(200)}
+    assert top_p == {0}
+
+
+def test_decode_settings_are_validated():
+    with pytest.raises(ValueError):
+        mp.DecodeSettings(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        mp.DecodeSettings(sample=True, temperature=0)
+    with pytest.raises(ValueError):
+        mp.DecodeSettings(top_p=0)
