@@ -12,6 +12,7 @@ from .generate import DecodeSettings, Generation, generate
 from .layers import KVCache
 from .memory import MemoryState
 from .memoryllm import InjectResult, MemoryLLM
+from .mplus import MPlus, Retrieval
 from .presets import PRESETS, UNTRAINED_LABEL, build_preset
 from .tokenizer import has_tokenizer, load_tokenizer
 
@@ -26,6 +27,8 @@ __all__ = [
     "MemoryLLM",
     "MemoryState",
     "ModelConfig",
+    "MPlus",
+    "Retrieval",
     "config_from_hf",
     "generate",
     "load",
@@ -47,7 +50,7 @@ def load(
     tokenizer: bool | str | Path = True,
     rope_inv_freq_dtype: str | None = None,
 ) -> MemoryLLM:
-    """Load a preset (`tiny`), a local checkpoint directory or a hub id (`memoryllm-8b`, `YuWangX/...`).
+    """Load a preset (`tiny`, `tiny-mplus`), a local checkpoint directory or a hub id (`memoryllm-8b`, `YuWangX/...`).
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA. `tokenizer`: True loads the checkpoint's own
     tokenizer when it has one, a path or hub id loads that one, False skips it. The checkpoint's memory
@@ -58,7 +61,7 @@ def load(
     name = str(name_or_path)
     if name in PRESETS:
         model = build_preset(name).to(device=device, dtype=dtype)
-        model.initial_state.memory = model.initial_state.memory.to(device=device, dtype=dtype)
+        model.initial_state = model.initial_state.to(device, dtype)
         model.info = {"source": name, "label": UNTRAINED_LABEL}
         return model
     directory = resolve_checkpoint(name, revision)

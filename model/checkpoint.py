@@ -2,7 +2,10 @@
 
 Parameter names follow the authors' classes: the Llama trunk under `model.`, PEFT-style LoRA
 (`X.base_layer.weight`, `X.lora_A.default.weight`, `X.lora_B.decoder_adapter.weight`), and the memory
-tensors (`memory`, `bos_embedding`, `new_memory_positional_emb`, `initialized`).
+tensors (`memory`, `bos_embedding`, `new_memory_positional_emb`, `initialized`). M+ adds per-layer
+selectors (`model.layers.{l}.self_attn.{query_proj,key_proj,encoder_query_proj}.*`) and the long-term
+memory (`ltm.{l}`, `ltm_keys.{l}`, `ltm_recall_frequencies.{l}`, `ltm_ages.{l}`; sizes differ per layer)
+and has no `initialized`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, read_config
 from .layers import DECODER, ENCODER
+from .ltm import LongTermMemory, layer_keys
 from .memory import MemoryState
 from .memoryllm import MemoryLLM
+from .mplus import MPlus
 
 HUB_MODELS = {
     "memoryllm-7b": "YuWangX/memoryllm-7b",
@@ -28,7 +33,8 @@ HUB_MODELS = {
     "mplus-8b": "YuWangX/mplus-8b",
 }
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
-STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState
+STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState (M+: and the LTM)
+LTM_KEY = re.compile(r"ltm(_keys|_recall_frequencies|_ages)?\.\d+")
 SHARD_SIZE = 2 * 1024**3
 
 
@@ -83,19 +89,49 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path]]:
                 yield key, path
 
 
-def expected_keys(model: MemoryLLM) -> dict[str, tuple[int, ...]]:
-    """Authors' key -> shape for every tensor the checkpoint must hold."""
+def is_state_key(key: str) -> bool:
+    """Checkpoint tensors that become the MemoryState rather than module parameters."""
+    return key in STATE_KEYS or LTM_KEY.fullmatch(key) is not None
+
+
+def expected_keys(model: MemoryLLM) -> dict[str, tuple[int | None, ...]]:
+    """Authors' key -> shape for every tensor the checkpoint must hold (None: any size, the LTM rows)."""
     wrapped = _lora_wrapped(model)
     shapes = {to_checkpoint_key(k, wrapped): tuple(v.shape) for k, v in model.state_dict().items()}
     cfg = model.cfg
     shapes["memory"] = (cfg.num_layers, cfg.memory_rows, cfg.hidden_size)
-    shapes["initialized"] = ()
+    if cfg.kind == "memoryllm":
+        shapes["initialized"] = ()
+        return shapes
+    for layer in range(cfg.num_layers):
+        rows, keys, rf, ages = layer_keys(layer)
+        shapes |= {rows: (None, cfg.hidden_size), keys: (None, cfg.selector_hidden_dim), rf: (None,), ages: (None,)}
     return shapes
 
 
+def _shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected, strict=True))
+
+
+def _uneven_ltm(tensors: dict[str, torch.Tensor], num_layers: int) -> list[str]:
+    """Layers whose four LTM tensors disagree on the number of rows."""
+    problems = []
+    for layer in range(num_layers):
+        names = layer_keys(layer)
+        if len({tensors[name].shape[0] for name in names}) > 1:
+            shapes = ", ".join(f"{name} {tuple(tensors[name].shape)}" for name in names)
+            problems.append(f"{shapes} (row counts differ)")
+    return problems
+
+
 def _ignorable(key: str, cfg: ModelConfig) -> bool:
-    """Keys that carry nothing we need: a tied lm_head copy, rotary caches of old transformers."""
-    return (key == "lm_head.weight" and cfg.tie_word_embeddings) or key.endswith("rotary_emb.inv_freq")
+    """Keys that carry nothing we need: a tied lm_head copy, rotary caches of old transformers, and
+    M+'s `initialized` (a Python attribute there, not state)."""
+    return (
+        (key == "lm_head.weight" and cfg.tie_word_embeddings)
+        or key.endswith("rotary_emb.inv_freq")
+        or (key == "initialized" and cfg.kind == "mplus")
+    )
 
 
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
@@ -129,7 +165,7 @@ def load_checkpoint(
     if rope_inv_freq_dtype is not None:
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))
     with torch.device("meta"):
-        model = MemoryLLM(cfg)
+        model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
     expected = expected_keys(model)
     located = dict(iter_tensors(checkpoint_files(directory)))
     missing = sorted(set(expected) - set(located) - {"initialized"})
@@ -151,28 +187,48 @@ def load_checkpoint(
         with safe_open(str(path), framework="pt") as f:
             for key in keys:
                 t = f.get_tensor(key)
-                if tuple(t.shape) != expected[key]:
+                if not _shape_fits(tuple(t.shape), expected[key]):
                     wrong_shapes.append(f"{key} {tuple(t.shape)} (expected {expected[key]})")
-                tensors[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t
+                if t.is_floating_point() and not is_state_key(key):
+                    t = t.to(device=device, dtype=dtype)
+                tensors[key] = t
+    if cfg.kind == "mplus" and not wrong_shapes:
+        wrong_shapes = _uneven_ltm(tensors, cfg.num_layers)
     if wrong_shapes:
         raise CheckpointError(f"checkpoint {directory} has wrongly shaped tensors: {', '.join(wrong_shapes)}")
 
-    state_dict = {to_module_key(k): v for k, v in tensors.items() if k not in STATE_KEYS}
+    state_dict = {to_module_key(k): v for k, v in tensors.items() if not is_state_key(k)}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    initialized = bool(tensors["initialized"].item()) if "initialized" in tensors else True
-    model.initial_state = MemoryState(memory=tensors["memory"], initialized=initialized)
+    memory = tensors["memory"].to(device=device, dtype=dtype)
+    if cfg.kind == "mplus":
+        model.initial_state = MemoryState(
+            memory=memory,
+            memory_ages=torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64),
+            ltm=LongTermMemory.from_checkpoint(tensors, cfg.num_layers, dtype),
+        )
+    else:
+        initialized = bool(tensors["initialized"].item()) if "initialized" in tensors else True
+        model.initial_state = MemoryState(memory=memory, initialized=initialized)
     return model
 
 
 def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path) -> Path:
-    """Write model + `state` memory in the authors' layout (config.json, sharded safetensors + index)."""
+    """Write model + `state` memory in the authors' layout (config.json, sharded safetensors + index).
+
+    M+: the LTM is written as the authors store it (recall frequencies and ages as float32). The pending
+    dropped-row cache, the STM ages and `update_step` are not part of that layout (they start empty /
+    zero at load, as in the authors' code): keep them with `state.save()`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     wrapped = _lora_wrapped(model)
     tensors = {to_checkpoint_key(k, wrapped): v for k, v in model.state_dict().items()}
     tensors["memory"] = state.memory
-    tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
+    if state.ltm is not None:
+        tensors |= state.ltm.checkpoint_tensors()
+    else:
+        tensors["initialized"] = torch.tensor(int(state.initialized), dtype=torch.uint8)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .ltm import LongTermMemory
 
 STATE_FORMAT = 1
 
@@ -25,6 +27,8 @@ class MemoryState:
     memory: [L, N, d] short-term rows per layer, oldest surviving rows first, newest block last.
     initialized: False only for a model whose memory was never written (first injection tiles).
     generator: CPU generator for the random drops; its state is part of the saved state.
+    memory_ages, ltm: M+ only (None for MemoryLLM): the short-term rows' ages [L, N] int64 and the
+    long-term memory with its dropped-row cache, both on the CPU.
     """
 
     memory: torch.Tensor
@@ -32,6 +36,8 @@ class MemoryState:
     initialized: bool = True
     injections: int = 0
     tokens_injected: int = 0
+    memory_ages: torch.Tensor | None = None
+    ltm: LongTermMemory | None = None
 
     @property
     def num_layers(self) -> int:
@@ -50,14 +56,30 @@ class MemoryState:
             initialized=self.initialized,
             injections=self.injections,
             tokens_injected=self.tokens_injected,
+            memory_ages=None if self.memory_ages is None else self.memory_ages.clone(),
+            ltm=None if self.ltm is None else self.ltm.clone(),
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> MemoryState:
+        """The same state with the short-term memory on `device` in `dtype`; the LTM is cast but stays on
+        the CPU. Shares the generator."""
+        return replace(
+            self,
+            memory=self.memory.to(device=device, dtype=dtype),
+            ltm=None if self.ltm is None else self.ltm.to(dtype),
         )
 
     # -- serialization -------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"memory": self.memory.contiguous(), "generator_state": self.generator.get_state()}
+        tensors = {"memory": self.memory.contiguous(), "generator_state": self.generator.get_state()}
+        if self.memory_ages is not None:
+            tensors["memory_ages"] = self.memory_ages.contiguous()
+        if self.ltm is not None:
+            tensors |= self.ltm.to_tensors()
+        return tensors
 
     def to_meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format": STATE_FORMAT,
             "initialized": self.initialized,
             "injections": self.injections,
@@ -65,6 +87,9 @@ class MemoryState:
             "memory_shape": list(self.memory.shape),
             "dtype": str(self.memory.dtype).removeprefix("torch."),
         }
+        if self.ltm is not None:
+            meta["ltm"] = self.ltm.to_meta()
+        return meta
 
     @classmethod
     def from_tensors(
@@ -80,6 +105,8 @@ class MemoryState:
             initialized=bool(meta["initialized"]),
             injections=int(meta["injections"]),
             tokens_injected=int(meta["tokens_injected"]),
+            memory_ages=tensors.get("memory_ages"),
+            ltm=LongTermMemory.from_tensors(tensors, meta["ltm"]) if "ltm" in meta else None,
         )
 
     def save(self, directory: str | Path) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from .config import config_from_hf
+from .ltm import LayerLTM, LongTermMemory
 from .memory import MemoryState
 from .memoryllm import MemoryLLM
+from .mplus import MPlus
 from .tokenizer import byte_tokenizer
 
 UNTRAINED_LABEL = "untrained: seeded random weights, answers are noise"
@@ -48,7 +50,22 @@ TINY_CONFIG: dict[str, Any] = {
     "mplus_preset": "tiny",
 }
 
-PRESETS = {"tiny": TINY_CONFIG}
+# M+ flavour: 8 short-term blocks + 2 retrieved LTM blocks of K = 16, a merge every 4 injections
+TINY_MPLUS_CONFIG: dict[str, Any] = TINY_CONFIG | {
+    "architectures": ["MPlus"],
+    "num_blocks": 10,
+    "num_ltm_blocks": 2,
+    "selector_hidden_dim": 16,
+    "num_selector_layers": 2,
+    "update_ltm_frequency": 4,
+    "decay_frequency": 1,
+    "initial_rf_when_moving_stm_to_ltm": 10,
+    "ltm_initial_size": 48,
+    "mplus_preset": "tiny-mplus",
+}
+TINY_MPLUS_INITIAL_RF = 2.0  # the initial LTM rows survive one merge and are pruned at the second
+
+PRESETS = {"tiny": TINY_CONFIG, "tiny-mplus": TINY_MPLUS_CONFIG}
 
 
 def _randomize(model: MemoryLLM, generator: torch.Generator) -> None:
@@ -66,14 +83,28 @@ def _randomize(model: MemoryLLM, generator: torch.Generator) -> None:
             p.data.normal_(0.0, 1.0, generator=generator)
 
 
+def _initial_ltm(model: MPlus, generator: torch.Generator) -> LongTermMemory:
+    """`ltm_initial_size` random rows per layer with their keys key_proj(input_layernorm(row)), age 0."""
+    n, d = model.cfg.ltm_initial_size, model.cfg.hidden_size
+    layers = []
+    for layer in range(model.cfg.num_layers):
+        rows = torch.randn(n, d, generator=generator)  # [n, d]
+        rf = torch.full((n,), TINY_MPLUS_INITIAL_RF, dtype=torch.float64)
+        layers.append(LayerLTM(rows, model.row_keys(layer, rows), rf, torch.zeros(n, dtype=torch.int64)))
+    return LongTermMemory.with_empty_cache(layers)
+
+
 def build_preset(name: str, seed: int = 0) -> MemoryLLM:
     """A preset model with seeded random weights, random initial memory and a byte tokenizer."""
     cfg = config_from_hf(PRESETS[name])
-    model = MemoryLLM(cfg)
+    model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
     generator = torch.Generator().manual_seed(seed)
     _randomize(model, generator)
     memory = torch.randn(cfg.num_layers, cfg.memory_rows, cfg.hidden_size, generator=generator)
     model.initial_state = MemoryState(memory=memory)
+    if isinstance(model, MPlus):
+        model.initial_state.memory_ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
+        model.initial_state.ltm = _initial_ltm(model, generator)
     model.tokenizer = byte_tokenizer()
     model.eval().requires_grad_(False)
     return model
