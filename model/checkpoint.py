@@ -10,6 +10,7 @@ and has no `initialized`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -159,8 +160,6 @@ def load_checkpoint(
 ) -> MemoryLLM:
     """Build the model from config.json and fill every parameter; raise CheckpointError naming each
     missing, unused or mis-shaped key."""
-    import dataclasses
-
     cfg = read_config(directory)
     if rope_inv_freq_dtype is not None:
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))

@@ -22,6 +22,7 @@ from .memoryllm import MemoryLLM
 from .mplus import MPlus, Retrieval
 
 # README §5 of the fixtures: what is compared exactly and with which absolute tolerance
+REQUIRED_FILES = ("meta.json", "tensors.safetensors", "model/config.json")
 TOLERANCES = {"logits": 1e-4, "hidden_states": 1e-4, "memory": 1e-4, "rows": 1e-4, "scores": 1e-5, "rope": 1e-5}
 
 
@@ -206,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.parity", description=__doc__.splitlines()[0])
     parser.add_argument("directories", nargs="+", type=Path, help="reference-output directories")
     args = parser.parse_args(argv)
+    for directory in args.directories:
+        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+        if missing:
+            print(f"parity: {directory} is not a reference-output directory (no {', '.join(missing)})", file=sys.stderr)
+            return 2
     all_ok = True
     for directory in args.directories:
         report = replay(directory)

@@ -58,3 +58,9 @@ def test_command_line_replayer_exit_code():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "generate.ids" in result.stdout
+
+
+def test_a_directory_that_is_not_a_reference_output_is_a_usage_error(tmp_path, capsys):
+    assert main([str(FIXTURES / "memoryllm"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "meta.json" in err and str(tmp_path) in err
