@@ -1,0 +1,3 @@
+from mplus_cli.app import main
+
+main()

@@ -1,0 +1,76 @@
+"""Which model a command uses, and the record that binds a session to it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import model as mp
+
+from .errors import ConflictError, MplusError, NotFoundError
+
+DEFAULT_MODEL = "tiny"  # the built-in offline preset
+
+
+def requested_model(option: str | None) -> str:
+    """--model, else $MPLUS_MODEL, else the offline default."""
+    return option or os.environ.get("MPLUS_MODEL") or DEFAULT_MODEL
+
+
+def model_id(name: str) -> str:
+    """A stable id: the preset name, the absolute path of a local checkpoint, or the hub repo id."""
+    if name in mp.PRESETS:
+        return name
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return mp.HUB_MODELS.get(name, name)
+
+
+def load_model(name: str, dtype: str = "float32", tokenizer: str | None = None, revision: str | None = None):
+    """mp.load on the CPU, with its failures turned into one-line errors."""
+    try:
+        model = mp.load(name, dtype=getattr(torch, dtype), revision=revision, tokenizer=tokenizer or True)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{e}") from e
+    except (mp.CheckpointError, OSError, ValueError) as e:
+        raise MplusError(f"cannot load model {name!r}: {e}") from e
+    if model.tokenizer is None:
+        raise MplusError(f"model {name!r} has no tokenizer: pass --tokenizer with a tokenizer directory or hub id")
+    return model
+
+
+def binding(name: str, model: mp.MemoryLLM, tokenizer: str | None, revision: str | None) -> dict[str, Any]:
+    """What a session records about its model."""
+    return {
+        "id": model_id(name),
+        "revision": revision,
+        "fingerprint": model.cfg.fingerprint(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "kind": model.cfg.kind,
+        "tokenizer": tokenizer,
+        "label": model.info.get("label", ""),
+    }
+
+
+def check_requested(session_name: str, bound: dict[str, Any], option: str | None) -> None:
+    """Refuse a --model other than the one the session was created with."""
+    if option is not None and model_id(option) != bound["id"]:
+        raise ConflictError(
+            f"session {session_name!r} belongs to model {bound['id']!r}, not {option!r}: "
+            "drop --model or use another session"
+        )
+
+
+def load_bound_model(session_name: str, bound: dict[str, Any], tokenizer: str | None) -> mp.MemoryLLM:
+    """The session's model, checked against the recorded config fingerprint."""
+    model = load_model(bound["id"], bound["dtype"], tokenizer or bound.get("tokenizer"), bound.get("revision"))
+    if model.cfg.fingerprint() != bound["fingerprint"]:
+        raise ConflictError(
+            f"the model {bound['id']!r} changed since session {session_name!r} was created "
+            f"(config {model.cfg.fingerprint()} != {bound['fingerprint']}): fork from a matching model"
+        )
+    return model
