@@ -144,6 +144,12 @@ def tile_first_delta(delta: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def append_sources(perms: torch.Tensor, layers: int, rows: int, k: int) -> torch.Tensor:
+    """[L, N] origin of each row after `drop_and_append`: the kept old row indices, then N + 0..k-1."""
+    kept = [split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)[0] for layer in range(layers)]
+    return torch.cat([torch.stack(kept), (rows + torch.arange(k)).expand(layers, k)], dim=1)
+
+
 def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """Drop delta-many rows per layer and append the delta; returns the dropped rows [L, k, d].
 

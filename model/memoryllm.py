@@ -10,7 +10,14 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
-from .memory import MemoryState, draw_permutations, drop_and_append, new_generator, tile_first_delta
+from .memory import (
+    MemoryState,
+    append_sources,
+    draw_permutations,
+    drop_and_append,
+    new_generator,
+    tile_first_delta,
+)
 from .rope import cos_sin, inverse_frequencies
 
 
@@ -19,6 +26,7 @@ class InjectResult:
     delta: torch.Tensor  # [L, k, d] new rows written per layer
     perms: torch.Tensor  # [draws, N] permutations used for the drop (empty on the first, tiling injection)
     dropped: torch.Tensor | None  # [L, k, d] rows removed from short-term memory
+    sources: torch.Tensor  # [L, N'] where each new memory row came from: i < N old row i, N + j delta row j
 
 
 @dataclass
@@ -175,14 +183,15 @@ class MemoryLLM(nn.Module):
         if not state.initialized:
             state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
             state.initialized = True
-            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None)
+            sources = N + tile_first_delta(torch.arange(delta.shape[1]).expand(delta.shape[:2])[..., None], N)[..., 0]
+            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources)
         draws = self.cfg.num_layers if self.cfg.drop_memory_per_layer else 1
         if perms is None:
             perms = draw_permutations(state.generator, draws, N)
         elif tuple(perms.shape) != (draws, N):
             raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
         dropped = drop_and_append(state.memory, delta, perms)
-        return InjectResult(delta, perms, dropped)
+        return InjectResult(delta, perms, dropped, append_sources(perms, state.num_layers, N, delta.shape[1]))
 
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:

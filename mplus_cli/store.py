@@ -41,7 +41,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 import model as mp
-from model.memory import drop_and_append, tile_first_delta
 
 from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
@@ -133,29 +132,22 @@ def exclusive_lock(path: Path, name: str, timeout_s: float | None = None) -> Ite
 
 
 # -- row ids ----------------------------------------------------------------------------------------
-def track_injection(ids: torch.Tensor, result: mp.InjectResult, first_row: int) -> torch.Tensor:
-    """The live row ids [L, N] after an injection whose delta [L, k, d] became rows first_row.. of rows.bin.
-
-    Replays on the ids exactly what the model did to the memory: tile the first delta, or drop and append.
-    """
-    L, N = ids.shape
-    k = result.delta.shape[1]
-    new = (N + first_row + torch.arange(L * k)).view(L, k, 1)
-    if result.dropped is None:
-        return tile_first_delta(new, N)[..., 0].contiguous()
-    ids = ids.clone()
-    drop_and_append(ids[..., None], new, result.perms)
-    return ids
+def track_injection(ids: torch.Tensor, result: mp.InjectResult, first_id: int) -> torch.Tensor:
+    """The live row ids [L, N'] after an injection whose delta [L, k, d] got the row ids first_id.. ."""
+    L, k = result.delta.shape[:2]
+    new = first_id + torch.arange(L * k).view(L, k)
+    return torch.cat([ids, new], dim=1).gather(1, result.sources)
 
 
 def gather_rows(ids: torch.Tensor, initial: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Memory [L, N, d] from ids [L, N], the model's initial memory [L, N, d] and appended rows [R, d]."""
-    L, N = ids.shape
-    memory = torch.empty_like(initial, device="cpu")
-    for layer in range(L):
-        from_initial = ids[layer] < N
+    """Memory [L, N, d] from ids [L, N]: ids below the model's initial row count I (initial: [L, I, d]) are
+    initial rows, the others index the appended rows [R, d] at id - I."""
+    I = initial.shape[1]
+    memory = torch.empty(*ids.shape, initial.shape[-1], dtype=initial.dtype)
+    for layer in range(ids.shape[0]):
+        from_initial = ids[layer] < I
         memory[layer, from_initial] = initial[layer, ids[layer, from_initial]].cpu()
-        memory[layer, ~from_initial] = rows[ids[layer, ~from_initial] - N]
+        memory[layer, ~from_initial] = rows[ids[layer, ~from_initial] - I]
     return memory.to(initial.device)
 
 
@@ -266,7 +258,7 @@ class Writer:
     def inject(self, model: mp.MemoryLLM, state: mp.MemoryState, ids: torch.Tensor) -> mp.InjectResult:
         """model.inject on `state`, staging the new rows and the new row ids."""
         result = model.inject(state, ids)
-        self.ids = track_injection(self.ids, result, self.staged_rows())
+        self.ids = track_injection(self.ids, result, model.initial_state.rows_per_layer + self.staged_rows())
         self.pending_rows.append(result.delta.to(state.memory.dtype).cpu().contiguous())
         return result
 

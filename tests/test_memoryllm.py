@@ -34,6 +34,17 @@ def test_newest_block_is_the_delta_and_survivors_keep_order(tiny, state, n):
         assert torch.equal(result.dropped[layer], before[layer, result.perms[layer][N - K :].sort().values])
 
 
+@pytest.mark.parametrize("initialized", [True, False])
+def test_sources_describe_the_update(tiny, state, initialized):
+    """result.sources rebuilds the new memory from [old rows, delta] (what the session store replays)."""
+    state.initialized = initialized
+    before = state.memory.clone()
+    result = tiny.inject(state, token_ids(21))
+    for layer in range(tiny.cfg.num_layers):
+        pool = torch.cat([before[layer], result.delta[layer]])  # [N + k, d]
+        assert torch.equal(state.memory[layer], pool[result.sources[layer]])
+
+
 def full_query_delta(model: mp.MemoryLLM, state: mp.MemoryState, ids: torch.Tensor) -> torch.Tensor:
     """Injection recomputed with every row of [bos, last K rows, context] as a query (causality makes the
     last rows identical), keeping only the context rows between layers."""
