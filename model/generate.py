@@ -68,9 +68,11 @@ def generate(
     settings: DecodeSettings = DecodeSettings(),
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
+    reuse_memory_kv: bool = True,
 ) -> Generation:
     """Answer `prompt_ids` from memory. The prefill reads the memory prefix; decode steps reuse the
-    KV cache at positions prefix + prompt + t. `state` is not modified."""
+    KV cache at positions prefix + prompt + t. The memory is not modified; its keys/values are kept on
+    the state for the next question unless `reuse_memory_kv` is False."""
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty")
@@ -79,7 +81,7 @@ def generate(
     generator = torch.Generator(device="cpu").manual_seed(settings.seed) if settings.sample else None
     stops = set(settings.stop_token_ids)
     out = Generation(token_ids=[], finish_reason="length")
-    logits = model(ids, state, cache=cache).logits[0, -1]
+    logits = model(ids, state, cache=cache, reuse_memory_kv=reuse_memory_kv).logits[0, -1]
     for step in range(settings.max_new_tokens):
         if keep_logits:
             out.step_logits.append(logits.cpu())

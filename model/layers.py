@@ -108,6 +108,13 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg, "v_proj", d, cfg.num_kv_heads * hd)
         self.o_proj = make_linear(cfg, "o_proj", cfg.num_heads * hd, d)
 
+    def project_kv(self, h: torch.Tensor, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values before RoPE of normed rows h [B, S, d]: two [B, H_kv, S, D]."""
+        B, S, _ = h.shape
+        k = self.k_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
     def forward(
         self,
         h: torch.Tensor,
@@ -117,16 +124,19 @@ class Attention(nn.Module):
         adapter: str | None,
         cache: KVCache | None,
         layer: int,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """h: [B, S, d] normed rows (prefix then queries); cos/sin: [S, D]. Returns [B, n_query, d]."""
+        """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows); prefix_kv: optional keys
+        and values [B, H_kv, P, D] before RoPE that precede h; cos/sin: [P + S, D]. Returns [B, n_query, d]."""
         B, S, _ = h.shape
         q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos[S - n_query :], sin[S - n_query :])  # [B, H, n_query, D]
-        k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
+        k, v = self.project_kv(h, adapter)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)  # [B, H_kv, P + S, D]
+        q = apply_rope(q, cos[-n_query:], sin[-n_query:])  # [B, H, n_query, D]
+        k = apply_rope(k, cos, sin)  # [B, H_kv, P + S, D]
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + S, D]
+            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + P + S, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
         return self.o_proj(y, adapter)
 
@@ -162,8 +172,10 @@ class Block(nn.Module):
         adapter: str | None,
         cache: KVCache | None,
         layer: int,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """h: [B, S, d] layer input (prefix rows then the n_query query rows) -> [B, n_query, d]."""
-        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer)
+        """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d].
+        prefix_kv: keys/values [B, H_kv, P, D] before RoPE of rows placed before h (see Attention)."""
+        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer, prefix_kv)
         x = h[:, -n_query:] + attn
         return x + self.mlp(self.post_attention_layernorm(x), adapter)

@@ -21,6 +21,15 @@ def new_generator(seed: int) -> torch.Generator:
 
 
 @dataclass
+class MemoryKV:
+    """Keys/values before RoPE of [bos, memory rows] per layer, computed by model `owner` (its id) and
+    valid until the memory changes: {layer: (k, v)}, each [1, H_kv, bos + N, D]. Never serialized."""
+
+    owner: int
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
 class MemoryState:
     """Everything that changes when text is injected.
 
@@ -29,6 +38,7 @@ class MemoryState:
     generator: CPU generator for the random drops; its state is part of the saved state.
     memory_ages, ltm: M+ only (None for MemoryLLM): the short-term rows' ages [L, N] int64 and the
     long-term memory with its dropped-row cache, both on the CPU.
+    kv_cache: the memory rows' keys/values, derived data that every change of the memory discards.
     """
 
     memory: torch.Tensor
@@ -38,6 +48,7 @@ class MemoryState:
     tokens_injected: int = 0
     memory_ages: torch.Tensor | None = None
     ltm: LongTermMemory | None = None
+    kv_cache: MemoryKV | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -66,6 +77,7 @@ class MemoryState:
         return replace(
             self,
             memory=self.memory.to(device=device, dtype=dtype),
+            kv_cache=None,
             ltm=None if self.ltm is None else self.ltm.to(dtype),
         )
 

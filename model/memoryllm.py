@@ -11,6 +11,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
 from .memory import (
+    MemoryKV,
     MemoryState,
     append_sources,
     draw_permutations,
@@ -109,9 +110,42 @@ class MemoryLLM(nn.Module):
         """Rows placed before the question at every layer (bos + memory)."""
         return self.n_bos + state.rows_per_layer if state.initialized else 0
 
-    def question_prefix(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
-        """[P, d] prefix rows of `layer` for a question whose layer input is x [B, n, d]."""
-        return self._with_bos(layer, state.memory[layer])
+    def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
+        """Rows [T, d] that a question whose layer input is x [B, n, d] places between bos and the memory
+        (M+ retrieval); None for MemoryLLM."""
+        return None
+
+    def rows_kv(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values before RoPE of memory rows [R, d] at `layer`, decoder adapter: two [1, H_kv, R, D]."""
+        block = self.model.layers[layer]
+        h = block.input_layernorm(rows[None].to(self.device, self.dtype))  # [1, R, d]
+        return block.self_attn.project_kv(h, self.decoder_adapter())
+
+    def memory_kv(self, layer: int, state: MemoryState, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of [bos, memory rows] at `layer`: two [1, H_kv, bos + N, D]. With `reuse` they are
+        computed once and kept on the state until its memory changes."""
+        if not reuse:
+            return self.rows_kv(layer, self._with_bos(layer, state.memory[layer]))
+        cache = state.kv_cache
+        if cache is None or cache.owner != id(self):
+            cache = state.kv_cache = MemoryKV(owner=id(self))
+        if layer not in cache.layers:
+            cache.layers[layer] = self.rows_kv(layer, self._with_bos(layer, state.memory[layer]))
+        return cache.layers[layer]
+
+    def prefix_kv(
+        self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H_kv, P, D] before RoPE of the question prefix [bos, retrieved, memory]."""
+        k, v = self.memory_kv(layer, state, reuse)  # [1, H_kv, bos + N, D]
+        extra = self.ltm_prefix_rows(layer, state, x)
+        if extra is not None:
+            ek, ev = self.rows_kv(layer, extra)  # [1, H_kv, T, D]
+            b = self.n_bos
+            k = torch.cat([k[:, :, :b], ek, k[:, :, b:]], dim=2)
+            v = torch.cat([v[:, :, :b], ev, v[:, :, b:]], dim=2)
+        B = x.shape[0]
+        return k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
 
     @torch.no_grad()
     def forward(
@@ -120,26 +154,24 @@ class MemoryLLM(nn.Module):
         state: MemoryState,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        reuse_memory_kv: bool = True,
     ) -> ForwardOutput:
         """Logits for ids [B, n] read against `state`. With a cache, the prefix is added only at the
-        prefill (empty cache); later calls continue at the cached positions."""
+        prefill (empty cache); later calls continue at the cached positions. `reuse_memory_kv` keeps the
+        memory rows' keys/values on the state between calls (False recomputes them, as the authors do)."""
         ids = ids.to(self.device)
         x = self.model.embed_tokens(ids)  # [B, n, d]
-        B, n, _ = x.shape
+        n = x.shape[1]
         seen = cache.seen if cache is not None else 0
         with_prefix = seen == 0 and state.initialized
-        start = seen
         total = self.prefix_length(state) + n if with_prefix else n
-        cos, sin = self._cos_sin(torch.arange(start, start + total))
+        cos, sin = self._cos_sin(torch.arange(seen, seen + total))
         hidden = [] if return_hidden else None
         for layer, block in enumerate(self.model.layers):
             if hidden is not None:
                 hidden.append(x)
-            h = x
-            if with_prefix:
-                prefix = self.question_prefix(layer, state, x)  # [P, d]
-                h = torch.cat([prefix.unsqueeze(0).expand(B, -1, -1), x], dim=1)  # [B, P + n, d]
-            x = block(h, n, cos, sin, self.decoder_adapter(), cache, layer)
+            prefix_kv = self.prefix_kv(layer, state, x, reuse_memory_kv) if with_prefix else None
+            x = block(x, n, cos, sin, self.decoder_adapter(), cache, layer, prefix_kv)
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -179,6 +211,7 @@ class MemoryLLM(nn.Module):
     @torch.no_grad()
     def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
         """Drop k rows per layer (random, from `state.generator` unless `perms` are given) and append delta."""
+        state.kv_cache = None
         N = state.rows_per_layer
         if not state.initialized:
             state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
@@ -196,6 +229,7 @@ class MemoryLLM(nn.Module):
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
         """Write the context ids [n] into `state` (in place)."""
+        state.kv_cache = None
         delta = self.compute_delta(ids, state)
         result = self.update_memory(state, delta, perms)
         state.injections += 1

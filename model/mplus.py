@@ -106,13 +106,12 @@ class MPlus(MemoryLLM):
     def prefix_length(self, state: MemoryState) -> int:
         return self.n_bos + self.retrieved_rows + state.rows_per_layer
 
-    def question_prefix(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
-        """[bos, retrieved LTM rows (T), STM rows (N)]; retrieval reads batch element 0 of x [B, n, d]."""
+    def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
+        """The T retrieved LTM rows [T, d] for batch element 0 of x [B, n, d], oldest first."""
         retrieval = self.retrieve(layer, state, x[0])
         if self._retrieval_log is not None:
             self._retrieval_log.append((layer, retrieval))
-        ltm_rows = retrieval.rows.to(self.device, self.dtype)  # [T, d]
-        return self._with_bos(layer, torch.cat([ltm_rows, state.memory[layer]]))
+        return retrieval.rows
 
     # -- writing -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -107,3 +107,34 @@ def test_decode_settings_are_validated():
         mp.DecodeSettings(sample=True, temperature=0)
     with pytest.raises(ValueError):
         mp.DecodeSettings(top_p=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mplus"])
+def test_memory_kv_cache_matches_recomputation_and_follows_injections(name):
+    lm = mp.load(name)
+    state, question = lm.new_state(seed=0), token_ids(7, seed=3)[None]
+    fresh = lm(question, state, reuse_memory_kv=False).logits
+    assert state.kv_cache is None  # the baseline path keeps nothing
+    first = lm(question, state).logits
+    cached = state.kv_cache
+    assert cached is not None and len(cached.layers) == lm.cfg.num_layers
+    assert torch.allclose(first, fresh, atol=1e-6)
+    assert torch.equal(lm(question, state).logits, first) and state.kv_cache is cached  # reused, not rebuilt
+    copy = state.clone()
+    assert copy.kv_cache is None  # a copy never shares derived data
+    lm.inject(state, token_ids(40, seed=4))
+    assert state.kv_cache is None  # the memory changed: the cache is dropped
+    after = lm(question, state).logits
+    assert not torch.allclose(after, first)
+    assert torch.allclose(after, lm(question, state, reuse_memory_kv=False).logits, atol=1e-6)
+
+
+def test_memory_kv_cache_is_not_used_by_another_model(state):
+    """Keys cached by one model are recomputed when a different model reads the same state."""
+    other = mp.load("tiny")
+    other.model.layers[0].self_attn.k_proj.weight.data.mul_(2.0)
+    tiny = mp.load("tiny")
+    question = token_ids(5)[None]
+    tiny(question, state)
+    expected = other(question, state, reuse_memory_kv=False).logits
+    assert torch.allclose(other(question, state).logits, expected, atol=1e-6)
