@@ -7,7 +7,6 @@ model's device. Tensor names follow the authors' checkpoint keys (`ltm.{l}`, `lt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,17 +20,84 @@ def layer_keys(layer: int) -> tuple[str, str, str, str]:
     return f"ltm.{layer}", f"ltm_keys.{layer}", f"ltm_recall_frequencies.{layer}", f"ltm_ages.{layer}"
 
 
-@dataclass
-class LayerLTM:
-    """One layer's long-term memory; the four tensors share their first dimension n."""
+class Growing:
+    """A tensor that grows at the end of dimension `dim` in over-allocated storage (amortized O(new) appends)
+    and can lose its first rows in O(1), so merges and prunes never copy the whole long-term memory."""
 
-    rows: torch.Tensor  # [n, d] hidden-state rows, oldest merges first
-    keys: torch.Tensor  # [n, s] key_proj(input_layernorm(row)), computed when the row left the STM
-    recall_frequencies: torch.Tensor  # [n] float64, lowered by decay_frequency at every merge
-    ages: torch.Tensor  # [n] int64, tokens written since the row was written to the STM
+    def __init__(self, data: torch.Tensor, dim: int = 0):
+        self.dim, self.storage, self.start, self.length = dim, data, 0, data.shape[dim]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.storage.narrow(self.dim, self.start, self.length)
+
+    def append(self, data: torch.Tensor) -> None:
+        """Add `data` (same shape but along `dim`) at the end."""
+        extra = data.shape[self.dim]
+        if self.start + self.length + extra > self.storage.shape[self.dim]:
+            shape = list(self.storage.shape)
+            shape[self.dim] = max(2 * (self.length + extra), 64)
+            grown = self.storage.new_empty(shape)
+            grown.narrow(self.dim, 0, self.length).copy_(self.value)
+            self.storage, self.start = grown, 0
+        self.storage.narrow(self.dim, self.start + self.length, extra).copy_(data)
+        self.length += extra
+
+    def drop_first(self, count: int) -> None:
+        self.start, self.length = self.start + count, self.length - count
+
+    def clear(self) -> None:
+        self.start, self.length = 0, 0
+
+
+class LayerLTM:
+    """One layer's long-term memory; the four tensors share their first dimension n. Ages are stored
+    relative to an offset so that aging every row is O(1)."""
+
+    def __init__(self, rows: torch.Tensor, keys: torch.Tensor, recall_frequencies: torch.Tensor, ages: torch.Tensor):
+        self._rows, self._keys = Growing(rows), Growing(keys)  # [n, d] rows, [n, s] key_proj(norm(row))
+        self._rf = Growing(recall_frequencies.clone())  # [n] float64, decayed in place at every merge
+        self._ages = Growing(ages.to(torch.int64))  # [n] tokens written since the row entered the STM - offset
+        self._age_offset = 0
+
+    rows = property(lambda self: self._rows.value)
+    keys = property(lambda self: self._keys.value)
+    recall_frequencies = property(lambda self: self._rf.value)
+
+    @property
+    def ages(self) -> torch.Tensor:
+        return self._ages.value + self._age_offset
+
+    @ages.setter
+    def ages(self, ages: torch.Tensor) -> None:
+        self._ages, self._age_offset = Growing(ages.to(torch.int64).clone()), 0
 
     def __len__(self) -> int:
-        return self.rows.shape[0]
+        return self._rows.length
+
+    def add_age(self, tokens: int) -> None:
+        self._age_offset += tokens
+
+    def ages_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._ages.value[index] + self._age_offset
+
+    def append(self, rows: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor, ages: torch.Tensor) -> None:
+        """Add rows [m, d] with their keys [m, s], recall frequencies [m] and ages [m] at the end."""
+        self._rows.append(rows.to(self._rows.storage.dtype))
+        self._keys.append(keys.to(self._keys.storage.dtype))
+        self._rf.append(rf)
+        self._ages.append(ages.to(torch.int64) - self._age_offset)
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the rows where mask [n] is true, in order; O(1) when the dropped rows are the first ones."""
+        dropped_first = int(mask.long().argmax()) if bool(mask.any()) else len(self)
+        if bool(mask[dropped_first:].all()):
+            for part in (self._rows, self._keys, self._rf, self._ages):
+                part.drop_first(dropped_first)
+            return
+        kept = self.select(mask)
+        self._rows, self._keys, self._rf, self._ages = kept._rows, kept._keys, kept._rf, kept._ages
+        self._age_offset = kept._age_offset
 
     def select(self, mask: torch.Tensor) -> LayerLTM:
         """The rows where mask [n] is true, in their order."""
@@ -41,15 +107,27 @@ class LayerLTM:
         return LayerLTM(self.rows.clone(), self.keys.clone(), self.recall_frequencies.clone(), self.ages.clone())
 
 
-@dataclass
 class LongTermMemory:
     """Every layer's LTM plus the dropped-row cache that the next merge moves into it."""
 
-    layers: list[LayerLTM]
-    cached_rows: torch.Tensor  # [L, C, d] rows dropped from the STM since the last merge
-    cached_keys: torch.Tensor  # [L, C, s]
-    cached_ages: torch.Tensor  # [L, C] int64
-    update_step: int = 0  # tokens written since the last merge (K per injection)
+    def __init__(
+        self,
+        layers: list[LayerLTM],
+        cached_rows: torch.Tensor,
+        cached_keys: torch.Tensor,
+        cached_ages: torch.Tensor,
+        update_step: int = 0,
+    ):
+        self.layers = layers
+        self._cached_rows = Growing(cached_rows, dim=1)  # [L, C, d] rows dropped from the STM since the last merge
+        self._cached_keys = Growing(cached_keys, dim=1)  # [L, C, s]
+        self._cached_ages = Growing(cached_ages.to(torch.int64), dim=1)  # [L, C] - offset
+        self._cache_age_offset = 0
+        self.update_step = update_step  # tokens written since the last merge (K per injection)
+
+    cached_rows = property(lambda self: self._cached_rows.value)
+    cached_keys = property(lambda self: self._cached_keys.value)
+    cached_ages = property(lambda self: self._cached_ages.value + self._cache_age_offset)
 
     @classmethod
     def with_empty_cache(cls, layers: list[LayerLTM]) -> LongTermMemory:
@@ -64,46 +142,45 @@ class LongTermMemory:
 
     @property
     def cache_size(self) -> int:
-        return self.cached_rows.shape[1]
+        return self._cached_rows.length
 
     def sizes(self) -> list[int]:
         return [len(layer) for layer in self.layers]
 
     # -- the bookkeeping of one injection (spec §6.3 (b)-(d)) --------------------------------------
     def age(self, tokens: int) -> None:
-        """Every LTM row and every row already cached gets `tokens` older."""
+        """Every LTM row and every row already cached gets `tokens` older (O(layers))."""
         for layer in self.layers:
-            layer.ages += tokens
-        self.cached_ages += tokens
+            layer.add_age(tokens)
+        self._cache_age_offset += tokens
 
     def cache_dropped(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
         """Append one injection's dropped rows [L, k, d], their keys [L, k, s] and ages [L, k]."""
-        self.cached_rows = torch.cat([self.cached_rows, rows.to(self.cached_rows.dtype).cpu()], dim=1)
-        self.cached_keys = torch.cat([self.cached_keys, keys.to(self.cached_keys.dtype).cpu()], dim=1)
-        self.cached_ages = torch.cat([self.cached_ages, ages.to(torch.int64).cpu()], dim=1)
+        self._cached_rows.append(rows.to(self._cached_rows.storage.dtype).cpu())
+        self._cached_keys.append(keys.to(self._cached_keys.storage.dtype).cpu())
+        self._cached_ages.append(ages.to(torch.int64).cpu() - self._cache_age_offset)
 
     def merge(self, initial_rf: float, decay: float, min_survivors: int) -> None:
         """Move the cache into the LTM with recall frequency `initial_rf`, decay every row by `decay`,
         and prune rows at or below 0.01 unless `min_survivors` or fewer rows would remain, in which case
-        the decay is undone and nothing is pruned (spec §6.4). Empties the cache."""
+        the decay is undone and nothing is pruned (spec §6.4). Empties the cache. Costs O(cache + n)
+        scalar work per layer; rows move only when a prune is not of the oldest rows."""
+        C = self.cache_size
+        cached_rows, cached_keys, cached_ages = self.cached_rows, self.cached_keys, self.cached_ages
         for i, layer in enumerate(self.layers):
-            C = self.cache_size
-            rf = torch.cat([layer.recall_frequencies, torch.full((C,), initial_rf, dtype=torch.float64)])
-            merged = LayerLTM(
-                rows=torch.cat([layer.rows, self.cached_rows[i].to(layer.rows.dtype)]),  # [n + C, d]
-                keys=torch.cat([layer.keys, self.cached_keys[i].to(layer.keys.dtype)]),  # [n + C, s]
-                recall_frequencies=rf - decay,
-                ages=torch.cat([layer.ages, self.cached_ages[i]]),
+            layer.append(
+                cached_rows[i], cached_keys[i], torch.full((C,), initial_rf, dtype=torch.float64), cached_ages[i]
             )
-            survivors = merged.recall_frequencies > PRUNE_AT_OR_BELOW
+            rf = layer.recall_frequencies  # a view: decays in place
+            rf -= decay
+            survivors = rf > PRUNE_AT_OR_BELOW
             if int(survivors.sum()) > min_survivors:
-                merged = merged.select(survivors)
+                layer.keep(survivors)
             else:
-                merged.recall_frequencies += decay  # as the authors: subtract, then add back
-            self.layers[i] = merged
-        self.cached_rows = self.cached_rows[:, :0]
-        self.cached_keys = self.cached_keys[:, :0]
-        self.cached_ages = self.cached_ages[:, :0]
+                rf += decay  # as the authors: subtract, then add back
+        for part in (self._cached_rows, self._cached_keys, self._cached_ages):
+            part.clear()
+        self._cache_age_offset = 0
         self.update_step = 0
 
     # -- retrieval support -----------------------------------------------------------------------
@@ -114,10 +191,10 @@ class LongTermMemory:
         from_ltm = index < n
         rows = ltm.rows.new_empty(index.shape[0], ltm.rows.shape[1])
         ages = torch.empty(index.shape[0], dtype=torch.int64)
-        rows[from_ltm], ages[from_ltm] = ltm.rows[index[from_ltm]], ltm.ages[index[from_ltm]]
+        rows[from_ltm], ages[from_ltm] = ltm.rows[index[from_ltm]], ltm.ages_at(index[from_ltm])
         cached = index[~from_ltm] - n
         rows[~from_ltm] = self.cached_rows[layer, cached].to(rows.dtype)
-        ages[~from_ltm] = self.cached_ages[layer, cached]
+        ages[~from_ltm] = self._cached_ages.value[layer, cached] + self._cache_age_offset
         return rows, ages
 
     # -- copies, casts, serialization ------------------------------------------------------------

@@ -318,3 +318,19 @@ def test_mplus_scenarios_match_the_reference(scenario):
     assert report.ok, [row for row in report.rows if not row[3]]
     compared = {row[0] for row in report.rows}
     assert {"inj4.ltm_ages.2", "fwd_after_inj1.retrieval_scores.0", "generate.retrieved_ltm.2"} <= compared
+
+
+def test_merge_decays_and_prunes_without_touching_the_callers_tensors():
+    rf = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    rows = torch.arange(3, dtype=torch.float32)[:, None].expand(3, 4).clone()
+    ltm = LongTermMemory.with_empty_cache([LayerLTM(rows, rows[:, :2].clone(), rf, torch.zeros(3, dtype=torch.int64))])
+    ltm.cache_dropped(torch.full((1, 2, 4), 9.0), torch.full((1, 2, 2), 9.0), torch.tensor([[4, 5]]))
+    ltm.age(3)
+    ltm.merge(initial_rf=10.0, decay=1.0, min_survivors=1)  # the two oldest rows (rf 0.5, 1.0) are pruned
+    part = ltm.layers[0]
+    assert part.rows[:, 0].tolist() == [2.0, 9.0, 9.0]
+    assert part.recall_frequencies.tolist() == [2.0, 9.0, 9.0]
+    assert part.ages.tolist() == [3, 7, 8]
+    assert rf.tolist() == [0.5, 1.0, 3.0]  # the tensors given to LayerLTM are not modified
+    ltm.age(2)
+    assert part.ages.tolist() == [5, 9, 10]
