@@ -274,11 +274,19 @@ def ask(
 
 
 # -- export ---------------------------------------------------------------------------------------
+def manifest_path(out: Path) -> Path:
+    """The JSON manifest written beside a memory export: memory.safetensors -> memory.json."""
+    return out.with_suffix(".json")
+
+
 def export_memory(found: st.Session, state: mp.MemoryState, out: Path) -> None:
-    """One safetensors file: the whole state; its metadata holds the session manifest and state meta."""
+    """One safetensors file with the whole state, and a JSON manifest beside it (the session manifest and
+    the state meta, also kept in the file's metadata so the file stands alone)."""
+    document = {"session": found.manifest, "state": state.to_meta(), "exported": st.now(), "file": out.name}
     metadata = {"mplus.manifest": json.dumps(found.manifest), "mplus.state": json.dumps(state.to_meta())}
     tmp = out.with_name(f".{out.name}.tmp")
     save_file({k: v.cpu().contiguous() for k, v in state.to_tensors().items()}, tmp, metadata=metadata)
+    st.write_atomic(manifest_path(out), json.dumps(document, indent=1).encode())
     os.replace(tmp, out)
 
 
@@ -324,11 +332,16 @@ def export(
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if format == "memory":
+        if out.suffix == ".json":
+            raise UsageError(f"{out} would collide with its JSON manifest: name it e.g. {out.stem}.safetensors")
         export_memory(found, state, out)
     else:
         export_checkpoint(lm, state, out)
     if as_json:
-        emit({"session": session, "format": format, "out": str(out), "commit": found.manifest["commit"]})
+        files = [str(out)] + ([str(manifest_path(out))] if format == "memory" else [])
+        emit(
+            {"session": session, "format": format, "out": str(out), "files": files, "commit": found.manifest["commit"]}
+        )
     else:
         typer.echo(f"exported session {session!r} ({format}) to {out}")
 

@@ -106,6 +106,8 @@ def test_export_memory_round_trip_equals_the_session_state(store, session, tmp_p
     lm = mp.load("tiny")
     state = st.Session.open(store, session).load_state(lm)
     assert manifest["name"] == session
+    beside = json.loads(out.with_suffix(".json").read_text())  # the JSON manifest next to the file
+    assert beside["session"] == manifest and beside["state"] == state.to_meta() and beside["file"] == out.name
     for key, value in state.to_tensors().items():
         assert torch.equal(exported.to_tensors()[key], value), key
     assert mplus("export", "-s", session, "--store", store, "-o", out).exit_code == 4  # exists, no --force
