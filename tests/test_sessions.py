@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,3 +249,19 @@ def test_the_model_comes_from_mplus_model_for_new_sessions(store, text_file, mon
     monkeypatch.setenv("MPLUS_MODEL", "tiny")  # an existing session keeps its model
     assert mplus("inject", text_file, "-s", "e", "--store", store).exit_code == 0
     assert mplus("export", "-s", "e", "--store", store, "-o", store / "no" / "out").exit_code == 3
+
+
+def test_ctrl_c_during_an_inject_exits_130_and_leaves_the_session_unchanged(store, session, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 400)  # thousands of 16-token chunks: seconds of work on the tiny model
+    before = snapshot(store)
+    command = [sys.executable, "-m", "mplus_cli", "inject", str(big), "-s", session, "--store", str(store)]
+    proc = subprocess.Popen([*command, "--chunk-tokens", "16"], stderr=subprocess.PIPE, text=True)
+    assert "untrained" in proc.stderr.readline()  # the model is loaded: the command is running
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err.lower()
+    assert snapshot(store) == before
+    assert mplus("session", "show", session, "--store", store).exit_code == 0
