@@ -35,9 +35,7 @@ app = typer.Typer(
     add_completion=False,
 )
 session_app = typer.Typer(help="List, show, remove and fork stored sessions.", no_args_is_help=True)
-bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
-app.add_typer(bench_app, name="bench")
 
 OPTIONS = {"debug": False}
 
@@ -458,22 +456,10 @@ def session_fork(
         typer.echo(f"forked session {name!r} into {forked.name!r}")
 
 
-# -- not yet --------------------------------------------------------------------------------------
-def not_implemented(what: str) -> None:
-    typer.echo(f"mplus: {what} is not implemented yet in this version", err=True)
-    raise typer.Exit(EXIT_FAILURE)
+# -- bench (in bench.py, which uses the helpers above) --------------------------------------------
+from .bench import bench_app  # noqa: E402
 
-
-@bench_app.command("retention")
-def bench_retention() -> None:
-    """Recall of an injected fact as a function of tokens injected after it."""
-    not_implemented("bench retention")
-
-
-@bench_app.command("speed")
-def bench_speed() -> None:
-    """Inject and ask throughput against in-process baselines."""
-    not_implemented("bench speed")
+app.add_typer(bench_app, name="bench")
 
 
 @app.command()

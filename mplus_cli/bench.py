@@ -1,0 +1,300 @@
+"""`mplus bench`: retention sweeps over distance (SQuAD, NaturalQuestions, synthetic facts) and their plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from tasks import data as qa
+from tasks import results as res
+from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
+from tasks.sizes import default_points, format_size, parse_points, parse_size
+
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from .models import load_model, model_id, requested_model
+
+# defined before importing app.py, which adds it to the `mplus` app: either module may be imported first
+bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
+
+from .app import JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids  # noqa: E402
+
+RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "decoding")
+PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
+
+
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """The library's errors as the CLI's one-line errors and exit codes."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise NotFoundError(str(e)) from e
+    except qa.DataError as e:
+        raise MplusError(str(e)) from e
+    except res.ResumeError as e:
+        raise ConflictError(f"{e}: choose another --output-path") from e
+
+
+def parse_controls(text: str) -> list[str]:
+    controls = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ValueError(f"unknown control {unknown[0]!r}: use {' and/or '.join(CONTROLS)}")
+    return [c for c in CONTROLS if c in controls]
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """This run's config; on resume it keeps the creation time and the models and controls run before."""
+    if not path.exists():
+        return config
+    old = json.loads(path.read_text())
+    union = {k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in ("models", "controls")}
+    return (
+        config
+        | union
+        | {"created": old.get("created", config["created"]), "model_details": old.get("model_details", {})}
+    )
+
+
+def data_origin(dataset: str, data_dir: Path | None) -> str:
+    """What identifies the data before it is loaded (compared on --resume)."""
+    if dataset == "synthetic":
+        return "synthetic"
+    return str(data_dir.resolve()) if data_dir else f"hub {qa.HUB_IDS[dataset]}"
+
+
+def progress_bar():
+    """Samples done of all (sample, model, control) units, the current one and its distance, ETA."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=True)
+
+
+def summary_table(summary) -> list[str]:
+    """One line per model/control: exact-hit rate at each distance."""
+    distances = sorted(summary.distance_tokens.unique())
+    rows = [["model", "control", *(format_size(int(d)) for d in distances)]]
+    for (model, control), group in summary.groupby(["model", "control"], sort=False):
+        rate = dict(zip(group.distance_tokens, group.exact_hit, strict=True))
+        rows.append([model, control, *(f"{rate[d]:.2f}" if d in rate else "-" for d in distances)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def json_records(summary) -> list[dict[str, Any]]:
+    """Summary rows for --json (NaN intervals become null)."""
+    return [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        for row in summary.to_dict("records")
+    ]
+
+
+@bench_app.command("retention")
+@handle_errors
+def bench_retention(
+    dataset: Annotated[str, typer.Option(help="squad | nq | synthetic")],
+    max_distance: Annotated[str, typer.Option(help="Largest distance in tokens: 512, 4k, 160k, 1M (k = 1000).")],
+    points: Annotated[
+        str | None, typer.Option(help="Distances to ask at, e.g. 0,1k,4k,16k (default: 0, 1k, 2k, 4k, ..., max).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Number of samples (the first ones).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the memory drops and the distractor order.")] = 0,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Preset, checkpoint or hub id; repeat to compare (default as inject)."),
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option(help="clean (memory restored per sample) | authors (their choices).")
+    ] = "clean",
+    controls: Annotated[str, typer.Option(help="Also run: closed-book, full-context (comma-separated).")] = "",
+    output_path: Annotated[
+        Path | None,
+        typer.Option("--output-path", "-o", help="Output directory (default ./retention-DATASET-PROTOCOL)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in the output directory, skipping done samples.")
+    ] = False,
+    shard: Annotated[
+        str, typer.Option(help="Run only the i-th of n disjoint sample slices (1-based), e.g. 2/4.")
+    ] = "1/1",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recall of an injected fact as a function of the tokens injected after it.
+
+    For each sample: inject its evidence, then ~512-token distractor chunks from another split, and ask its
+    question at each distance. Writes results.csv (appended per finished sample), summary.csv, config.json
+    and retention.png to the output directory.
+    """
+    try:
+        if dataset not in qa.DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
+        proto = protocol_for(protocol, dataset)
+        largest = parse_size(max_distance)
+        distances = parse_points(points) if points else default_points(largest)
+        check_points(distances)
+        shard_i, shard_n = parse_shard(shard)
+        control_list = parse_controls(controls)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if distances[-1] > largest:
+        raise UsageError(f"--points reach {format_size(distances[-1])}, beyond --max-distance {max_distance}")
+    if proto.carry_memory and shard_n > 1:
+        raise UsageError("--shard needs --protocol clean: the authors protocol carries memory from sample to sample")
+    names = model or [requested_model(None)]
+    if len(set(names)) < len(names):
+        raise UsageError("a --model is given twice")
+    out = output_path or Path(
+        f"retention-{dataset}-{protocol}" + (f"-shard{shard_i}of{shard_n}" if shard_n > 1 else "")
+    )
+    config = {
+        "command": "mplus bench retention",
+        "dataset": dataset,
+        "data": data_origin(dataset, data_dir),
+        "protocol": protocol,
+        "max_distance": largest,
+        "points": distances,
+        "limit": limit,
+        "seed": seed,
+        "shard": f"{shard_i}/{shard_n}",
+        "models": names,
+        "controls": control_list,
+        "chunk_tokens": CHUNK_TOKENS,
+        "decoding": {
+            "greedy": True,
+            "max_new_tokens": proto.max_new_tokens,
+            "context_template": proto.context_template,
+            "question_template": proto.question_template,
+            "truncate_tokens": proto.truncate_tokens,
+        },
+        "output_path": str(out),
+        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "versions": versions(),
+        "created": now(),
+        "model_details": {},
+    }
+    if (out / "results.csv").exists() and not resume:
+        raise ConflictError(
+            f"{out} already holds results: pass --resume to continue them or choose another --output-path"
+        )
+    with task_errors():
+        if resume:
+            res.check_resumable(out / "config.json", config, RESUME_KEYS)
+        directory = None if dataset == "synthetic" else data_dir
+        data = qa.load(
+            dataset, limit=limit, data_dir=directory, distractor_chars=8 * largest, authors=proto.carry_memory
+        )
+        samples = shard_slice(data.samples, shard_i, shard_n)
+        sweep = Sweep(data, proto, distances, tuple(control_list), seed)
+        out.mkdir(parents=True, exist_ok=True)
+        config = merged_config(out / "config.json", config | {"data_source": data.source})
+        res.write_config(out / "config.json", config)
+        log = res.ResultsLog(out / "results.csv")
+        try:
+            run_models(names, samples, sweep, log, out, config, tokenizer)
+        except KeyboardInterrupt:
+            say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        results = res.read_results(out / "results.csv")
+        summary = res.write_summary(results, out / "summary.csv")
+        res.plot(summary, out / "retention.png", title=f"{dataset}, {protocol} protocol")
+        res.write_config(out / "config.json", config | {"finished": now()})
+    say(f"wrote {out}/results.csv ({len(results)} rows), summary.csv, config.json, retention.png")
+    if as_json:
+        emit({"output_path": str(out), "rows": len(results), "summary": json_records(summary)})
+    else:
+        typer.echo(f"exact hit by distance ({len(samples)} samples, {dataset}, {protocol} protocol)")
+        typer.echo("\n".join(summary_table(summary)))
+
+
+def run_models(names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out: Path, config, tokenizer) -> None:
+    """Each model in turn over the samples; config.json records each model once loaded."""
+    planned = {s.id for s in samples}
+    done = {
+        (r["model"], r["sample_id"], r["control"])
+        for r in log.rows
+        if r["model"] in names and r["sample_id"] in planned
+    }
+    total = len(samples) * len(names) * (1 + len(sweep.controls))
+    with progress_bar() as bar:
+        task = bar.add_task("loading", total=total, completed=len(done))
+        for name in names:
+            bar.update(task, description=f"loading {name}")
+            lm = load_model(requested_model(name), tokenizer=tokenizer)
+            note_label(lm)
+            details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
+            details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
+            before = config["model_details"].get(name)
+            if before and before["fingerprint"] != details["fingerprint"]:
+                raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
+            config["model_details"][name] = details
+            res.write_config(out / "config.json", config)
+            memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            runner = Runner(lm, name, sweep, log, stop_ids(lm), memory_dir)
+            runner.run(
+                samples,
+                on_status=lambda text: bar.update(task, description=text),
+                on_unit=lambda: bar.advance(task),
+            )
+
+
+@bench_app.command("plot")
+@handle_errors
+def bench_plot(
+    directories: Annotated[list[Path], typer.Argument(help="Output directories of bench retention runs.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    metric: Annotated[str, typer.Option(help="exact_hit | em | f1")] = "exact_hit",
+) -> None:
+    """Overlay retention runs in one plot (runs of the same dataset, protocol and model pool, e.g. shards)."""
+    if metric not in res.METRICS:
+        raise UsageError(f"unknown --metric {metric!r}: use {', '.join(res.METRICS)}")
+    if not out.parent.is_dir():
+        raise NotFoundError(f"no directory {out.parent} to write {out.name} into: create it first")
+    missing = [str(d) for d in directories if not (d / "results.csv").is_file()]
+    if missing:
+        raise NotFoundError(f"no results.csv in {', '.join(missing)}")
+    summary = res.summarize(res.load_runs(directories), keys=res.RUN_KEYS)
+    res.plot(summary, out, metric)
+    typer.echo(f"wrote {out} ({summary.groupby(['dataset', 'protocol', 'model', 'control']).ngroups} lines)")
+
+
+@bench_app.command("speed")
+def bench_speed() -> None:
+    """Inject and ask throughput against in-process baselines."""
+    not_implemented("bench speed")
+
+
+def not_implemented(what: str) -> None:
+    typer.echo(f"mplus: {what} is not implemented yet in this version", err=True)
+    raise typer.Exit(EXIT_FAILURE)

@@ -1,0 +1,223 @@
+"""The output directory of a retention run: results.csv (crash-safe appends), summary.csv with 95%
+confidence intervals, config.json, and the accuracy-vs-distance plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .sizes import format_size
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+COLUMNS = (
+    "dataset",
+    "sample_id",
+    "model",
+    "memory_kind",
+    "control",
+    "distance_tokens",
+    "n_distractors",
+    "question",
+    "gold",
+    "prediction",
+    "exact_hit",
+    "em",
+    "f1",
+    "latency_ms",
+    "seed",
+)
+TEXT_COLUMNS = ("dataset", "sample_id", "model", "memory_kind", "control", "question", "gold", "prediction")
+SUMMARY_KEYS = ("dataset", "model", "memory_kind", "control", "distance_tokens")
+RUN_KEYS = ("dataset", "protocol", "model", "memory_kind", "control", "distance_tokens")  # across runs
+METRICS = ("exact_hit", "em", "f1")
+Z95 = 1.959964
+
+
+class ResumeError(Exception):
+    """The output directory holds results that this run cannot continue."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], header: bool = False) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(COLUMNS)
+    writer.writerows([[row[c] for c in COLUMNS] for row in rows])
+    return buffer.getvalue()
+
+
+class ResultsLog:
+    """results.csv. Each append is one write, flushed and fsynced. Opening drops a torn last record
+    (a crash mid-write): a record counts only if it has every column and ends with a newline."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, str]] = []
+        if not path.exists():
+            write_atomic(path, csv_text([], header=True).encode())
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        records = list(csv.reader(io.StringIO(text, newline="")))
+        if not records or tuple(records[0]) != COLUMNS:
+            raise ResumeError(f"{path} does not have the columns of a retention results file")
+        body = records[1:-1] if not text.endswith("\n") else records[1:]
+        self.rows = [dict(zip(COLUMNS, r, strict=True)) for r in body if len(r) == len(COLUMNS)]
+        if len(self.rows) != len(records) - 1:
+            self.rewrite(self.rows)
+
+    def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            f.write(csv_text(rows))
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows += [{c: str(row[c]) for c in COLUMNS} for row in rows]
+
+    def rewrite(self, rows: list[dict[str, str]]) -> None:
+        write_atomic(self.path, csv_text(rows, header=True).encode())
+        self.rows = rows
+
+    def complete_units(self, model: str, expected: Mapping[str, int]) -> set[tuple[str, str]]:
+        """(sample id, control) of the units of `model` that have all `expected[control]` rows; the rows of
+        incomplete units (a crash between two writes) are dropped from the file."""
+        counts = Counter((r["sample_id"], r["control"]) for r in self.rows if r["model"] == model)
+        broken = {unit for unit, n in counts.items() if n != expected.get(unit[1])}
+        if broken:
+            self.rewrite([r for r in self.rows if r["model"] != model or (r["sample_id"], r["control"]) not in broken])
+        return set(counts) - broken
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
+
+
+def load_runs(directories: Sequence[Path]) -> pd.DataFrame:
+    """The rows of several runs, each tagged with its protocol from config.json (a directory given twice
+    counts once). Shards of one run pool into one series when summarized by RUN_KEYS."""
+    import pandas as pd
+
+    frames = []
+    for directory in dict.fromkeys(Path(d).resolve() for d in directories):
+        config = directory / "config.json"
+        protocol = json.loads(config.read_text()).get("protocol", "") if config.exists() else ""
+        frames.append(read_results(directory / "results.csv").assign(protocol=protocol))
+    return pd.concat(frames, ignore_index=True)
+
+
+# -- summary --------------------------------------------------------------------------------------
+def wilson(hits: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a rate hits/n."""
+    if n == 0:
+        return math.nan, math.nan
+    p = hits / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if hits == 0 else center - half), (1.0 if hits == n else center + half)
+
+
+def mean_interval(values: pd.Series, z: float = Z95) -> tuple[float, float]:
+    """mean ± z·SE (NaN for fewer than two values)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = z * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half
+
+
+def summarize(results: pd.DataFrame, keys: Sequence[str] = SUMMARY_KEYS) -> pd.DataFrame:
+    """Per key group: n, each metric's mean and 95% interval (Wilson for exact_hit and em, mean ± 1.96 SE
+    for f1)."""
+    import pandas as pd
+
+    rows = []
+    for key, group in results.groupby(list(keys), sort=False):
+        row = dict(zip(keys, key, strict=True)) | {"n_distractors": int(group.n_distractors.max()), "n": len(group)}
+        for metric in METRICS:
+            values = group[metric].astype(float)
+            lo, hi = mean_interval(values) if metric == "f1" else wilson(values.sum(), len(values))
+            row |= {metric: values.mean(), f"{metric}_lo": lo, f"{metric}_hi": hi}
+        rows.append(row)
+    columns = [*keys, "n_distractors", "n", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))]
+    return pd.DataFrame(rows, columns=columns).sort_values(list(keys), kind="stable", ignore_index=True)
+
+
+def write_summary(results: pd.DataFrame, path: Path) -> pd.DataFrame:
+    summary = summarize(results)
+    write_atomic(path, summary.to_csv(index=False, float_format="%.6g").encode())
+    return summary
+
+
+# -- config ---------------------------------------------------------------------------------------
+def write_config(path: Path, config: Mapping[str, Any]) -> None:
+    write_atomic(path, (json.dumps(config, indent=1) + "\n").encode())
+
+
+def check_resumable(path: Path, config: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Refuse to continue a run whose recorded `keys` differ from this one's."""
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())
+    changed = [k for k in keys if recorded.get(k) != config.get(k)]
+    if changed:
+        details = "; ".join(f"{k}: {recorded.get(k)!r} then, {config.get(k)!r} now" for k in changed)
+        raise ResumeError(f"{path.parent} holds a run with other settings ({details})")
+
+
+# -- plot -----------------------------------------------------------------------------------------
+def plot(summary: pd.DataFrame, path: Path, metric: str = "exact_hit", title: str = "") -> None:
+    """Accuracy vs distance with 95% bands: one line per model/control (plus dataset/protocol when several);
+    closed-book is a dashed level across the whole range."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    keys = [k for k in ("dataset", "protocol", "model", "control") if k in summary]
+    tagged = [k for k in ("dataset", "protocol") if k in summary and summary[k].nunique() > 1]
+    right = max(int(summary.distance_tokens.max()), 1) if len(summary) else 1
+    for key, group in summary.groupby(keys, sort=False):
+        series = dict(zip(keys, key, strict=True))
+        label = series["model"] + ("" if series["control"] == "memory" else f" ({series['control']})")
+        label += "".join(f" [{series[k]}]" for k in tagged)
+        x, y = group.distance_tokens.to_numpy(), group[metric].to_numpy()
+        lo, hi = group[f"{metric}_lo"].to_numpy(), group[f"{metric}_hi"].to_numpy()
+        if series["control"] == "closed-book":
+            (line,) = ax.plot([0, right], [y[0], y[0]], linestyle="--", label=label)
+            ax.fill_between([0, right], [lo[0]] * 2, [hi[0]] * 2, color=line.get_color(), alpha=0.15)
+        else:
+            (line,) = ax.plot(x, y, marker="o", label=label)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    if right > 10_000:
+        ax.set_xscale("symlog", linthresh=1_000)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_size(int(value))))
+    ax.set_xlim(0, right)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("tokens injected after the evidence")
+    ax.set_ylabel({"exact_hit": "exact hit", "em": "exact match", "f1": "F1"}[metric] + " (95% CI)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(summary):
+        ax.legend(fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,368 @@
+"""`mplus bench retention` / `bench plot`: distance accounting, shards, output files, resume after a crash."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import model as mp
+from mplus_cli.app import app
+from tasks import data as qa
+from tasks.results import COLUMNS, ResultsLog
+from tasks.retention import (
+    AUTHORS,
+    CLEAN,
+    Planner,
+    Runner,
+    Sweep,
+    authors_unrelated,
+    check_points,
+    gap_sizes,
+    parse_shard,
+    protocol_for,
+    sample_seed,
+    shard_slice,
+    split_evidence,
+)
+
+runner = CliRunner()
+SYNTHETIC = ["bench", "retention", "--dataset", "synthetic", "--model", "tiny"]
+
+
+def mplus(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def rows(directory: Path) -> list[dict[str, str]]:
+    """results.csv rows without the timing column."""
+    with open(directory / "results.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "latency_ms"} for row in csv.DictReader(f)]
+
+
+# -- pieces ------------------------------------------------------------------------------------------
+
+
+def test_parse_shard():
+    assert parse_shard("1/1") == (1, 1)
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("3/2", "0/2", "1/0", "2", "a/b", "1/2/3", "-1/2"):
+        with pytest.raises(ValueError, match="bad shard"):
+            parse_shard(bad)
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 10, 11])
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_shards_are_disjoint_and_cover_the_samples_in_order(count, n):
+    samples = [qa.Sample(str(i), "c", "q", "a") for i in range(count)]
+    slices = [shard_slice(samples, i, n) for i in range(1, n + 1)]
+    assert sum(slices, []) == samples  # concatenation in shard order gives back every sample once
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_gap_sizes_land_on_the_points():
+    assert gap_sizes([0, 1000, 4000], 512) == [[], [500, 500], [500] * 6]
+    assert gap_sizes([300, 1324], 512) == [[300], [512, 512]]
+    assert gap_sizes([1001, 2026], 512) == [[501, 500], [342, 342, 341]]
+    check_points([0, 16, 1000])
+    for bad in ([0, 10], [5], [-16, 0]):
+        with pytest.raises(ValueError, match="16 tokens apart"):
+            check_points(bad)
+
+
+def test_split_evidence():
+    assert [len(c) for c in split_evidence(list(range(1100)), 512)] == [512, 512, 76]
+    assert [len(c) for c in split_evidence(list(range(1030)), 512)] == [512, 518]  # a 6-token tail joins
+    assert [len(c) for c in split_evidence(list(range(20)), 512)] == [20]
+
+
+def test_authors_distractors_concatenate_to_768_then_cut_to_512(tiny):
+    tok = tiny.tokenizer  # bytes: one token per character here
+    passages = ["a" * 300, "b" * 300, "c" * 300, "d" * 100, "e" * 900, "f" * 10]
+    texts = list(authors_unrelated(passages, tok, nq=False))
+    # 300 -> 601 -> 902 (>= 768, cut to 512); then d (100) -> 1001 (cut); then f alone
+    assert texts == [
+        ("a" * 300 + " " + "b" * 300 + " " + "c" * 300)[:512],
+        ("d" * 100 + " " + "e" * 900)[:512],
+        "f" * 10,
+    ]
+    # NQ: joined while <= 512 tokens
+    assert [len(t) for t in authors_unrelated(["x" * 512, "y" * 10, "z" * 10], tok, nq=True)] == [512, 10]
+
+
+# -- distance accounting -------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word (so tokens are not bytes)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [sum(map(ord, w)) % 250 for w in text.split()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def word_model() -> mp.MemoryLLM:
+    lm = mp.load("tiny")
+    lm.tokenizer = WordTokenizer()
+    return lm
+
+
+def test_distances_are_model_tokens_injected_after_the_evidence(word_model, tmp_path, monkeypatch):
+    injected: list[list[int]] = []
+    inject = word_model.inject
+    monkeypatch.setattr(word_model, "inject", lambda state, ids: injected.append(ids.tolist()) or inject(state, ids))
+    data = qa.synthetic(2, distractor_chars=60_000)
+    sweep = Sweep(data, CLEAN, [0, 700, 2000], seed=3)
+    log = ResultsLog(tmp_path / "results.csv")
+    Runner(word_model, "words", sweep, log).run(data.samples)
+
+    tok = word_model.tokenizer
+    for sample in data.samples:
+        evidence = tok.encode(sample.context)
+        assert injected.pop(0) == evidence  # one evidence chunk (< 512 words), then the distractors
+        chunks = [injected.pop(0) for _ in range(2 + 3)]  # 700 in 2 chunks, then 1300 more in 3 (<= 512 each)
+        assert [len(c) for c in chunks] == [350, 350, 434, 433, 433]
+        # the distractor stream is this sample's passages, in its seeded order, tokenized by the model
+        order = random.Random(sample_seed(3, sample.id)).sample(range(len(data.distractors)), len(data.distractors))
+        stream = sum((tok.encode(data.distractors[i] + "\n\n") for i in order[:40]), [])
+        assert sum(chunks, []) == stream[:2000]
+        got = [(int(r["distance_tokens"]), int(r["n_distractors"])) for r in log.rows if r["sample_id"] == sample.id]
+        assert got == [(0, 0), (700, 2), (2000, 5)]
+    assert injected == []
+
+
+def test_the_authors_protocol_asks_after_the_distractor_that_reaches_each_point(tiny, tmp_path):
+    data = qa.synthetic(2, distractor_chars=20_000)
+    sweep = Sweep(data, AUTHORS, [0, 600, 1000, 1500])
+    log = ResultsLog(tmp_path / "results.csv")
+    Runner(tiny, "tiny", sweep, log, memory_dir=tmp_path / "memory").run(data.samples)
+    got = [(int(r["distance_tokens"]), int(r["n_distractors"])) for r in log.rows if r["sample_id"] == "syn-00000"]
+    # byte tokens: every distractor is cut to 512, so 600 and 1000 both need 2 (one question), 1500 needs 3
+    assert got == [(0, 0), (1024, 2), (1536, 3)]
+    assert [p.name for p in (tmp_path / "memory").iterdir()] == ["after-2"]  # only the latest carried memory
+
+
+def test_prompts_per_protocol(tiny):
+    sample = qa.Sample("s", "x" * 600, "Where is it", "here")
+    data = qa.QAData("nq", [sample], [], "test")
+    authors, clean = (
+        Planner(Sweep(data, protocol_for("authors", "nq"), [0]), tiny.tokenizer),
+        Planner(Sweep(data, CLEAN, [0]), tiny.tokenizer),
+    )
+    assert tiny.tokenizer.decode(authors.question(sample)) == "Questions: Where is it? Answer:"
+    assert [tiny.tokenizer.decode(c.tolist()) for c in authors.evidence(sample)] == [("Context: " + "x" * 600)[:512]]
+    assert tiny.tokenizer.decode(clean.question(sample)) == "Question: Where is it\nAnswer:"
+    assert [len(c) for c in clean.evidence(sample)] == [512, 88]  # all of the evidence, in chunks
+
+
+def test_full_context_puts_everything_in_the_prompt_cut_to_the_window(tiny, tmp_path, monkeypatch):
+    prompts, states = [], []
+    generate = mp.generate
+
+    def spy(lm, state, prompt, settings):
+        prompts.append(list(prompt))
+        states.append(state)
+        return generate(lm, state, prompt, settings)
+
+    monkeypatch.setattr(mp, "generate", spy)
+    data = qa.synthetic(1, distractor_chars=40_000)
+    sweep = Sweep(data, CLEAN, [0, 2000, 6000], controls=("full-context",))
+    run = Runner(tiny, "tiny", sweep, ResultsLog(tmp_path / "results.csv"))
+    rows = run.full_context_unit(data.samples[0])
+    plan = Planner(sweep, tiny.tokenizer)
+    evidence, question = torch.cat(plan.evidence(data.samples[0])).tolist(), plan.question(data.samples[0])
+    distractors = torch.cat([c for stage in plan.stages(data.samples[0]) for c in stage.chunks]).tolist()
+    assert prompts[0] == evidence + question
+    assert prompts[1] == evidence + distractors[:2000] + question
+    # 6000 tokens do not fit the 4096-token window: the context keeps its last 4096 - question - 16 tokens
+    assert prompts[2] == (evidence + distractors)[-(4096 - len(question) - 16) :] + question
+    assert all(not s.initialized and s.rows_per_layer == 0 for s in states)  # no memory prefix at all
+    assert [(r["control"], r["distance_tokens"], r["n_distractors"]) for r in rows] == [
+        ("full-context", 0, 0),
+        ("full-context", 2000, 4),
+        ("full-context", 6000, 12),
+    ]
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+
+ISSUE_RUN = [*SYNTHETIC, "--max-distance", "4k", "--limit", "5", "--controls", "closed-book"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The issue's run (synthetic, tiny, 4k, 5 samples) with the closed-book control."""
+    out = tmp_path_factory.mktemp("bench") / "run"
+    result = mplus(*ISSUE_RUN, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_run_writes_the_four_files(finished):
+    assert sorted(p.name for p in finished.iterdir()) == ["config.json", "results.csv", "retention.png", "summary.csv"]
+    assert (finished / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(finished / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == COLUMNS
+    assert len(table) == 5 * (4 + 1)  # 5 samples x (4 distances with memory + closed-book)
+    assert [(r["control"], int(r["distance_tokens"]), int(r["n_distractors"])) for r in table[:5]] == [
+        ("memory", 0, 0),
+        ("memory", 1000, 2),
+        ("memory", 2000, 4),
+        ("memory", 4000, 8),
+        ("closed-book", 0, 0),
+    ]
+    assert {r["memory_kind"] for r in table} == {"memoryllm"} and {r["seed"] for r in table} == {"0"}
+    assert all(r["exact_hit"] in "01" and 0 <= float(r["f1"]) <= 1 for r in table)
+    summary = (finished / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("dataset,model,memory_kind,control,distance_tokens,n_distractors,n,exact_hit,")
+    assert len(summary) == 1 + 1 + 4
+    config = json.loads((finished / "config.json").read_text())
+    assert config["points"] == [0, 1000, 2000, 4000] and config["max_distance"] == 4000
+    assert config["decoding"] == {
+        "greedy": True,
+        "max_new_tokens": 16,
+        "context_template": "{context}",
+        "question_template": "Question: {question}\nAnswer:",
+        "truncate_tokens": None,
+    }
+    assert config["model_details"]["tiny"]["kind"] == "memoryllm"
+    assert config["versions"]["torch"] == torch.__version__ and "finished" in config
+
+
+def test_resume_of_a_finished_run_adds_nothing(finished):
+    before = (finished / "results.csv").read_bytes()
+    result = mplus(*ISSUE_RUN, "-o", finished)
+    assert result.exit_code == 4 and "already holds results: pass --resume" in result.output
+    result = mplus(*ISSUE_RUN, "-o", finished, "--resume")
+    assert result.exit_code == 0, result.output
+    assert (finished / "results.csv").read_bytes() == before
+
+
+def test_resume_refuses_other_settings(finished):
+    result = mplus(*SYNTHETIC, "--max-distance", "4k", "--limit", 5, "--seed", 1, "-o", finished, "--resume")
+    assert result.exit_code == 4
+    assert "seed: 0 then, 1 now" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--dataset", "trivia", "--max-distance", "4k"], 2, "unknown dataset 'trivia'"),
+        (["--dataset", "synthetic", "--max-distance", "4q"], 2, "bad size '4q'"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--shard", "3/2"], 2, "bad shard '3/2'"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--points", "0,8k"], 2, "beyond --max-distance"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--controls", "open-book"], 2, "unknown control"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "mine"], 2, "unknown protocol"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "authors", "--shard", "1/2"], 2, "--shard"),
+        (["--dataset", "squad", "--max-distance", "4k", "--data-dir", "/nonexistent/dir"], 3, "no data directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_code(tmp_path, args, code, message):
+    result = mplus("bench", "retention", "--model", "tiny", *args, "-o", tmp_path / "out")
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLUS_DATA_DIR", str(tmp_path / "missing"))
+    result = mplus("bench", "retention", "--model", "tiny", "--dataset", "nq", "--max-distance", "1k", "-o", tmp_path)
+    assert result.exit_code == 3 and "missing" in result.output
+
+
+def test_shards_merge_into_the_whole_run(tmp_path):
+    common = [*SYNTHETIC, "--max-distance", "1k", "--limit", 5, "--controls", "closed-book"]
+    assert mplus(*common, "-o", tmp_path / "all").exit_code == 0
+    for i in (1, 2):
+        assert mplus(*common, "--shard", f"{i}/2", "-o", tmp_path / f"part{i}").exit_code == 0
+    parts = [rows(tmp_path / f"part{i}") for i in (1, 2)]
+    ids = [{r["sample_id"] for r in part} for part in parts]
+    assert ids[0].isdisjoint(ids[1]) and len(ids[0]) + len(ids[1]) == 5
+    key = lambda r: (r["sample_id"], r["control"], int(r["distance_tokens"]))  # noqa: E731
+    assert sorted(parts[0] + parts[1], key=key) == sorted(rows(tmp_path / "all"), key=key)
+    # bench plot pools the shards into one line per model/control, like the whole run
+    result = mplus("bench", "plot", tmp_path / "part1", tmp_path / "part2", "-o", tmp_path / "shards.png")
+    assert result.exit_code == 0, result.output
+    assert "2 lines" in result.output and (tmp_path / "shards.png").stat().st_size > 10_000
+
+
+def test_plot_overlays_runs_and_checks_its_input(finished, tmp_path):
+    out = tmp_path / "both.png"
+    result = mplus("bench", "plot", finished, finished, "-o", out, "--metric", "f1")
+    assert result.exit_code == 0, result.output
+    assert "2 lines" in result.output and out.read_bytes()[:4] == b"\x89PNG"
+    assert mplus("bench", "plot", tmp_path / "none", "-o", out).exit_code == 3
+    assert mplus("bench", "plot", finished, "-o", out, "--metric", "bleu").exit_code == 2
+
+
+def test_a_torn_last_record_is_dropped_and_redone(finished, tmp_path):
+    out = tmp_path / "torn"
+    out.mkdir()
+    for name in ("results.csv", "config.json"):
+        (out / name).write_bytes((finished / name).read_bytes())
+    text = (finished / "results.csv").read_bytes()
+    (out / "results.csv").write_bytes(text[: len(text) - 40])  # a crash in the middle of the last record
+    result = mplus(*ISSUE_RUN, "-o", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert rows(out) == rows(finished)
+
+
+def test_the_authors_protocol_resumes_its_carried_memory(tmp_path, monkeypatch):
+    args = [*SYNTHETIC, "--protocol", "authors", "--max-distance", "1k", "--limit", 4, "--controls", "closed-book"]
+    assert mplus(*args, "-o", tmp_path / "whole").exit_code == 0
+
+    appends = {"n": 0}
+    append = ResultsLog.append
+
+    def crash_on_the_third(self, new_rows):
+        appends["n"] += 1
+        if appends["n"] == 3:  # the memory after sample 2 is saved, its rows are not written yet
+            raise RuntimeError("simulated crash")
+        append(self, new_rows)
+
+    monkeypatch.setattr(ResultsLog, "append", crash_on_the_third)
+    assert mplus(*args, "-o", tmp_path / "crashed").exit_code == 1
+    assert len(rows(tmp_path / "crashed")) == 2 + 1  # sample 1: distances 0 and 1k, closed-book
+    assert sorted(p.name for p in (tmp_path / "crashed" / "memory" / "tiny").iterdir()) == ["after-1", "after-2"]
+    monkeypatch.setattr(ResultsLog, "append", append)
+    result = mplus(*args, "-o", tmp_path / "crashed", "--resume")
+    assert result.exit_code == 0, result.output
+    assert rows(tmp_path / "crashed") == rows(tmp_path / "whole")
+    assert [p.name for p in (tmp_path / "crashed" / "memory" / "tiny").iterdir()] == ["after-4"]
+
+
+def test_killed_mid_run_then_resumed_equals_an_uninterrupted_run(finished, tiny, tmp_path):
+    """A real process, killed with SIGKILL while it writes results, then resumed in a new process, gives the
+    rows of the uninterrupted in-process run (`tiny` pins this process to one thread, like OMP_NUM_THREADS)."""
+    command = [sys.executable, "-m", "mplus_cli", *ISSUE_RUN, "-o", str(tmp_path)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    results, deadline = tmp_path / "results.csv", time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if results.exists() and results.read_text().count("\n") > 1 + 5:  # past the first sample
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL  # it was still running
+    assert 0 < len(rows(tmp_path)) < len(rows(finished))
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert rows(tmp_path) == rows(finished)
