@@ -14,11 +14,21 @@ from .memory import MemoryState
 from .memoryllm import InjectResult, MemoryLLM
 from .mplus import MPlus, Retrieval
 from .presets import PRESETS, UNTRAINED_LABEL, build_preset
+from .smollm2 import MODELS as SMOLLM2_MODELS
+from .smollm2 import load_smollm2
 from .tokenizer import has_tokenizer, load_tokenizer
+from .training_free import TINY_PRESETS as TINY_FREE_PRESETS
+from .training_free import TRAINING_FREE_LABEL, TrainingFreeMemoryLLM, TrainingFreeMPlus, build_tiny
+
+# built-in models that need no checkpoint directory: seeded random presets and the SmolLM2 demo model
+BUILTIN_MODELS = (*PRESETS, *TINY_FREE_PRESETS, *SMOLLM2_MODELS)
 
 __all__ = [
+    "BUILTIN_MODELS",
     "HUB_MODELS",
     "PRESETS",
+    "SMOLLM2_MODELS",
+    "TRAINING_FREE_LABEL",
     "CheckpointError",
     "DecodeSettings",
     "Generation",
@@ -29,6 +39,8 @@ __all__ = [
     "ModelConfig",
     "MPlus",
     "Retrieval",
+    "TrainingFreeMemoryLLM",
+    "TrainingFreeMPlus",
     "config_from_hf",
     "generate",
     "load",
@@ -50,7 +62,9 @@ def load(
     tokenizer: bool | str | Path = True,
     rope_inv_freq_dtype: str | None = None,
 ) -> MemoryLLM:
-    """Load a preset (`tiny`, `tiny-mplus`), a local checkpoint directory or a hub id (`memoryllm-8b`, `YuWangX/...`).
+    """Load a built-in model (presets `tiny`, `tiny-mplus`; the SmolLM2 demo `smollm2-135m` (M+ flavour),
+    `smollm2-135m-memoryllm`; training-free random `tiny-free`, `tiny-free-mplus`), a local checkpoint
+    directory or a hub id (`memoryllm-8b`, `YuWangX/...`).
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA. `tokenizer`: True loads the checkpoint's own
     tokenizer when it has one, a path or hub id loads that one, False skips it. The checkpoint's memory
@@ -59,6 +73,12 @@ def load(
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
+    if name in SMOLLM2_MODELS:
+        return load_smollm2(SMOLLM2_MODELS[name], dtype=dtype, device=device)
+    if name in TINY_FREE_PRESETS:
+        model = build_tiny(TINY_FREE_PRESETS[name], dtype=dtype, device=device)
+        model.info = {"source": name, "label": f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}"}
+        return model
     if name in PRESETS:
         model = build_preset(name).to(device=device, dtype=dtype)
         model.initial_state = model.initial_state.to(device, dtype)

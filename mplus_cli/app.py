@@ -26,7 +26,16 @@ from model.tokenizer import decode, encode
 from . import store as st
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from .inputs import chunk_ids, read_source
-from .models import binding, check_requested, load_bound_model, load_model, requested_model
+from .models import (
+    DEFAULT_MODEL,
+    binding,
+    check_memory,
+    check_requested,
+    load_bound_model,
+    load_model,
+    requested_model,
+    with_memory,
+)
 
 app = typer.Typer(
     name="mplus",
@@ -45,7 +54,11 @@ StoreOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Preset, checkpoint directory or hub id (default: $MPLUS_MODEL, else tiny)."),
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Built-in model, checkpoint directory or hub id (default: $MPLUS_MODEL, else {DEFAULT_MODEL}).",
+    ),
 ]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
@@ -125,6 +138,10 @@ def inject(
     chunk_tokens: Annotated[int, typer.Option(help="Most tokens per injection (min 16).", min=16)] = 512,
     seed: Annotated[int | None, typer.Option(help="Drop-generator seed of a new session (default 0).")] = None,
     tokenizer: TokenizerOpt = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(help="Memory of a new session: mplus | memoryllm (picks the built-in model's flavour)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Inject text into a session's memory (the session is created on first use, bound to its model).
@@ -134,18 +151,22 @@ def inject(
     """
     root = store_root(store)
     sources = [read_source(path) for path in paths]
+    name = with_memory(requested_model(model), memory)
     existing = st.Session.open(root, session) if st.session_exists(root, st.check_name(session)) else None
     if existing:
         check_requested(session, existing.model_ref, model)
+        check_memory(session, existing.model_ref, memory)
         lm = load_bound_model(session, existing.model_ref, tokenizer)
         if seed is not None and seed != existing.manifest["seed"]:
             say(f"mplus: warning: --seed ignored, session {session!r} already has seed {existing.manifest['seed']}")
     else:
-        lm = load_model(requested_model(model), tokenizer=tokenizer)
+        lm = load_model(name, tokenizer=tokenizer)
+        if memory is not None and lm.cfg.kind != memory:
+            raise UsageError(f"model {name!r} has {lm.cfg.kind} memory: --memory {memory} needs another model")
     chunked = [chunk_ids(encode(lm.tokenizer, s.text), chunk_tokens, s.name) for s in sources]
     note_label(lm)
     if not existing:
-        ref = binding(requested_model(model), lm, tokenizer, None)
+        ref = binding(name, lm, tokenizer, None)
         existing = st.create_session(root, session, lm, ref, seed or 0)
     total = sum(len(chunks) for chunks in chunked)
     with existing.writer() as writer, progress_bar(total) as bar:

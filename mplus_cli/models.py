@@ -10,9 +10,14 @@ import torch
 
 import model as mp
 
-from .errors import ConflictError, MplusError, NotFoundError
+from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
-DEFAULT_MODEL = "tiny"  # the built-in offline preset
+DEFAULT_MODEL = "smollm2-135m"  # the offline demo model: SmolLM2-135M with training-free M+ memory
+FLAVOURS = [  # the memory flavours of each built-in model
+    {"mplus": "smollm2-135m", "memoryllm": "smollm2-135m-memoryllm"},
+    {"mplus": "tiny-mplus", "memoryllm": "tiny"},
+    {"mplus": "tiny-free-mplus", "memoryllm": "tiny-free"},
+]
 
 
 def requested_model(option: str | None) -> str:
@@ -20,9 +25,22 @@ def requested_model(option: str | None) -> str:
     return option or os.environ.get("MPLUS_MODEL") or DEFAULT_MODEL
 
 
+def with_memory(name: str, memory: str | None) -> str:
+    """The built-in model `name` in the memory flavour `memory` (mplus | memoryllm); other models as they
+    are (their kind is checked once loaded)."""
+    if memory is None:
+        return name
+    if memory not in ("mplus", "memoryllm"):
+        raise UsageError(f"unknown --memory {memory!r}: use mplus or memoryllm")
+    for flavours in FLAVOURS:
+        if name in flavours.values():
+            return flavours[memory]
+    return name
+
+
 def model_id(name: str) -> str:
-    """A stable id: the preset name, the absolute path of a local checkpoint, or the hub repo id."""
-    if name in mp.PRESETS:
+    """A stable id: the built-in model's name, the absolute path of a local checkpoint, or the hub repo id."""
+    if name in mp.BUILTIN_MODELS:
         return name
     path = Path(name).expanduser()
     if path.exists():
@@ -62,6 +80,14 @@ def check_requested(session_name: str, bound: dict[str, Any], option: str | None
         raise ConflictError(
             f"session {session_name!r} belongs to model {bound['id']!r}, not {option!r}: "
             "drop --model or use another session"
+        )
+
+
+def check_memory(session_name: str, bound: dict[str, Any], memory: str | None) -> None:
+    """Refuse a --memory other than the kind of memory the session was created with."""
+    if memory is not None and memory != bound["kind"]:
+        raise ConflictError(
+            f"session {session_name!r} has {bound['kind']} memory, not {memory}: drop --memory or use another session"
         )
 
 

