@@ -83,6 +83,19 @@ def _randomize(model: MemoryLLM, generator: torch.Generator) -> None:
             p.data.normal_(0.0, 1.0, generator=generator)
 
 
+def random_model(
+    config: dict[str, Any], seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> MemoryLLM:
+    """A model of an HF-style `config` with seeded random weights and no memory, built on the meta device
+    and then allocated and filled directly on `device` in `dtype` (no full-size CPU copy)."""
+    cfg = config_from_hf(config)
+    with torch.device("meta"):
+        model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    _randomize(model, torch.Generator(device).manual_seed(seed))
+    return model.eval().requires_grad_(False)
+
+
 def _initial_ltm(model: MPlus, generator: torch.Generator) -> LongTermMemory:
     """`ltm_initial_size` random rows per layer with their keys key_proj(input_layernorm(row)), age 0."""
     n, d = model.cfg.ltm_initial_size, model.cfg.hidden_size

@@ -21,13 +21,14 @@ from tasks import results as res
 from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from .errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from .models import load_model, model_id, requested_model
 
 # defined before importing app.py, which adds it to the `mplus` app: either module may be imported first
 bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
 
 from .app import JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids  # noqa: E402
+from .speed import speed  # noqa: E402
 
 RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "decoding")
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
@@ -289,12 +290,4 @@ def bench_plot(
     typer.echo(f"wrote {out} ({summary.groupby(['dataset', 'protocol', 'model', 'control']).ngroups} lines)")
 
 
-@bench_app.command("speed")
-def bench_speed() -> None:
-    """Inject and ask throughput against in-process baselines."""
-    not_implemented("bench speed")
-
-
-def not_implemented(what: str) -> None:
-    typer.echo(f"mplus: {what} is not implemented yet in this version", err=True)
-    raise typer.Exit(EXIT_FAILURE)
+bench_app.command("speed")(speed)

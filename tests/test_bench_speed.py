@@ -1,0 +1,140 @@
+"""`mplus bench speed`: the baselines compute what the optimized paths compute, and the report is consistent.
+No timed assertions: the figures themselves are machine-dependent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from conftest import token_ids
+from typer.testing import CliRunner
+
+import model as mp
+from model.presets import TINY_CONFIG, build_preset, random_model
+from mplus_cli.speed import speed
+from tasks import speed as sp
+
+runner = CliRunner()
+app = typer.Typer()
+app.command()(speed)
+
+
+@pytest.fixture(scope="module")
+def tiny_mplus() -> mp.MPlus:
+    torch.set_num_threads(1)
+    return mp.load("tiny-mplus")
+
+
+def test_random_model_hook_gives_the_preset_weights():
+    a, b = random_model(TINY_CONFIG, seed=0).state_dict(), build_preset("tiny", seed=0).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("n", [40, 9])  # more and fewer tokens than a block (K = 16)
+def test_authors_injection_gives_the_same_delta(tiny, tiny_mplus, n):
+    for lm in (tiny, tiny_mplus):
+        state, ids = lm.new_state(0), token_ids(n, seed=n)
+        torch.testing.assert_close(sp.authors_delta(lm, ids, state), lm.compute_delta(ids, state))
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_memory_kv_cache(tiny, state):
+    settings, prompt = mp.DecodeSettings(max_new_tokens=12), token_ids(10, seed=1).tolist()
+    cold = mp.generate(tiny, state, prompt, settings).token_ids  # fills the cache
+    warm = mp.generate(tiny, state, prompt, settings).token_ids  # reuses it
+    assert state.kv_cache is not None
+    assert cold == warm == mp.generate(tiny, state, prompt, settings, reuse_memory_kv=False).token_ids
+
+
+def test_authors_retrieval_picks_the_same_rows(tiny_mplus):
+    ltm = sp.random_ltm(tiny_mplus, rows=200, cached=24)
+    state = sp.with_ltm(tiny_mplus, sp.first_rows(ltm, 150, cache=True))
+    h = torch.randn(7, tiny_mplus.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in range(tiny_mplus.cfg.num_layers):
+        assert torch.equal(sp.authors_retrieve(tiny_mplus, layer, state, h), tiny_mplus.retrieve(layer, state, h).rows)
+
+
+def test_first_rows_views_the_ltm_without_copying(tiny_mplus):
+    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16)
+    cut = sp.first_rows(ltm, 40)
+    assert cut.sizes() == [40, 40] and cut.cache_size == 0
+    assert cut.layers[0].rows.data_ptr() == ltm.layers[0].rows.data_ptr()
+
+
+def test_bytes_written_counts_appends_and_replacements(tmp_path):
+    (tmp_path / "log").write_bytes(b"x" * 10)
+    (tmp_path / "index").write_bytes(b"y" * 7)
+    before = sp.file_table(tmp_path)
+    with open(tmp_path / "log", "ab") as f:
+        f.write(b"z" * 5)
+    (tmp_path / "new").write_bytes(b"n" * 3)
+    (tmp_path / "index").write_bytes(b"w" * 4)
+    (tmp_path / "index").unlink()  # replaced by a new file (a rename gives a new inode)
+    (tmp_path / "index").write_bytes(b"v" * 4)
+    assert sp.bytes_written(before, sp.file_table(tmp_path)) == 5 + 3 + 4
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    torch.set_num_threads(1)
+    result = runner.invoke(app, ["--shape", "tiny", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_json_report_has_every_figure_with_consistent_ratios(report):
+    assert {"cpu", "torch", "torch_threads", "device", "dtype"} <= report["machine"].keys()
+    names = [f["name"] for f in report["figures"]]
+    for prefix in (
+        "inject tok/s",
+        "ask time to first token",
+        "ask decode tok/s",
+        "LTM retrieval per layer (64 ",
+        "LTM retrieval per layer (960 ",
+        "M+ inject (LTM 960 vs 64",
+        "M+ session time per inject",
+        "M+ session bytes written per inject",
+        "memoryllm session bytes written per inject (inject #50",
+        "mplus session time per inject (inject #1,",
+        "mplus session open + load",
+    ):
+        assert any(name.startswith(prefix) for name in names), prefix
+    for f in report["figures"]:
+        assert f["optimized"] > 0 and f["baseline"] > 0, f
+        num, den = f["ratio_of"].split("/")
+        assert f["ratio"] == pytest.approx(f[num] / f[den]), f
+        if f["unit"] != "tok/s" and f["compare"] == "speedup":
+            assert f["ratio_of"] == "baseline/optimized"  # a time or a size: the baseline over ours
+        if f["target"] is None:
+            assert f["passed"] is None
+        else:
+            op, value = f["target"].split()
+            assert f["passed"] == (f["ratio"] >= float(value) if op == ">=" else f["ratio"] <= float(value))
+
+
+def test_the_table_shows_the_figures():
+    result = runner.invoke(app, ["--shape", "tiny", "--repeats", "1", "--ltm-rows", "40,80"])
+    assert result.exit_code == 0, result.output
+    assert "inject tok/s" in result.stdout and "LTM retrieval per layer (80 LTM rows/layer)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "huge"], "--shape"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cuda"], "no CUDA"),
+        (["--shape", "8b"], "GPU"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--ltm-rows", "10000"], "--ltm-rows"),
+        (["--ltm-rows", "a,b"], "--ltm-rows"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(args, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert json.loads(result.stdout)["exit_code"] == 2
