@@ -81,7 +81,7 @@ def generate(
     generator = torch.Generator(device="cpu").manual_seed(settings.seed) if settings.sample else None
     stops = set(settings.stop_token_ids)
     out = Generation(token_ids=[], finish_reason="length")
-    logits = model(ids, state, cache=cache, reuse_memory_kv=reuse_memory_kv).logits[0, -1]
+    logits = model(ids, state, cache=cache, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
     for step in range(settings.max_new_tokens):
         if keep_logits:
             out.step_logits.append(logits.cpu())
@@ -93,5 +93,5 @@ def generate(
         if on_token is not None:
             on_token(token)
         if step + 1 < settings.max_new_tokens:
-            logits = model(torch.tensor([[token]]), state, cache=cache).logits[0, -1]
+            logits = model(torch.tensor([[token]]), state, cache=cache, last_only=True).logits[0, -1]
     return out

@@ -56,27 +56,48 @@ def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [L, B, H_kv, max_len, D], filled left to right."""
+    """Keys (after RoPE) and values per layer, each [B, H_kv, max_len, D], filled left to right. A layer's
+    buffers are allocated at its first append, or adopted with a prefix already in place (a state's
+    cached memory keys/values), so that a question never copies the memory's keys."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.dtype, self.device = dtype, device
+        self.k: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.num_layers
         self.lengths = [0] * cfg.num_layers
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.shape[2]
 
     @property
     def seen(self) -> int:
         """Positions already cached (all layers advance together between forwards)."""
         return self.lengths[0]
 
+    def adopt(self, layer: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Use buffers k, v [B, H_kv, >= max_len, D] whose first `length` positions are already filled."""
+        if k.shape[2] < self.max_len:
+            raise ValueError(f"adopted buffers hold {k.shape[2]} positions, {self.max_len} needed")
+        self.k[layer], self.v[layer], self.lengths[layer] = k, v, length
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v [B, H_kv, S, D]; returns the layer's keys and values so far [B, H_kv, seen + S, D]."""
+        if self.k[layer] is None:
+            self.k[layer] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
-        if end > self.k.shape[3]:
-            raise RuntimeError(f"KV cache full: {end} positions needed, {self.k.shape[3]} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
         self.lengths[layer] = end
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -124,19 +145,17 @@ class Attention(nn.Module):
         adapter: str | None,
         cache: KVCache | None,
         layer: int,
-        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows); prefix_kv: optional keys
-        and values [B, H_kv, P, D] before RoPE that precede h; cos/sin: [P + S, D]. Returns [B, n_query, d]."""
+        """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows) at the positions of
+        cos/sin [S, D]; with a cache they follow its positions (a question's memory prefix is already
+        there). Returns [B, n_query, d]."""
         B, S, _ = h.shape
         q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.project_kv(h, adapter)
-        if prefix_kv is not None:
-            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)  # [B, H_kv, P + S, D]
         q = apply_rope(q, cos[-n_query:], sin[-n_query:])  # [B, H, n_query, D]
-        k = apply_rope(k, cos, sin)  # [B, H_kv, P + S, D]
+        k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
         if cache is not None:
-            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + P + S, D]
+            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + S, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
         return self.o_proj(y, adapter)
 
@@ -172,10 +191,8 @@ class Block(nn.Module):
         adapter: str | None,
         cache: KVCache | None,
         layer: int,
-        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d].
-        prefix_kv: keys/values [B, H_kv, P, D] before RoPE of rows placed before h (see Attention)."""
-        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer, prefix_kv)
+        """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d]."""
+        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer)
         x = h[:, -n_query:] + attn
         return x + self.mlp(self.post_attention_layernorm(x), adapter)

@@ -22,8 +22,10 @@ def new_generator(seed: int) -> torch.Generator:
 
 @dataclass
 class MemoryKV:
-    """Keys/values before RoPE of [bos, memory rows] per layer, computed by model `owner` (its id) and
-    valid until the memory changes: {layer: (k, v)}, each [1, H_kv, bos + N, D]. Never serialized."""
+    """Keys (after RoPE) and values of bos and the memory rows at their question-prefix positions, per
+    layer, computed by model `owner` (its id) and valid until the memory changes: {layer: (k, v)}, each
+    [1, H_kv, room, D] with room past the prefix for a question (see MemoryLLM.memory_kv). The prefix
+    positions are fixed, so a question reuses the rotated keys as they are. Never serialized."""
 
     owner: int
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from .memory import (
     new_generator,
     tile_first_delta,
 )
-from .rope import cos_sin, inverse_frequencies
+from .rope import apply_rope, cos_sin, inverse_frequencies
 
 
 @dataclass
@@ -115,37 +115,58 @@ class MemoryLLM(nn.Module):
         (M+ retrieval); None for MemoryLLM."""
         return None
 
-    def rows_kv(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values before RoPE of memory rows [R, d] at `layer`, decoder adapter: two [1, H_kv, R, D]."""
+    def rotated_kv(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after RoPE, at `positions` [R]) and values of prefix rows [R, d] at `layer`, decoder
+        adapter: two [1, H_kv, R, D]."""
         block = self.model.layers[layer]
         h = block.input_layernorm(rows[None].to(self.device, self.dtype))  # [1, R, d]
-        return block.self_attn.project_kv(h, self.decoder_adapter())
+        k, v = block.self_attn.project_kv(h, self.decoder_adapter())
+        cos, sin = self._cos_sin(positions)
+        return apply_rope(k, cos, sin), v
 
-    def memory_kv(self, layer: int, state: MemoryState, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of [bos, memory rows] at `layer`: two [1, H_kv, bos + N, D]. With `reuse` they are
-        computed once and kept on the state until its memory changes."""
-        if not reuse:
-            return self.rows_kv(layer, self._with_bos(layer, state.memory[layer]))
+    def memory_kv(self, layer: int, state: MemoryState, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers [1, H_kv, >= capacity, D] holding the keys (after RoPE) and values of bos and the memory
+        rows at their prefix positions (0 and P - N..P-1; an M+ question fills the retrieved rows between).
+        Computed once and kept on the state until its memory changes; a longer question grows them."""
         cache = state.kv_cache
         if cache is None or cache.owner != id(self):
             cache = state.kv_cache = MemoryKV(owner=id(self))
-        if layer not in cache.layers:
-            cache.layers[layer] = self.rows_kv(layer, self._with_bos(layer, state.memory[layer]))
-        return cache.layers[layer]
+        buffers = cache.layers.get(layer)
+        if buffers is not None and buffers[0].shape[2] >= capacity:
+            return buffers
+        P, N, b = self.prefix_length(state), state.rows_per_layer, self.n_bos
+        room = -(-capacity // 256) * 256  # [P, room): the question and its answer
+        shape = (1, self.cfg.num_kv_heads, room, self.cfg.head_dim)
+        k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        if buffers is not None:  # grown: the prefix is already computed
+            k[:, :, :P], v[:, :, :P] = buffers[0][:, :, :P], buffers[1][:, :, :P]
+        else:
+            positions = torch.cat([torch.arange(b), torch.arange(P - N, P)])  # bos, then the memory rows
+            rows_k, rows_v = self.rotated_kv(layer, self._with_bos(layer, state.memory[layer]), positions)
+            k[:, :, :b], k[:, :, P - N : P] = rows_k[:, :, :b], rows_k[:, :, b:]
+            v[:, :, :b], v[:, :, P - N : P] = rows_v[:, :, :b], rows_v[:, :, b:]
+        cache.layers[layer] = (k, v)
+        return k, v
 
-    def prefix_kv(
-        self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H_kv, P, D] before RoPE of the question prefix [bos, retrieved, memory]."""
-        k, v = self.memory_kv(layer, state, reuse)  # [1, H_kv, bos + N, D]
-        extra = self.ltm_prefix_rows(layer, state, x)
-        if extra is not None:
-            ek, ev = self.rows_kv(layer, extra)  # [1, H_kv, T, D]
-            b = self.n_bos
-            k = torch.cat([k[:, :, :b], ek, k[:, :, b:]], dim=2)
-            v = torch.cat([v[:, :, :b], ev, v[:, :, b:]], dim=2)
+    def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, cache: KVCache, reuse: bool) -> None:
+        """Put the keys/values of the question prefix [bos, retrieved LTM rows, memory] at positions 0..P-1
+        of `cache` for `layer` (x [B, n, d]: the question's layer input, for M+ retrieval). With `reuse`
+        (and batch 1) the cache adopts the state's memory buffers; otherwise every row is recomputed, as
+        the authors do."""
+        P, b = self.prefix_length(state), self.n_bos
+        extra = self.ltm_prefix_rows(layer, state, x)  # [T', d] or None
+        if reuse and cache.batch == 1:
+            k, v = self.memory_kv(layer, state, cache.max_len)
+            if extra is not None:
+                T = extra.shape[0]
+                k[:, :, b : b + T], v[:, :, b : b + T] = self.rotated_kv(layer, extra, torch.arange(b, b + T))
+            cache.adopt(layer, k, v, P)
+            return
+        parts = [] if extra is None else [extra.to(self.dtype)]
+        rows = self._with_bos(layer, torch.cat([*parts, state.memory[layer].to(self.dtype)]))  # [P, d]
+        k, v = self.rotated_kv(layer, rows, torch.arange(P))  # [1, H_kv, P, D]
         B = x.shape[0]
-        return k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        cache.append(layer, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
 
     @torch.no_grad()
     def forward(
@@ -155,27 +176,32 @@ class MemoryLLM(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         reuse_memory_kv: bool = True,
+        last_only: bool = False,
     ) -> ForwardOutput:
-        """Logits for ids [B, n] read against `state`. With a cache, the prefix is added only at the
-        prefill (empty cache); later calls continue at the cached positions. `reuse_memory_kv` keeps the
-        memory rows' keys/values on the state between calls (False recomputes them, as the authors do)."""
+        """Logits for ids [B, n] read against `state` (`last_only`: for the last position only). With a
+        cache, the prefix is added only at the prefill (empty cache); later calls continue at the cached
+        positions. `reuse_memory_kv` keeps the memory rows' keys/values on the state between calls (False
+        recomputes them, as the authors do)."""
         ids = ids.to(self.device)
         x = self.model.embed_tokens(ids)  # [B, n, d]
-        n = x.shape[1]
+        B, n = x.shape[:2]
         seen = cache.seen if cache is not None else 0
         with_prefix = seen == 0 and state.initialized
-        total = self.prefix_length(state) + n if with_prefix else n
-        cos, sin = self._cos_sin(torch.arange(seen, seen + total))
+        P = self.prefix_length(state) if with_prefix else 0
+        if with_prefix and cache is None:  # the prefix keys/values need a place
+            cache = KVCache(self.cfg, B, P + n, self.dtype, self.device)
+        cos, sin = self._cos_sin(torch.arange(seen + P, seen + P + n))
         hidden = [] if return_hidden else None
         for layer, block in enumerate(self.model.layers):
             if hidden is not None:
                 hidden.append(x)
-            prefix_kv = self.prefix_kv(layer, state, x, reuse_memory_kv) if with_prefix else None
-            x = block(x, n, cos, sin, self.decoder_adapter(), cache, layer, prefix_kv)
+            if with_prefix:
+                self.fill_prefix(layer, state, x, cache, reuse_memory_kv)
+            x = block(x, n, cos, sin, self.decoder_adapter(), cache, layer)
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)
-        return ForwardOutput(logits=self._logits(x), hidden_states=hidden)
+        return ForwardOutput(logits=self._logits(x[:, -1:] if last_only else x), hidden_states=hidden)
 
     # -- writing: injection ----------------------------------------------------------------------
     @torch.no_grad()

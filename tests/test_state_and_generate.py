@@ -129,6 +129,32 @@ def test_memory_kv_cache_matches_recomputation_and_follows_injections(name):
     assert torch.allclose(after, lm(question, state, reuse_memory_kv=False).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-mplus"])
+def test_a_longer_question_grows_the_cached_memory_buffers_without_changing_answers(name):
+    lm = mp.load(name)
+    state, prompt = lm.new_state(seed=0), token_ids(6, seed=2).tolist()
+    short = mp.generate(lm, state, prompt, mp.DecodeSettings(max_new_tokens=4))
+    room = state.kv_cache.layers[0][0].shape[2]
+    long_settings = mp.DecodeSettings(max_new_tokens=room)  # more than the buffers hold
+    long = mp.generate(lm, state, prompt, long_settings)
+    assert state.kv_cache.layers[0][0].shape[2] > room
+    assert long.token_ids[:4] == short.token_ids
+    assert long.token_ids == mp.generate(lm, state, prompt, long_settings, reuse_memory_kv=False).token_ids
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mplus"])
+def test_a_batch_reads_the_memory_like_single_questions(name):
+    lm = mp.load(name)
+    state, batch = lm.new_state(seed=0), torch.stack([token_ids(5, seed=7), token_ids(5, seed=8)])
+    together = lm(batch, state).logits  # [2, 5, V]
+    if name == "tiny":  # M+ retrieves for batch element 0 only (as the authors)
+        torch.testing.assert_close(together[1:], lm(batch[1:], state).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[:1], lm(batch[:1], state).logits, atol=1e-5, rtol=0)
+    last = lm(batch[:1], state, last_only=True).logits
+    assert last.shape == (1, 1, lm.cfg.vocab_size)
+    torch.testing.assert_close(last, lm(batch[:1], state).logits[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_memory_kv_cache_is_not_used_by_another_model(state):
     """Keys cached by one model are recomputed when a different model reads the same state."""
     other = mp.load("tiny")
