@@ -1,8 +1,14 @@
 """M+ long-term memory: per-layer rows with retrieval keys, recall frequencies and ages, plus the cache
 of rows dropped from short-term memory since the last merge (spec §6.1, §6.3-6.4).
 
+Every row that enters the cache becomes an *entry* of the LTM's `RowBank`: its row, its retrieval key
+and its birth (its age minus the LTM's aging clock), immutable from then on. Layers and the cache hold
+entry ids, so a merge moves ids, never rows; the rows a question retrieves are gathered by id, so an LTM
+whose bank is memory-mapped from a session's files never reads the rows it does not retrieve. Each
+layer keeps its own contiguous copy of its keys for scoring.
+
 All of it lives on the CPU and grows with use; only the rows retrieved for a question move to the
-model's device. Tensor names follow the authors' checkpoint keys (`ltm.{l}`, `ltm_keys.{l}`, ...).
+model's device. Tensor names of `to_tensors` follow the authors' checkpoint keys (`ltm.{l}`, ...).
 """
 
 from __future__ import annotations
@@ -49,62 +55,136 @@ class Growing:
     def clear(self) -> None:
         self.start, self.length = 0, 0
 
+    def clone(self) -> Growing:
+        return Growing(self.value.clone(), self.dim)
+
+
+class RowBank:
+    """Every entry the LTM ever received, by id 0..: rows [E, d], keys [E, s] and births [E] (age minus
+    `aged`, the clock every LTM row ages with). Read-only parts first (a checkpoint's LTM, or a session's
+    files, possibly memory-mapped), then an in-RAM tail that `add` extends."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], aged: int = 0):
+        rows, keys, _ = parts[0]
+        self.parts = parts
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + part[0].shape[0])
+        empty = (rows.new_empty(0, rows.shape[1]), keys.new_empty(0, keys.shape[1]), torch.empty(0, dtype=torch.int64))
+        self.tail = tuple(Growing(t) for t in empty)
+        self.aged = aged  # tokens every LTM row has aged by since this bank's clock started
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, aged: int = 0) -> RowBank:
+        """A bank of rows [E, d] with their keys [E, s] and current ages [E]."""
+        return cls([(rows, keys, ages.to(torch.int64) - aged)], aged)
+
+    def __len__(self) -> int:
+        return self.offsets[-1] + self.tail[0].length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0][0].dtype
+
+    def add(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """Append entries (rows [m, d], keys [m, s], current ages [m]); returns their ids [m]."""
+        first = len(self)
+        self.tail[0].append(rows.to(self.dtype).cpu())
+        self.tail[1].append(keys.to(self.tail[1].storage.dtype).cpu())
+        self.tail[2].append(ages.to(torch.int64).cpu() - self.aged)
+        return torch.arange(first, first + rows.shape[0])
+
+    def _gather(self, field: int, ids: torch.Tensor) -> torch.Tensor:
+        """Field `field` (0 rows, 1 keys, 2 births) of the entries ids [m]."""
+        sources = [part[field] for part in self.parts] + [self.tail[field].value]
+        out = sources[0].new_empty(ids.shape[0], *sources[0].shape[1:])
+        for source, start in zip(sources, self.offsets, strict=True):
+            inside = (ids >= start) & (ids < start + source.shape[0])
+            if bool(inside.any()):
+                out[inside] = source[ids[inside] - start]
+        return out
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._gather(0, ids)
+
+    def keys(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._gather(1, ids)
+
+    def ages(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._gather(2, ids) + self.aged
+
+    def added_since(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, keys, births) of the entries with id >= count, all in the tail."""
+        start = count - self.offsets[-1]
+        if start < 0:
+            raise ValueError(f"entries below {self.offsets[-1]} are not in the tail")
+        return tuple(part.value[start:] for part in self.tail)
+
+    def clone(self) -> RowBank:
+        """A bank sharing the read-only parts, with its own copy of the tail."""
+        bank = RowBank(self.parts, self.aged)
+        bank.tail = tuple(part.clone() for part in self.tail)
+        return bank
+
 
 class LayerLTM:
-    """One layer's long-term memory; the four tensors share their first dimension n. Ages are stored
-    relative to an offset so that aging every row is O(1)."""
+    """One layer's long-term memory: entry ids [n] into the shared bank, their keys [n, s] (a contiguous
+    copy for scoring) and recall frequencies [n] float64 (decayed in place at every merge)."""
 
-    def __init__(self, rows: torch.Tensor, keys: torch.Tensor, recall_frequencies: torch.Tensor, ages: torch.Tensor):
-        self._rows, self._keys = Growing(rows), Growing(keys)  # [n, d] rows, [n, s] key_proj(norm(row))
-        self._rf = Growing(recall_frequencies.clone())  # [n] float64, decayed in place at every merge
-        self._ages = Growing(ages.to(torch.int64))  # [n] tokens written since the row entered the STM - offset
-        self._age_offset = 0
+    def __init__(self, bank: RowBank, entries: torch.Tensor, keys: torch.Tensor, recall_frequencies: torch.Tensor):
+        self.bank = bank
+        self._entries, self._keys = Growing(entries.to(torch.int64)), Growing(keys)
+        self._rf = Growing(recall_frequencies.clone())
 
-    rows = property(lambda self: self._rows.value)
+    entries = property(lambda self: self._entries.value)
     keys = property(lambda self: self._keys.value)
     recall_frequencies = property(lambda self: self._rf.value)
 
     @property
-    def ages(self) -> torch.Tensor:
-        return self._ages.value + self._age_offset
+    def rows(self) -> torch.Tensor:
+        """[n, d] gathered from the bank (a copy)."""
+        return self.bank.rows(self.entries)
 
-    @ages.setter
-    def ages(self, ages: torch.Tensor) -> None:
-        self._ages, self._age_offset = Growing(ages.to(torch.int64).clone()), 0
+    @property
+    def ages(self) -> torch.Tensor:
+        return self.bank.ages(self.entries)
 
     def __len__(self) -> int:
-        return self._rows.length
-
-    def add_age(self, tokens: int) -> None:
-        self._age_offset += tokens
+        return self._entries.length
 
     def ages_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self._ages.value[index] + self._age_offset
+        return self.bank.ages(self.entries[index])
 
-    def append(self, rows: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor, ages: torch.Tensor) -> None:
-        """Add rows [m, d] with their keys [m, s], recall frequencies [m] and ages [m] at the end."""
-        self._rows.append(rows.to(self._rows.storage.dtype))
+    def rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self.bank.rows(self.entries[index])
+
+    def append_entries(self, entries: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor) -> None:
+        """Add bank entries [m] with their keys [m, s] and recall frequencies [m] at the end."""
+        self._entries.append(entries)
         self._keys.append(keys.to(self._keys.storage.dtype))
         self._rf.append(rf)
-        self._ages.append(ages.to(torch.int64) - self._age_offset)
+
+    def append(self, rows: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor, ages: torch.Tensor) -> None:
+        """Add new rows [m, d] (entered into the bank) with their keys [m, s], rf [m] and ages [m]."""
+        self.append_entries(self.bank.add(rows, keys, ages), keys, rf)
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keep the rows where mask [n] is true, in order; O(1) when the dropped rows are the first ones."""
         dropped_first = int(mask.long().argmax()) if bool(mask.any()) else len(self)
         if bool(mask[dropped_first:].all()):
-            for part in (self._rows, self._keys, self._rf, self._ages):
+            for part in (self._entries, self._keys, self._rf):
                 part.drop_first(dropped_first)
             return
         kept = self.select(mask)
-        self._rows, self._keys, self._rf, self._ages = kept._rows, kept._keys, kept._rf, kept._ages
-        self._age_offset = kept._age_offset
+        self._entries, self._keys, self._rf = kept._entries, kept._keys, kept._rf
 
     def select(self, mask: torch.Tensor) -> LayerLTM:
-        """The rows where mask [n] is true, in their order."""
-        return LayerLTM(self.rows[mask], self.keys[mask], self.recall_frequencies[mask], self.ages[mask])
+        """The rows where mask [n] is true, in their order (same bank)."""
+        return LayerLTM(self.bank, self.entries[mask], self.keys[mask], self.recall_frequencies[mask])
 
-    def clone(self) -> LayerLTM:
-        return LayerLTM(self.rows.clone(), self.keys.clone(), self.recall_frequencies.clone(), self.ages.clone())
+    def rebound(self, bank: RowBank) -> LayerLTM:
+        """A copy of this layer's lists over `bank` (a clone of its bank)."""
+        return LayerLTM(bank, self.entries.clone(), self.keys.clone(), self.recall_frequencies.clone())
 
 
 class LongTermMemory:
@@ -112,65 +192,83 @@ class LongTermMemory:
 
     def __init__(
         self,
+        bank: RowBank,
         layers: list[LayerLTM],
-        cached_rows: torch.Tensor,
+        cached_entries: torch.Tensor,
         cached_keys: torch.Tensor,
-        cached_ages: torch.Tensor,
         update_step: int = 0,
     ):
-        self.layers = layers
-        self._cached_rows = Growing(cached_rows, dim=1)  # [L, C, d] rows dropped from the STM since the last merge
+        self.bank, self.layers = bank, layers
+        self._cached_entries = Growing(cached_entries.to(torch.int64), dim=1)  # [L, C] rows dropped since the merge
         self._cached_keys = Growing(cached_keys, dim=1)  # [L, C, s]
-        self._cached_ages = Growing(cached_ages.to(torch.int64), dim=1)  # [L, C] - offset
-        self._cache_age_offset = 0
         self.update_step = update_step  # tokens written since the last merge (K per injection)
 
-    cached_rows = property(lambda self: self._cached_rows.value)
+    cached_entries = property(lambda self: self._cached_entries.value)
     cached_keys = property(lambda self: self._cached_keys.value)
-    cached_ages = property(lambda self: self._cached_ages.value + self._cache_age_offset)
+
+    @property
+    def cached_rows(self) -> torch.Tensor:
+        """[L, C, d] gathered from the bank (a copy)."""
+        L, C = self.cached_entries.shape
+        return self.bank.rows(self.cached_entries.reshape(-1)).view(L, C, self.bank.parts[0][0].shape[1])
+
+    @property
+    def cached_ages(self) -> torch.Tensor:
+        return self.bank.ages(self.cached_entries.reshape(-1)).view(self.cached_entries.shape)
 
     @classmethod
-    def with_empty_cache(cls, layers: list[LayerLTM]) -> LongTermMemory:
-        rows, keys = layers[0].rows, layers[0].keys
+    def from_rows(
+        cls,
+        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+        cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        update_step: int = 0,
+    ) -> LongTermMemory:
+        """An LTM of (rows [n_l, d], keys [n_l, s], recall frequencies [n_l], ages [n_l]) per layer and an
+        optional cache (rows [L, C, d], keys [L, C, s], ages [L, C]); one bank holds all the rows."""
         L = len(layers)
-        return cls(
-            layers=layers,
-            cached_rows=rows.new_empty(L, 0, rows.shape[1]),
-            cached_keys=keys.new_empty(L, 0, keys.shape[1]),
-            cached_ages=torch.empty(L, 0, dtype=torch.int64),
-        )
+        rows, keys, rf, ages = (list(field) for field in zip(*layers, strict=True))
+        if cached is not None:
+            rows.append(cached[0].reshape(-1, cached[0].shape[-1]))
+            keys.append(cached[1].reshape(-1, cached[1].shape[-1]))
+            ages.append(cached[2].reshape(-1))
+        bank = RowBank.of(torch.cat(rows), torch.cat(keys), torch.cat(ages))
+        starts = torch.tensor([0] + [len(r) for r, *_ in layers]).cumsum(0)
+        parts = [LayerLTM(bank, torch.arange(starts[i], starts[i + 1]), layers[i][1], layers[i][2]) for i in range(L)]
+        if cached is None:
+            cached = (None, keys[0].new_empty(L, 0, keys[0].shape[1]), None)
+        C = cached[1].shape[1]
+        entries = int(starts[-1]) + torch.arange(L * C).view(L, C)  # [L, C]: the cache follows the layers
+        return cls(bank, parts, entries, cached[1], update_step)
 
     @property
     def cache_size(self) -> int:
-        return self._cached_rows.length
+        return self._cached_entries.length
 
     def sizes(self) -> list[int]:
         return [len(layer) for layer in self.layers]
 
     # -- the bookkeeping of one injection (spec §6.3 (b)-(d)) --------------------------------------
     def age(self, tokens: int) -> None:
-        """Every LTM row and every row already cached gets `tokens` older (O(layers))."""
-        for layer in self.layers:
-            layer.add_age(tokens)
-        self._cache_age_offset += tokens
+        """Every LTM row and every row already cached gets `tokens` older (O(1))."""
+        self.bank.aged += tokens
 
     def cache_dropped(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
-        """Append one injection's dropped rows [L, k, d], their keys [L, k, s] and ages [L, k]."""
-        self._cached_rows.append(rows.to(self._cached_rows.storage.dtype).cpu())
+        """Enter one injection's dropped rows [L, k, d] into the bank and the cache, with their keys [L, k, s]
+        and ages [L, k]."""
+        L, k, _ = rows.shape
+        entries = self.bank.add(rows.reshape(L * k, -1), keys.reshape(L * k, -1), ages.reshape(-1)).view(L, k)
+        self._cached_entries.append(entries)
         self._cached_keys.append(keys.to(self._cached_keys.storage.dtype).cpu())
-        self._cached_ages.append(ages.to(torch.int64).cpu() - self._cache_age_offset)
 
     def merge(self, initial_rf: float, decay: float, min_survivors: int) -> None:
         """Move the cache into the LTM with recall frequency `initial_rf`, decay every row by `decay`,
         and prune rows at or below 0.01 unless `min_survivors` or fewer rows would remain, in which case
         the decay is undone and nothing is pruned (spec §6.4). Empties the cache. Costs O(cache + n)
-        scalar work per layer; rows move only when a prune is not of the oldest rows."""
+        scalar work per layer; ids move only when a prune is not of the oldest rows; rows never move."""
         C = self.cache_size
-        cached_rows, cached_keys, cached_ages = self.cached_rows, self.cached_keys, self.cached_ages
         for i, layer in enumerate(self.layers):
-            layer.append(
-                cached_rows[i], cached_keys[i], torch.full((C,), initial_rf, dtype=torch.float64), cached_ages[i]
-            )
+            rf_new = torch.full((C,), initial_rf, dtype=torch.float64)
+            layer.append_entries(self.cached_entries[i], self.cached_keys[i], rf_new)
             rf = layer.recall_frequencies  # a view: decays in place
             rf -= decay
             survivors = rf > PRUNE_AT_OR_BELOW
@@ -178,51 +276,40 @@ class LongTermMemory:
                 layer.keep(survivors)
             else:
                 rf += decay  # as the authors: subtract, then add back
-        for part in (self._cached_rows, self._cached_keys, self._cached_ages):
-            part.clear()
-        self._cache_age_offset = 0
+        self._cached_entries.clear()
+        self._cached_keys.clear()
         self.update_step = 0
 
     # -- retrieval support -----------------------------------------------------------------------
     def candidates(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [T, d], ages [T]) of candidates `index` [T], numbered LTM rows first, then cached rows."""
         ltm = self.layers[layer]
-        n = len(ltm)
-        from_ltm = index < n
-        rows = ltm.rows.new_empty(index.shape[0], ltm.rows.shape[1])
-        ages = torch.empty(index.shape[0], dtype=torch.int64)
-        rows[from_ltm], ages[from_ltm] = ltm.rows[index[from_ltm]], ltm.ages_at(index[from_ltm])
-        cached = index[~from_ltm] - n
-        rows[~from_ltm] = self.cached_rows[layer, cached].to(rows.dtype)
-        ages[~from_ltm] = self._cached_ages.value[layer, cached] + self._cache_age_offset
-        return rows, ages
+        n, from_ltm = len(ltm), index < len(ltm)
+        entries = torch.empty_like(index)
+        entries[from_ltm] = ltm.entries[index[from_ltm]]
+        entries[~from_ltm] = self.cached_entries[layer, index[~from_ltm] - n]
+        return self.bank.rows(entries), self.bank.ages(entries)
 
     # -- copies, casts, serialization ------------------------------------------------------------
     def clone(self) -> LongTermMemory:
-        return LongTermMemory(
-            layers=[layer.clone() for layer in self.layers],
-            cached_rows=self.cached_rows.clone(),
-            cached_keys=self.cached_keys.clone(),
-            cached_ages=self.cached_ages.clone(),
-            update_step=self.update_step,
-        )
+        bank = self.bank.clone()
+        layers = [layer.rebound(bank) for layer in self.layers]
+        return LongTermMemory(bank, layers, self.cached_entries.clone(), self.cached_keys.clone(), self.update_step)
+
+    def layer_tuples(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(rows, keys, recall frequencies, ages) per layer, rows gathered from the bank."""
+        return [(x.rows, x.keys, x.recall_frequencies, x.ages) for x in self.layers]
 
     def to(self, dtype: torch.dtype) -> LongTermMemory:
-        """This LTM with rows and keys cast to `dtype` (still on the CPU; other tensors are shared)."""
-        layers = [
-            LayerLTM(layer.rows.to(dtype), layer.keys.to(dtype), layer.recall_frequencies, layer.ages)
-            for layer in self.layers
-        ]
-        return LongTermMemory(
-            layers, self.cached_rows.to(dtype), self.cached_keys.to(dtype), self.cached_ages, self.update_step
-        )
+        """This LTM with rows and keys cast to `dtype` (still on the CPU), in a new bank of the live rows."""
+        layers = [(r.to(dtype), k.to(dtype), rf, a) for r, k, rf, a in self.layer_tuples()]
+        cached = (self.cached_rows.to(dtype), self.cached_keys.to(dtype), self.cached_ages)
+        return LongTermMemory.from_rows(layers, cached, self.update_step)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
-        for i, layer in enumerate(self.layers):
-            names = layer_keys(i)
-            values = (layer.rows, layer.keys, layer.recall_frequencies, layer.ages)
-            tensors |= {name: value.contiguous() for name, value in zip(names, values, strict=True)}
+        for i, values in enumerate(self.layer_tuples()):
+            tensors |= {name: value.contiguous() for name, value in zip(layer_keys(i), values, strict=True)}
         cache = (self.cached_rows, self.cached_keys, self.cached_ages)
         return tensors | {name: value.contiguous() for name, value in zip(CACHE_KEYS, cache, strict=True)}
 
@@ -231,17 +318,17 @@ class LongTermMemory:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
-        cached_rows, cached_keys, cached_ages = (tensors[name].cpu() for name in CACHE_KEYS)
-        layers = [LayerLTM(*(tensors[name].cpu() for name in layer_keys(i))) for i in range(cached_rows.shape[0])]
-        return cls(layers, cached_rows, cached_keys, cached_ages, int(meta["update_step"]))
+        cached = tuple(tensors[name].cpu() for name in CACHE_KEYS)
+        L = cached[0].shape[0]
+        layers = [tuple(tensors[name].cpu() for name in layer_keys(i)) for i in range(L)]
+        return cls.from_rows(layers, cached, int(meta["update_step"]))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The LTM in the authors' checkpoint layout: recall frequencies and ages as float32."""
         tensors = {}
-        for i, layer in enumerate(self.layers):
-            rows, keys, rf, ages = layer_keys(i)
-            tensors |= {rows: layer.rows, keys: layer.keys}
-            tensors |= {rf: layer.recall_frequencies.float(), ages: layer.ages.float()}
+        for i, (rows, keys, rf, ages) in enumerate(self.layer_tuples()):
+            names = layer_keys(i)
+            tensors |= {names[0]: rows, names[1]: keys, names[2]: rf.float(), names[3]: ages.float()}
         return tensors
 
     @classmethod
@@ -251,5 +338,5 @@ class LongTermMemory:
         layers = []
         for i in range(num_layers):
             rows, keys, rf, ages = (tensors[name].cpu() for name in layer_keys(i))
-            layers.append(LayerLTM(rows.to(dtype), keys.to(dtype), rf.to(torch.float64), ages.to(torch.int64)))
-        return cls.with_empty_cache(layers)
+            layers.append((rows.to(dtype), keys.to(dtype), rf.to(torch.float64), ages.to(torch.int64)))
+        return cls.from_rows(layers)

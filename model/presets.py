@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import config_from_hf
-from .ltm import LayerLTM, LongTermMemory
+from .ltm import LongTermMemory
 from .memory import MemoryState
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
@@ -103,8 +103,8 @@ def _initial_ltm(model: MPlus, generator: torch.Generator) -> LongTermMemory:
     for layer in range(model.cfg.num_layers):
         rows = torch.randn(n, d, generator=generator)  # [n, d]
         rf = torch.full((n,), TINY_MPLUS_INITIAL_RF, dtype=torch.float64)
-        layers.append(LayerLTM(rows, model.row_keys(layer, rows), rf, torch.zeros(n, dtype=torch.int64)))
-    return LongTermMemory.with_empty_cache(layers)
+        layers.append((rows, model.row_keys(layer, rows), rf, torch.zeros(n, dtype=torch.int64)))
+    return LongTermMemory.from_rows(layers)
 
 
 def build_preset(name: str, seed: int = 0) -> MemoryLLM:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MemoryKind, ModelConfig, rope_from_hf
-from .ltm import LayerLTM, LongTermMemory
+from .ltm import LongTermMemory
 from .memory import MemoryState, draw_permutations
 from .memoryllm import InjectResult, MemoryLLM
 from .mplus import Retrieval, order_oldest_first
@@ -184,13 +184,8 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         state = super().empty_state()
         L, d = self.cfg.num_layers, self.cfg.hidden_size
         state.memory_ages = torch.zeros(L, 0, dtype=torch.int64)
-        empty = LayerLTM(
-            rows=torch.empty(0, d, dtype=self.dtype),
-            keys=torch.empty(0, d, dtype=self.dtype),
-            recall_frequencies=torch.empty(0, dtype=torch.float64),  # unused: nothing decays or is pruned
-            ages=torch.empty(0, dtype=torch.int64),
-        )
-        state.ltm = LongTermMemory.with_empty_cache([empty.clone() for _ in range(L)])
+        rows, rf, ages = torch.empty(0, d, dtype=self.dtype), torch.empty(0, dtype=torch.float64), torch.empty(0)
+        state.ltm = LongTermMemory.from_rows([(rows, rows, rf, ages)] * L)  # rf unused: nothing decays or is pruned
         return state
 
     # -- retrieval -------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
             rank = best.argsort(descending=True).argsort()  # [blocks] 0 for the best block
             chosen = (rank[block] * n + torch.arange(n)).argsort()[:T]  # [T] rows of the best blocks, in order
         chosen = chosen[order_oldest_first(ages[chosen])]
-        return Retrieval(rows=ltm.rows[chosen], indices=chosen, scores=scores, num_ltm=n)
+        return Retrieval(rows=ltm.rows_at(chosen), indices=chosen, scores=scores, num_ltm=n)
 
     def prefix_length(self, state: MemoryState) -> int:
         """bos + retrieved LTM rows + STM rows (every layer's LTM has the same size: evictions are shared)."""

@@ -31,7 +31,7 @@ import torch
 
 import model as mp
 from model.layers import KVCache
-from model.ltm import LayerLTM, LongTermMemory
+from model.ltm import LayerLTM, LongTermMemory, RowBank
 from model.memory import new_generator
 from model.mplus import order_oldest_first
 from model.presets import TINY_CONFIG, TINY_MPLUS_CONFIG, UNTRAINED_LABEL, random_model
@@ -248,34 +248,42 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
     return model
 
 
-def random_ltm(model: mp.MPlus, rows: int, cached: int, seed: int = 0) -> LongTermMemory:
+def zero_rows(path: Path, count: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[count, width] zeros memory-mapped from a sparse file at `path`: no RAM or disk until pages are read."""
+    with open(path, "wb") as f:
+        f.truncate(count * width * dtype.itemsize)
+    return torch.from_file(str(path), shared=False, size=count * width, dtype=dtype).view(count, width)
+
+
+def random_ltm(model: mp.MPlus, rows: int, cached: int, directory: Path, seed: int = 0) -> LongTermMemory:
     """An LTM of `rows` rows per layer plus `cached` dropped rows awaiting the next merge, in the model
-    dtype on the CPU. Keys are random; rows tile one random block (their content does not change timings);
-    ages count down (oldest first); recall frequencies are high enough that no merge prunes."""
+    dtype on the CPU. Keys are random; the rows are zeros memory-mapped from a sparse file in `directory`
+    (their content does not change timings, and they are never all in RAM, as in a session); ages count
+    down (oldest first); recall frequencies are high enough that no merge prunes."""
     cfg, g = model.cfg, torch.Generator().manual_seed(seed)
     L, d, s, K, dtype = cfg.num_layers, cfg.hidden_size, cfg.selector_hidden_dim, cfg.num_tokens, model.dtype
-    block = torch.randn(min(rows + cached, 4096), d, generator=g).to(dtype)  # [b, d]
-
-    def tiled(n: int) -> torch.Tensor:  # [L, n, d]
-        return block.repeat(-(-n // block.shape[0]), 1)[:n].expand(L, n, d).contiguous()
-
-    all_rows, keys = tiled(rows), torch.randn(L, rows, s, generator=g).to(dtype)  # [L, n, d], [L, n, s]
-    rf, ages = torch.full((rows,), 1e6, dtype=torch.float64), torch.arange(rows, 0, -1) * K  # [n], [n]
-    layers = [LayerLTM(all_rows[i], keys[i], rf.clone(), ages.clone()) for i in range(L)]
-    cached_keys = torch.randn(L, cached, s, generator=g).to(dtype)  # [L, C, s]
-    cached_ages = torch.arange(cached, 0, -1).expand(L, cached).contiguous()  # [L, C]
-    return LongTermMemory(layers, tiled(cached), cached_keys, cached_ages, update_step=cached)
+    entries = L * (rows + cached)
+    bank_rows = zero_rows(directory / f"ltm-{rows}-{cached}.bin", entries, d, dtype)  # [E, d]
+    keys = torch.randn(entries, s, generator=g).to(dtype)  # [E, s]: the layers' rows, then the cache
+    ages = torch.cat([(torch.arange(rows, 0, -1) * K).repeat(L), torch.arange(cached, 0, -1).repeat(L)])  # [E]
+    bank = RowBank.of(bank_rows, keys, ages)
+    rf = torch.full((rows,), 1e6, dtype=torch.float64)
+    layers = [
+        LayerLTM(bank, torch.arange(i * rows, (i + 1) * rows), keys[i * rows : (i + 1) * rows], rf) for i in range(L)
+    ]
+    cache = L * rows + torch.arange(L * cached).view(L, cached)  # [L, C]
+    return LongTermMemory(bank, layers, cache, keys[L * rows :].view(L, cached, s), update_step=cached)
 
 
 def first_rows(ltm: LongTermMemory, n: int, cache: bool = False) -> LongTermMemory:
-    """The LTM cut to its first n rows per layer, with its cache (shared) or an empty one: rows and keys
-    are views (no copy), ages and recall frequencies copies (injections update them)."""
-    layers = [
-        LayerLTM(x.rows[:n], x.keys[:n], x.recall_frequencies[:n].clone(), x.ages[:n].clone()) for x in ltm.layers
-    ]
+    """The LTM cut to its first n rows per layer (same bank), with its cache (shared) or an empty one:
+    entries and keys are views (no copy), recall frequencies copies (merges decay them)."""
+    layers = [LayerLTM(ltm.bank, x.entries[:n], x.keys[:n], x.recall_frequencies[:n]) for x in ltm.layers]
     if cache:
-        return LongTermMemory(layers, ltm.cached_rows, ltm.cached_keys, ltm.cached_ages, ltm.update_step)
-    return LongTermMemory.with_empty_cache(layers)
+        return LongTermMemory(ltm.bank, layers, ltm.cached_entries, ltm.cached_keys, ltm.update_step)
+    L, s = len(layers), ltm.cached_keys.shape[-1]
+    empty = torch.empty(L, 0, dtype=torch.int64)
+    return LongTermMemory(ltm.bank, layers, empty, ltm.cached_keys.new_empty(L, 0, s))
 
 
 def with_ltm(model: mp.MPlus, ltm: LongTermMemory, seed: int = 0) -> mp.MemoryState:
@@ -572,7 +580,7 @@ def run(
                 figures += measure_ask(model, workload.prompt_tokens, workload.new_tokens, repeats)
             if cfg.kind == "mplus":
                 log(f"mplus: an LTM of {sizes[-1]} rows/layer")
-                ltm = random_ltm(model, sizes[-1], cached=cfg.num_tokens * (cfg.update_ltm_frequency // 2))
+                ltm = random_ltm(model, sizes[-1], cfg.num_tokens * (cfg.update_ltm_frequency // 2), Path(tmp))
                 if model.initial_state.ltm is None:  # a random model: sessions start with the smallest LTM
                     model.initial_state.ltm = first_rows(ltm, sizes[0]).clone()
                 log("mplus: LTM retrieval")

@@ -47,19 +47,31 @@ def test_generate_gives_the_same_tokens_with_and_without_the_memory_kv_cache(tin
     assert cold == warm == mp.generate(tiny, state, prompt, settings, reuse_memory_kv=False).token_ids
 
 
-def test_authors_retrieval_picks_the_same_rows(tiny_mplus):
-    ltm = sp.random_ltm(tiny_mplus, rows=200, cached=24)
+def test_authors_retrieval_picks_the_same_rows(tiny_mplus, tmp_path):
+    ltm = sp.random_ltm(tiny_mplus, rows=200, cached=24, directory=tmp_path)
+    bank_rows = ltm.bank.parts[0][0]
+    bank_rows.copy_(torch.randn(bank_rows.shape, generator=torch.Generator().manual_seed(1)))  # distinct rows
     state = sp.with_ltm(tiny_mplus, sp.first_rows(ltm, 150, cache=True))
     h = torch.randn(7, tiny_mplus.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in range(tiny_mplus.cfg.num_layers):
         assert torch.equal(sp.authors_retrieve(tiny_mplus, layer, state, h), tiny_mplus.retrieve(layer, state, h).rows)
 
 
-def test_first_rows_views_the_ltm_without_copying(tiny_mplus):
-    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16)
+def test_first_rows_views_the_ltm_without_copying(tiny_mplus, tmp_path):
+    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16, directory=tmp_path)
     cut = sp.first_rows(ltm, 40)
-    assert cut.sizes() == [40, 40] and cut.cache_size == 0
-    assert cut.layers[0].rows.data_ptr() == ltm.layers[0].rows.data_ptr()
+    assert cut.sizes() == [40, 40] and cut.cache_size == 0 and cut.bank is ltm.bank
+    for a, b in zip(cut.layers, ltm.layers, strict=True):
+        assert a.keys.data_ptr() == b.keys.data_ptr() and a.entries.data_ptr() == b.entries.data_ptr()
+        assert torch.equal(a.entries, b.entries[:40])
+
+
+def test_the_random_ltm_rows_stay_on_disk_until_read(tiny_mplus, tmp_path):
+    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16, directory=tmp_path)
+    (path,) = tmp_path.iterdir()
+    L, d = tiny_mplus.cfg.num_layers, tiny_mplus.cfg.hidden_size
+    assert path.stat().st_size == L * 116 * d * 4 and path.stat().st_blocks == 0  # sparse: nothing written
+    assert not ltm.layers[1].rows.any() and ltm.cached_ages[0].tolist() == list(range(16, 0, -1))
 
 
 def test_bytes_written_counts_appends_and_replacements(tmp_path):

@@ -8,7 +8,7 @@ from conftest import FIXTURES, token_ids
 from safetensors.torch import load_file, save_file
 
 import model as mp
-from model.ltm import LayerLTM, LongTermMemory
+from model.ltm import LongTermMemory
 from model.mplus import order_oldest_first
 from model.parity import replay
 
@@ -34,8 +34,9 @@ def hand_ltm(rf: list[float], cached: int, d: int = 4, s: int = 3) -> LongTermMe
     """A one-layer LTM with len(rf) rows (row i filled with i) and `cached` cached rows (100 + j)."""
     n = len(rf)
     rows = torch.arange(n, dtype=torch.float32)[:, None].expand(n, d).clone()
-    layer = LayerLTM(rows, rows[:, :s].clone(), torch.tensor(rf, dtype=torch.float64), torch.arange(n))
-    ltm = LongTermMemory.with_empty_cache([layer])
+    ltm = LongTermMemory.from_rows(
+        [(rows, rows[:, :s].clone(), torch.tensor(rf, dtype=torch.float64), torch.arange(n))]
+    )
     cache = 100 + torch.arange(cached, dtype=torch.float32)[None, :, None]  # [1, C, 1]
     ltm.cache_dropped(cache.expand(1, cached, d), cache.expand(1, cached, s), torch.full((1, cached), 7))
     return ltm
@@ -136,9 +137,7 @@ def test_retrieval_picks_the_highest_scoring_candidates_oldest_first(tiny, state
     keys = alpha[:, None] * u  # [n + C, s]
     ages = torch.randperm(n + C, generator=g)  # distinct ages
     rows = torch.randn(n + C, d, generator=g)
-    ltm = LongTermMemory.with_empty_cache(
-        [LayerLTM(rows[:n], keys[:n], torch.ones(n, dtype=torch.float64), ages[:n]) for _ in range(2)]
-    )
+    ltm = LongTermMemory.from_rows([(rows[:n], keys[:n], torch.ones(n, dtype=torch.float64), ages[:n])] * 2)
     ltm.cache_dropped(rows[None, n:].expand(2, C, d), keys[None, n:].expand(2, C, -1), ages[None, n:].expand(2, C))
     state.ltm = ltm
 
@@ -161,9 +160,12 @@ def test_tiled_path_repeats_a_small_ltm_and_ignores_the_cache(tiny, state):
     assert T == 32
     inject_n(tiny, state, 1)  # a non-empty cache
     assert state.ltm.cache_size > 0
-    small = state.ltm.layers[0].select(torch.arange(len(state.ltm.layers[0])) < 5)
-    small.ages = torch.tensor([40, 30, 20, 10, 0])
-    state.ltm.layers[0] = small
+    ltm = state.ltm
+    layers = ltm.layer_tuples()
+    rows, keys, rf, _ = (x[:5] for x in layers[0])
+    layers[0] = (rows, keys, rf, torch.tensor([40, 30, 20, 10, 0]))
+    state.ltm = LongTermMemory.from_rows(layers, (ltm.cached_rows, ltm.cached_keys, ltm.cached_ages), ltm.update_step)
+    small = state.ltm.layers[0]
     r = tiny.retrieve(0, state, torch.randn(3, tiny.cfg.hidden_size))
     assert r.scores is None
     # [0..4] repeated 7 times, last 32 kept: rows 0-2 six times, rows 3-4 seven times; oldest (row 0) first
@@ -190,8 +192,7 @@ def test_retrieval_happens_once_per_layer_at_the_prefill(tiny, state):
 def test_retrieval_changes_the_answer(tiny, state):
     question = token_ids(6, seed=5)
     before = tiny(question[None], state).logits
-    for part in state.ltm.layers:
-        part.rows.mul_(-1)
+    state.ltm = LongTermMemory.from_rows([(-rows, keys, rf, ages) for rows, keys, rf, ages in state.ltm.layer_tuples()])
     assert not torch.allclose(before, tiny(question[None], state).logits)
 
 
@@ -323,7 +324,7 @@ def test_mplus_scenarios_match_the_reference(scenario):
 def test_merge_decays_and_prunes_without_touching_the_callers_tensors():
     rf = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     rows = torch.arange(3, dtype=torch.float32)[:, None].expand(3, 4).clone()
-    ltm = LongTermMemory.with_empty_cache([LayerLTM(rows, rows[:, :2].clone(), rf, torch.zeros(3, dtype=torch.int64))])
+    ltm = LongTermMemory.from_rows([(rows, rows[:, :2].clone(), rf, torch.zeros(3, dtype=torch.int64))])
     ltm.cache_dropped(torch.full((1, 2, 4), 9.0), torch.full((1, 2, 2), 9.0), torch.tensor([[4, 5]]))
     ltm.age(3)
     ltm.merge(initial_rf=10.0, decay=1.0, min_survivors=1)  # the two oldest rows (rf 0.5, 1.0) are pruned
