@@ -26,6 +26,24 @@ def layer_keys(layer: int) -> tuple[str, str, str, str]:
     return f"ltm.{layer}", f"ltm_keys.{layer}", f"ltm_recall_frequencies.{layer}", f"ltm_ages.{layer}"
 
 
+def runs_of(ids: torch.Tensor) -> torch.Tensor:
+    """[R, 2] (first id, length) of the maximal runs of consecutive ids in ids [n]."""
+    if ids.numel() == 0:
+        return torch.empty(0, 2, dtype=torch.int64)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1] + 1
+    where = torch.nonzero(starts)[:, 0]  # [R]
+    lengths = torch.diff(where, append=torch.tensor([ids.numel()]))
+    return torch.stack([ids[where], lengths], dim=1)
+
+
+def from_runs(runs: torch.Tensor) -> torch.Tensor:
+    """The ids [n] of runs [R, 2] (first id, length)."""
+    first, lengths = runs[:, 0], runs[:, 1]
+    offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.repeat_interleave(first, lengths) + offsets
+
+
 class Growing:
     """A tensor that grows at the end of dimension `dim` in over-allocated storage (amortized O(new) appends)
     and can lose its first rows in O(1), so merges and prunes never copy the whole long-term memory."""
@@ -86,6 +104,11 @@ class RowBank:
     def dtype(self) -> torch.dtype:
         return self.parts[0][0].dtype
 
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(d, s): the widths of a row and of a key."""
+        return self.parts[0][0].shape[1], self.parts[0][1].shape[1]
+
     def add(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         """Append entries (rows [m, d], keys [m, s], current ages [m]); returns their ids [m]."""
         first = len(self)
@@ -119,6 +142,15 @@ class RowBank:
         if start < 0:
             raise ValueError(f"entries below {self.offsets[-1]} are not in the tail")
         return tuple(part.value[start:] for part in self.tail)
+
+    def frozen(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Read-only parts holding entries 0..count-1 (views: no copy), for a bank that extends them."""
+        sources = self.parts + [tuple(part.value for part in self.tail)]
+        parts = []
+        for part, start in zip(sources, self.offsets + [len(self)], strict=False):
+            if start < count:
+                parts.append(tuple(x[: count - start] for x in part))
+        return parts or [tuple(x[:0] for x in self.parts[0])]
 
     def clone(self) -> RowBank:
         """A bank sharing the read-only parts, with its own copy of the tail."""
@@ -210,7 +242,7 @@ class LongTermMemory:
     def cached_rows(self) -> torch.Tensor:
         """[L, C, d] gathered from the bank (a copy)."""
         L, C = self.cached_entries.shape
-        return self.bank.rows(self.cached_entries.reshape(-1)).view(L, C, self.bank.parts[0][0].shape[1])
+        return self.bank.rows(self.cached_entries.reshape(-1)).view(L, C, self.bank.widths[0])
 
     @property
     def cached_ages(self) -> torch.Tensor:
@@ -316,12 +348,40 @@ class LongTermMemory:
     def to_meta(self) -> dict[str, Any]:
         return {"update_step": self.update_step, "sizes": self.sizes(), "cached_rows": self.cache_size}
 
+    def layout_meta(self) -> dict[str, Any]:
+        """to_meta() plus the bank's clock and size, which `layout()` needs to be read back."""
+        return self.to_meta() | {"aged": self.bank.aged, "entries": len(self.bank)}
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
         cached = tuple(tensors[name].cpu() for name in CACHE_KEYS)
         L = cached[0].shape[0]
         layers = [tuple(tensors[name].cpu() for name in layer_keys(i)) for i in range(L)]
         return cls.from_rows(layers, cached, int(meta["update_step"]))
+
+    def layout(self) -> dict[str, torch.Tensor]:
+        """Everything but the bank, compactly: per layer the runs of its entry ids and its recall
+        frequencies run-length encoded, and the runs of the cache's entry ids. O(runs), not O(rows):
+        entries come in blocks of consecutive ids and one merge gives its rows one recall frequency."""
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            values, counts = torch.unique_consecutive(layer.recall_frequencies, return_counts=True)
+            tensors |= {f"ltm_runs.{i}": runs_of(layer.entries), f"ltm_rf.{i}": values, f"ltm_rf_counts.{i}": counts}
+            tensors[f"cache_runs.{i}"] = runs_of(self.cached_entries[i])
+        return tensors
+
+    @classmethod
+    def from_layout(cls, bank: RowBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
+        """The LTM of `layout()` tensors over `bank`; keys are gathered from the bank, rows are not read."""
+        L = len(meta["sizes"])
+        layers = []
+        for i in range(L):
+            entries = from_runs(tensors[f"ltm_runs.{i}"])
+            rf = tensors[f"ltm_rf.{i}"].repeat_interleave(tensors[f"ltm_rf_counts.{i}"])
+            layers.append(LayerLTM(bank, entries, bank.keys(entries), rf))
+        cached = torch.stack([from_runs(tensors[f"cache_runs.{i}"]) for i in range(L)])  # [L, C]
+        cached_keys = bank.keys(cached.reshape(-1)).view(*cached.shape, bank.widths[1])
+        return cls(bank, layers, cached, cached_keys, int(meta["update_step"]))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The LTM in the authors' checkpoint layout: recall frequencies and ages as float32."""

@@ -107,8 +107,14 @@ class MemoryState:
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device | str = "cpu"
+        cls,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        device: torch.device | str = "cpu",
+        ltm: LongTermMemory | None = None,
     ) -> MemoryState:
+        """The state of `to_tensors()` and `to_meta()`; an M+ state's `ltm` may be given instead (a session
+        keeps it elsewhere)."""
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown memory-state format {meta.get('format')!r} (expected {STATE_FORMAT})")
         generator = torch.Generator(device="cpu")
@@ -120,7 +126,7 @@ class MemoryState:
             injections=int(meta["injections"]),
             tokens_injected=int(meta["tokens_injected"]),
             memory_ages=tensors.get("memory_ages"),
-            ltm=LongTermMemory.from_tensors(tensors, meta["ltm"]) if "ltm" in meta else None,
+            ltm=LongTermMemory.from_tensors(tensors, meta["ltm"]) if ltm is None and "ltm" in meta else ltm,
         )
 
     def save(self, directory: str | Path) -> None:

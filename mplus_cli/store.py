@@ -9,16 +9,23 @@ A session is a directory under the store root:
     log.jsonl                append-only injection log, one JSON line per injected source
     index-NNNNNN.safetensors the live rows of commit NNNNNN: `ids` [L, N] int64 (id < N: row id of the
                              model's initial memory of that layer, never copied here; id >= N: row
-                             id - N of rows.bin viewed as [R, d]) and the drop generator's state
+                             id - N of rows.bin viewed as [R, d]) and the drop generator's state;
+                             M+: the short-term rows' ages and the LTM's layout (below)
+    ltm_rows.bin, ltm_keys.bin, ltm_births.bin
+                             M+ only, append-only: the LTM's bank entries past the model's initial LTM
+                             (every row that entered the LTM or its cache: row [d], retrieval key [s],
+                             birth int64), in bank order
     lock                     flock'ed by the one writer
 
-An inject therefore writes its new rows plus an index of L*N ids, never the pool. M+ sessions also keep
-the short-term row ages and the long-term memory (with its dropped-row cache) in the index file: a known
-O(LTM) write per commit, to be replaced by append-only LTM rows later.
+An inject therefore writes its new rows plus an index of L*N ids, never the pool. An M+ inject also
+appends the rows it dropped into the LTM (so those rows are stored twice: once as new rows, once as
+LTM entries) and writes the LTM's layout: per layer the runs of consecutive entry ids of its rows and
+its recall frequencies run-length encoded (see LongTermMemory.layout), O(runs), never the LTM itself.
+Loading memory-maps the entry files: keys are read, rows only when a question retrieves them.
 
-A commit appends rows and log (fsync), writes the new index (fsync, rename), then replaces the manifest
-(temp file, fsync, os.replace). Bytes past the committed lengths belong to an interrupted commit: they
-are ignored and truncated before the next append. Readers only follow the committed manifest.
+A commit appends rows, log and LTM entries (fsync), writes the new index (fsync, rename), then replaces
+the manifest (temp file, fsync, os.replace). Bytes past the committed lengths belong to an interrupted
+commit: they are ignored and truncated before the next append. Readers only follow the committed manifest.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 import model as mp
+from model.ltm import LongTermMemory, RowBank
 
 from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MANIFEST, ROWS, LOG, LOCK = "manifest.json", "rows.bin", "log.jsonl", "lock"
+LTM_FILES = ("ltm_rows.bin", "ltm_keys.bin", "ltm_births.bin")  # M+: bank entries' rows, keys, births
 LOCK_TIMEOUT_S = 5.0
 INDEX_RETRIES = 5  # a reader retries when a writer retired the index it was about to read
 
@@ -103,6 +112,15 @@ def append_after(path: Path, committed: int, data: bytes | memoryview) -> int:
     finally:
         os.close(fd)
     return committed + len(data)
+
+
+def mapped(path: Path, count: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first `count` rows [count, width] (or [count] for width 0) of `path`, memory-mapped: pages are
+    read only when indexed."""
+    shape = (count, width) if width else (count,)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_file(str(path), shared=False, size=count * max(width, 1), dtype=dtype).view(shape)
 
 
 def read_prefix(path: Path, length: int) -> bytes:
@@ -193,10 +211,8 @@ class Session:
     # -- reading -------------------------------------------------------------------------------------
     def rows(self, row_width: int, dtype: torch.dtype) -> torch.Tensor:
         """The committed appended rows [R, d], memory-mapped (pages are read only when indexed)."""
-        count = self.manifest["rows"]["bytes"] // dtype.itemsize
-        if count == 0:
-            return torch.empty(0, row_width, dtype=dtype)
-        return torch.from_file(str(self.directory / ROWS), shared=False, size=count, dtype=dtype).view(-1, row_width)
+        count = self.manifest["rows"]["bytes"] // (dtype.itemsize * row_width)
+        return mapped(self.directory / ROWS, count, row_width, dtype)
 
     def index(self) -> dict[str, torch.Tensor]:
         return load_file(self.directory / self.manifest["index"])
@@ -218,9 +234,28 @@ class Session:
     def build_state(self, model: mp.MemoryLLM, index: dict[str, torch.Tensor]) -> mp.MemoryState:
         initial = model.initial_state.memory
         rows = self.rows(initial.shape[-1], initial.dtype)
-        tensors = {k: v for k, v in index.items() if k != "ids"}
-        tensors["memory"] = gather_rows(index["ids"], initial, rows)
-        return mp.MemoryState.from_tensors(tensors, self.manifest["state"], device=initial.device)
+        tensors = {"memory": gather_rows(index["ids"], initial, rows), "generator_state": index["generator_state"]}
+        meta = self.manifest["state"]
+        if "ltm" not in meta:
+            return mp.MemoryState.from_tensors(tensors, meta, device=initial.device)
+        ltm = LongTermMemory.from_layout(self.ltm_bank(model), index, meta["ltm"])
+        tensors["memory_ages"] = index["memory_ages"]
+        return mp.MemoryState.from_tensors(tensors, meta, device=initial.device, ltm=ltm)
+
+    def ltm_bank(self, model: mp.MemoryLLM) -> RowBank:
+        """The M+ bank: the model's initial LTM entries (never copied here), then the committed entry
+        files, memory-mapped."""
+        bank, info = model.initial_state.ltm.bank, self.manifest["ltm"]
+        if len(bank) != info["initial_entries"]:
+            raise MplusError(
+                f"session {self.name!r} was created with {info['initial_entries']} initial LTM rows, the model has "
+                f"{len(bank)}: use the model it was created with"
+            )
+        (d, s), count = bank.widths, info["entries"]
+        names = [self.directory / name for name in LTM_FILES]
+        files = (mapped(names[0], count, d, bank.dtype), mapped(names[1], count, s, bank.parts[0][1].dtype))
+        part = (*files, mapped(names[2], count, 0, torch.int64))
+        return RowBank([*bank.frozen(len(bank)), part], aged=self.manifest["state"]["ltm"]["aged"])
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
@@ -276,8 +311,12 @@ class Writer:
         manifest["rows"] = manifest["rows"] | {"bytes": append_after(directory / ROWS, manifest["rows"]["bytes"], rows)}
         log_bytes = append_after(directory / LOG, manifest["log"]["bytes"], log)
         manifest["log"] = {"bytes": log_bytes, "entries": manifest["log"]["entries"] + len(self.pending_log)}
+        meta = state.to_meta()
+        if state.ltm is not None:
+            manifest["ltm"] = append_ltm_entries(directory, manifest["ltm"], state.ltm.bank)
+            meta["ltm"] = state.ltm.layout_meta()
         write_atomic(directory / index_name, safetensors_bytes(index_tensors(state, self.ids)))
-        manifest |= {"commit": commit, "index": index_name, "state": state.to_meta(), "updated": now()}
+        manifest |= {"commit": commit, "index": index_name, "state": meta, "updated": now()}
         manifest["chunks"] = manifest["chunks"] + len(self.pending_rows)
         write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
         retire_indexes(directory, keep={index_name, session.manifest["index"]})
@@ -286,10 +325,28 @@ class Writer:
         return self.session
 
 
+def append_ltm_entries(directory: Path, info: dict[str, Any], bank: RowBank) -> dict[str, Any]:
+    """Append the bank entries added since the last commit to the entry files; the new `ltm` manifest entry."""
+    committed = info["initial_entries"] + info["entries"]
+    new = bank.added_since(committed)  # rows [m, d], keys [m, s], births [m]
+    for (name, nbytes), tensor in zip(entry_bytes(info), new, strict=True):
+        append_after(directory / name, nbytes, tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return info | {"entries": info["entries"] + new[0].shape[0]}
+
+
+def entry_bytes(info: dict[str, Any]) -> list[tuple[str, int]]:
+    """(file, committed bytes) of the entry files."""
+    sizes = (info["row_bytes"], info["key_bytes"], 8)
+    return [(name, info["entries"] * size) for name, size in zip(LTM_FILES, sizes, strict=True)]
+
+
 def index_tensors(state: mp.MemoryState, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What a commit's index file holds: the live ids and everything of the state but the memory rows."""
-    tensors = {k: v.cpu() for k, v in state.to_tensors().items() if k != "memory"}
-    return tensors | {"ids": ids.contiguous()}
+    """What a commit's index file holds: the live ids, the drop generator, and for M+ the short-term ages
+    and the LTM layout."""
+    tensors = {"ids": ids.contiguous(), "generator_state": state.generator.get_state()}
+    if state.ltm is not None:
+        tensors |= {"memory_ages": state.memory_ages.contiguous()} | state.ltm.layout()
+    return tensors
 
 
 def retire_indexes(directory: Path, keep: set[str]) -> None:
@@ -321,7 +378,7 @@ def create_session(root: Path, name: str, model: mp.MemoryLLM, model_ref: dict[s
     ids = torch.arange(N).repeat(L, 1)
     index_name = "index-000000.safetensors"
     write_atomic(tmp / index_name, safetensors_bytes(index_tensors(state, ids)))
-    for filename in (ROWS, LOG, LOCK):
+    for filename in (ROWS, LOG, LOCK) + (LTM_FILES if state.ltm is not None else ()):
         (tmp / filename).touch()
     manifest = {
         "format": STORE_FORMAT,
@@ -337,6 +394,16 @@ def create_session(root: Path, name: str, model: mp.MemoryLLM, model_ref: dict[s
         "index": index_name,
         "state": state.to_meta(),
     }
+    if state.ltm is not None:
+        bank = state.ltm.bank
+        (d, s), (rows, keys, _) = bank.widths, bank.parts[0]
+        manifest["ltm"] = {
+            "initial_entries": len(bank),
+            "entries": 0,
+            "row_bytes": d * rows.dtype.itemsize,
+            "key_bytes": s * keys.dtype.itemsize,
+        }
+        manifest["state"]["ltm"] = state.ltm.layout_meta()
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     try:
         os.rename(tmp, target)
@@ -364,8 +431,10 @@ def fork_session(root: Path, name: str, new_name: str) -> Session:
         tmp = root / f".{new_name}.fork-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for filename, key in ((ROWS, "rows"), (LOG, "log")):
-            (tmp / filename).write_bytes(read_prefix(source.directory / filename, source.manifest[key]["bytes"]))
+        lengths = [(ROWS, source.manifest["rows"]["bytes"]), (LOG, source.manifest["log"]["bytes"])]
+        lengths += entry_bytes(source.manifest["ltm"]) if "ltm" in source.manifest else []
+        for filename, nbytes in lengths:
+            (tmp / filename).write_bytes(read_prefix(source.directory / filename, nbytes))
         shutil.copyfile(source.directory / source.manifest["index"], tmp / source.manifest["index"])
     (tmp / LOCK).touch()
     manifest = source.manifest | {"name": new_name, "forked_from": name, "updated": now()}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import model as mp
+from model.ltm import RowBank
 from mplus_cli import store as st
 from mplus_cli.app import summary
 from mplus_cli.errors import ConflictError, UsageError
@@ -139,6 +140,45 @@ def test_bytes_written_per_inject_stay_proportional_to_new_rows(tmp_path, models
     assert written[30] < new_rows + pool // 4
 
 
+def test_mplus_bytes_written_per_inject_stay_proportional_to_new_rows_as_the_ltm_grows(tmp_path, models):
+    """An M+ inject appends its new rows and the rows it dropped into the LTM (entries: row, key, birth);
+    the index holds only the LTM's layout, so writes stay flat while merges grow the LTM tenfold."""
+    lm = models["tiny-mplus"]
+    cfg = lm.cfg
+    L, K, d, s = cfg.num_layers, cfg.num_tokens, cfg.hidden_size, cfg.selector_hidden_dim
+    session = new_session(tmp_path, lm)
+    written, ltm_rows = [], []
+    for i in range(31):
+        before = tree_bytes(session.directory)
+        session = inject(session, lm, [chunk(32, i)])
+        after = tree_bytes(session.directory)
+        growth = {name: after[name] - before[name] for name in (st.ROWS, st.LOG, *st.LTM_FILES)}
+        assert growth[st.ROWS] == L * K * d * 4
+        assert growth["ltm_rows.bin"] + growth["ltm_keys.bin"] + growth["ltm_births.bin"] == L * K * (4 * d + 4 * s + 8)
+        written.append(sum(growth.values()) + after[session.manifest["index"]] + after[st.MANIFEST])
+        ltm_rows.append(sum(session.manifest["state"]["ltm"]["sizes"]))
+    whole_ltm = ltm_rows[30] * (4 * d + 4 * s + 16)
+    print(f"\nM+ bytes per inject: after 1: {written[1]}, after 30: {written[30]}; LTM rows: {ltm_rows[1::29]}")
+    assert ltm_rows[30] >= 8 * ltm_rows[1]
+    assert written[30] <= 1.15 * written[1] and written[30] < whole_ltm / 2
+
+
+def test_loading_an_mplus_session_reads_no_ltm_rows(tmp_path, models, monkeypatch):
+    lm = models["tiny-mplus"]
+    session = inject(new_session(tmp_path, lm), lm, [chunk(32, i) for i in range(6)])  # merged, with a cache
+    expected = session.load_state(lm)
+    real_rows = RowBank.rows
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("LTM rows were read")
+
+    monkeypatch.setattr(RowBank, "rows", no_rows)
+    state = st.Session.open(tmp_path, "s").load_state(lm)
+    monkeypatch.setattr(RowBank, "rows", real_rows)
+    assert state.ltm.cache_size > 0 and sum(state.ltm.sizes()) > 0
+    assert_same_state(state, expected)
+
+
 def test_a_second_writer_waits_then_gets_a_conflict(tmp_path, models):
     session = new_session(tmp_path, models["tiny"])
     with session.writer():
@@ -162,10 +202,11 @@ def test_fork_copies_the_committed_state_and_rm_removes(tmp_path, models):
     assert st.list_sessions(tmp_path) == ["s"]
 
 
-def test_sigkill_at_any_moment_leaves_the_before_or_the_after_state(tmp_path, models):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mplus"])
+def test_sigkill_at_any_moment_leaves_the_before_or_the_after_state(tmp_path, models, preset):
     """20 times: fork a process that injects, SIGKILL it at a random moment; the session opens at the state
     before or after that inject."""
-    lm = models["tiny"]
+    lm = models[preset]
     new_session(tmp_path, lm)
     chunks = [chunk(200, 100 + i) for i in range(3)]  # 3 chunks: kills land in compute and in commit
 
