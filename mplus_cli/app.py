@@ -6,13 +6,10 @@ model mismatch), 130 interrupted. Expected errors print one line; `mplus --debug
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,10 +21,23 @@ import model as mp
 from model.tokenizer import decode, encode
 
 from . import store as st
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from .bench import bench_app
+from .common import (
+    OPTIONS,
+    JsonOpt,
+    ModelOpt,
+    SessionOpt,
+    StoreOpt,
+    TokenizerOpt,
+    emit,
+    handle_errors,
+    note_label,
+    say,
+    stop_ids,
+)
+from .errors import ConflictError, MplusError, NotFoundError, UsageError
 from .inputs import chunk_ids, read_source
 from .models import (
-    DEFAULT_MODEL,
     binding,
     check_memory,
     check_requested,
@@ -46,25 +56,6 @@ app = typer.Typer(
 session_app = typer.Typer(help="List, show, remove and fork stored sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
 
-OPTIONS = {"debug": False}
-
-SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
-StoreOpt = Annotated[
-    Path | None, typer.Option("--store", help="Store root (default: $MPLUS_HOME, else ~/.cache/mplus/sessions).")
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        help=f"Built-in model, checkpoint directory or hub id (default: $MPLUS_MODEL, else {DEFAULT_MODEL}).",
-    ),
-]
-TokenizerOpt = Annotated[
-    str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
-
 
 @app.callback()
 def main_options(
@@ -73,50 +64,12 @@ def main_options(
     OPTIONS["debug"] = debug
 
 
-def say(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def emit(document: dict[str, Any]) -> None:
-    typer.echo(json.dumps(document, indent=1))
-
-
-def handle_errors(command: Callable) -> Callable:
-    """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except KeyboardInterrupt:
-            say("mplus: interrupted; the session keeps its last committed state")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception as e:
-            code = e.exit_code if isinstance(e, MplusError) else EXIT_FAILURE
-            message = str(e) if isinstance(e, MplusError) else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
-            if OPTIONS["debug"]:
-                traceback.print_exc()
-            say(f"mplus: error: {message}")
-            if kwargs.get("as_json"):
-                emit({"error": message, "exit_code": code})
-            raise typer.Exit(code) from None
-
-    return wrapper
-
-
 def store_root(option: Path | None) -> Path:
     return option or st.default_root()
 
 
 def open_session(store: Path | None, name: str) -> st.Session:
     return st.Session.open(store_root(store), name)
-
-
-def note_label(model: mp.MemoryLLM) -> None:
-    if model.info.get("label"):
-        say(f"note: model is {model.info['label']}")
 
 
 # -- inject ---------------------------------------------------------------------------------------
@@ -213,14 +166,6 @@ def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool) -> list[int]:
     ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     bos = lm.tokenizer.bos_token_id
     return ids[1:] if ids and bos is not None and ids[0] == bos else ids
-
-
-def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:
-    eos = lm.cfg.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if lm.tokenizer.eos_token_id is not None:
-        ids.add(lm.tokenizer.eos_token_id)
-    return tuple(sorted(ids))
 
 
 class Streamer:
@@ -476,9 +421,6 @@ def session_fork(
     else:
         typer.echo(f"forked session {name!r} into {forked.name!r}")
 
-
-# -- bench (in bench.py, which uses the helpers above) --------------------------------------------
-from .bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 

@@ -21,14 +21,12 @@ from tasks import results as res
 from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
+from .common import JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids
 from .errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from .models import load_model, model_id, requested_model
+from .speed import speed
 
-# defined before importing app.py, which adds it to the `mplus` app: either module may be imported first
 bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
-
-from .app import JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids  # noqa: E402
-from .speed import speed  # noqa: E402
 
 RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "decoding")
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")

@@ -13,7 +13,7 @@ from rich.table import Table
 import model as mp
 from tasks import speed as sp
 
-from .app import JsonOpt, emit, handle_errors, say
+from .common import JsonOpt, emit, handle_errors, say
 from .errors import MplusError, NotFoundError, UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

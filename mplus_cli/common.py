@@ -1,0 +1,83 @@
+"""What every `mplus` command shares: option types, stderr/stdout helpers and the error handler that
+turns expected errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import model as mp
+
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, MplusError
+from .models import DEFAULT_MODEL
+
+OPTIONS = {"debug": False}
+
+SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="Store root (default: $MPLUS_HOME, else ~/.cache/mplus/sessions).")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=f"Built-in model, checkpoint directory or hub id (default: $MPLUS_MODEL, else {DEFAULT_MODEL}).",
+    ),
+]
+TokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
+
+
+def say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def emit(document: dict[str, Any]) -> None:
+    typer.echo(json.dumps(document, indent=1))
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            say("mplus: interrupted; the session keeps its last committed state")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            code = e.exit_code if isinstance(e, MplusError) else EXIT_FAILURE
+            message = str(e) if isinstance(e, MplusError) else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
+            if OPTIONS["debug"]:
+                traceback.print_exc()
+            say(f"mplus: error: {message}")
+            if kwargs.get("as_json"):
+                emit({"error": message, "exit_code": code})
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def note_label(model: mp.MemoryLLM) -> None:
+    if model.info.get("label"):
+        say(f"note: model is {model.info['label']}")
+
+
+def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:
+    eos = lm.cfg.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(lm.tokenizer.eos_token_id)
+    return tuple(sorted(ids))
