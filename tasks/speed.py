@@ -256,23 +256,31 @@ def zero_rows(path: Path, count: int, width: int, dtype: torch.dtype) -> torch.T
 
 
 def random_ltm(model: mp.MPlus, rows: int, cached: int, directory: Path, seed: int = 0) -> LongTermMemory:
-    """An LTM of `rows` rows per layer plus `cached` dropped rows awaiting the next merge, in the model
-    dtype on the CPU. Keys are random; the rows are zeros memory-mapped from a sparse file in `directory`
-    (their content does not change timings, and they are never all in RAM, as in a session); ages count
-    down (oldest first); recall frequencies are high enough that no merge prunes."""
+    """An LTM of `rows` rows per layer plus `cached` dropped rows awaiting the next merge, laid out as
+    injections leave it: entries in blocks of K per layer and injection (bank order: injection, layer,
+    row), one recall frequency per merge of update_ltm_frequency injections, high enough that nothing is
+    pruned; ages count down (oldest first). Keys are random; the rows are zeros memory-mapped from a
+    sparse file in `directory` (their content does not change timings; as in a session, they are never
+    all in RAM)."""
     cfg, g = model.cfg, torch.Generator().manual_seed(seed)
     L, d, s, K, dtype = cfg.num_layers, cfg.hidden_size, cfg.selector_hidden_dim, cfg.num_tokens, model.dtype
-    entries = L * (rows + cached)
-    bank_rows = zero_rows(directory / f"ltm-{rows}-{cached}.bin", entries, d, dtype)  # [E, d]
-    keys = torch.randn(entries, s, generator=g).to(dtype)  # [E, s]: the layers' rows, then the cache
-    ages = torch.cat([(torch.arange(rows, 0, -1) * K).repeat(L), torch.arange(cached, 0, -1).repeat(L)])  # [E]
-    bank = RowBank.of(bank_rows, keys, ages)
-    rf = torch.full((rows,), 1e6, dtype=torch.float64)
-    layers = [
-        LayerLTM(bank, torch.arange(i * rows, (i + 1) * rows), keys[i * rows : (i + 1) * rows], rf) for i in range(L)
-    ]
-    cache = L * rows + torch.arange(L * cached).view(L, cached)  # [L, C]
-    return LongTermMemory(bank, layers, cache, keys[L * rows :].view(L, cached, s), update_step=cached)
+
+    def block_entries(n: int, first: int) -> torch.Tensor:  # [L, n]: row j of layer l, as injections add them
+        j = torch.arange(n)
+        return first + (j // K * L * K + j % K) + K * torch.arange(L)[:, None]
+
+    ltm_blocks = -(-rows // K)
+    ltm_entries, cache = block_entries(rows, 0), block_entries(cached, L * K * ltm_blocks)  # [L, n], [L, C]
+    count = L * K * (ltm_blocks + -(-cached // K))
+    births = torch.zeros(count, dtype=torch.int64)
+    births[ltm_entries] = torch.arange(rows, 0, -1) * K + cached  # oldest first, older than the cache
+    births[cache] = torch.arange(cached, 0, -1)
+    keys = torch.randn(count, s, generator=g).to(dtype)  # [E, s]
+    bank = RowBank([(zero_rows(directory / f"ltm-{rows}-{cached}.bin", count, d, dtype), keys, births)])
+    rf = 1e6 - (torch.arange(rows) // (K * cfg.update_ltm_frequency)).flip(0).double()  # one per merge
+    layers = [LayerLTM(bank, entries, bank.keys(entries), rf) for entries in ltm_entries]
+    cached_keys = bank.keys(cache.reshape(-1)).view(L, cached, s)
+    return LongTermMemory(bank, layers, cache, cached_keys, update_step=cached)
 
 
 def first_rows(ltm: LongTermMemory, n: int, cache: bool = False) -> LongTermMemory:

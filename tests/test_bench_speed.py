@@ -66,12 +66,21 @@ def test_first_rows_views_the_ltm_without_copying(tiny_mplus, tmp_path):
         assert torch.equal(a.entries, b.entries[:40])
 
 
-def test_the_random_ltm_rows_stay_on_disk_until_read(tiny_mplus, tmp_path):
-    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16, directory=tmp_path)
+def test_the_random_ltm_is_laid_out_as_injections_leave_it_with_its_rows_on_disk(tiny_mplus, tmp_path):
+    ltm = sp.random_ltm(tiny_mplus, rows=96, cached=32, directory=tmp_path)
     (path,) = tmp_path.iterdir()
-    L, d = tiny_mplus.cfg.num_layers, tiny_mplus.cfg.hidden_size
-    assert path.stat().st_size == L * 116 * d * 4 and path.stat().st_blocks == 0  # sparse: nothing written
-    assert not ltm.layers[1].rows.any() and ltm.cached_ages[0].tolist() == list(range(16, 0, -1))
+    cfg = tiny_mplus.cfg
+    L, K, d = cfg.num_layers, cfg.num_tokens, cfg.hidden_size
+    assert path.stat().st_size == L * (96 + 32) * d * 4 and path.stat().st_blocks == 0  # sparse: nothing written
+    assert not ltm.layers[1].rows.any()
+    everything = torch.cat([*(x.entries for x in ltm.layers), ltm.cached_entries.reshape(-1)])
+    assert torch.equal(everything.sort().values, torch.arange(L * (96 + 32)))  # each entry in one place
+    assert ltm.layers[1].entries[:K].tolist() == list(range(K, 2 * K))  # injection 0, layer 1
+    assert ltm.layers[0].entries[K : 2 * K].tolist() == list(range(L * K, L * K + K))  # injection 1, layer 0
+    ages = torch.cat([ltm.layers[0].ages, ltm.cached_ages[0]])
+    assert torch.equal(ages, ages.sort(descending=True).values) and len(set(ages.tolist())) == len(ages)
+    rf = ltm.layers[0].recall_frequencies  # one value per merge of update_ltm_frequency injections
+    assert torch.unique_consecutive(rf).numel() == -(-96 // (K * cfg.update_ltm_frequency))
 
 
 def test_bytes_written_counts_appends_and_replacements(tmp_path):
