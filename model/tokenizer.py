@@ -37,5 +37,20 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """`question` as a user turn of the tokenizer's chat template, with the assistant's turn opened. A BOS
+    the template inserts is left out (the memory models have their own bos row); a BOS token that the
+    template writes as a turn marker (SmolLM2's <|im_start|>) stays."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("this tokenizer has no chat template")
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and "bos_token" in template and text.startswith(bos):
+        text = text[len(bos) :]
+    return encode(tokenizer, text)
+
+
 def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)

@@ -18,7 +18,7 @@ import typer
 from safetensors.torch import save_file
 
 import model as mp
-from model.tokenizer import decode, encode
+from model.tokenizer import chat_ids, decode, encode
 
 from . import store as st
 from .bench import bench_app
@@ -155,17 +155,15 @@ def inject(
 
 # -- ask ------------------------------------------------------------------------------------------
 def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool) -> list[int]:
-    """The question's token ids; --chat applies the tokenizer's chat template without its BOS."""
+    """The question's token ids; --chat applies the tokenizer's chat template (without a BOS it inserts)."""
     if not question.strip():
         raise UsageError("the question is empty")
     if not chat:
         return encode(lm.tokenizer, question)
-    if not getattr(lm.tokenizer, "chat_template", None):
-        raise UsageError("this model's tokenizer has no chat template: drop --chat")
-    messages = [{"role": "user", "content": question}]
-    ids = list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    bos = lm.tokenizer.bos_token_id
-    return ids[1:] if ids and bos is not None and ids[0] == bos else ids
+    try:
+        return chat_ids(lm.tokenizer, question)
+    except ValueError as e:
+        raise UsageError(f"{e}: drop --chat") from e
 
 
 class Streamer:

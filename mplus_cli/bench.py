@@ -8,6 +8,7 @@ import platform
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -147,6 +148,9 @@ def bench_retention(
         Path | None,
         typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
     ] = None,
+    chat: Annotated[
+        bool, typer.Option(help="Ask each question alone as a user turn of the tokenizer's chat template.")
+    ] = False,
     tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -159,7 +163,7 @@ def bench_retention(
     try:
         if dataset not in qa.DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
-        proto = protocol_for(protocol, dataset)
+        proto = replace(protocol_for(protocol, dataset), chat=chat)
         largest = parse_size(max_distance)
         distances = parse_points(points) if points else default_points(largest)
         check_points(distances)
@@ -194,7 +198,7 @@ def bench_retention(
             "greedy": True,
             "max_new_tokens": proto.max_new_tokens,
             "context_template": proto.context_template,
-            "question_template": proto.question_template,
+            "question_template": "chat template: {question}" if chat else proto.question_template,
             "truncate_tokens": proto.truncate_tokens,
         },
         "output_path": str(out),
@@ -203,7 +207,7 @@ def bench_retention(
         "created": now(),
         "model_details": {},
     }
-    if (out / "results.csv").exists() and not resume:
+    if res.holds_results(out / "results.csv") and not resume:
         raise ConflictError(
             f"{out} already holds results: pass --resume to continue them or choose another --output-path"
         )
@@ -251,6 +255,8 @@ def run_models(names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out
         for name in names:
             bar.update(task, description=f"loading {name}")
             lm = load_model(requested_model(name), tokenizer=tokenizer)
+            if sweep.protocol.chat and not getattr(lm.tokenizer, "chat_template", None):
+                raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
             note_label(lm)
             details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
             details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}

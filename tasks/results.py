@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -104,6 +105,15 @@ class ResultsLog:
         if broken:
             self.rewrite([r for r in self.rows if r["model"] != model or (r["sample_id"], r["control"]) not in broken])
         return set(counts) - broken
+
+
+def holds_results(path: Path) -> bool:
+    """Whether results.csv at `path` has a line past its header (a run that failed before its first
+    result leaves only the header, and can simply be run again)."""
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return len(list(itertools.islice(f, 2))) > 1
 
 
 def read_results(path: Path) -> pd.DataFrame:

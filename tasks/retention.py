@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import model as mp
-from model.tokenizer import decode, encode
+from model.tokenizer import chat_ids, decode, encode
 
 from .data import DataError, QAData, Sample
 from .metrics import score
@@ -49,6 +49,7 @@ class Protocol:
     context_template: str
     question_template: str
     truncate_tokens: int | None  # evidence and question cut to this many tokens (the authors' collate)
+    chat: bool = False  # the question alone as a user turn of the tokenizer's chat template
 
     def ids(self, tokenizer, template: str, **fields: str) -> list[int]:
         return encode(tokenizer, template.format(**fields))[: self.truncate_tokens]
@@ -167,6 +168,8 @@ class Planner:
 
     def question(self, sample: Sample) -> list[int]:
         p = self.sweep.protocol
+        if p.chat:
+            return chat_ids(self.tokenizer, sample.question)[: p.truncate_tokens]
         return p.ids(self.tokenizer, p.question_template, question=sample.question)
 
     def stages(self, sample: Sample) -> list[Stage]:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,19 @@ def test_prompts_per_protocol(tiny):
     assert [tiny.tokenizer.decode(c.tolist()) for c in authors.evidence(sample)] == [("Context: " + "x" * 600)[:512]]
     assert tiny.tokenizer.decode(clean.question(sample)) == "Question: Where is it\nAnswer:"
     assert [len(c) for c in clean.evidence(sample)] == [512, 88]  # all of the evidence, in chunks
+
+
+def test_chat_asks_the_bare_question_in_the_chat_template(tmp_path):
+    tokenizer = mp.load("tiny").tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    sample = qa.Sample("s", "some context", "Where is it?", "here")
+    planner = Planner(Sweep(qa.QAData("synthetic", [sample], [], "test"), replace(CLEAN, chat=True), [0]), tokenizer)
+    assert tokenizer.decode(planner.question(sample)) == "<u>Where is it?</u><a>"
+    args = ["--model", "tiny", "--dataset", "synthetic", "--max-distance", "1k", "--chat", "-o", tmp_path / "out"]
+    result = mplus("bench", "retention", *args)
+    assert result.exit_code == 2 and "no chat template: drop --chat" in result.output
+    args.remove("--chat")  # a run that stopped before its first result is simply run again
+    assert mplus("bench", "retention", *args, "--limit", "1").exit_code == 0
 
 
 def test_full_context_puts_everything_in_the_prompt_cut_to_the_window(tiny, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from conftest import token_ids
 
 import model as mp
 from model.generate import pick_token
+from model.tokenizer import chat_ids
 
 
 def test_state_round_trips_bit_exactly(tiny, state, tmp_path):
@@ -164,3 +165,14 @@ def test_memory_kv_cache_is_not_used_by_another_model(state):
     tiny(question, state)
     expected = other(question, state, reuse_memory_kv=False).logits
     assert torch.allclose(other(question, state).logits, expected, atol=1e-6)
+
+
+def test_chat_ids_leave_out_a_bos_the_template_inserts_and_keep_a_bos_used_as_turn_marker():
+    tokenizer = mp.load("tiny").tokenizer
+    tokenizer.bos_token = "<|eos|>"
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_ids(tokenizer, "Hi?")
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}>"  # Llama-3 style
+    assert tokenizer.decode(chat_ids(tokenizer, "Hi?")) == "[Hi?]>"
+    tokenizer.chat_template = "<|eos|>{% for m in messages %}[{{ m['content'] }}]<|eos|>{% endfor %}"  # SmolLM2 style
+    assert tokenizer.decode(chat_ids(tokenizer, "Hi?")) == "<|eos|>[Hi?]<|eos|>"
