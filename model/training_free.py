@@ -32,7 +32,7 @@ from .memoryllm import InjectResult, MemoryLLM
 from .mplus import Retrieval, order_oldest_first
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
-DEFAULT_CAPACITY = 2048  # short-term rows per layer
+DEFAULT_CAPACITY = 1024  # short-term rows per layer
 DEFAULT_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
 DEFAULT_BLOCK = 16  # rows are evicted and retrieved in blocks of consecutive tokens
 RETRIEVAL_TEMPERATURE = 0.1  # tau of the softmax over cosine similarities
