@@ -147,7 +147,7 @@ class RowBank:
         """Read-only parts holding entries 0..count-1 (views: no copy), for a bank that extends them."""
         sources = self.parts + [tuple(part.value for part in self.tail)]
         parts = []
-        for part, start in zip(sources, self.offsets + [len(self)], strict=False):
+        for part, start in zip(sources, self.offsets, strict=True):
             if start < count:
                 parts.append(tuple(x[: count - start] for x in part))
         return parts or [tuple(x[:0] for x in self.parts[0])]
@@ -183,9 +183,6 @@ class LayerLTM:
 
     def __len__(self) -> int:
         return self._entries.length
-
-    def ages_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self.bank.ages(self.entries[index])
 
     def rows_at(self, index: torch.Tensor) -> torch.Tensor:
         return self.bank.rows(self.entries[index])
