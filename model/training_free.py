@@ -30,6 +30,7 @@ from .ltm import LongTermMemory
 from .memory import MemoryState, draw_permutations
 from .memoryllm import InjectResult, MemoryLLM
 from .mplus import Retrieval, order_oldest_first
+from .presets import TINY_CONFIG
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
 DEFAULT_CAPACITY = 1024  # short-term rows per layer
@@ -279,23 +280,23 @@ def build_training_free(
     return model
 
 
-# -- tiny seeded random Llamas in training-free mode (tests, offline CLI checks) -----------------------
-TINY_LLAMA = {
-    "vocab_size": 258,  # the byte tokenizer: 256 bytes + <|eos|> + <|pad|>
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "hidden_act": "silu",
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "bos_token_id": 256,  # <|eos|> doubles as bos
-    "eos_token_id": 256,
-}
+# -- tiny seeded random Llamas in training-free mode (tests, offline CLI checks): the `tiny` preset's shapes --
+LLAMA_KEYS = (  # the plain-Llama part of a preset config
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "eos_token_id",
+)
+TINY_LLAMA = {key: TINY_CONFIG[key] for key in LLAMA_KEYS} | {"bos_token_id": 256}  # <|eos|> doubles as bos
 TINY_PRESETS: dict[str, MemoryKind] = {"tiny-free": "memoryllm", "tiny-free-mplus": "mplus"}
 
 
