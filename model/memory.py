@@ -25,7 +25,9 @@ class MemoryKV:
     """Keys (after RoPE) and values of bos and the memory rows at their question-prefix positions, per
     layer, computed by model `owner` (its id) and valid until the memory changes: {layer: (k, v)}, each
     [1, H_kv, room, D] with room past the prefix for a question (see MemoryLLM.memory_kv). The prefix
-    positions are fixed, so a question reuses the rotated keys as they are. Never serialized."""
+    positions are fixed, so a question reuses the rotated keys as they are. An M+ question writes its
+    retrieved rows into the buffers' slot between bos and the memory, so one state serves one question at
+    a time. Never serialized."""
 
     owner: int
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
