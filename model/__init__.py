@@ -46,11 +46,22 @@ __all__ = [
     "load",
     "read_config",
     "save_checkpoint",
+    "storage_dtype",
 ]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def storage_dtype(model: MemoryLLM) -> torch.dtype:
+    """The dtype a session of `model` keeps its rows in unless told otherwise: float32 for the tiny
+    presets (exactness is their point), else the checkpoint's own (config.json torch_dtype), else bfloat16
+    (the demo model; the authors keep their LTM in bfloat16)."""
+    return FLOAT_DTYPES.get(model.info.get("storage_dtype"), torch.bfloat16)
 
 
 def load(
@@ -77,12 +88,12 @@ def load(
         return load_smollm2(SMOLLM2_MODELS[name], dtype=dtype, device=device)
     if name in TINY_FREE_PRESETS:
         model = build_tiny(TINY_FREE_PRESETS[name], dtype=dtype, device=device)
-        model.info = {"source": name, "label": f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}"}
+        model.info = {"source": name, "label": f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}", "storage_dtype": "float32"}
         return model
     if name in PRESETS:
         model = build_preset(name).to(device=device, dtype=dtype)
         model.initial_state = model.initial_state.to(device, dtype)
-        model.info = {"source": name, "label": UNTRAINED_LABEL}
+        model.info = {"source": name, "label": UNTRAINED_LABEL, "storage_dtype": "float32"}
         return model
     directory = resolve_checkpoint(name, revision)
     model = load_checkpoint(directory, dtype, device, rope_inv_freq_dtype)
@@ -92,4 +103,5 @@ def load(
         model.tokenizer = load_tokenizer(tokenizer)
     label = UNTRAINED_LABEL if model.cfg.raw.get("mplus_preset") else ""
     model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
+    model.info["storage_dtype"] = model.cfg.raw.get("torch_dtype", "bfloat16")
     return model

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, read_config
 from .layers import DECODER, ENCODER
 from .ltm import LongTermMemory, layer_keys
-from .memory import MemoryState
+from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
 
@@ -204,7 +204,7 @@ def load_checkpoint(
         model.initial_state = MemoryState(
             memory=memory,
             memory_ages=torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64),
-            ltm=LongTermMemory.from_checkpoint(tensors, cfg.num_layers, dtype),
+            ltm=LongTermMemory.from_checkpoint(tensors, cfg.num_layers, dtype, space=stm_rows(memory)),
         )
     else:
         initialized = bool(tensors["initialized"].item()) if "initialized" in tensors else True

@@ -1,21 +1,24 @@
-"""M+ long-term memory: per-layer rows with retrieval keys, recall frequencies and ages, plus the cache
+"""M+ long-term memory: per-layer entries with retrieval keys, recall frequencies and ages, plus the cache
 of rows dropped from short-term memory since the last merge (spec §6.1, §6.3-6.4).
 
-Every row that enters the cache becomes an *entry* of the LTM's `RowBank`: its row, its retrieval key
-and its birth (its age minus the LTM's aging clock), immutable from then on. Layers and the cache hold
-entry ids, so a merge moves ids, never rows; the rows a question retrieves are gathered by id, so an LTM
-whose bank is memory-mapped from a session's files never reads the rows it does not retrieve. Each
-layer keeps its own contiguous copy of its keys for scoring.
+Every row that enters the cache becomes an *entry* of the LTM's `EntryBank`: the id of the row (rows live
+once, in the state's `RowSpace`: RAM, a session's row file, or a file of pre-encoded text), its retrieval
+key and its birth (its age minus the LTM's aging clock), immutable from then on. Layers and the cache hold
+entry ids, so a merge moves ids, never rows or keys; retrieval reads keys (and, for scores computed from
+the rows themselves, rows) one batch at a time, and gathers only the rows it picks.
 
-All of it lives on the CPU and grows with use; only the rows retrieved for a question move to the
-model's device. Tensor names of `to_tensors` follow the authors' checkpoint keys (`ltm.{l}`, ...).
+All of it lives on the CPU; only the rows retrieved for a question move to the model's device. Tensor
+names of `to_tensors` follow the authors' checkpoint keys (`ltm.{l}`, ...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from .rows import SCAN_ROWS, FileArray, RowSpace, Source
 
 PRUNE_AT_OR_BELOW = 0.01  # rows whose recall frequency decays to this are pruned at a merge
 CACHE_KEYS = ("cached_dropped_memories", "cached_dropped_keys", "cached_dropped_memory_ages")
@@ -77,169 +80,226 @@ class Growing:
         return Growing(self.value.clone(), self.dim)
 
 
-class RowBank:
-    """Every entry the LTM ever received, by id 0..: rows [E, d], keys [E, s] and births [E] (age minus
-    `aged`, the clock every LTM row ages with). Read-only parts first (a checkpoint's LTM, or a session's
-    files, possibly memory-mapped), then an in-RAM tail that `add` extends."""
+Part = tuple[Source, Source, Source]  # row ids [c], births [c], keys [c, s]: tensors or FileArrays
 
-    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], aged: int = 0):
-        rows, keys, _ = parts[0]
-        self.parts = parts
-        self.offsets = [0]
-        for part in parts:
-            self.offsets.append(self.offsets[-1] + part[0].shape[0])
-        empty = (rows.new_empty(0, rows.shape[1]), keys.new_empty(0, keys.shape[1]), torch.empty(0, dtype=torch.int64))
-        self.tail = tuple(Growing(t) for t in empty)
+
+def read(source: Source, index: torch.Tensor) -> torch.Tensor:
+    return source.read(index) if isinstance(source, FileArray) else source[index]
+
+
+class EntryBank:
+    """Every entry the LTM ever received, by id 0..: the id of its row in `rows`, its birth (age minus
+    `aged`, the clock every LTM row ages with) and its key [s]. Read-only parts first (a checkpoint's LTM,
+    a session's entry files), then an in-RAM tail that `add` extends.
+
+    key_dtype: the keys' dtype, or None when they follow the rows' dtype (cast with them).
+    """
+
+    def __init__(
+        self, rows: RowSpace, key_width: int, key_dtype: torch.dtype | None, parts: list[Part] = (), aged: int = 0
+    ):
+        self.rows, self.key_width, self.key_dtype = rows, key_width, key_dtype
+        self.parts, self.offsets = list(parts), [0]
+        for part in self.parts:
+            self.offsets.append(self.offsets[-1] + len(part[0]))
+        keys = torch.empty(0, key_width, dtype=key_dtype or rows.dtype)
+        self.tail = (Growing(torch.empty(0, dtype=torch.int64)), Growing(torch.empty(0, dtype=torch.int64)))
+        self.tail += (Growing(keys),)
         self.aged = aged  # tokens every LTM row has aged by since this bank's clock started
-
-    @classmethod
-    def of(cls, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, aged: int = 0) -> RowBank:
-        """A bank of rows [E, d] with their keys [E, s] and current ages [E]."""
-        return cls([(rows, keys, ages.to(torch.int64) - aged)], aged)
 
     def __len__(self) -> int:
         return self.offsets[-1] + self.tail[0].length
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.parts[0][0].dtype
+    def keys_dtype(self) -> torch.dtype:
+        return self.tail[2].storage.dtype
 
-    @property
-    def widths(self) -> tuple[int, int]:
-        """(d, s): the widths of a row and of a key."""
-        return self.parts[0][0].shape[1], self.parts[0][1].shape[1]
-
-    def add(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-        """Append entries (rows [m, d], keys [m, s], current ages [m]); returns their ids [m]."""
+    def add(self, row_ids: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """Append entries for the rows row_ids [m] (held by `rows`) with keys [m, s] and current ages [m];
+        returns their entry ids [m]."""
         first = len(self)
-        self.tail[0].append(rows.to(self.dtype).cpu())
-        self.tail[1].append(keys.to(self.tail[1].storage.dtype).cpu())
-        self.tail[2].append(ages.to(torch.int64).cpu() - self.aged)
-        return torch.arange(first, first + rows.shape[0])
+        self.tail[0].append(row_ids.to(torch.int64).cpu())
+        self.tail[1].append(ages.to(torch.int64).cpu() - self.aged)
+        self.tail[2].append(keys.to(self.keys_dtype).cpu())
+        return torch.arange(first, first + row_ids.shape[0])
+
+    def _split(self, ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(positions in ids, part number (len(parts): the tail), local indices) of each part ids fall in."""
+        ids = ids.reshape(-1)
+        ends = [*self.offsets[1:], len(self)]
+        for number, (start, end) in enumerate(zip(self.offsets, ends, strict=True)):
+            inside = (ids >= start) & (ids < end)
+            if bool(inside.any()):
+                positions = torch.nonzero(inside)[:, 0]
+                yield positions, number, ids[positions] - start
+
+    def _source(self, number: int, field: int) -> Source:
+        return self.parts[number][field] if number < len(self.parts) else self.tail[field].value
 
     def _gather(self, field: int, ids: torch.Tensor) -> torch.Tensor:
-        """Field `field` (0 rows, 1 keys, 2 births) of the entries ids [m]."""
-        sources = [part[field] for part in self.parts] + [self.tail[field].value]
-        out = sources[0].new_empty(ids.shape[0], *sources[0].shape[1:])
-        for source, start in zip(sources, self.offsets, strict=True):
-            inside = (ids >= start) & (ids < start + source.shape[0])
-            if bool(inside.any()):
-                out[inside] = source[ids[inside] - start]
+        """Field `field` (0 row ids, 1 births, 2 keys) of the entries ids [m]."""
+        like = self.tail[field].storage
+        out = like.new_empty(ids.numel(), *like.shape[1:])
+        for positions, number, local in self._split(ids):
+            out[positions] = read(self._source(number, field), local).to(out.dtype)
         return out
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def row_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self._gather(0, ids)
 
-    def keys(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._gather(1, ids)
-
     def ages(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._gather(2, ids) + self.aged
+        return self._gather(1, ids) + self.aged
 
+    def keys(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._gather(2, ids)
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows [m, d] of entries ids [m] (a copy)."""
+        return self.rows.gather(self.row_ids(ids))
+
+    def scan_keys(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions [b], keys [b, s]) of the entries ids [m], a batch at a time (in storage order)."""
+        for positions, number, local in self._split(ids):
+            source = self._source(number, 2)
+            if isinstance(source, FileArray):
+                for where, keys in source.scan(local, batch):
+                    yield positions[where], keys
+            else:
+                for start in range(0, local.numel(), batch):
+                    yield positions[start : start + batch], source[local[start : start + batch]]
+
+    def scan_rows(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions [b], rows [b, d]) of the entries ids [m], a batch at a time (in storage order)."""
+        return self.rows.scan(self.row_ids(ids), batch)
+
+    # -- persistence ---------------------------------------------------------------------------------
     def added_since(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, keys, births) of the entries with id >= count, all in the tail."""
+        """(row ids, births, keys) of the entries with id >= count, all in the tail."""
         start = count - self.offsets[-1]
         if start < 0:
             raise ValueError(f"entries below {self.offsets[-1]} are not in the tail")
         return tuple(part.value[start:] for part in self.tail)
 
-    def frozen(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Read-only parts holding entries 0..count-1 (views: no copy), for a bank that extends them."""
-        sources = self.parts + [tuple(part.value for part in self.tail)]
-        parts = []
-        for part, start in zip(sources, self.offsets, strict=True):
-            if start < count:
-                parts.append(tuple(x[: count - start] for x in part))
-        return parts or [tuple(x[:0] for x in self.parts[0])]
+    def persisted(self, first: int, part: Part) -> None:
+        """Entries first..first+len(part)-1 now live in `part` (files): it replaces the part that starts at
+        `first` (or follows the others), and tail entries it covers leave RAM."""
+        number = self.offsets.index(first) if first in self.offsets[:-1] else len(self.parts)
+        if number == len(self.parts) and first != self.offsets[-1]:
+            raise ValueError(f"a part must start at an entry that starts a part, not {first}")
+        covered = first + len(part[0]) - self.offsets[-1]  # tail entries now in the part
+        self.parts = self.parts[:number] + [part]
+        self.offsets = self.offsets[: number + 1] + [first + len(part[0])]
+        for growing in self.tail:
+            growing.drop_first(max(covered, 0))
 
-    def clone(self) -> RowBank:
-        """A bank sharing the read-only parts, with its own copy of the tail."""
-        bank = RowBank(self.parts, self.aged)
+    def frozen(self) -> list[Part]:
+        """Read-only parts holding every entry (the tail's as views: no copy), for a bank that extends them."""
+        tail = tuple(part.value for part in self.tail)
+        return self.parts + ([tail] if tail[0].numel() else [])
+
+    def clone(self) -> EntryBank:
+        """A bank sharing the read-only parts, with its own tail and its own copy of the row space."""
+        bank = EntryBank(self.rows.clone(), self.key_width, self.key_dtype, self.parts, self.aged)
         bank.tail = tuple(part.clone() for part in self.tail)
         return bank
 
 
 class LayerLTM:
-    """One layer's long-term memory: entry ids [n] into the shared bank, their keys [n, s] (a contiguous
-    copy for scoring) and recall frequencies [n] float64 (decayed in place at every merge)."""
+    """One layer's long-term memory: entry ids [n] into the shared bank and their recall frequencies [n]
+    float64 (decayed in place at every merge)."""
 
-    def __init__(self, bank: RowBank, entries: torch.Tensor, keys: torch.Tensor, recall_frequencies: torch.Tensor):
+    def __init__(self, bank: EntryBank, entries: torch.Tensor, recall_frequencies: torch.Tensor):
         self.bank = bank
-        self._entries, self._keys = Growing(entries.to(torch.int64)), Growing(keys)
-        self._rf = Growing(recall_frequencies.clone())
+        self._entries, self._rf = Growing(entries.to(torch.int64)), Growing(recall_frequencies.clone())
 
     entries = property(lambda self: self._entries.value)
-    keys = property(lambda self: self._keys.value)
     recall_frequencies = property(lambda self: self._rf.value)
 
     @property
     def rows(self) -> torch.Tensor:
-        """[n, d] gathered from the bank (a copy)."""
-        return self.bank.rows(self.entries)
+        """[n, d] gathered from the row space (a copy)."""
+        return self.bank.rows_of(self.entries)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[n, s] gathered from the bank (a copy)."""
+        return self.bank.keys(self.entries)
 
     @property
     def ages(self) -> torch.Tensor:
         return self.bank.ages(self.entries)
 
+    @property
+    def row_ids(self) -> torch.Tensor:
+        return self.bank.row_ids(self.entries)
+
     def __len__(self) -> int:
         return self._entries.length
 
     def rows_at(self, index: torch.Tensor) -> torch.Tensor:
-        return self.bank.rows(self.entries[index])
+        return self.bank.rows_of(self.entries[index])
 
-    def append_entries(self, entries: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor) -> None:
-        """Add bank entries [m] with their keys [m, s] and recall frequencies [m] at the end."""
+    def append_entries(self, entries: torch.Tensor, rf: torch.Tensor) -> None:
+        """Add bank entries [m] with their recall frequencies [m] at the end."""
         self._entries.append(entries)
-        self._keys.append(keys.to(self._keys.storage.dtype))
         self._rf.append(rf)
-
-    def append(self, rows: torch.Tensor, keys: torch.Tensor, rf: torch.Tensor, ages: torch.Tensor) -> None:
-        """Add new rows [m, d] (entered into the bank) with their keys [m, s], rf [m] and ages [m]."""
-        self.append_entries(self.bank.add(rows, keys, ages), keys, rf)
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keep the rows where mask [n] is true, in order; O(1) when the dropped rows are the first ones."""
         dropped_first = int(mask.long().argmax()) if bool(mask.any()) else len(self)
         if bool(mask[dropped_first:].all()):
-            for part in (self._entries, self._keys, self._rf):
+            for part in (self._entries, self._rf):
                 part.drop_first(dropped_first)
             return
         kept = self.select(mask)
-        self._entries, self._keys, self._rf = kept._entries, kept._keys, kept._rf
+        self._entries, self._rf = kept._entries, kept._rf
 
     def select(self, mask: torch.Tensor) -> LayerLTM:
         """The rows where mask [n] is true, in their order (same bank)."""
-        return LayerLTM(self.bank, self.entries[mask], self.keys[mask], self.recall_frequencies[mask])
+        return LayerLTM(self.bank, self.entries[mask], self.recall_frequencies[mask])
 
-    def rebound(self, bank: RowBank) -> LayerLTM:
+    def rebound(self, bank: EntryBank) -> LayerLTM:
         """A copy of this layer's lists over `bank` (a clone of its bank)."""
-        return LayerLTM(bank, self.entries.clone(), self.keys.clone(), self.recall_frequencies.clone())
+        return LayerLTM(bank, self.entries.clone(), self.recall_frequencies.clone())
 
 
 class LongTermMemory:
-    """Every layer's LTM plus the dropped-row cache that the next merge moves into it."""
+    """Every layer's LTM plus the dropped-row cache that the next merge moves into it.
+
+    key_sums [L, w] float64, optional: the sum of every layer's (derived) keys over its LTM rows, kept by
+    models that center their retrieval scores on the mean key (the training-free demo; it never prunes).
+    """
 
     def __init__(
         self,
-        bank: RowBank,
+        bank: EntryBank,
         layers: list[LayerLTM],
         cached_entries: torch.Tensor,
-        cached_keys: torch.Tensor,
         update_step: int = 0,
+        key_sums: torch.Tensor | None = None,
     ):
         self.bank, self.layers = bank, layers
         self._cached_entries = Growing(cached_entries.to(torch.int64), dim=1)  # [L, C] rows dropped since the merge
-        self._cached_keys = Growing(cached_keys, dim=1)  # [L, C, s]
         self.update_step = update_step  # tokens written since the last merge (K per injection)
+        self.key_sums = key_sums
 
     cached_entries = property(lambda self: self._cached_entries.value)
-    cached_keys = property(lambda self: self._cached_keys.value)
+
+    @property
+    def rows(self) -> RowSpace:
+        """The row space every entry's row is read from."""
+        return self.bank.rows
 
     @property
     def cached_rows(self) -> torch.Tensor:
-        """[L, C, d] gathered from the bank (a copy)."""
+        """[L, C, d] gathered from the row space (a copy)."""
         L, C = self.cached_entries.shape
-        return self.bank.rows(self.cached_entries.reshape(-1)).view(L, C, self.bank.widths[0])
+        return self.bank.rows_of(self.cached_entries.reshape(-1)).view(L, C, self.rows.width)
+
+    @property
+    def cached_keys(self) -> torch.Tensor:
+        L, C = self.cached_entries.shape
+        return self.bank.keys(self.cached_entries.reshape(-1)).view(L, C, self.bank.key_width)
 
     @property
     def cached_ages(self) -> torch.Tensor:
@@ -251,23 +311,31 @@ class LongTermMemory:
         layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
         cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         update_step: int = 0,
+        space: RowSpace | None = None,
+        key_dtype: torch.dtype | None = None,
+        key_sums: torch.Tensor | None = None,
     ) -> LongTermMemory:
         """An LTM of (rows [n_l, d], keys [n_l, s], recall frequencies [n_l], ages [n_l]) per layer and an
-        optional cache (rows [L, C, d], keys [L, C, s], ages [L, C]); one bank holds all the rows."""
+        optional cache (rows [L, C, d], keys [L, C, s], ages [L, C]). The rows join `space` (a new one
+        if None) after the ids it holds; one bank holds all the entries, layers first, then the cache."""
         L = len(layers)
         rows, keys, rf, ages = (list(field) for field in zip(*layers, strict=True))
+        d, s = rows[0].shape[1], keys[0].shape[1]
         if cached is not None:
-            rows.append(cached[0].reshape(-1, cached[0].shape[-1]))
-            keys.append(cached[1].reshape(-1, cached[1].shape[-1]))
+            rows.append(cached[0].reshape(-1, d))
+            keys.append(cached[1].reshape(-1, s))
             ages.append(cached[2].reshape(-1))
-        bank = RowBank.of(torch.cat(rows), torch.cat(keys), torch.cat(ages))
+        space = space or RowSpace(d, rows[0].dtype)
+        first = space.end
+        space.attach(first, torch.cat(rows).to(space.dtype))
+        bank = EntryBank(space, s, key_dtype)
+        all_keys = torch.cat(keys)
+        bank.add(first + torch.arange(all_keys.shape[0]), all_keys, torch.cat(ages))
         starts = torch.tensor([0] + [len(r) for r, *_ in layers]).cumsum(0)
-        parts = [LayerLTM(bank, torch.arange(starts[i], starts[i + 1]), layers[i][1], layers[i][2]) for i in range(L)]
-        if cached is None:
-            cached = (None, keys[0].new_empty(L, 0, keys[0].shape[1]), None)
-        C = cached[1].shape[1]
+        parts = [LayerLTM(bank, torch.arange(starts[i], starts[i + 1]), layers[i][2]) for i in range(L)]
+        C = 0 if cached is None else cached[1].shape[1]
         entries = int(starts[-1]) + torch.arange(L * C).view(L, C)  # [L, C]: the cache follows the layers
-        return cls(bank, parts, entries, cached[1], update_step)
+        return cls(bank, parts, entries, update_step, key_sums)
 
     @property
     def cache_size(self) -> int:
@@ -281,13 +349,12 @@ class LongTermMemory:
         """Every LTM row and every row already cached gets `tokens` older (O(1))."""
         self.bank.aged += tokens
 
-    def cache_dropped(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
-        """Enter one injection's dropped rows [L, k, d] into the bank and the cache, with their keys [L, k, s]
-        and ages [L, k]."""
-        L, k, _ = rows.shape
-        entries = self.bank.add(rows.reshape(L * k, -1), keys.reshape(L * k, -1), ages.reshape(-1)).view(L, k)
+    def cache_dropped(self, row_ids: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
+        """Enter one injection's dropped rows (row ids [L, k], held by the row space) into the bank and the
+        cache, with their keys [L, k, s] and ages [L, k]."""
+        L, k = row_ids.shape
+        entries = self.bank.add(row_ids.reshape(-1), keys.reshape(L * k, -1), ages.reshape(-1)).view(L, k)
         self._cached_entries.append(entries)
-        self._cached_keys.append(keys.to(self._cached_keys.storage.dtype).cpu())
 
     def merge(self, initial_rf: float, decay: float, min_survivors: int) -> None:
         """Move the cache into the LTM with recall frequency `initial_rf`, decay every row by `decay`,
@@ -296,8 +363,7 @@ class LongTermMemory:
         scalar work per layer; ids move only when a prune is not of the oldest rows; rows never move."""
         C = self.cache_size
         for i, layer in enumerate(self.layers):
-            rf_new = torch.full((C,), initial_rf, dtype=torch.float64)
-            layer.append_entries(self.cached_entries[i], self.cached_keys[i], rf_new)
+            layer.append_entries(self.cached_entries[i], torch.full((C,), initial_rf, dtype=torch.float64))
             rf = layer.recall_frequencies  # a view: decays in place
             rf -= decay
             survivors = rf > PRUNE_AT_OR_BELOW
@@ -306,61 +372,76 @@ class LongTermMemory:
             else:
                 rf += decay  # as the authors: subtract, then add back
         self._cached_entries.clear()
-        self._cached_keys.clear()
         self.update_step = 0
 
     # -- retrieval support -----------------------------------------------------------------------
+    def candidate_entries(self, layer: int) -> torch.Tensor:
+        """Entry ids [n + C] of layer `layer`'s candidates: its LTM rows, then its cached rows."""
+        return torch.cat([self.layers[layer].entries, self.cached_entries[layer]])
+
     def candidates(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [T, d], ages [T]) of candidates `index` [T], numbered LTM rows first, then cached rows."""
-        ltm = self.layers[layer]
-        n, from_ltm = len(ltm), index < len(ltm)
-        entries = torch.empty_like(index)
-        entries[from_ltm] = ltm.entries[index[from_ltm]]
-        entries[~from_ltm] = self.cached_entries[layer, index[~from_ltm] - n]
-        return self.bank.rows(entries), self.bank.ages(entries)
+        entries = self.candidate_entries(layer)[index]
+        return self.bank.rows_of(entries), self.bank.ages(entries)
 
     # -- copies, casts, serialization ------------------------------------------------------------
     def clone(self) -> LongTermMemory:
         bank = self.bank.clone()
         layers = [layer.rebound(bank) for layer in self.layers]
-        return LongTermMemory(bank, layers, self.cached_entries.clone(), self.cached_keys.clone(), self.update_step)
+        key_sums = None if self.key_sums is None else self.key_sums.clone()
+        return LongTermMemory(bank, layers, self.cached_entries.clone(), self.update_step, key_sums)
 
     def layer_tuples(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(rows, keys, recall frequencies, ages) per layer, rows gathered from the bank."""
+        """(rows, keys, recall frequencies, ages) per layer, gathered."""
         return [(x.rows, x.keys, x.recall_frequencies, x.ages) for x in self.layers]
 
-    def to(self, dtype: torch.dtype) -> LongTermMemory:
-        """This LTM with rows and keys cast to `dtype` (still on the CPU), in a new bank of the live rows."""
-        layers = [(r.to(dtype), k.to(dtype), rf, a) for r, k, rf, a in self.layer_tuples()]
-        cached = (self.cached_rows.to(dtype), self.cached_keys.to(dtype), self.cached_ages)
-        return LongTermMemory.from_rows(layers, cached, self.update_step)
+    def cache_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.cached_rows, self.cached_keys, self.cached_ages
+
+    def to(self, dtype: torch.dtype, space: RowSpace | None = None) -> LongTermMemory:
+        """This LTM with rows (and keys that follow them) in `dtype`, on the CPU, its live rows gathered
+        into `space` (a new RAM row space if None)."""
+        key_dtype = self.bank.key_dtype
+        cast = (lambda k: k) if key_dtype is not None else (lambda k: k.to(dtype))
+        layers = [(r.to(dtype), cast(k), rf, a) for r, k, rf, a in self.layer_tuples()]
+        rows, keys, ages = self.cache_tuple()
+        space = space or RowSpace(self.rows.width, dtype)
+        return LongTermMemory.from_rows(
+            layers, (rows.to(dtype), cast(keys), ages), self.update_step, space, key_dtype, self.key_sums
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for i, values in enumerate(self.layer_tuples()):
             tensors |= {name: value.contiguous() for name, value in zip(layer_keys(i), values, strict=True)}
-        cache = (self.cached_rows, self.cached_keys, self.cached_ages)
-        return tensors | {name: value.contiguous() for name, value in zip(CACHE_KEYS, cache, strict=True)}
+        cache = {name: value.contiguous() for name, value in zip(CACHE_KEYS, self.cache_tuple(), strict=True)}
+        return tensors | cache | ({} if self.key_sums is None else {"ltm_key_sums": self.key_sums})
 
     def to_meta(self) -> dict[str, Any]:
-        return {"update_step": self.update_step, "sizes": self.sizes(), "cached_rows": self.cache_size}
+        meta = {"update_step": self.update_step, "sizes": self.sizes(), "cached_rows": self.cache_size}
+        return meta | ({} if self.bank.key_dtype is None else {"key_dtype": str(self.bank.key_dtype)[6:]})
 
     def layout_meta(self) -> dict[str, Any]:
         """to_meta() plus the bank's clock and size, which `layout()` needs to be read back."""
         return self.to_meta() | {"aged": self.bank.aged, "entries": len(self.bank)}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], space: RowSpace | None = None
+    ) -> LongTermMemory:
+        """The LTM of `to_tensors()` and `to_meta()`, its rows added to `space` (a new one if None)."""
         cached = tuple(tensors[name].cpu() for name in CACHE_KEYS)
         L = cached[0].shape[0]
         layers = [tuple(tensors[name].cpu() for name in layer_keys(i)) for i in range(L)]
-        return cls.from_rows(layers, cached, int(meta["update_step"]))
+        key_dtype = getattr(torch, meta["key_dtype"]) if "key_dtype" in meta else None
+        key_sums = tensors.get("ltm_key_sums")
+        return cls.from_rows(layers, cached, int(meta["update_step"]), space, key_dtype, key_sums)
 
     def layout(self) -> dict[str, torch.Tensor]:
         """Everything but the bank, compactly: per layer the runs of its entry ids and its recall
         frequencies run-length encoded, and the runs of the cache's entry ids. O(runs), not O(rows):
         entries come in blocks of consecutive ids and one merge gives its rows one recall frequency."""
-        tensors = {}
+        tensors = {} if self.key_sums is None else {"ltm_key_sums": self.key_sums}
         for i, layer in enumerate(self.layers):
             values, counts = torch.unique_consecutive(layer.recall_frequencies, return_counts=True)
             tensors |= {f"ltm_runs.{i}": runs_of(layer.entries), f"ltm_rf.{i}": values, f"ltm_rf_counts.{i}": counts}
@@ -368,17 +449,15 @@ class LongTermMemory:
         return tensors
 
     @classmethod
-    def from_layout(cls, bank: RowBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
-        """The LTM of `layout()` tensors over `bank`; keys are gathered from the bank, rows are not read."""
+    def from_layout(cls, bank: EntryBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LongTermMemory:
+        """The LTM of `layout()` tensors over `bank`; reads no row and no key."""
         L = len(meta["sizes"])
         layers = []
         for i in range(L):
-            entries = from_runs(tensors[f"ltm_runs.{i}"])
             rf = tensors[f"ltm_rf.{i}"].repeat_interleave(tensors[f"ltm_rf_counts.{i}"])
-            layers.append(LayerLTM(bank, entries, bank.keys(entries), rf))
+            layers.append(LayerLTM(bank, from_runs(tensors[f"ltm_runs.{i}"]), rf))
         cached = torch.stack([from_runs(tensors[f"cache_runs.{i}"]) for i in range(L)])  # [L, C]
-        cached_keys = bank.keys(cached.reshape(-1)).view(*cached.shape, bank.widths[1])
-        return cls(bank, layers, cached, cached_keys, int(meta["update_step"]))
+        return cls(bank, layers, cached, int(meta["update_step"]), tensors.get("ltm_key_sums"))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The LTM in the authors' checkpoint layout: recall frequencies and ages as float32."""
@@ -389,11 +468,13 @@ class LongTermMemory:
         return tensors
 
     @classmethod
-    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], num_layers: int, dtype: torch.dtype) -> LongTermMemory:
+    def from_checkpoint(
+        cls, tensors: dict[str, torch.Tensor], num_layers: int, dtype: torch.dtype, space: RowSpace | None = None
+    ) -> LongTermMemory:
         """The LTM of a checkpoint: rows and keys in `dtype`, recall frequencies as float64, ages
         truncated to int64 (the stored float ages hold integers); the cache starts empty."""
         layers = []
         for i in range(num_layers):
             rows, keys, rf, ages = (tensors[name].cpu() for name in layer_keys(i))
             layers.append((rows.to(dtype), keys.to(dtype), rf.to(torch.float64), ages.to(torch.int64)))
-        return cls.from_rows(layers)
+        return cls.from_rows(layers, space=space)

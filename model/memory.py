@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .ltm import LongTermMemory
+from .rows import RowSpace, Source
 
 STATE_FORMAT = 1
 
@@ -42,6 +43,10 @@ class MemoryState:
     generator: CPU generator for the random drops; its state is part of the saved state.
     memory_ages, ltm: M+ only (None for MemoryLLM): the short-term rows' ages [L, N] int64 and the
     long-term memory with its dropped-row cache, both on the CPU.
+    memory_ids: [L, N] int64 the row id of each short-term row. Every row ever written gets the next id
+    (`next_row_id`), layer by layer: an injection's delta [L, k, d] takes k ids per layer. The ids of a
+    model's initial memory are 0..L*N-1 (layer by layer). An M+ state's LTM holds its entries' rows by id
+    in its row space (`ltm.rows`), which also holds every short-term row (a dropped row stays where it is).
     kv_cache: the memory rows' keys/values, derived data that every change of the memory discards.
     """
 
@@ -52,7 +57,15 @@ class MemoryState:
     tokens_injected: int = 0
     memory_ages: torch.Tensor | None = None
     ltm: LongTermMemory | None = None
+    memory_ids: torch.Tensor | None = None
+    next_row_id: int = 0
     kv_cache: MemoryKV | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.memory_ids is None:
+            self.memory_ids = initial_ids(*self.memory.shape[:2])
+        if self.next_row_id == 0:
+            self.next_row_id = self.ltm.rows.end if self.ltm is not None else self.memory_ids.numel()
 
     @property
     def num_layers(self) -> int:
@@ -73,17 +86,35 @@ class MemoryState:
             tokens_injected=self.tokens_injected,
             memory_ages=None if self.memory_ages is None else self.memory_ages.clone(),
             ltm=None if self.ltm is None else self.ltm.clone(),
+            memory_ids=self.memory_ids.clone(),
+            next_row_id=self.next_row_id,
         )
+
+    def new_row_ids(self, k: int) -> torch.Tensor:
+        """Ids [L, k] for the next injection's delta rows (layer by layer), taken from the counter."""
+        ids = self.next_row_id + torch.arange(self.num_layers * k).view(self.num_layers, k)
+        self.next_row_id += self.num_layers * k
+        return ids
+
+    def attach_rows(self, source: Source) -> int:
+        """Hold the rows of `source` (a RAM tensor [c, d] or a FileArray: rows computed once, e.g. text that
+        many states read) under the next c row ids, for `MemoryLLM.inject_rows`; returns the first id. Only an
+        M+ state keeps rows (in its LTM's row space); a MemoryLLM state just reserves the ids."""
+        first = self.next_row_id
+        if self.ltm is not None:
+            self.ltm.rows.attach(first, source)
+        self.next_row_id += len(source)
+        return first
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> MemoryState:
         """The same state with the short-term memory on `device` in `dtype`; the LTM is cast but stays on
-        the CPU. Shares the generator."""
-        return replace(
-            self,
-            memory=self.memory.to(device=device, dtype=dtype),
-            kv_cache=None,
-            ltm=None if self.ltm is None else self.ltm.to(dtype),
-        )
+        the CPU, its rows copied into a new row space (an M+ state's rows get new ids, as from `load`).
+        Shares the generator."""
+        memory = self.memory.to(device=device, dtype=dtype)
+        if self.ltm is None:
+            return replace(self, memory=memory, kv_cache=None)
+        ltm = self.ltm.to(dtype, stm_rows(memory, copy=True))
+        return replace(self, memory=memory, kv_cache=None, ltm=ltm, memory_ids=None, next_row_id=0)
 
     # -- serialization -------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -114,21 +145,29 @@ class MemoryState:
         meta: dict[str, Any],
         device: torch.device | str = "cpu",
         ltm: LongTermMemory | None = None,
+        memory_ids: torch.Tensor | None = None,
+        next_row_id: int = 0,
     ) -> MemoryState:
-        """The state of `to_tensors()` and `to_meta()`; an M+ state's `ltm` may be given instead (a session
-        keeps it elsewhere)."""
+        """The state of `to_tensors()` and `to_meta()`, its rows numbered afresh (0..L*N-1 the short-term
+        rows, then an M+ state's LTM rows); an M+ state's `ltm` may be given instead, with the ids of its
+        short-term rows and the next free id (a session keeps them elsewhere)."""
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown memory-state format {meta.get('format')!r} (expected {STATE_FORMAT})")
         generator = torch.Generator(device="cpu")
         generator.set_state(tensors["generator_state"])
+        memory = tensors["memory"]
+        if ltm is None and "ltm" in meta:
+            ltm = LongTermMemory.from_tensors(tensors, meta["ltm"], stm_rows(memory, copy=True))
         return cls(
-            memory=tensors["memory"].to(device),
+            memory=memory.to(device),
             generator=generator,
             initialized=bool(meta["initialized"]),
             injections=int(meta["injections"]),
             tokens_injected=int(meta["tokens_injected"]),
             memory_ages=tensors.get("memory_ages"),
-            ltm=LongTermMemory.from_tensors(tensors, meta["ltm"]) if ltm is None and "ltm" in meta else ltm,
+            ltm=ltm,
+            memory_ids=memory_ids,
+            next_row_id=next_row_id,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -143,6 +182,21 @@ class MemoryState:
         directory = Path(directory)
         meta = json.loads((directory / "state.json").read_text())
         return cls.from_tensors(load_file(directory / "state.safetensors"), meta, device)
+
+
+def initial_ids(layers: int, rows: int) -> torch.Tensor:
+    """Row ids [L, N] of a memory's first rows: 0..L*N-1, layer by layer."""
+    return torch.arange(layers * rows).view(layers, rows)
+
+
+def stm_rows(memory: torch.Tensor, copy: bool = False) -> RowSpace:
+    """A row space holding the short-term rows memory [L, N, d] at ids 0..L*N-1, layer by layer (a copy
+    with `copy`: a working state's memory changes in place, a model's initial memory never does)."""
+    L, N, d = memory.shape
+    rows = memory.reshape(L * N, d)
+    space = RowSpace(d, memory.dtype)
+    space.attach(0, rows.clone() if copy else rows)
+    return space
 
 
 def draw_permutations(generator: torch.Generator, draws: int, rows: int) -> torch.Tensor:

@@ -28,6 +28,8 @@ class InjectResult:
     perms: torch.Tensor  # [draws, N] permutations used for the drop (empty on the first, tiling injection)
     dropped: torch.Tensor | None  # [L, k, d] rows removed from short-term memory
     sources: torch.Tensor  # [L, N'] where each new memory row came from: i < N old row i, N + j delta row j
+    row_ids: torch.Tensor  # [L, k] the ids of the delta rows
+    dropped_ids: torch.Tensor | None  # [L, k] the ids of the dropped rows, in the order of `dropped`
 
 
 @dataclass
@@ -84,11 +86,14 @@ class MemoryLLM(nn.Module):
             return None
         return DECODER if self.cfg.lora.decoder_adapter else ENCODER
 
-    def new_state(self, seed: int = 0) -> MemoryState:
-        """A fresh copy of the checkpoint memory with a drop generator seeded by `seed`."""
+    def new_state(self, seed: int = 0, dtype: torch.dtype | None = None) -> MemoryState:
+        """A fresh copy of the checkpoint memory with a drop generator seeded by `seed`; its rows are kept in
+        `dtype` (default: the model's)."""
         if self.initial_state is None:
             raise RuntimeError("this model has no initial memory: load it with model.load()")
         state = self.initial_state.clone()
+        if dtype is not None and dtype != state.memory.dtype:
+            state = state.to(state.memory.device, dtype)
         state.generator = new_generator(seed)
         return state
 
@@ -235,22 +240,33 @@ class MemoryLLM(nn.Module):
         return torch.stack(deltas)  # [L, k, d]
 
     @torch.no_grad()
-    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
-        """Drop k rows per layer (random, from `state.generator` unless `perms` are given) and append delta."""
+    def update_memory(
+        self,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None = None,
+        row_ids: torch.Tensor | None = None,
+    ) -> InjectResult:
+        """Drop k rows per layer (random, from `state.generator` unless `perms` are given) and append delta.
+        The delta rows take the state's next row ids, or `row_ids` [L, k] (rows the state already holds)."""
         state.kv_cache = None
-        N = state.rows_per_layer
+        N, k = state.rows_per_layer, delta.shape[1]
+        row_ids = state.new_row_ids(k) if row_ids is None else row_ids
         if not state.initialized:
             state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
+            state.memory_ids = tile_first_delta(row_ids[..., None], N)[..., 0].contiguous()
             state.initialized = True
-            sources = N + tile_first_delta(torch.arange(delta.shape[1]).expand(delta.shape[:2])[..., None], N)[..., 0]
-            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources)
+            sources = N + tile_first_delta(torch.arange(k).expand(delta.shape[:2])[..., None], N)[..., 0]
+            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, None)
         draws = self.cfg.num_layers if self.cfg.drop_memory_per_layer else 1
         if perms is None:
             perms = draw_permutations(state.generator, draws, N)
         elif tuple(perms.shape) != (draws, N):
             raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
         dropped = drop_and_append(state.memory, delta, perms)
-        return InjectResult(delta, perms, dropped, append_sources(perms, state.num_layers, N, delta.shape[1]))
+        dropped_ids = drop_and_append(state.memory_ids[..., None], row_ids[..., None], perms)[..., 0]  # [L, k]
+        sources = append_sources(perms, state.num_layers, N, k)
+        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_ids)
 
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
@@ -261,3 +277,17 @@ class MemoryLLM(nn.Module):
         state.injections += 1
         state.tokens_injected += int(ids.numel())
         return result
+
+    @torch.no_grad()
+    def inject_rows(self, state: MemoryState, delta: torch.Tensor, tokens: int, row_ids: torch.Tensor) -> InjectResult:
+        """Write rows computed earlier: delta [L, k, d] with the ids row_ids [L, k] the state holds them under
+        (see `MemoryState.attach_rows`), for `tokens` tokens of text. Only for models whose delta does not
+        depend on the memory (`writes_read_memory` False)."""
+        if self.writes_read_memory:
+            raise ValueError("this model's new rows depend on its memory: inject the text instead")
+        result = self.update_memory(state, delta, row_ids=row_ids)
+        state.injections += 1
+        state.tokens_injected += tokens
+        return result
+
+    writes_read_memory = True  # compute_delta reads the memory (its last K rows are the prefix)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .ltm import LongTermMemory
 from .memory import MemoryState, drop_and_append
 from .memoryllm import InjectResult, MemoryLLM
 
@@ -87,8 +88,10 @@ class MPlus(MemoryLLM):
             scores = None
         else:
             q = self.retrieval_queries(layer, h).float().cpu()  # [n_q, s]
-            keys = (ltm.layers[layer].keys, ltm.cached_keys[layer])  # [n, s], [C, s]
-            scores = torch.cat([torch.sigmoid(q @ k.float().T).mean(0) for k in keys])  # [n + C]
+            entries = ltm.candidate_entries(layer)  # [n + C]: LTM rows, then cached rows
+            scores = torch.empty(entries.numel())
+            for positions, keys in ltm.bank.scan_keys(entries):  # keys [b, s], a batch at a time
+                scores[positions] = torch.sigmoid(q @ keys.float().T).mean(0)
             chosen = scores.topk(T).indices.sort().values  # [T]
         rows, ages = ltm.candidates(layer, chosen)
         order = order_oldest_first(ages)
@@ -115,7 +118,13 @@ class MPlus(MemoryLLM):
 
     # -- writing -------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+    def update_memory(
+        self,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None = None,
+        row_ids: torch.Tensor | None = None,
+    ) -> InjectResult:
         """The MemoryLLM drop-and-append, then the M+ bookkeeping (spec §6.3): the new rows get STM ages
         K-1..0, the LTM and the cache age by K, the dropped rows enter the cache with their ages and keys,
         and every `update_ltm_frequency`-th injection merges the cache into the LTM."""
@@ -123,13 +132,22 @@ class MPlus(MemoryLLM):
             raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
         cfg, ltm = self.cfg, state.ltm
         K, L = cfg.num_tokens, cfg.num_layers
-        result = super().update_memory(state, delta, perms)
+        result = super().update_memory(state, delta, perms, row_ids)
+        hold_rows(ltm, result)
         new_ages = torch.arange(K - 1, -1, -1).expand(L, K)  # [L, K] the first delta row is the oldest
         dropped_ages = drop_and_append(state.memory_ages[..., None], new_ages[..., None], result.perms)[..., 0]
         ltm.age(K)
         keys = torch.stack([self.row_keys(layer, rows) for layer, rows in enumerate(result.dropped)])  # [L, K, s]
-        ltm.cache_dropped(result.dropped, keys, dropped_ages)
+        ltm.cache_dropped(result.dropped_ids, keys, dropped_ages)
         ltm.update_step += K
         if ltm.update_step >= cfg.update_ltm_frequency * K:
             ltm.merge(cfg.initial_rf_when_moving_stm_to_ltm, cfg.decay_frequency, min_survivors=self.retrieved_rows)
         return result
+
+
+def hold_rows(ltm: LongTermMemory, result: InjectResult) -> None:
+    """Keep an injection's delta rows in the LTM's row space (unless they were given under ids it holds):
+    they join the LTM when they are dropped."""
+    first, count = int(result.row_ids[0, 0]), result.row_ids.numel()
+    if not ltm.rows.holds(first, count):
+        ltm.rows.add(first, result.delta.reshape(count, -1))

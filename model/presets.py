@@ -11,7 +11,7 @@ import torch
 
 from .config import config_from_hf
 from .ltm import LongTermMemory
-from .memory import MemoryState
+from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
 from .tokenizer import byte_tokenizer
@@ -96,15 +96,16 @@ def random_model(
     return model.eval().requires_grad_(False)
 
 
-def _initial_ltm(model: MPlus, generator: torch.Generator) -> LongTermMemory:
-    """`ltm_initial_size` random rows per layer with their keys key_proj(input_layernorm(row)), age 0."""
+def _initial_ltm(model: MPlus, generator: torch.Generator, memory: torch.Tensor) -> LongTermMemory:
+    """`ltm_initial_size` random rows per layer with their keys key_proj(input_layernorm(row)), age 0, in a
+    row space that also holds the short-term rows `memory`."""
     n, d = model.cfg.ltm_initial_size, model.cfg.hidden_size
     layers = []
     for layer in range(model.cfg.num_layers):
         rows = torch.randn(n, d, generator=generator)  # [n, d]
         rf = torch.full((n,), TINY_MPLUS_INITIAL_RF, dtype=torch.float64)
         layers.append((rows, model.row_keys(layer, rows), rf, torch.zeros(n, dtype=torch.int64)))
-    return LongTermMemory.from_rows(layers)
+    return LongTermMemory.from_rows(layers, space=stm_rows(memory))
 
 
 def build_preset(name: str, seed: int = 0) -> MemoryLLM:
@@ -114,10 +115,11 @@ def build_preset(name: str, seed: int = 0) -> MemoryLLM:
     generator = torch.Generator().manual_seed(seed)
     _randomize(model, generator)
     memory = torch.randn(cfg.num_layers, cfg.memory_rows, cfg.hidden_size, generator=generator)
-    model.initial_state = MemoryState(memory=memory)
     if isinstance(model, MPlus):
-        model.initial_state.memory_ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
-        model.initial_state.ltm = _initial_ltm(model, generator)
+        ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
+        model.initial_state = MemoryState(memory=memory, memory_ages=ages, ltm=_initial_ltm(model, generator, memory))
+    else:
+        model.initial_state = MemoryState(memory=memory)
     model.tokenizer = byte_tokenizer()
     model.eval().requires_grad_(False)
     return model

@@ -17,7 +17,9 @@ exactly what the layer itself attends to when the text is in the prompt.
   on the layer's input-normed states centered on the LTM mean; a block scores the most any of its rows
   got, and the best blocks (T rows) are placed oldest first between bos and the short-term rows. No
   pruning. (The layer's own q/k projections without RoPE were tried as scores: on SmolLM2-135M they
-  ranked the evidence no better than chance.)
+  ranked the evidence no better than chance.) The keys are derived from the rows, not stored: an LTM entry
+  keeps two numbers of its row (see `row_stats`) and the LTM the running sum of its keys, so the scores
+  need one pass over the rows, a batch at a time, with one matmul each.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 
 from .config import MemoryKind, ModelConfig, rope_from_hf
 from .ltm import LongTermMemory
-from .memory import MemoryState, draw_permutations
+from .memory import MemoryState, draw_permutations, stm_rows
 from .memoryllm import InjectResult, MemoryLLM
-from .mplus import Retrieval, order_oldest_first
+from .mplus import Retrieval, hold_rows, order_oldest_first
 from .presets import TINY_CONFIG
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
@@ -37,6 +39,7 @@ DEFAULT_CAPACITY = 1024  # short-term rows per layer
 DEFAULT_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
 DEFAULT_BLOCK = 16  # rows are evicted and retrieved in blocks of consecutive tokens
 RETRIEVAL_TEMPERATURE = 0.1  # tau of the softmax over cosine similarities
+SCORE_BATCH = 4096  # LTM rows per matmul when scoring (cast to float32 a batch at a time)
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
 
 
@@ -80,6 +83,8 @@ def training_free_config(
 
 class TrainingFreeMemoryLLM(MemoryLLM):
     """MemoryLLM flavour: up to `capacity` rows of layer inputs per layer, evicted in random blocks."""
+
+    writes_read_memory = False  # each chunk is encoded on its own: its rows can be computed once and reused
 
     @property
     def capacity(self) -> int:
@@ -151,15 +156,25 @@ class TrainingFreeMemoryLLM(MemoryLLM):
         return kept, dropped, perms
 
     @torch.no_grad()
-    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+    def update_memory(
+        self,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None = None,
+        row_ids: torch.Tensor | None = None,
+    ) -> InjectResult:
         """Append delta [L, k, d]; past the capacity evict random old blocks (the same ones at every layer).
         InjectResult.dropped holds the evicted rows [L, e, d], e >= 0."""
         state.kv_cache = None
-        kept, dropped, perms = self.eviction(state, delta.shape[1], perms)
+        k = delta.shape[1]
+        row_ids = state.new_row_ids(k) if row_ids is None else row_ids
+        kept, dropped, perms = self.eviction(state, k, perms)
         rows = torch.cat([state.memory, delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
+        ids = torch.cat([state.memory_ids, row_ids], dim=1)  # [L, N + k]
         state.memory = rows[:, kept.to(rows.device)].contiguous()  # [L, N', d]
+        state.memory_ids = ids[:, kept].contiguous()
         sources = kept.expand(state.num_layers, -1)  # [L, N'] the same rows survive at every layer
-        return InjectResult(delta, perms, rows[:, dropped.to(rows.device)], sources)
+        return InjectResult(delta, perms, rows[:, dropped.to(rows.device)], sources, row_ids, ids[:, dropped])
 
 
 def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
@@ -185,8 +200,11 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         state = super().empty_state()
         L, d = self.cfg.num_layers, self.cfg.hidden_size
         state.memory_ages = torch.zeros(L, 0, dtype=torch.int64)
-        rows, rf, ages = torch.empty(0, d, dtype=self.dtype), torch.empty(0, dtype=torch.float64), torch.empty(0)
-        state.ltm = LongTermMemory.from_rows([(rows, rows, rf, ages)] * L)  # rf unused: nothing decays or is pruned
+        rows, stats = torch.empty(0, d, dtype=self.dtype), torch.empty(0, 2)
+        rf, ages, key_sums = torch.empty(0, dtype=torch.float64), torch.empty(0), torch.zeros(L, d, dtype=torch.float64)
+        state.ltm = LongTermMemory.from_rows(  # rf unused: nothing decays or is pruned
+            [(rows, stats, rf, ages)] * L, space=stm_rows(state.memory), key_dtype=torch.float32, key_sums=key_sums
+        )
         return state
 
     # -- retrieval -------------------------------------------------------------------------------
@@ -196,16 +214,38 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         input_layernorm(row)."""
         return self.model.layers[layer].input_layernorm(rows.to(self.device, self.dtype))
 
+    def row_stats(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """What an LTM entry stores of its row x [m, d] instead of its key k = r * (w * x) (RMSNorm, weight
+        w): [m, 2] float32 (r, |w * x|^2), r = rsqrt(mean(x^2) + eps). With them, one matmul of the rows
+        gives the cosines of the centered keys (see `row_scores`)."""
+        norm = self.model.layers[layer].input_layernorm
+        x = rows.float().cpu()
+        r = torch.rsqrt(x.square().mean(-1) + norm.eps)  # [m]
+        return torch.stack([r, (x * norm.weight.float().cpu()).square().sum(-1)], dim=-1)
+
     @torch.no_grad()
-    def row_scores(self, layer: int, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """[n] attention each LTM row (keys [n, d]) gets from the question states h [n_q, d] entering
-        `layer`: every question token spreads one unit by softmax(cos / tau) over the rows, with both sides
-        centered on the mean key (float32, CPU)."""
-        keys = keys.float()
-        center = keys.mean(0)  # [d]
-        k = F.normalize(keys - center, dim=-1)  # [n, d]
-        q = F.normalize(self.row_keys(layer, h).float().cpu() - center, dim=-1)  # [n_q, d]
-        return ((q @ k.T) / RETRIEVAL_TEMPERATURE).softmax(-1).sum(0)
+    def row_scores(self, layer: int, ltm: LongTermMemory, h: torch.Tensor) -> torch.Tensor:
+        """[n] attention each of layer `layer`'s LTM rows gets from the question states h [n_q, d] entering
+        the layer: every question token spreads one unit by softmax(cos / tau) over the rows, both sides
+        centered on the mean key c (the LTM's key sum / n). Reads the rows once, a batch at a time.
+
+        With k_j = r_j (w * x_j) and q' = normalize(key(h_i) - c), cos_ij = (r_j (q' * w) . x_j - q' . c)
+        / |k_j - c| and |k_j - c|^2 = r_j^2 |w * x_j|^2 - 2 r_j (w * c) . x_j + |c|^2: one float32 matmul of
+        the rows x [b, d] with [q' * w; w * c] per batch, and no key is ever formed."""
+        entries = ltm.layers[layer].entries
+        n = entries.numel()
+        w = self.model.layers[layer].input_layernorm.weight.float().cpu()  # [d]
+        c = (ltm.key_sums[layer] / n).float()  # [d]
+        q = F.normalize(self.row_keys(layer, h).float().cpu() - c, dim=-1)  # [n_q, d]
+        a = torch.cat([q * w, (w * c)[None]])  # [n_q + 1, d]
+        stats = ltm.bank.keys(entries)  # [n, 2]
+        logits = torch.empty(q.shape[0], n)  # [n_q, n]
+        for positions, x in ltm.bank.scan_rows(entries, batch=SCORE_BATCH):  # x: [b, d]
+            m = x.float() @ a.T  # [b, n_q + 1]
+            r, square = stats[positions, 0], stats[positions, 1]
+            distance = (r.square() * square - 2 * r * m[:, -1] + c.square().sum()).clamp_min(1e-24).sqrt()  # [b]
+            logits[:, positions] = ((r[:, None] * m[:, :-1] - q @ c) / distance[:, None]).T
+        return (logits / RETRIEVAL_TEMPERATURE).softmax(-1).sum(0)
 
     @torch.no_grad()
     def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
@@ -217,7 +257,7 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         if n <= T:
             chosen, scores = torch.arange(n), None
         else:
-            scores = self.row_scores(layer, ltm.keys, h)  # [n]
+            scores = self.row_scores(layer, state.ltm, h)  # [n]
             block = ltm_blocks(ages, self.block)  # [n]
             best = torch.full((int(block[-1]) + 1,), float("-inf")).scatter_reduce(0, block, scores, "amax")
             rank = best.argsort(descending=True).argsort()  # [blocks] 0 for the best block
@@ -237,20 +277,28 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
 
     # -- writing ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_memory(self, state: MemoryState, delta: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
+    def update_memory(
+        self,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None = None,
+        row_ids: torch.Tensor | None = None,
+    ) -> InjectResult:
         """The MemoryLLM flavour's update, then: the new rows get ages k-1..0 and every older row ages by
-        k; the evicted rows join the LTM (in their order) with their keys and ages."""
+        k; the evicted rows join the LTM (in their order) with their stats, ages and keys' sum."""
         if state.ltm is None or state.memory_ages is None:
             raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
-        L, k = delta.shape[:2]
+        ltm, L, k = state.ltm, delta.shape[0], delta.shape[1]
         kept, dropped, perms = self.eviction(state, k, perms)
         ages = torch.cat([state.memory_ages + k, torch.arange(k - 1, -1, -1).expand(L, k)], dim=1)  # [L, N + k]
-        result = super().update_memory(state, delta, perms)  # the same eviction: perms are now given
+        result = super().update_memory(state, delta, perms, row_ids)  # the same eviction: perms are now given
+        hold_rows(ltm, result)
         state.memory_ages = ages[:, kept].contiguous()
-        state.ltm.age(k)
+        ltm.age(k)
         for layer, rows in enumerate(result.dropped):  # rows: [e, d]
-            zeros = torch.zeros(len(rows), dtype=torch.float64)
-            state.ltm.layers[layer].append(rows.cpu(), self.row_keys(layer, rows).cpu(), zeros, ages[layer, dropped])
+            entries = ltm.bank.add(result.dropped_ids[layer], self.row_stats(layer, rows), ages[layer, dropped])
+            ltm.layers[layer].append_entries(entries, torch.zeros(len(rows), dtype=torch.float64))
+            ltm.key_sums[layer] += self.row_keys(layer, rows).double().sum(0).cpu()
         return result
 
 

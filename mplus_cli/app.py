@@ -6,10 +6,12 @@ model mismatch), 130 interrupted. Expected errors print one line; `mplus --debug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,9 +20,10 @@ import typer
 from safetensors.torch import save_file
 
 import model as mp
+from model import store as st
 from model.tokenizer import chat_ids, decode, encode
 
-from . import store as st
+from . import inputs
 from .bench import bench_app
 from .common import (
     OPTIONS,
@@ -35,8 +38,7 @@ from .common import (
     say,
     stop_ids,
 )
-from .errors import ConflictError, MplusError, NotFoundError, UsageError
-from .inputs import chunk_ids, read_source
+from .errors import ConflictError, Interrupted, NotFoundError, UsageError
 from .models import (
     binding,
     check_memory,
@@ -74,11 +76,188 @@ def open_session(store: Path | None, name: str) -> st.Session:
 
 # -- inject ---------------------------------------------------------------------------------------
 def progress_bar(total: int):
-    """A rich progress bar on stderr, shown for more than a few chunks."""
+    """A rich progress bar on stderr (chunks done of all, time left), shown for more than a few chunks."""
     from rich.console import Console
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(console=Console(stderr=True), transient=True, disable=total < 4)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=True, disable=total < 4)
+
+
+def storage_dtype_option(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in mp.FLOAT_DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}: use {', '.join(mp.FLOAT_DTYPES)}")
+    return mp.FLOAT_DTYPES[name]
+
+
+def bound_session(root: Path, name: str, model: str | None, memory: str | None, tokenizer, seed, dtype):
+    """(session, model) for an inject: the existing session with its own model (checked against the
+    options), or the model the options name, with no session yet (None)."""
+    if not st.session_exists(root, st.check_name(name)):
+        lm = load_model(with_memory(requested_model(model), memory), tokenizer=tokenizer)
+        if memory is not None and lm.cfg.kind != memory:
+            raise UsageError(
+                f"model {lm.info['source']!r} has {lm.cfg.kind} memory: --memory {memory} needs another model"
+            )
+        return None, lm
+    session = st.Session.open(root, name)
+    check_requested(name, session.model_ref, model)
+    check_memory(name, session.model_ref, memory)
+    if dtype is not None and dtype != session.dtype:
+        raise ConflictError(
+            f"session {name!r} keeps {session.manifest['dtype']} rows: drop --dtype or use another session"
+        )
+    if seed is not None and seed != session.manifest["seed"]:
+        raise ConflictError(f"session {name!r} was created with --seed {session.manifest['seed']}: drop --seed")
+    return session, load_bound_model(name, session.model_ref, tokenizer)
+
+
+def create_or_join(root: Path, name: str, lm: mp.MemoryLLM, ref: dict, seed: int, dtype: torch.dtype) -> st.Session:
+    """Create the session; if another process created it meanwhile, use it when it is bound to the same model."""
+    try:
+        return st.Session.create(root, name, lm.initial_state, ref, seed, dtype)
+    except st.SessionExists:
+        session = st.Session.open(root, name)
+        same = {k: session.model_ref.get(k) for k in ("id", "fingerprint")} == {
+            k: ref[k] for k in ("id", "fingerprint")
+        }
+        if not same or session.dtype != dtype or session.manifest["seed"] != seed:
+            raise ConflictError(
+                f"session {name!r} was just created by another command with other settings "
+                f"(model {session.model_ref['id']}, {session.manifest['dtype']}, seed {session.manifest['seed']})"
+            ) from None
+        return session
+
+
+def resume_plan(session: st.Session, sources: list[inputs.Source], resume: bool, chunk_tokens: int) -> list[int]:
+    """Chunks to skip per source. With --resume: a source the log records as injected is skipped whole, the
+    source of the session's partial injection continues after its committed chunks. Without it, a source
+    that is the session's partial injection is refused (it would be injected twice)."""
+    partial = session.partial
+    if not resume:
+        if partial and any(s.sha256 == partial["sha256"] for s in sources):
+            raise ConflictError(
+                f"session {session.name!r} holds a partial injection of {partial['source']} "
+                f"({partial['chunks_done']} of {partial['chunks_total']} chunks committed): add --resume to continue it"
+            )
+        return [0] * len(sources)
+    injected = {entry["sha256"] for entry in session.log() if not entry.get("partial")}
+    skips = []
+    for source in sources:
+        if source.sha256 in injected:
+            say(f"mplus: {source.name}: already injected into session {session.name!r}, skipped")
+            skips.append(source.chunks)
+        elif partial and partial["sha256"] == source.sha256:
+            if partial["chunk_tokens"] != chunk_tokens:
+                raise ConflictError(
+                    f"the partial injection of {source.name} was cut into chunks of {partial['chunk_tokens']} "
+                    f"tokens: add --chunk-tokens {partial['chunk_tokens']} to resume it"
+                )
+            say(f"mplus: {source.name}: resuming after chunk {partial['chunks_done']} of {partial['chunks_total']}")
+            skips.append(partial["chunks_done"])
+        else:
+            skips.append(0)
+    return skips
+
+
+@dataclass
+class InjectRun:
+    """What an inject call has done (for its report, and the message if it is interrupted)."""
+
+    root: Path
+    session: str
+    tokens: int = 0
+    chunks: int = 0
+    first_commit: int | None = None  # the session's commit when this call took the writer lock
+    current: inputs.Source | None = None
+    logged: list[dict] = field(default_factory=list)
+
+    def interrupted(self) -> Interrupted:
+        """What the session holds now, read back from its committed manifest (Ctrl-C can come right after a
+        commit, before this call counted it)."""
+        if self.first_commit is None:
+            return Interrupted(f"interrupted; nothing was injected into session {self.session!r}")
+        found = st.Session.open(self.root, self.session)
+        partial, source = found.partial, self.current
+        if partial and source is not None and partial["sha256"] == source.sha256:
+            return Interrupted(
+                f"interrupted; session {self.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
+                f"chunks of {source.name}: continue with `mplus inject {source.name} --session {self.session} --resume`"
+            )
+        new = found.manifest["commit"] - self.first_commit
+        return Interrupted(
+            f"interrupted; session {self.session!r} keeps the {new} chunks this command committed"
+            if new
+            else f"interrupted; session {self.session!r} is unchanged"
+        )
+
+
+def inject_sources(
+    writer: st.Writer, lm: mp.MemoryLLM, sources: list[inputs.Source], skips: list[int], chunk_tokens: int, run
+) -> mp.MemoryState:
+    """Inject every chunk not skipped, committing after each: a crash or Ctrl-C loses at most one chunk."""
+    state = writer.load_state(lm.initial_state)
+    run.first_commit, abandoned = writer.session.manifest["commit"], writer.session.partial
+    total = sum(s.chunks - skip for s, skip in zip(sources, skips, strict=True))
+    with progress_bar(total) as bar:
+        task = bar.add_task("injecting", total=total)
+        for source, skip in zip(sources, skips, strict=True):
+            if skip == source.chunks:
+                continue
+            run.current = source
+            bar.update(task, description=f"{Path(source.name).name}")
+            for i, chunk in enumerate(inputs.source_chunks(source, lm.tokenizer, chunk_tokens)):
+                if i < skip:
+                    continue
+                writer.inject(lm, state, torch.tensor(chunk, dtype=torch.long))
+                log, done = [], i + 1
+                if abandoned and abandoned["sha256"] != source.sha256:  # another source stopped part-way before
+                    log.append(abandoned_entry(abandoned))
+                    say(f"mplus: note: the partial injection of {abandoned['source']} stays partial (see the log)")
+                abandoned = None
+                partial = partial_entry(source, chunk_tokens, done, sum(source.chunk_sizes[:done]))
+                if done == source.chunks:
+                    log.append(source_entry(source, chunk_tokens, resumed=skip > 0))
+                    partial = None
+                writer.commit(state, log, partial)
+                run.tokens, run.chunks = run.tokens + len(chunk), run.chunks + 1
+                run.logged += [entry for entry in log if not entry.get("partial")]
+                bar.advance(task)
+    return state
+
+
+def source_entry(source: inputs.Source, chunk_tokens: int, resumed: bool) -> dict:
+    entry = {"source": source.name, "sha256": source.sha256, "tokens": source.tokens, "chunks": source.chunks}
+    return entry | {"chunk_tokens": chunk_tokens, "at": st.now()} | ({"resumed": True} if resumed else {})
+
+
+def partial_entry(source: inputs.Source, chunk_tokens: int, done: int, tokens_done: int) -> dict:
+    return {
+        "source": source.name,
+        "sha256": source.sha256,
+        "chunk_tokens": chunk_tokens,
+        "chunks_done": done,
+        "chunks_total": source.chunks,
+        "tokens_done": tokens_done,
+        "tokens_total": source.tokens,
+        "at": st.now(),
+    }
+
+
+def abandoned_entry(partial: dict) -> dict:
+    """The log line of a partial injection that another source follows."""
+    return {
+        "source": partial["source"],
+        "sha256": partial["sha256"],
+        "tokens": partial["tokens_done"],
+        "chunks": partial["chunks_done"],
+        "chunks_total": partial["chunks_total"],
+        "chunk_tokens": partial["chunk_tokens"],
+        "partial": True,
+        "at": partial["at"],
+    }
 
 
 @app.command()
@@ -95,51 +274,51 @@ def inject(
         str | None,
         typer.Option(help="Memory of a new session: mplus | memoryllm (picks the built-in model's flavour)."),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Storage dtype of a new session's rows: bfloat16 | float16 | float32 (default: the model's)."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue an interrupted inject: skip sources already injected, finish a partial one."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Inject text into a session's memory (the session is created on first use, bound to its model).
 
-    Text is cut into chunks of at most --chunk-tokens tokens; a final piece under 16 tokens is merged into
-    the previous chunk. All chunks of one call are committed together.
+    Text is read and tokenized as a stream and cut into chunks of at most --chunk-tokens tokens (a final
+    piece under 16 tokens is merged into the previous chunk). Each chunk is committed as it finishes: a
+    crash or Ctrl-C loses at most the chunk in flight, and --resume continues after the last committed one.
     """
     root = store_root(store)
-    sources = [read_source(path) for path in paths]
-    name = with_memory(requested_model(model), memory)
-    existing = st.Session.open(root, session) if st.session_exists(root, st.check_name(session)) else None
-    if existing:
-        check_requested(session, existing.model_ref, model)
-        check_memory(session, existing.model_ref, memory)
-        lm = load_bound_model(session, existing.model_ref, tokenizer)
-        if seed is not None and seed != existing.manifest["seed"]:
-            say(f"mplus: warning: --seed ignored, session {session!r} already has seed {existing.manifest['seed']}")
-    else:
-        lm = load_model(name, tokenizer=tokenizer)
-        if memory is not None and lm.cfg.kind != memory:
-            raise UsageError(f"model {name!r} has {lm.cfg.kind} memory: --memory {memory} needs another model")
-    chunked = [chunk_ids(encode(lm.tokenizer, s.text), chunk_tokens, s.name) for s in sources]
-    note_label(lm)
-    if not existing:
-        ref = binding(name, lm, tokenizer, None)
-        existing = st.create_session(root, session, lm, ref, seed or 0)
-    total = sum(len(chunks) for chunks in chunked)
-    with existing.writer() as writer, progress_bar(total) as bar:
-        task = bar.add_task("injecting", total=total)
-        state = writer.load_state(lm)
-        for source, chunks in zip(sources, chunked, strict=True):
-            for chunk in chunks:
-                writer.inject(lm, state, torch.tensor(chunk, dtype=torch.long))
-                bar.advance(task)
-            tokens = sum(map(len, chunks))
-            entry = {"source": source.name, "sha256": source.sha256, "tokens": tokens, "chunks": len(chunks)}
-            writer.record(entry | {"at": st.now()})
-        committed = writer.commit(state)
+    storage = storage_dtype_option(dtype)
+    run = InjectRun(root, session)
+    try:
+        with contextlib.ExitStack() as stack:
+            existing, lm = bound_session(root, session, model, memory, tokenizer, seed, storage)
+            files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
+            names = ["<stdin>" if p == "-" else p for p in paths]
+            sources = [inputs.plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
+            note_label(lm)
+            if existing is None:
+                ref = binding(lm.info["source"], lm, tokenizer, None)
+                existing = create_or_join(root, session, lm, ref, seed or 0, storage or mp.storage_dtype(lm))
+            with existing.writer() as writer:
+                skips = resume_plan(writer.session, sources, resume, chunk_tokens)
+                state = inject_sources(writer, lm, sources, skips, chunk_tokens, run)
+                committed = writer.session
+    except KeyboardInterrupt:
+        raise run.interrupted() from None
     report = {
         "session": session,
         "model": committed.model_ref["id"],
         "label": committed.model_ref["label"],
-        "sources": committed.log()[-len(sources) :],
-        "tokens": sum(sum(map(len, chunks)) for chunks in chunked),
-        "chunks": total,
+        "dtype": committed.manifest["dtype"],
+        "sources": run.logged,
+        "tokens": run.tokens,
+        "chunks": run.chunks,
         "commit": committed.manifest["commit"],
         "injections": state.injections,
         "tokens_injected": state.tokens_injected,
@@ -148,7 +327,7 @@ def inject(
         emit(report)
     else:
         typer.echo(
-            f"injected {report['tokens']} tokens in {total} chunks into session {session!r} "
+            f"injected {run.tokens} tokens in {run.chunks} chunks into session {session!r} "
             f"(now {state.injections} injections, {state.tokens_injected} tokens)"
         )
 
@@ -181,11 +360,34 @@ class Streamer:
             self.shown = text
 
 
+def gather_questions(questions: list[str] | None, questions_file: Path | None) -> list[str]:
+    """The questions: arguments, then --questions FILE, or (with neither, or the argument '-') one per line on stdin."""
+    given = list(questions or [])
+    from_stdin = given == ["-"] or (not given and questions_file is None)
+    if from_stdin:
+        if sys.stdin.isatty():
+            raise UsageError('give a question: mplus ask "..." --session NAME (or --questions FILE, or lines on stdin)')
+        given = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if questions_file is not None:
+        if not questions_file.is_file():
+            raise NotFoundError(f"no such file: {questions_file}")
+        given += [line.rstrip("\n") for line in questions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not given:
+        raise UsageError("no question given (the input holds no non-empty line)")
+    return given
+
+
 @app.command()
 @handle_errors
 def ask(
-    question: Annotated[str, typer.Argument(help="The question to answer from memory.")],
     session: SessionOpt,
+    questions: Annotated[
+        list[str] | None,
+        typer.Argument(help="Questions to answer from memory ('-' or none: one per line on stdin)."),
+    ] = None,
+    questions_file: Annotated[
+        Path | None, typer.Option("--questions", help="A file with one question per line.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
@@ -197,11 +399,15 @@ def ask(
     tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a question from a session's memory, streamed to stdout (the session is not changed)."""
+    """Answer questions from a session's memory, streamed to stdout (the session is not changed).
+
+    Several questions are answered in one process: the memory is read once and its keys/values are
+    reused by every question.
+    """
+    asked = gather_questions(questions, questions_file)
     found = open_session(store, session)
     check_requested(session, found.model_ref, model)
     lm = load_bound_model(session, found.model_ref, tokenizer)
-    state = found.load_state(lm)
     try:
         settings = mp.DecodeSettings(
             max_new_tokens=max_new_tokens,
@@ -213,26 +419,26 @@ def ask(
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
-    ids = prompt_ids(lm, question, chat)
+    prompts = [prompt_ids(lm, question, chat) for question in asked]
+    state = found.load_state(lm.initial_state, lm.device)
     note_label(lm)
-    streamer = Streamer(lm.tokenizer, enabled=not as_json)
-    out = mp.generate(lm, state, ids, settings, on_token=streamer)
-    answer = decode(lm.tokenizer, out.token_ids)
-    if as_json:
-        emit(
-            {
-                "session": session,
-                "model": found.model_ref["id"],
-                "label": found.model_ref["label"],
-                "question": question,
-                "answer": answer,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "settings": settings.to_dict(),
-            }
+    answers = []
+    for question, ids in zip(asked, prompts, strict=True):
+        if len(asked) > 1 and not as_json:
+            sys.stdout.write(f"Q: {question}\nA: ")
+        streamer = Streamer(lm.tokenizer, enabled=not as_json)
+        out = mp.generate(lm, state, ids, settings, on_token=streamer)
+        answer = decode(lm.tokenizer, out.token_ids)
+        if not as_json:
+            sys.stdout.write(answer[len(streamer.shown) :] + "\n")
+            sys.stdout.flush()
+        answers.append(
+            {"question": question, "answer": answer, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
         )
-    else:
-        sys.stdout.write(answer[len(streamer.shown) :] + "\n")
+    if as_json:
+        head = {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
+        single = answers[0] if len(answers) == 1 else {}
+        emit(head | single | {"answers": answers, "settings": settings.to_dict()})
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -290,7 +496,7 @@ def export(
     if out.exists() and not force:
         raise ConflictError(f"{out} already exists: pass --force to replace it or choose another -o")
     lm = load_bound_model(session, found.model_ref, tokenizer)
-    state = found.load_state(lm)
+    state = found.load_state(lm.initial_state)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if format == "memory":
@@ -313,9 +519,10 @@ def summary(found: st.Session) -> dict[str, Any]:
     """What `session show` reports; reads the manifest and the log, never the rows."""
     meta = found.manifest["state"]
     L, N, d = meta["memory_shape"]
-    memory = {"layers": L, "short_term_rows": N, "hidden_size": d, "dtype": meta["dtype"]}
+    memory = {"layers": L, "short_term_rows": N, "hidden_size": d, "dtype": found.manifest["dtype"]}
     if "ltm" in meta:
         memory |= {"ltm_rows": meta["ltm"]["sizes"], "ltm_cached_rows": meta["ltm"]["cached_rows"]}
+        memory |= {"ltm_entries": found.manifest["ltm"]["initial_entries"] + found.manifest["ltm"]["entries"]}
     return {
         "session": found.name,
         "model": found.model_ref,
@@ -330,6 +537,7 @@ def summary(found: st.Session) -> dict[str, Any]:
         "memory": memory,
         "disk_bytes": found.disk_bytes(),
         "forked_from": found.manifest.get("forked_from"),
+        "partial": found.partial,
         "log": found.log(),
     }
 
@@ -345,7 +553,7 @@ def session_ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
             found = st.Session.open(root, name)
             tokens = found.manifest["state"]["tokens_injected"]
             rows.append({"session": name, "model": found.model_ref["id"], "tokens": tokens})
-        except MplusError as e:
+        except st.StoreError as e:
             rows.append({"session": name, "error": str(e)})
     if as_json:
         emit({"store": str(root), "sessions": rows})
@@ -378,8 +586,16 @@ def session_show(name: Annotated[str, typer.Argument()], store: StoreOpt = None,
         ),
         f"disk      {info['disk_bytes']} bytes",
     ]
+    partial = info["partial"]
+    if partial:
+        lines.append(
+            f"partial   {partial['source']}: {partial['chunks_done']} of {partial['chunks_total']} chunks committed "
+            f"({partial['tokens_done']} of {partial['tokens_total']} tokens); `mplus inject ... --resume` continues it"
+        )
     for e in info["log"]:
-        lines.append(f"  {e['at']} {e['tokens']:>8} tokens {e['chunks']:>4} chunks  {e['sha256'][:12]}  {e['source']}")
+        done = f" of {e['chunks_total']} (partial)" if e.get("partial") else ""
+        line = f"  {e['at']} {e['tokens']:>8} tokens {e['chunks']:>4} chunks{done}  {e['sha256'][:12]}  {e['source']}"
+        lines.append(line)
     typer.echo("\n".join(lines))
 
 
@@ -413,7 +629,7 @@ def session_fork(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a session under a new name."""
-    forked = st.fork_session(store_root(store), name, st.check_name(new_name))
+    forked = open_session(store, name).fork(st.check_name(new_name))
     if as_json:
         emit({"session": forked.name, "forked_from": name, "commit": forked.manifest["commit"]})
     else:

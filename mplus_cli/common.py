@@ -13,8 +13,9 @@ from typing import Annotated, Any
 import typer
 
 import model as mp
+from model import store as st
 
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, MplusError
+from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError
 from .models import DEFAULT_MODEL
 
 OPTIONS = {"debug": False}
@@ -45,6 +46,22 @@ def emit(document: dict[str, Any]) -> None:
     typer.echo(json.dumps(document, indent=1))
 
 
+STORE_EXIT_CODES = {  # the session store's errors as exit codes
+    st.InvalidName: EXIT_USAGE,
+    st.SessionNotFound: EXIT_NOT_FOUND,
+    st.SessionExists: EXIT_CONFLICT,
+    st.SessionBusy: EXIT_CONFLICT,
+    st.SessionMismatch: EXIT_CONFLICT,
+    st.SessionDamaged: EXIT_FAILURE,
+}
+
+
+def exit_code(error: Exception) -> int:
+    if isinstance(error, MplusError):
+        return error.exit_code
+    return next((code for kind, code in STORE_EXIT_CODES.items() if isinstance(error, kind)), EXIT_FAILURE)
+
+
 def handle_errors(command: Callable) -> Callable:
     """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
 
@@ -55,11 +72,12 @@ def handle_errors(command: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            say("mplus: interrupted; the session keeps its last committed state")
+            say("mplus: interrupted; every session keeps its last committed state")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:
-            code = e.exit_code if isinstance(e, MplusError) else EXIT_FAILURE
-            message = str(e) if isinstance(e, MplusError) else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
+            code = exit_code(e)
+            expected = isinstance(e, MplusError | st.StoreError)
+            message = str(e) if expected else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
             if OPTIONS["debug"]:
                 traceback.print_exc()
             say(f"mplus: error: {message}")

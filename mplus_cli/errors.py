@@ -26,3 +26,9 @@ class NotFoundError(MplusError):
 
 class ConflictError(MplusError):
     exit_code = EXIT_CONFLICT
+
+
+class Interrupted(MplusError):
+    """Ctrl-C: the message says what was kept."""
+
+    exit_code = EXIT_INTERRUPTED

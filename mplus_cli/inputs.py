@@ -1,56 +1,108 @@
-"""Reading the texts to inject and cutting them into chunks on token boundaries."""
+"""The texts to inject: read a block at a time (never whole), checked, hashed and planned into chunks.
+
+A source is read twice: once to check it (UTF-8, no NUL bytes, some text), hash it and count its tokens,
+so that the number of chunks is known before anything is written; then again, chunk by chunk, to inject
+it. Standard input is first copied to a private temporary file so that it can be read twice.
+"""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.chunking import MIN_CHUNK_TOKENS, chunk_sizes, chunked, token_stream
+
 from .errors import MplusError, NotFoundError
 
-MIN_CHUNK_TOKENS = 16  # the authors' models need at least 16 tokens per injection
+READ_BYTES = 1 << 20
 
 
 @dataclass
 class Source:
     name: str  # the path as given, or "<stdin>"
-    text: str
+    path: Path  # the file read (for stdin, its temporary copy)
     sha256: str
+    tokens: int
+    chunk_sizes: list[int]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_sizes)
 
 
-def read_source(path: str) -> Source:
-    """The UTF-8 text of a file (or stdin for '-'); refuses missing, directory, empty and binary input."""
-    name = "<stdin>" if path == "-" else path
-    if path == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        file = Path(path)
-        if not file.exists():
-            raise NotFoundError(f"no such file: {path}")
-        if file.is_dir():
-            raise MplusError(f"{path} is a directory: pass the text files inside it")
-        data = file.read_bytes()
-    if not data.strip():
-        raise MplusError(f"{name} is empty: nothing to inject")
-    if b"\0" in data:
-        raise MplusError(f"{name} looks binary (it contains NUL bytes): inject text files only")
+def text_blocks(path: Path, name: str, digest=None) -> Iterator[str]:
+    """The UTF-8 text of `path`, a block at a time; refuses NUL bytes and invalid UTF-8 (naming the byte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            if digest is not None:
+                digest.update(block)
+            if b"\0" in block:
+                raise MplusError(f"{name} looks binary (it contains NUL bytes): inject text files only")
+            try:
+                yield decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise MplusError(
+                    f"{name} is not valid UTF-8 (byte {offset + e.start}): convert it to UTF-8 first"
+                ) from e
+            offset += len(block)
     try:
-        text = data.decode("utf-8")
+        yield decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
-        raise MplusError(f"{name} is not valid UTF-8 (byte {e.start}): convert it to UTF-8 first") from e
-    return Source(name, text, hashlib.sha256(data).hexdigest())
+        raise MplusError(f"{name} is not valid UTF-8 (it ends inside a character): convert it to UTF-8 first") from e
 
 
-def chunk_ids(ids: list[int], chunk_tokens: int, name: str) -> list[list[int]]:
-    """Chunks of at most `chunk_tokens` ids; a final piece under 16 ids is merged into the previous chunk
-    (which can then exceed `chunk_tokens` by up to 15). An input under 16 ids is refused."""
-    if len(ids) < MIN_CHUNK_TOKENS:
+def check_path(path: str) -> Path:
+    file = Path(path)
+    if not file.exists():
+        raise NotFoundError(f"no such file: {path}")
+    if file.is_dir():
+        raise MplusError(f"{path} is a directory: pass the text files inside it")
+    return file
+
+
+@contextlib.contextmanager
+def spooled_stdin() -> Iterator[Path]:
+    """Standard input copied to a private temporary file (removed afterwards)."""
+    fd, name = tempfile.mkstemp(prefix="mplus-stdin-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, READ_BYTES)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def plan_source(name: str, path: Path, tokenizer, chunk_tokens: int) -> Source:
+    """Read `path` once: check it, hash it, count its tokens and plan its chunks."""
+    digest = hashlib.sha256()
+    tokens = sum(len(ids) for ids in token_stream(tokenizer, checked_text(text_blocks(path, name, digest), name)))
+    if tokens < MIN_CHUNK_TOKENS:
         raise MplusError(
-            f"{name} has {len(ids)} tokens; the model needs at least {MIN_CHUNK_TOKENS} per injection: add more text"
+            f"{name} has {tokens} tokens; the model needs at least {MIN_CHUNK_TOKENS} per injection: add more text"
         )
-    chunks = [ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
-    if len(chunks) > 1 and len(chunks[-1]) < MIN_CHUNK_TOKENS:
-        tail = chunks.pop()
-        chunks[-1] = chunks[-1] + tail
-    return chunks
+    return Source(name, path, digest.hexdigest(), tokens, chunk_sizes(tokens, chunk_tokens))
+
+
+def checked_text(blocks: Iterator[str], name: str) -> Iterator[str]:
+    """The blocks, refusing a text that is empty or only whitespace (checked when it ends)."""
+    seen_text = False
+    for block in blocks:
+        seen_text = seen_text or bool(block.strip())
+        yield block
+    if not seen_text:
+        raise MplusError(f"{name} is empty: nothing to inject")
+
+
+def source_chunks(source: Source, tokenizer, chunk_tokens: int) -> Iterator[list[int]]:
+    """The chunks of a planned source, read and tokenized again as they are needed."""
+    return chunked(token_stream(tokenizer, text_blocks(source.path, source.name)), chunk_tokens)

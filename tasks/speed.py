@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 import model as mp
+from model import store as st
 from model.layers import KVCache
-from model.ltm import LayerLTM, LongTermMemory, RowBank
+from model.ltm import EntryBank, LayerLTM, LongTermMemory
 from model.memory import new_generator
 from model.mplus import order_oldest_first
 from model.presets import TINY_CONFIG, TINY_MPLUS_CONFIG, UNTRAINED_LABEL, random_model
-from mplus_cli import store as st
-from mplus_cli.models import binding
+from model.rows import FileArray
 
 # -- shapes -----------------------------------------------------------------------------------------
 LORA = {
@@ -248,20 +248,20 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
     return model
 
 
-def zero_rows(path: Path, count: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """[count, width] zeros memory-mapped from a sparse file at `path`: no RAM or disk until pages are read."""
+def zero_rows(path: Path, count: int, width: int, dtype: torch.dtype) -> FileArray:
+    """[count, width] zeros in a sparse file at `path`: no disk is used until something is written."""
     with open(path, "wb") as f:
         f.truncate(count * width * dtype.itemsize)
-    return torch.from_file(str(path), shared=False, size=count * width, dtype=dtype).view(count, width)
+    return FileArray(path, count, width, dtype)
 
 
 def random_ltm(model: mp.MPlus, rows: int, cached: int, directory: Path, seed: int = 0) -> LongTermMemory:
     """An LTM of `rows` rows per layer plus `cached` dropped rows awaiting the next merge, laid out as
     injections leave it: entries in blocks of K per layer and injection (bank order: injection, layer,
     row), one recall frequency per merge of update_ltm_frequency injections, high enough that nothing is
-    pruned; ages count down (oldest first). Keys are random; the rows are zeros memory-mapped from a
-    sparse file in `directory` (their content does not change timings; as in a session, they are never
-    all in RAM)."""
+    pruned; ages count down (oldest first). Keys are random; the rows are zeros in a sparse file in
+    `directory` (their content does not change timings; as in a session, they are never all in RAM),
+    under the row ids that follow the model's initial memory."""
     cfg, g = model.cfg, torch.Generator().manual_seed(seed)
     L, d, s, K, dtype = cfg.num_layers, cfg.hidden_size, cfg.selector_hidden_dim, cfg.num_tokens, model.dtype
 
@@ -276,32 +276,46 @@ def random_ltm(model: mp.MPlus, rows: int, cached: int, directory: Path, seed: i
     births[ltm_entries] = torch.arange(rows, 0, -1) * K + cached  # oldest first, older than the cache
     births[cache] = torch.arange(cached, 0, -1)
     keys = torch.randn(count, s, generator=g).to(dtype)  # [E, s]
-    bank = RowBank([(zero_rows(directory / f"ltm-{rows}-{cached}.bin", count, d, dtype), keys, births)])
+    space = st.initial_rows(model.initial_state).clone()
+    base = space.end
+    space.attach(base, zero_rows(directory / f"ltm-{rows}-{cached}.bin", count, d, dtype))
+    bank = EntryBank(space, s, None, [(base + torch.arange(count), births, keys)])
     rf = 1e6 - (torch.arange(rows) // (K * cfg.update_ltm_frequency)).flip(0).double()  # one per merge
-    layers = [LayerLTM(bank, entries, bank.keys(entries), rf) for entries in ltm_entries]
-    cached_keys = bank.keys(cache.reshape(-1)).view(L, cached, s)
-    return LongTermMemory(bank, layers, cache, cached_keys, update_step=cached)
+    layers = [LayerLTM(bank, entries, rf) for entries in ltm_entries]
+    return LongTermMemory(bank, layers, cache, update_step=cached)
 
 
 def first_rows(ltm: LongTermMemory, n: int, cache: bool = False) -> LongTermMemory:
     """The LTM cut to its first n rows per layer (same bank), with its cache (shared) or an empty one:
-    entries and keys are views (no copy), recall frequencies copies (merges decay them)."""
-    layers = [LayerLTM(ltm.bank, x.entries[:n], x.keys[:n], x.recall_frequencies[:n]) for x in ltm.layers]
-    if cache:
-        return LongTermMemory(ltm.bank, layers, ltm.cached_entries, ltm.cached_keys, ltm.update_step)
-    L, s = len(layers), ltm.cached_keys.shape[-1]
-    empty = torch.empty(L, 0, dtype=torch.int64)
-    return LongTermMemory(ltm.bank, layers, empty, ltm.cached_keys.new_empty(L, 0, s))
+    entries are views (no copy), recall frequencies copies (merges decay them)."""
+    layers = [LayerLTM(ltm.bank, x.entries[:n], x.recall_frequencies[:n]) for x in ltm.layers]
+    cached = ltm.cached_entries if cache else torch.empty(len(layers), 0, dtype=torch.int64)
+    return LongTermMemory(ltm.bank, layers, cached, ltm.update_step if cache else 0)
 
 
 def with_ltm(model: mp.MPlus, ltm: LongTermMemory, seed: int = 0) -> mp.MemoryState:
-    """A working state: a copy of the model's initial short-term memory and ages, with `ltm` (shared)."""
-    initial = model.initial_state
+    """A working state: a copy of the model's initial short-term memory and ages, with a copy of `ltm`
+    (sharing its read-only parts)."""
+    initial, ltm = model.initial_state, ltm.clone()
     return mp.MemoryState(
         memory=initial.memory.clone(),
         generator=new_generator(seed),
         memory_ages=initial.memory_ages.clone(),
         ltm=ltm,
+        memory_ids=initial.memory_ids.clone(),
+        next_row_id=ltm.rows.end,
+    )
+
+
+def initial_with_ltm(model: mp.MPlus, ltm: LongTermMemory) -> mp.MemoryState:
+    """The model's initial state with `ltm` as its initial long-term memory (its row ids follow ltm's)."""
+    initial = model.initial_state
+    return mp.MemoryState(
+        memory=initial.memory,
+        memory_ages=initial.memory_ages,
+        ltm=ltm,
+        memory_ids=initial.memory_ids,
+        next_row_id=ltm.rows.end,
     )
 
 
@@ -461,15 +475,16 @@ def session_commits(
 ) -> list[Commit]:
     """Create session `name` and commit `count` injects of `ids` one by one; after the i-th (1-based) for i
     in `snapshot_at`, also time saving the whole state instead (to `root/name.snapshot`)."""
-    session = st.create_session(root, name, model, binding(model.info.get("source", "bench"), model, None, None), 0)
+    ref = {"id": model.info.get("source", "bench"), "fingerprint": model.cfg.fingerprint(), "kind": model.cfg.kind}
+    session = st.Session.create(root, name, model.initial_state, ref, 0, model.dtype)
     snapshot, commits = root / f"{name}.snapshot", []
     with session.writer() as writer:
-        state = writer.load_state(model)
+        state = writer.load_state(model.initial_state, model.device)
         for i in range(1, count + 1):
             inject_s = clock(lambda: writer.inject(model, state, ids), model.device)
-            writer.record({"source": "bench", "sha256": "", "tokens": int(ids.numel()), "chunks": 1, "at": st.now()})
+            line = {"source": "bench", "sha256": "", "tokens": int(ids.numel()), "chunks": 1, "at": st.now()}
             before = file_table(session.directory)
-            commit_s = clock(lambda: writer.commit(state), model.device)
+            commit_s = clock(lambda line=line: writer.commit(state, [line]), model.device)
             commit = Commit(inject_s, commit_s, bytes_written(before, file_table(session.directory)))
             if i in snapshot_at:
                 commit.snapshot_s = clock(lambda: save_durably(state, snapshot), model.device)
@@ -514,7 +529,7 @@ def measure_store(
             ),
         ]
     fast, slow = paired(
-        lambda: st.Session.open(root, name).load_state(model),
+        lambda: st.Session.open(root, name).load_state(model.initial_state, model.device),
         lambda: mp.MemoryState.load(root / f"{name}.snapshot", model.device).clone(),  # load maps lazily: read it all
         model.device,
         repeats,
@@ -532,7 +547,7 @@ def measure_ltm_session(
     ids, initial, medians = random_ids(tokens, model.cfg.vocab_size), model.initial_state, []
     try:
         for n in sizes:
-            model.initial_state = replace(initial, ltm=first_rows(ltm, n))
+            model.initial_state = initial_with_ltm(model, first_rows(ltm, n))
             commits = session_commits(model, root, f"ltm-{n}", ids, repeats + 1)[1:]
             medians.append(
                 (
@@ -590,7 +605,7 @@ def run(
                 log(f"mplus: an LTM of {sizes[-1]} rows/layer")
                 ltm = random_ltm(model, sizes[-1], cfg.num_tokens * (cfg.update_ltm_frequency // 2), Path(tmp))
                 if model.initial_state.ltm is None:  # a random model: sessions start with the smallest LTM
-                    model.initial_state.ltm = first_rows(ltm, sizes[0]).clone()
+                    model.initial_state = initial_with_ltm(model, first_rows(ltm, sizes[0]).clone())
                 log("mplus: LTM retrieval")
                 figures += measure_retrieval(model, ltm, sizes, workload.prompt_tokens, repeats)
                 log("mplus: inject with a large vs a small LTM")

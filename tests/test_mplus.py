@@ -30,6 +30,14 @@ def inject_n(model: mp.MPlus, state: mp.MemoryState, count: int, seed: int = 0) 
     return [model.inject(state, token_ids(10 + i, seed=seed + i)) for i in range(count)]
 
 
+def cache_rows(ltm: LongTermMemory, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
+    """Put new rows [L, C, d] into the LTM's row space and its cache, with keys [L, C, s] and ages [L, C]."""
+    L, C, d = rows.shape
+    first = ltm.rows.end
+    ltm.rows.add(first, rows.reshape(L * C, d))
+    ltm.cache_dropped(first + torch.arange(L * C).view(L, C), keys, ages)
+
+
 def hand_ltm(rf: list[float], cached: int, d: int = 4, s: int = 3) -> LongTermMemory:
     """A one-layer LTM with len(rf) rows (row i filled with i) and `cached` cached rows (100 + j)."""
     n = len(rf)
@@ -38,7 +46,7 @@ def hand_ltm(rf: list[float], cached: int, d: int = 4, s: int = 3) -> LongTermMe
         [(rows, rows[:, :s].clone(), torch.tensor(rf, dtype=torch.float64), torch.arange(n))]
     )
     cache = 100 + torch.arange(cached, dtype=torch.float32)[None, :, None]  # [1, C, 1]
-    ltm.cache_dropped(cache.expand(1, cached, d), cache.expand(1, cached, s), torch.full((1, cached), 7))
+    cache_rows(ltm, cache.expand(1, cached, d), cache.expand(1, cached, s), torch.full((1, cached), 7))
     return ltm
 
 
@@ -138,7 +146,7 @@ def test_retrieval_picks_the_highest_scoring_candidates_oldest_first(tiny, state
     ages = torch.randperm(n + C, generator=g)  # distinct ages
     rows = torch.randn(n + C, d, generator=g)
     ltm = LongTermMemory.from_rows([(rows[:n], keys[:n], torch.ones(n, dtype=torch.float64), ages[:n])] * 2)
-    ltm.cache_dropped(rows[None, n:].expand(2, C, d), keys[None, n:].expand(2, C, -1), ages[None, n:].expand(2, C))
+    cache_rows(ltm, rows[None, n:].expand(2, C, d), keys[None, n:].expand(2, C, -1), ages[None, n:].expand(2, C))
     state.ltm = ltm
 
     r = tiny.retrieve(layer, state, h)
@@ -325,7 +333,7 @@ def test_merge_decays_and_prunes_without_touching_the_callers_tensors():
     rf = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     rows = torch.arange(3, dtype=torch.float32)[:, None].expand(3, 4).clone()
     ltm = LongTermMemory.from_rows([(rows, rows[:, :2].clone(), rf, torch.zeros(3, dtype=torch.int64))])
-    ltm.cache_dropped(torch.full((1, 2, 4), 9.0), torch.full((1, 2, 2), 9.0), torch.tensor([[4, 5]]))
+    cache_rows(ltm, torch.full((1, 2, 4), 9.0), torch.full((1, 2, 2), 9.0), torch.tensor([[4, 5]]))
     ltm.age(3)
     ltm.merge(initial_rf=10.0, decay=1.0, min_survivors=1)  # the two oldest rows (rf 0.5, 1.0) are pruned
     part = ltm.layers[0]

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import token_ids
 from typer.testing import CliRunner
 
 import model as mp
 from model import smollm2
+from model import store as st
+from model.chunking import chunked
 from model.memory import new_generator
 from model.training_free import (
     TINY_LLAMA,
@@ -24,9 +27,7 @@ from model.training_free import (
     training_free_config,
 )
 from mplus_cli import models as cli_models
-from mplus_cli import store as st
 from mplus_cli.app import app
-from mplus_cli.inputs import chunk_ids
 
 B = 16  # block size of the tiny models
 
@@ -121,7 +122,11 @@ def test_mplus_flavour_moves_evicted_rows_to_the_ltm_with_keys_and_ages():
         assert torch.equal(ltm.rows, text[layer, ltm_pos])
         assert sorted(torch.cat([stm_pos, ltm_pos]).tolist()) == list(range(144))  # each row in one place
         assert stm_pos.diff().gt(0).all()  # the STM stays in text order
-        assert torch.equal(ltm.keys, lm.model.layers[layer].input_layernorm(ltm.rows))
+        x, norm = ltm.rows, lm.model.layers[layer].input_layernorm
+        stats = torch.stack([torch.rsqrt(x.square().mean(-1) + norm.eps), (x * norm.weight).square().sum(-1)], -1)
+        torch.testing.assert_close(ltm.keys, stats)  # an entry keeps two numbers of its row, not a key
+        keys = norm(ltm.rows)  # the retrieval keys, derived from the rows
+        torch.testing.assert_close(state.ltm.key_sums[layer], keys.double().sum(0), rtol=1e-6, atol=1e-6)
 
 
 def test_ltm_blocks_are_runs_of_consecutive_tokens_cut_every_block_rows():
@@ -142,7 +147,11 @@ def test_retrieval_takes_the_best_scoring_blocks_oldest_first():
     layer, h = 1, lm.layer_inputs(token_ids(9, 99))[1]  # question states entering layer 1
     ltm = state.ltm.layers[layer]
     retrieval = lm.retrieve(layer, state, h)
-    scores = lm.row_scores(layer, ltm.keys, h)
+    scores = lm.row_scores(layer, state.ltm, h)
+    keys = lm.model.layers[layer].input_layernorm(ltm.rows)  # the scores, computed directly from the keys
+    center = keys.mean(0)
+    k, q = F.normalize(keys - center, dim=-1), F.normalize(lm.model.layers[layer].input_layernorm(h) - center, dim=-1)
+    torch.testing.assert_close(scores, ((q @ k.T) / 0.1).softmax(-1).sum(0), rtol=1e-4, atol=1e-5)
     block = ltm_blocks(ltm.ages, B)
     best = [
         int(b) for b in torch.stack([scores[block == b].max() for b in range(int(block.max()) + 1)]).topk(2).indices
@@ -341,9 +350,9 @@ def test_sessions_of_a_memory_that_starts_empty_replay_exactly(tmp_path, name):
     lm = mp.load(name)
     state = lm.new_state(0)
     for _ in range(2):
-        for chunk in chunk_ids(lm.tokenizer.encode(TEXT, add_special_tokens=False), 40, "t.txt"):
+        for chunk in chunked([lm.tokenizer.encode(TEXT, add_special_tokens=False)], 40):
             lm.inject(state, torch.tensor(chunk))
-    stored = st.Session.open(store, "s").load_state(lm)
+    stored = st.Session.open(store, "s").load_state(lm.initial_state)
     assert stored.to_meta() == state.to_meta()
     for key, value in state.to_tensors().items():
         assert torch.equal(stored.to_tensors()[key], value), key

@@ -1,0 +1,263 @@
+"""Memory rows addressed by id, held in RAM or in append-only files, read in bounded memory.
+
+Every row a state writes gets a row id (its number in the order rows were written). A `RowSpace` maps ids
+to rows [d] for the ranges of ids it holds; each range is a *segment*: a RAM tensor, or a `FileArray` (a file
+of fixed-width records). Files are read with positional reads into RAM the caller owns, never memory-mapped,
+so that reading every long-term row for a question holds one batch at a time, not the file: the process's
+memory does not grow with the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GAP_BYTES = 64 << 10  # records closer than this are read through, in one read, rather than sought past
+SPAN_BYTES = 4 << 20  # the most one read takes in at a time
+SCAN_ROWS = 16384  # rows per batch of a scan
+
+
+def coalesce(index: torch.Tensor, record_bytes: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """Sort index [m] and group it into spans of records that one read each takes in.
+
+    Returns (order [m], ordered [m], spans): ordered = index[order]; span (lo, hi, first) covers records
+    lo..hi-1 and holds ordered[first : the next span's first]. A span starts where the gap to the previous
+    record is too wide to read through, or where a read would grow past SPAN_BYTES.
+    """
+    order = index.argsort(stable=True)
+    ordered = index[order]
+    if ordered.numel() == 0:
+        return order, ordered, []
+    gap, longest = max(1, GAP_BYTES // record_bytes), max(1, SPAN_BYTES // record_bytes)
+    cut = (ordered.diff() > gap) | (ordered[1:] // longest != ordered[:-1] // longest)  # [m - 1]
+    firsts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.nonzero(cut)[:, 0] + 1])  # [S]
+    lasts = torch.cat([firsts[1:] - 1, torch.tensor([ordered.numel() - 1])])
+    lo, hi = ordered[firsts].tolist(), (ordered[lasts] + 1).tolist()
+    return order, ordered, list(zip(lo, hi, firsts.tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class FileArray:
+    """The first `count` records of `path`, each `width` values of `dtype` (width 0: one scalar per record),
+    starting `offset` bytes into the file. Read-only: the file only ever grows past them."""
+
+    path: Path
+    count: int
+    width: int
+    dtype: torch.dtype
+    offset: int = 0
+
+    @property
+    def record_bytes(self) -> int:
+        return max(self.width, 1) * self.dtype.itemsize
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.count, self.width) if self.width else (self.count,)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def grown(self, count: int) -> FileArray:
+        """The same file with `count` records (after appends)."""
+        return FileArray(self.path, count, self.width, self.dtype, self.offset)
+
+    def _empty(self, m: int) -> torch.Tensor:
+        return torch.empty((m, self.width) if self.width else (m,), dtype=self.dtype)
+
+    def _read_span(self, fd: int, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Records lo..hi-1 into out [hi - lo, ...] (contiguous)."""
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        want, done = view.nbytes, 0
+        while done < want:
+            got = os.preadv(fd, [view[done:]], self.offset + lo * self.record_bytes + done)
+            if got == 0:
+                raise OSError(f"{self.path} ends before record {hi} (it should hold {self.count})")
+            done += got
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """Records at index [m] (any order, repeats allowed) -> [m, width]; nearby records share one read."""
+        out = self._empty(index.numel())
+        for positions, values in self.scan(index, batch=SCAN_ROWS):
+            out[positions] = values
+        return out
+
+    def all(self) -> torch.Tensor:
+        """Every record, in one read."""
+        out = self._empty(self.count)
+        if self.count:
+            with self.opened() as fd:
+                self._read_span(fd, 0, self.count, out)
+        return out
+
+    def scan(self, index: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions [b], records [b, width]) for the records at index [m] in file order, about `batch`
+        records per step: positions say where in `index` each record was asked for."""
+        index = index.reshape(-1).to(torch.int64)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):
+            raise IndexError(f"record index out of range for {self.path} ({self.count} records)")
+        order, ordered, spans = coalesce(index, self.record_bytes)
+        if not spans:
+            return
+        buffer = self._empty(max(hi - lo for lo, hi, _ in spans))
+        firsts = [first for _, _, first in spans] + [ordered.numel()]
+        with self.opened() as fd:
+            pending_positions, pending_values, held = [], [], 0
+            for (lo, hi, first), end in zip(spans, firsts[1:], strict=False):
+                self._read_span(fd, lo, hi, buffer[: hi - lo])
+                pending_positions.append(order[first:end])
+                pending_values.append(buffer[ordered[first:end] - lo])  # a copy: the buffer is reused
+                held += end - first
+                if held >= batch:
+                    yield torch.cat(pending_positions), torch.cat(pending_values)
+                    pending_positions, pending_values, held = [], [], 0
+            if pending_positions:
+                yield torch.cat(pending_positions), torch.cat(pending_values)
+
+    def opened(self):
+        return _Descriptor(self.path)
+
+
+class _Descriptor:
+    """A read-only file descriptor as a context manager (links are never followed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> int:
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+Source = torch.Tensor | FileArray
+
+
+class RowSpace:
+    """Rows [d] by id: read-only segments (first id, tensor [c, d] or FileArray), then an in-RAM tail that
+    `add` extends. Ids of different segments never overlap; ids between segments need not exist."""
+
+    def __init__(self, width: int, dtype: torch.dtype, segments: list[tuple[int, Source]] | None = None):
+        self.width, self.dtype = width, dtype
+        self.segments: list[tuple[int, Source]] = list(segments or [])
+        self.tail_start = self.end_of_segments
+        self.tail = torch.empty(64, width, dtype=dtype)  # over-allocated: appends are amortized O(new rows)
+        self.tail_rows = 0
+
+    @property
+    def end_of_segments(self) -> int:
+        return max((first + len(source) for first, source in self.segments), default=0)
+
+    @property
+    def end(self) -> int:
+        """One past the largest id held."""
+        return max(self.end_of_segments, self.tail_start + self.tail_rows)
+
+    def holds(self, first: int, count: int) -> bool:
+        """Whether ids first..first+count-1 are all held."""
+        for start, source in [*self.segments, (self.tail_start, self.tail[: self.tail_rows])]:
+            if start <= first and first + count <= start + len(source):
+                return True
+        return count == 0
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def add(self, first: int, rows: torch.Tensor) -> None:
+        """Hold rows [m, d] at ids first..first+m-1 (in RAM). Ids must not be held yet."""
+        m = rows.shape[0]
+        if self.tail_rows and first != self.tail_start + self.tail_rows:
+            self.seal()
+        if first < self.end:
+            raise ValueError(f"row ids from {first} are already held (held up to {self.end})")
+        if not self.tail_rows:
+            self.tail_start = first
+        if self.tail_rows + m > self.tail.shape[0]:
+            grown = self.tail.new_empty(max(2 * (self.tail_rows + m), 64), self.width)
+            grown[: self.tail_rows] = self.tail[: self.tail_rows]
+            self.tail = grown
+        self.tail[self.tail_rows : self.tail_rows + m] = rows.to(self.dtype).cpu()
+        self.tail_rows += m
+
+    def seal(self) -> None:
+        """Turn the tail into a read-only segment."""
+        if self.tail_rows:
+            self.segments.append((self.tail_start, self.tail[: self.tail_rows].clone()))
+        self.tail_start, self.tail, self.tail_rows = self.end, self.tail.new_empty(64, self.width), 0
+
+    def attach(self, first: int, source: Source) -> None:
+        """Hold the rows of `source` (a RAM tensor or a FileArray) at ids first.. (sealing the tail first)."""
+        self.seal()
+        if first < self.end:
+            raise ValueError(f"row ids from {first} are already held (held up to {self.end})")
+        self.segments.append((first, source))
+        self.tail_start = self.end
+
+    def persisted(self, first: int, source: FileArray) -> None:
+        """The rows at ids first..first+len(source)-1 are now in `source`: it replaces the file segment that
+        starts at `first` (or is attached), and tail rows it covers leave RAM."""
+        self.segments = [(start, s) for start, s in self.segments if start != first]
+        self.segments.append((first, source))
+        covered = first + len(source) - self.tail_start
+        if covered > 0:
+            keep = self.tail[covered : self.tail_rows].clone() if covered < self.tail_rows else None
+            self.tail_start, self.tail_rows = first + len(source), 0
+            self.tail = self.tail.new_empty(64, self.width)
+            if keep is not None:
+                self.add(self.tail_start, keep)
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def _parts(self) -> list[tuple[int, Source]]:
+        parts = list(self.segments)
+        if self.tail_rows:
+            parts.append((self.tail_start, self.tail[: self.tail_rows]))
+        return parts
+
+    def _split(self, ids: torch.Tensor) -> Iterator[tuple[torch.Tensor, Source, torch.Tensor]]:
+        """(positions in ids, source, local indices) per part that holds some of ids; every id must be held."""
+        ids = ids.reshape(-1).to(torch.int64)
+        found = torch.zeros(ids.numel(), dtype=torch.bool)
+        for first, source in self._parts():
+            inside = (ids >= first) & (ids < first + len(source))
+            if bool(inside.any()):
+                found |= inside
+                positions = torch.nonzero(inside)[:, 0]
+                yield positions, source, ids[positions] - first
+        if not bool(found.all()):
+            missing = int(ids[~found][0])
+            raise KeyError(f"row id {missing} is not held by this row space")
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows [m, d] at ids [m] (a copy)."""
+        out = torch.empty(ids.numel(), self.width, dtype=self.dtype)
+        for positions, source, local in self._split(ids):
+            rows = source.read(local) if isinstance(source, FileArray) else source[local]
+            out[positions] = rows.to("cpu", self.dtype)
+        return out
+
+    def scan(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions [b], rows [b, d]) for the rows at ids [m], about `batch` rows per step, each part's rows in
+        storage order: what reads every row once holds one batch, not all of them."""
+        for positions, source, local in self._split(ids):
+            if isinstance(source, FileArray):
+                for where, rows in source.scan(local, batch):
+                    yield positions[where], rows
+            else:
+                for start in range(0, local.numel(), batch):
+                    yield positions[start : start + batch], source[local[start : start + batch]].cpu()
+
+    # -- copies ----------------------------------------------------------------------------------------
+    def clone(self) -> RowSpace:
+        """A space sharing the read-only segments, with its own copy of the tail."""
+        space = RowSpace(self.width, self.dtype, self.segments)
+        space.tail_start, space.tail, space.tail_rows = self.tail_start, self.tail.clone(), self.tail_rows
+        return space
+
+    def ram_bytes(self) -> int:
+        """Bytes of rows this space holds in RAM (segments that are tensors, and the tail)."""
+        held = sum(s.numel() * s.element_size() for _, s in self.segments if isinstance(s, torch.Tensor))
+        return held + self.tail.numel() * self.tail.element_size()
