@@ -24,10 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """Normalized in float32, cast back, then scaled (the authors' order of operations)."""
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -45,6 +44,12 @@ class Linear(nn.Module):
         if adapter is None or adapter not in self.lora_A:
             return y
         return y + F.linear(F.linear(x, self.lora_A[adapter]), self.lora_B[adapter]) * self.scaling
+
+    def merged_weight(self, adapter: str | None = None) -> torch.Tensor:
+        """W + s * B A [out, in]: one matrix for many rows (the same map up to rounding)."""
+        if adapter is None or adapter not in self.lora_A:
+            return self.weight
+        return torch.addmm(self.weight, self.lora_B[adapter], self.lora_A[adapter], alpha=self.scaling)
 
 
 def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int) -> Linear:
@@ -128,6 +133,10 @@ class Attention(nn.Module):
         self.k_proj = make_linear(cfg, "k_proj", d, cfg.num_kv_heads * hd)
         self.v_proj = make_linear(cfg, "v_proj", d, cfg.num_kv_heads * hd)
         self.o_proj = make_linear(cfg, "o_proj", cfg.num_heads * hd, d)
+
+    def kv_weight(self, adapter: str | None) -> torch.Tensor:
+        """[W_k; W_v] [2 * H_kv * D, d] with the adapter merged: keys and values of many rows in one matmul."""
+        return torch.cat([self.k_proj.merged_weight(adapter), self.v_proj.merged_weight(adapter)])
 
     def project_kv(self, h: torch.Tensor, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values before RoPE of normed rows h [B, S, d]: two [B, H_kv, S, D]."""

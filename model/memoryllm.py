@@ -19,7 +19,7 @@ from .memory import (
     new_generator,
     tile_first_delta,
 )
-from .rope import apply_rope, cos_sin, inverse_frequencies
+from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
 
 
 @dataclass
@@ -146,12 +146,32 @@ class MemoryLLM(nn.Module):
         if buffers is not None:  # grown: the prefix is already computed
             k[:, :, :P], v[:, :, :P] = buffers[0][:, :, :P], buffers[1][:, :, :P]
         else:
-            positions = torch.cat([torch.arange(b), torch.arange(P - N, P)])  # bos, then the memory rows
-            rows_k, rows_v = self.rotated_kv(layer, self._with_bos(layer, state.memory[layer]), positions)
-            k[:, :, :b], k[:, :, P - N : P] = rows_k[:, :, :b], rows_k[:, :, b:]
-            v[:, :, :b], v[:, :, P - N : P] = rows_v[:, :, :b], rows_v[:, :, b:]
+            if b:
+                k[:, :, :b], v[:, :, :b] = self.rotated_kv(layer, self.bos_embedding[layer], torch.arange(b))
+            self.project_rows_into(layer, state.memory[layer], P - N, k[:, :, P - N : P], v[:, :, P - N : P])
         cache.layers[layer] = (k, v)
         return k, v
+
+    def project_rows_into(
+        self, layer: int, rows: torch.Tensor, first: int, k_out: torch.Tensor, v_out: torch.Tensor, chunk: int = 2048
+    ) -> None:
+        """Keys (after RoPE, at positions first..) and values of rows [R, d] at `layer` with the decoder
+        adapter, written into k_out, v_out [1, H_kv, R, D]: what `rotated_kv` computes, in fewer passes over
+        the rows. The adapter and the norm's weight are folded into one matrix ([W_k; W_v] + LoRA) * w, and
+        the norm's 1/rms scales the matmul's output: kv = (x @ (W * w).T) / rms(x). `chunk` rows at a time."""
+        block = self.model.layers[layer]
+        attn, norm = block.self_attn, block.input_layernorm
+        weight = attn.kv_weight(self.decoder_adapter()) * norm.weight  # [2 * H_kv * D, d]
+        H, D = attn.n_kv_heads, attn.head_dim
+        for start in range(0, rows.shape[0], chunk):
+            x = rows[start : start + chunk].to(self.device, self.dtype)  # [r, d]
+            r, d = x.shape
+            mean_square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / d  # [r]
+            kv = F.linear(x, weight).mul_(torch.rsqrt(mean_square + norm.eps).to(self.dtype)[:, None])  # [r, 2HD]
+            kv = kv.view(r, 2, H, D).permute(1, 2, 0, 3)  # [2, H, r, D]
+            cos, sin = self._cos_sin(torch.arange(first + start, first + start + r))
+            rope_into(kv[0:1], cos, sin, k_out[:, :, start : start + r])
+            v_out[:, :, start : start + r] = kv[1:2]
 
     def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, cache: KVCache, reuse: bool) -> None:
         """Put the keys/values of the question prefix [bos, retrieved LTM rows, memory] at positions 0..P-1

@@ -59,3 +59,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, S, D]; cos/sin: [S, D]."""
     return x * cos + rotate_half(x) * sin
+
+
+def rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """out = apply_rope(x, cos, sin), written in place into `out` (any strides) without the rotated copy of x.
+    x, out: [B, H, S, D]; cos/sin: [S, D]."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])

@@ -79,12 +79,32 @@ class FileArray:
                 raise OSError(f"{self.path} ends before record {hi} (it should hold {self.count})")
             done += got
 
-    def read(self, index: torch.Tensor) -> torch.Tensor:
-        """Records at index [m] (any order, repeats allowed) -> [m, width]; nearby records share one read."""
-        out = self._empty(index.numel())
-        for positions, values in self.scan(index, batch=SCAN_ROWS):
-            out[positions] = values
+    def read(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Records at index [m] (any order, repeats allowed) -> [m, width] (into `out` if given); nearby
+        records share one read. Sorted indices are read straight into place."""
+        out = self._empty(index.numel()) if out is None else out
+        if index.numel() and bool((index.diff() >= 0).all()):
+            self._read_sorted(index, out)
+            return out
+        for positions, values in self._scan(index, SCAN_ROWS):
+            out.index_copy_(0, positions, values)
         return out
+
+    def _read_sorted(self, index: torch.Tensor, out: torch.Tensor) -> None:
+        """Records at the non-decreasing index [m] into out [m, ...]: each span is read into place, or into a
+        buffer and picked from there when it skips records."""
+        _, ordered, spans = coalesce(index, self.record_bytes)
+        firsts = [first for _, _, first in spans] + [ordered.numel()]
+        buffer = None
+        with self.opened() as fd:
+            for (lo, hi, first), end in zip(spans, firsts[1:], strict=False):
+                if end - first == hi - lo and out[first:end].is_contiguous():  # every record in the span, once
+                    self._read_span(fd, lo, hi, out[first:end])
+                    continue
+                if buffer is None or buffer.shape[0] < hi - lo:
+                    buffer = self._empty(max(hi - lo, SCAN_ROWS))
+                self._read_span(fd, lo, hi, buffer[: hi - lo])
+                torch.index_select(buffer, 0, ordered[first:end] - lo, out=out[first:end])
 
     def all(self) -> torch.Tensor:
         """Every record, in one read."""
@@ -97,6 +117,9 @@ class FileArray:
     def scan(self, index: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(positions [b], records [b, width]) for the records at index [m] in file order, about `batch`
         records per step: positions say where in `index` each record was asked for."""
+        return self._scan(index, batch)
+
+    def _scan(self, index: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         index = index.reshape(-1).to(torch.int64)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):
             raise IndexError(f"record index out of range for {self.path} ({self.count} records)")
@@ -231,13 +254,37 @@ class RowSpace:
             missing = int(ids[~found][0])
             raise KeyError(f"row id {missing} is not held by this row space")
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows [m, d] at ids [m] (a copy)."""
-        out = torch.empty(ids.numel(), self.width, dtype=self.dtype)
+    def gather(self, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [m, d] at ids [m] (a copy, into `out` if given). Non-decreasing ids (a layer's short-term
+        rows) are read straight into place, part by part."""
+        ids = ids.reshape(-1).to(torch.int64)
+        out = torch.empty(ids.numel(), self.width, dtype=self.dtype) if out is None else out
+        if ids.numel() and bool((ids.diff() >= 0).all()):
+            self._gather_sorted(ids, out)
+            return out
         for positions, source, local in self._split(ids):
             rows = source.read(local) if isinstance(source, FileArray) else source[local]
-            out[positions] = rows.to("cpu", self.dtype)
+            out.index_copy_(0, positions, rows.to("cpu", self.dtype))
         return out
+
+    def _gather_sorted(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        covered = torch.zeros(ids.numel(), dtype=torch.bool)
+        for first, source in sorted(self._parts(), key=lambda part: part[0]):
+            lo, hi = (int(i) for i in torch.searchsorted(ids, torch.tensor([first, first + len(source)])))
+            if hi == lo:
+                continue
+            covered[lo:hi] = True
+            local, target = ids[lo:hi] - first, out[lo:hi]
+            if isinstance(source, FileArray) and source.dtype == self.dtype:
+                source.read(local, out=target)
+            elif isinstance(source, FileArray):
+                target.copy_(source.read(local))
+            elif source.dtype == self.dtype and source.device.type == "cpu":
+                torch.index_select(source, 0, local, out=target)
+            else:
+                target.copy_(source[local])
+        if not bool(covered.all()):
+            raise KeyError(f"row id {int(ids[~covered][0])} is not held by this row space")
 
     def scan(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(positions [b], rows [b, d]) for the rows at ids [m], about `batch` rows per step, each part's rows in

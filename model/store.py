@@ -336,7 +336,9 @@ class Session:
     ) -> MemoryState:
         space = self.row_space(initial)
         ids = index["memory_ids"]  # [L, N]
-        memory = space.gather(ids.reshape(-1)).view(*ids.shape, space.width)  # [L, N, d]
+        memory = torch.empty(*ids.shape, space.width, dtype=space.dtype)  # [L, N, d]
+        for layer, layer_ids in enumerate(ids):  # a layer's ids ascend (rows keep their order): read in place
+            space.gather(layer_ids, out=memory[layer])
         tensors = {"memory": memory, "generator_state": index["generator_state"]}
         meta = self.manifest["state"]
         next_row_id = self.base + self.manifest["rows"]["count"]

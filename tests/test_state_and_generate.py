@@ -119,7 +119,7 @@ def test_memory_kv_cache_matches_recomputation_and_follows_injections(name):
     first = lm(question, state).logits
     cached = state.kv_cache
     assert cached is not None and len(cached.layers) == lm.cfg.num_layers
-    assert torch.allclose(first, fresh, atol=1e-6)
+    assert torch.allclose(first, fresh, atol=1e-5)  # the cached path merges the adapter: equal up to rounding
     assert torch.equal(lm(question, state).logits, first) and state.kv_cache is cached  # reused, not rebuilt
     copy = state.clone()
     assert copy.kv_cache is None  # a copy never shares derived data
@@ -127,7 +127,7 @@ def test_memory_kv_cache_matches_recomputation_and_follows_injections(name):
     assert state.kv_cache is None  # the memory changed: the cache is dropped
     after = lm(question, state).logits
     assert not torch.allclose(after, first)
-    assert torch.allclose(after, lm(question, state, reuse_memory_kv=False).logits, atol=1e-6)
+    assert torch.allclose(after, lm(question, state, reuse_memory_kv=False).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mplus"])
@@ -164,7 +164,7 @@ def test_memory_kv_cache_is_not_used_by_another_model(state):
     question = token_ids(5)[None]
     tiny(question, state)
     expected = other(question, state, reuse_memory_kv=False).logits
-    assert torch.allclose(other(question, state).logits, expected, atol=1e-6)
+    assert torch.allclose(other(question, state).logits, expected, atol=1e-5)
 
 
 def test_chat_ids_leave_out_a_bos_the_template_inserts_and_keep_a_bos_used_as_turn_marker():
