@@ -147,7 +147,7 @@ class MPlus(MemoryLLM):
 
 def hold_rows(ltm: LongTermMemory, result: InjectResult) -> None:
     """Keep an injection's delta rows in the LTM's row space (unless they were given under ids it holds):
-    they join the LTM when they are dropped."""
-    first, count = int(result.row_ids[0, 0]), result.row_ids.numel()
-    if not ltm.rows.holds(first, count):
-        ltm.rows.add(first, result.delta.reshape(count, -1))
+    they join the LTM when they are dropped. New rows have consecutive ids, layer by layer."""
+    first, last = int(result.row_ids.min()), int(result.row_ids.max())
+    if not ltm.rows.holds(first, last - first + 1):
+        ltm.rows.add(first, result.delta.reshape(result.row_ids.numel(), -1))

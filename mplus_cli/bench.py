@@ -6,6 +6,7 @@ import json
 import math
 import platform
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+import model as mp
 from tasks import data as qa
 from tasks import results as res
 from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
@@ -29,7 +31,8 @@ from .speed import speed
 
 bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
 
-RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "decoding")
+RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "distractors", "decoding")
+DISTRACTORS = "pool of chunk_tokens chunks in source order, taken in a per-sample order; a gap's last chunk is cut"
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
 
 
@@ -194,6 +197,7 @@ def bench_retention(
         "models": names,
         "controls": control_list,
         "chunk_tokens": CHUNK_TOKENS,
+        "distractors": DISTRACTORS if not proto.carry_memory else "the authors' list",
         "decoding": {
             "greedy": True,
             "max_new_tokens": proto.max_new_tokens,
@@ -229,6 +233,7 @@ def bench_retention(
         except KeyboardInterrupt:
             say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        shutil.rmtree(out / "cache", ignore_errors=True)  # encoded distractors: kept only for a --resume
         results = res.read_results(out / "results.csv")
         summary = res.write_summary(results, out / "summary.csv")
         res.plot(summary, out / "retention.png", title=f"{dataset}, {protocol} protocol")
@@ -260,13 +265,14 @@ def run_models(names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out
             note_label(lm)
             details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
             details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
+            details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch.")}
             before = config["model_details"].get(name)
             if before and before["fingerprint"] != details["fingerprint"]:
                 raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
             config["model_details"][name] = details
             res.write_config(out / "config.json", config)
             memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-            runner = Runner(lm, name, sweep, log, stop_ids(lm), memory_dir)
+            runner = Runner(lm, name, sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
             runner.run(
                 samples,
                 on_status=lambda text: bar.update(task, description=text),

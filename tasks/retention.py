@@ -3,8 +3,12 @@
 Distance is the number of tokens (counted with the model's tokenizer) injected after the evidence; each
 row also records how many distractor chunks that took. Two protocols:
 - `clean`: every sample starts from the model's initial memory, with a drop generator and a distractor
-  order seeded from (seed, sample id), so any sample can be rerun alone; distractors are the passages in
-  that order, cut into chunks of at most 512 tokens that land exactly on the distance points.
+  order seeded from (seed, sample id), so any sample can be rerun alone. The distractors are a fixed pool
+  of 512-token chunks (the passages in source order, tokenized and cut); a sample takes them in its
+  seeded order, each gap between distance points filled with whole chunks and a last one cut to fit, so
+  every question lands exactly on its point. For a model whose write does not read its memory (the
+  training-free demo encodes each chunk on its own), each pool chunk's rows are computed once per run and
+  reused for every sample and distance (`EncodedPool`).
 - `authors` (official-spec §9.1): memory is carried from sample to sample, the evidence is
   "Context: ..." truncated to 512 tokens, the question "Questions: ... Answer:", 10 new tokens, and the
   same distractor list for every sample (passages concatenated to >= 768 tokens, cut back to 512).
@@ -16,6 +20,8 @@ without memory, with evidence + distractors + question in its prompt, cut to its
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
 import random
 import shutil
@@ -28,6 +34,8 @@ from pathlib import Path
 import torch
 
 import model as mp
+from model.chunking import MIN_CHUNK_TOKENS, chunk_sizes
+from model.rows import FileArray
 from model.tokenizer import chat_ids, decode, encode
 
 from .data import DataError, QAData, Sample
@@ -36,7 +44,6 @@ from .results import ResultsLog, ResumeError
 from .sizes import format_size
 
 CHUNK_TOKENS = 512  # distractor chunk size, as the authors
-MIN_CHUNK_TOKENS = 16  # the authors' models need at least 16 tokens per injection
 MEMORY, CLOSED_BOOK, FULL_CONTEXT = "memory", "closed-book", "full-context"
 CONTROLS = (CLOSED_BOOK, FULL_CONTEXT)
 
@@ -80,11 +87,20 @@ class Sweep:
     chunk_tokens: int = CHUNK_TOKENS
 
 
+@dataclass(frozen=True)
+class Piece:
+    """The first `tokens` tokens of distractor pool chunk `chunk`."""
+
+    chunk: int
+    tokens: int
+
+
 @dataclass
 class Stage:
     chunks: list[torch.Tensor]  # distractor chunks injected just before this question
     distance: int  # tokens injected after the evidence, these chunks included
     n_distractors: int  # chunks injected after the evidence, these included
+    pieces: list[Piece] | None = None  # where the chunks come from in the pool (clean protocol)
 
 
 def check_points(points: Sequence[int]) -> None:
@@ -117,20 +133,22 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 def split_evidence(ids: list[int], chunk_tokens: int) -> list[torch.Tensor]:
     """Evidence cut into chunks of at most chunk_tokens; a final piece under 16 joins the previous one."""
-    pieces = [ids[i : i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)] or [[]]
-    if len(pieces) > 1 and len(pieces[-1]) < MIN_CHUNK_TOKENS:
-        tail = pieces.pop()
-        pieces[-1] = pieces[-1] + tail
-    return [torch.tensor(piece, dtype=torch.long) for piece in pieces]
+    sizes = chunk_sizes(len(ids), chunk_tokens) or [0]
+    return list(torch.tensor(ids, dtype=torch.long).split(sizes))
 
 
-def gap_sizes(points: Sequence[int], chunk_tokens: int) -> list[list[int]]:
-    """Chunk sizes injected before each point: the gap to the previous point in near-equal chunks."""
+def piece_sizes(points: Sequence[int], chunk_tokens: int) -> list[list[int]]:
+    """Chunk sizes injected before each point: whole chunks, then what is left of the gap (a rest under 16
+    tokens takes 16 from the chunk before it), so that every chunk holds 16 to chunk_tokens tokens."""
     sizes, previous = [], 0
     for point in points:
         gap = point - previous
         n = -(-gap // chunk_tokens)
-        sizes.append([gap // n + (i < gap % n) for i in range(n)])
+        gap_sizes = [chunk_tokens] * (n - 1) + [gap - chunk_tokens * (n - 1)] if n else []
+        if len(gap_sizes) > 1 and gap_sizes[-1] < MIN_CHUNK_TOKENS:
+            short = MIN_CHUNK_TOKENS - gap_sizes[-1]
+            gap_sizes[-2:] = [gap_sizes[-2] - short, MIN_CHUNK_TOKENS]
+        sizes.append(gap_sizes)
         previous = point
     return sizes
 
@@ -154,12 +172,12 @@ def authors_unrelated(passages: Sequence[str], tokenizer, nq: bool) -> Iterator[
 
 
 class Planner:
-    """The token ids one model injects and asks for each sample (caches the tokenized distractors)."""
+    """The token ids one model injects and asks for each sample (caches the tokenized distractor pool)."""
 
     def __init__(self, sweep: Sweep, tokenizer):
         self.sweep, self.tokenizer = sweep, tokenizer
-        self.encoded: dict[int, torch.Tensor] = {}
         self.authors_plan: list[Stage] | None = None
+        self._pool: list[torch.Tensor] | None = None
 
     def evidence(self, sample: Sample) -> list[torch.Tensor]:
         p = self.sweep.protocol
@@ -172,33 +190,39 @@ class Planner:
             return chat_ids(self.tokenizer, sample.question)[: p.truncate_tokens]
         return p.ids(self.tokenizer, p.question_template, question=sample.question)
 
+    @property
+    def pool(self) -> list[torch.Tensor]:
+        """The distractor pool: the passages in source order, tokenized by the model and cut into chunks of
+        chunk_tokens, as many as one sample injects (every sample takes all of them, in its own order)."""
+        if self._pool is None:
+            count = sum(map(len, piece_sizes(self.sweep.points, self.sweep.chunk_tokens)))
+            self._pool = list(self._stream(count * self.sweep.chunk_tokens).split(self.sweep.chunk_tokens))
+        return self._pool
+
     def stages(self, sample: Sample) -> list[Stage]:
         if self.sweep.protocol.carry_memory:
             if self.authors_plan is None:
                 self.authors_plan = self._authors_stages()
             return self.authors_plan
-        order = random.Random(sample_seed(self.sweep.seed, sample.id)).sample(
-            range(len(self.sweep.data.distractors)), len(self.sweep.data.distractors)
-        )
-        tokens = self._distractor_tokens(order, self.sweep.points[-1])
-        stages, previous, count = [], 0, 0
-        for point, sizes in zip(self.sweep.points, gap_sizes(self.sweep.points, self.sweep.chunk_tokens), strict=True):
-            chunks = list(tokens[previous:point].split(sizes)) if sizes else []
-            previous, count = point, count + len(chunks)
-            stages.append(Stage(chunks, point, count))
+        pool = self.pool
+        order = iter(random.Random(sample_seed(self.sweep.seed, sample.id)).sample(range(len(pool)), len(pool)))
+        stages, count = [], 0
+        for point, sizes in zip(
+            self.sweep.points, piece_sizes(self.sweep.points, self.sweep.chunk_tokens), strict=True
+        ):
+            pieces = [Piece(next(order), size) for size in sizes]
+            count += len(pieces)
+            stages.append(Stage([pool[p.chunk][: p.tokens] for p in pieces], point, count, pieces))
         return stages
 
-    def _distractor_tokens(self, order: list[int], count: int) -> torch.Tensor:
-        """The first `count` tokens of the distractor passages taken in `order`."""
+    def _stream(self, count: int) -> torch.Tensor:
+        """The first `count` tokens of the distractor passages in source order (each followed by a blank line)."""
         parts, total = [torch.empty(0, dtype=torch.long)], 0
-        for i in order:
+        for passage in self.sweep.data.distractors:
             if total >= count:
                 break
-            if i not in self.encoded:
-                text = self.sweep.data.distractors[i] + "\n\n"
-                self.encoded[i] = torch.tensor(encode(self.tokenizer, text), dtype=torch.long)
-            parts.append(self.encoded[i])
-            total += len(self.encoded[i])
+            parts.append(torch.tensor(encode(self.tokenizer, passage + "\n\n"), dtype=torch.long))
+            total += len(parts[-1])
         if total < count:
             raise DataError(f"the distractor passages hold {total} tokens, fewer than the {count} needed")
         return torch.cat(parts)[:count]
@@ -218,6 +242,56 @@ class Planner:
             if not stages or len(chunks) > done:
                 stages.append(Stage(chunks[done:], distances[-1], len(chunks)))
         return stages
+
+
+def pool_file(lm: mp.MemoryLLM, dtype: torch.dtype) -> str:
+    """The file name of a model's encoded pool: models with the same weights and encoder share it (the demo
+    model's two memory flavours encode a chunk alike)."""
+    encoder = {k: v for k, v in lm.cfg.raw.items() if k != "mplus_training_free"}
+    key = json.dumps([encoder, lm.info.get("path"), lm.info.get("source") if not lm.info.get("path") else None])
+    return f"distractors-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{str(dtype)[6:]}.bin"
+
+
+class EncodedPool:
+    """The rows of every distractor pool chunk, computed once per run for a model whose write does not read
+    its memory, in one file: chunk c's rows [L, n_c, d] are records offset_c.. (layer by layer). A sample's
+    state holds the file under ids it chooses (`MemoryState.attach_rows`) and injects a chunk's first
+    `tokens` rows (the same rows as encoding the cut chunk: encoding is causal)."""
+
+    def __init__(self, file: FileArray, lengths: list[int], layers: int):
+        self.file, self.lengths, self.layers = file, lengths, layers
+        self.offsets = [0]
+        for n in lengths:
+            self.offsets.append(self.offsets[-1] + layers * n)
+
+    @classmethod
+    def build(
+        cls, lm: mp.MemoryLLM, chunks: list[torch.Tensor], path: Path, dtype: torch.dtype, on_chunk=lambda: None
+    ) -> EncodedPool:
+        """Encode `chunks` into `path` (written to a temporary file, then renamed); reused when `path` exists
+        with the same chunks (a resumed run)."""
+        lengths = [len(c) for c in chunks]
+        L, d = lm.cfg.num_layers, lm.cfg.hidden_size
+        records = L * sum(lengths)
+        if not (path.is_file() and path.stat().st_size == records * d * dtype.itemsize):
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "wb") as f:
+                for ids in chunks:
+                    delta = lm.compute_delta(ids, lm.initial_state)  # [L, n, d]
+                    f.write(delta.to(dtype).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    on_chunk()
+            os.replace(tmp, path)
+        return cls(FileArray(path, records, d, dtype), lengths, L)
+
+    def ids(self, first: int, piece: Piece) -> torch.Tensor:
+        """Row ids [L, tokens] of a piece, for a state that holds the file from id `first`."""
+        n = self.lengths[piece.chunk]
+        start = first + self.offsets[piece.chunk]
+        return start + n * torch.arange(self.layers)[:, None] + torch.arange(piece.tokens)
+
+    def rows(self, piece: Piece) -> torch.Tensor:
+        """The piece's rows [L, tokens, d]."""
+        return self.file.read(self.ids(0, piece).reshape(-1)).view(self.layers, piece.tokens, self.file.width)
 
 
 def no_memory(lm: mp.MemoryLLM) -> mp.MemoryState:
@@ -245,17 +319,37 @@ class Runner:
         log: ResultsLog,
         stop_ids: Sequence[int] = (),
         memory_dir: Path | None = None,
+        cache_dir: Path | None = None,
     ):
+        """cache_dir: where the rows of the distractor pool are kept for a model whose write does not read its
+        memory (None: encode every chunk again for every sample)."""
         if sweep.protocol.carry_memory and memory_dir is None:
             raise ValueError("a protocol that carries memory across samples needs a memory_dir to resume from")
         self.lm, self.name, self.sweep, self.log, self.memory_dir = lm, model_name, sweep, log, memory_dir
         self.planner = Planner(sweep, lm.tokenizer)
         self.settings = mp.DecodeSettings(max_new_tokens=sweep.protocol.max_new_tokens, stop_token_ids=tuple(stop_ids))
+        self.dtype = mp.storage_dtype(lm)  # rows are kept as a session of this model keeps them
+        self.cache_dir, self._encoded = cache_dir, None
 
     @cached_property
     def initial(self) -> mp.MemoryState:
         """The model's initial memory, for closed-book questions (asking never changes a state)."""
-        return self.lm.new_state(self.sweep.seed)
+        return self.lm.new_state(self.sweep.seed, self.dtype)
+
+    def encoded_pool(self, on_status: Callable[[str], None] = lambda text: None) -> EncodedPool | None:
+        """The distractor pool's rows, encoded on first use, when this model's rows can be reused."""
+        if self.cache_dir is None or self.lm.writes_read_memory or self.sweep.protocol.carry_memory:
+            return None
+        if self._encoded is None:
+            pool, encoded = self.planner.pool, itertools.count(1)
+
+            def progress() -> None:
+                on_status(f"{self.name} · encoding the distractors once: chunk {next(encoded)}/{len(pool)}")
+
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            path = self.cache_dir / pool_file(self.lm, self.dtype)
+            self._encoded = EncodedPool.build(self.lm, pool, path, self.dtype, progress)
+        return self._encoded
 
     def run(
         self,
@@ -280,8 +374,11 @@ class Runner:
                     self.log.append(self.full_context_unit(sample))
                 else:
                     fresh = carried is None
-                    state = self.lm.new_state(sample_seed(self.sweep.seed, sample.id)) if fresh else carried
-                    rows = self.memory_unit(sample, state, lambda d, at=where: on_status(f"{at} · {format_size(d)}"))
+                    state = self.lm.new_state(sample_seed(self.sweep.seed, sample.id), self.dtype) if fresh else carried
+                    pool = self.encoded_pool(on_status) if fresh else None
+                    rows = self.memory_unit(
+                        sample, state, lambda d, at=where: on_status(f"{at} · {format_size(d)}"), pool
+                    )
                     if fresh:
                         self.log.append(rows)
                     else:  # memory first: a crash before the rows are written redoes this sample from after-{index}
@@ -291,15 +388,26 @@ class Runner:
                 on_unit()
 
     # -- the three kinds of unit ---------------------------------------------------------------
-    def memory_unit(self, sample: Sample, state: mp.MemoryState, on_distance: Callable[[int], None]) -> list[dict]:
+    def memory_unit(
+        self,
+        sample: Sample,
+        state: mp.MemoryState,
+        on_distance: Callable[[int], None],
+        pool: EncodedPool | None = None,
+    ) -> list[dict]:
+        """Evidence, then the distractors, asking at every distance; `pool`: the distractors' rows, computed once."""
+        first = state.attach_rows(pool.file) if pool is not None else 0
         for chunk in self.planner.evidence(sample):
             self.lm.inject(state, chunk)
         after_evidence, rows = state.tokens_injected, []
         question = self.planner.question(sample)
         for stage in self.planner.stages(sample):
             on_distance(stage.distance)
-            for chunk in stage.chunks:
-                self.lm.inject(state, chunk)
+            for chunk, piece in zip(stage.chunks, stage.pieces or [None] * len(stage.chunks), strict=True):
+                if pool is None:
+                    self.lm.inject(state, chunk)
+                else:
+                    self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
             distance = state.tokens_injected - after_evidence  # measured on the state, not assumed
             rows.append(self.ask(sample, state, question, MEMORY, distance, stage.n_distractors))
         return rows
@@ -371,7 +479,7 @@ class Runner:
         if any(finished[n:]):
             raise ResumeError("results.csv has memory results out of sample order: the authors protocol cannot resume")
         if n == 0:
-            state = self.lm.new_state(self.sweep.seed)
+            state = self.lm.new_state(self.sweep.seed, self.dtype)
         elif self._carried_path(n).is_dir():
             state = mp.MemoryState.load(self._carried_path(n), device=self.lm.device)
         else:

@@ -29,7 +29,7 @@ from tasks.retention import (
     Sweep,
     authors_unrelated,
     check_points,
-    gap_sizes,
+    piece_sizes,
     parse_shard,
     protocol_for,
     sample_seed,
@@ -71,14 +71,10 @@ def test_shards_are_disjoint_and_cover_the_samples_in_order(count, n):
     assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
-def test_gap_sizes_land_on_the_points():
-    assert gap_sizes([0, 1000, 4000], 512) == [[], [500, 500], [500] * 6]
-    assert gap_sizes([300, 1324], 512) == [[300], [512, 512]]
-    assert gap_sizes([1001, 2026], 512) == [[501, 500], [342, 342, 341]]
-    check_points([0, 16, 1000])
-    for bad in ([0, 10], [5], [-16, 0]):
-        with pytest.raises(ValueError, match="16 tokens apart"):
-            check_points(bad)
+def test_piece_sizes_land_on_the_points_with_whole_chunks_and_a_cut_one():
+    assert piece_sizes([0, 1000, 4000], 512) == [[], [512, 488], [512] * 5 + [440]]
+    assert piece_sizes([300, 1324], 512) == [[300], [512, 512]]
+    assert piece_sizes([520, 1545], 512) == [[504, 16], [512, 497, 16]]  # a rest under 16 takes it from before
 
 
 def test_split_evidence():
@@ -133,18 +129,41 @@ def test_distances_are_model_tokens_injected_after_the_evidence(word_model, tmp_
     Runner(word_model, "words", sweep, log).run(data.samples)
 
     tok = word_model.tokenizer
+    stream = sum((tok.encode(passage + "\n\n") for passage in data.distractors), [])  # source order
+    pool = [stream[i : i + 512] for i in range(0, 5 * 512, 512)]  # 2 + 3 chunks per sample
     for sample in data.samples:
         evidence = tok.encode(sample.context)
         assert injected.pop(0) == evidence  # one evidence chunk (< 512 words), then the distractors
         chunks = [injected.pop(0) for _ in range(2 + 3)]  # 700 in 2 chunks, then 1300 more in 3 (<= 512 each)
-        assert [len(c) for c in chunks] == [350, 350, 434, 433, 433]
-        # the distractor stream is this sample's passages, in its seeded order, tokenized by the model
-        order = random.Random(sample_seed(3, sample.id)).sample(range(len(data.distractors)), len(data.distractors))
-        stream = sum((tok.encode(data.distractors[i] + "\n\n") for i in order[:40]), [])
-        assert sum(chunks, []) == stream[:2000]
+        assert [len(c) for c in chunks] == [512, 188, 512, 512, 276]
+        # pool chunks in this sample's seeded order, each gap's last one cut
+        order = random.Random(sample_seed(3, sample.id)).sample(range(5), 5)
+        assert chunks == [pool[i][: len(c)] for i, c in zip(order, chunks, strict=True)]
         got = [(int(r["distance_tokens"]), int(r["n_distractors"])) for r in log.rows if r["sample_id"] == sample.id]
         assert got == [(0, 0), (700, 2), (2000, 5)]
     assert injected == []
+
+
+def test_the_distractor_rows_of_a_training_free_model_are_encoded_once_and_change_no_answer(tmp_path, monkeypatch):
+    """Pool chunks encoded once per run (not per sample) and cut to a prefix give the rows, predictions and
+    survival of encoding every chunk when it is injected."""
+    lm = mp.load("tiny-free-mplus")
+    data = qa.synthetic(3, distractor_chars=40_000)
+    sweep = Sweep(data, CLEAN, [0, 300, 1000, 2500], seed=1, chunk_tokens=128)
+    every_time = ResultsLog(tmp_path / "a.csv")
+    Runner(lm, "m", sweep, every_time).run(data.samples)
+    calls = []
+    delta = lm.compute_delta
+    monkeypatch.setattr(lm, "compute_delta", lambda ids, state: calls.append(len(ids)) or delta(ids, state))
+    once = ResultsLog(tmp_path / "b.csv")
+    runner = Runner(lm, "m", sweep, once, cache_dir=tmp_path / "cache")
+    runner.run(data.samples)
+    pool = runner.planner.pool
+    evidence = sum(len(runner.planner.evidence(s)) for s in data.samples)
+    assert len(calls) == len(pool) + evidence  # each distractor chunk once, then each sample's evidence
+    assert runner.encoded_pool() is not None and len(pool) == 3 + 6 + 12  # 300, 700 and 1500 tokens in chunks of 128
+    strip = lambda r: {k: v for k, v in r.items() if k != "latency_ms"}  # noqa: E731
+    assert [strip(r) for r in once.rows] == [strip(r) for r in every_time.rows]
 
 
 def test_the_authors_protocol_asks_after_the_distractor_that_reaches_each_point(tiny, tmp_path):
