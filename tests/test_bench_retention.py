@@ -29,8 +29,8 @@ from tasks.retention import (
     Sweep,
     authors_unrelated,
     check_points,
-    piece_sizes,
     parse_shard,
+    piece_sizes,
     protocol_for,
     sample_seed,
     shard_slice,
@@ -75,6 +75,10 @@ def test_piece_sizes_land_on_the_points_with_whole_chunks_and_a_cut_one():
     assert piece_sizes([0, 1000, 4000], 512) == [[], [512, 488], [512] * 5 + [440]]
     assert piece_sizes([300, 1324], 512) == [[300], [512, 512]]
     assert piece_sizes([520, 1545], 512) == [[504, 16], [512, 497, 16]]  # a rest under 16 takes it from before
+    check_points([0, 16, 1000])
+    for bad in ([0, 10], [5], [-16, 0]):
+        with pytest.raises(ValueError, match="16 tokens apart"):
+            check_points(bad)
 
 
 def test_split_evidence():
