@@ -221,6 +221,20 @@ def initial_rows(initial: MemoryState) -> RowSpace:
     return initial.ltm.rows if initial.ltm is not None else stm_rows(initial.memory)
 
 
+def binding(model: MemoryLLM, model_id: str, tokenizer: str | None = None, revision: str | None = None) -> dict:
+    """What a session records about its model: how to load it again (`model_id`: a built-in name, a
+    checkpoint directory or a hub id; `tokenizer`, `revision`) and what must not have changed."""
+    return {
+        "id": model_id,
+        "revision": revision,
+        "fingerprint": model.cfg.fingerprint(),
+        "dtype": dtype_name(model.dtype),
+        "kind": model.cfg.kind,
+        "tokenizer": tokenizer,
+        "label": model.info.get("label", ""),
+    }
+
+
 def entry_widths(initial: MemoryState) -> tuple[int, torch.dtype | None]:
     bank = initial.ltm.bank
     return bank.key_width, bank.key_dtype

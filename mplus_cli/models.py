@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import model as mp
+from model import store as st
 
 from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
@@ -63,15 +64,7 @@ def load_model(name: str, dtype: str = "float32", tokenizer: str | None = None, 
 
 def binding(name: str, model: mp.MemoryLLM, tokenizer: str | None, revision: str | None) -> dict[str, Any]:
     """What a session records about its model."""
-    return {
-        "id": model_id(name),
-        "revision": revision,
-        "fingerprint": model.cfg.fingerprint(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "kind": model.cfg.kind,
-        "tokenizer": tokenizer,
-        "label": model.info.get("label", ""),
-    }
+    return st.binding(model, model_id(name), tokenizer, revision)
 
 
 def check_requested(session_name: str, bound: dict[str, Any], option: str | None) -> None:

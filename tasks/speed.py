@@ -475,7 +475,7 @@ def session_commits(
 ) -> list[Commit]:
     """Create session `name` and commit `count` injects of `ids` one by one; after the i-th (1-based) for i
     in `snapshot_at`, also time saving the whole state instead (to `root/name.snapshot`)."""
-    ref = {"id": model.info.get("source", "bench"), "fingerprint": model.cfg.fingerprint(), "kind": model.cfg.kind}
+    ref = st.binding(model, model.info.get("source", "bench"))
     session = st.Session.create(root, name, model.initial_state, ref, 0, model.dtype)
     snapshot, commits = root / f"{name}.snapshot", []
     with session.writer() as writer:

@@ -18,7 +18,6 @@ import model as mp
 from model import store as st
 from model.rows import FileArray
 from mplus_cli.app import summary
-from mplus_cli.models import binding
 
 PRESETS = ["tiny", "tiny-mplus", "tiny-free-mplus"]
 
@@ -36,7 +35,7 @@ def chunk(n: int = 32, seed: int = 0) -> torch.Tensor:
 def new_session(
     root: Path, lm: mp.MemoryLLM, name: str = "s", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> st.Session:
-    return st.Session.create(root, name, lm.initial_state, binding(lm.info["source"], lm, None, None), seed, dtype)
+    return st.Session.create(root, name, lm.initial_state, st.binding(lm, lm.info["source"]), seed, dtype)
 
 
 def inject(session: st.Session, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) -> st.Session:
