@@ -18,10 +18,10 @@ CUT_TRIES = 8  # cut positions tried per block before taking more text
 
 
 def cut_candidates(text: str, around: int, count: int) -> list[int]:
-    """Up to `count` positions near `around` where a whitespace run starts after a non-space character
-    (nearest first): the usual word boundaries of pre-tokenizers."""
+    """Up to `count` positions before `around` (back to around / 2) where a whitespace run starts after a
+    non-space character (nearest first): the usual word boundaries of pre-tokenizers."""
     found = []
-    for p in range(around, max(around - BLOCK_CHARS // 2, 1), -1):
+    for p in range(around, max(around // 2, 1), -1):
         if text[p].isspace() and not text[p - 1].isspace():
             found.append(p)
             if len(found) == count:

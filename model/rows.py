@@ -82,6 +82,7 @@ class FileArray:
     def read(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Records at index [m] (any order, repeats allowed) -> [m, width] (into `out` if given); nearby
         records share one read. Sorted indices are read straight into place."""
+        self._check(index)
         out = self._empty(index.numel()) if out is None else out
         if index.numel() and bool((index.diff() >= 0).all()):
             self._read_sorted(index, out)
@@ -119,10 +120,13 @@ class FileArray:
         records per step: positions say where in `index` each record was asked for."""
         return self._scan(index, batch)
 
-    def _scan(self, index: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        index = index.reshape(-1).to(torch.int64)
+    def _check(self, index: torch.Tensor) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.count):
             raise IndexError(f"record index out of range for {self.path} ({self.count} records)")
+
+    def _scan(self, index: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = index.reshape(-1).to(torch.int64)
+        self._check(index)
         order, ordered, spans = coalesce(index, self.record_bytes)
         if not spans:
             return
@@ -183,7 +187,7 @@ class RowSpace:
         return max(self.end_of_segments, self.tail_start + self.tail_rows)
 
     def holds(self, first: int, count: int) -> bool:
-        """Whether ids first..first+count-1 are all held."""
+        """Whether ids first..first+count-1 are all held, by one part."""
         for start, source in [*self.segments, (self.tail_start, self.tail[: self.tail_rows])]:
             if start <= first and first + count <= start + len(source):
                 return True

@@ -1,0 +1,122 @@
+"""Rows by id (model/rows.py) and text to chunks (model/chunking.py): exact reads in bounded batches, and
+streamed tokenization that equals tokenizing the whole text."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import model as mp
+from model import rows as rows_module
+from model.chunking import chunk_sizes, chunked, token_stream
+from model.rows import FileArray, RowSpace, coalesce
+from model.tokenizer import encode
+
+
+def file_of(tmp_path, values: torch.Tensor) -> FileArray:
+    path = tmp_path / "rows.bin"
+    path.write_bytes(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return FileArray(path, values.shape[0], values.shape[1] if values.dim() > 1 else 0, values.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_a_file_array_reads_any_index_exactly(tmp_path, dtype):
+    values = (torch.randn(500, 7) * 100).to(dtype) if dtype != torch.int64 else torch.randint(0, 99, (500, 7))
+    array = file_of(tmp_path, values)
+    g = torch.Generator().manual_seed(0)
+    for index in (
+        torch.arange(500),  # all, in order: read in place
+        torch.randint(0, 500, (300,), generator=g),  # repeats, any order
+        torch.randint(0, 500, (300,), generator=g).sort().values,  # sorted with gaps and repeats
+        torch.tensor([499, 0]),
+        torch.empty(0, dtype=torch.int64),
+    ):
+        assert torch.equal(array.read(index), values[index])
+        seen = torch.zeros(index.numel(), dtype=torch.bool)
+        for positions, got in array.scan(index, batch=16):
+            assert torch.equal(got, values[index[positions]])
+            assert not seen[positions].any()
+            seen[positions] = True
+        assert seen.all()
+    assert torch.equal(array.all(), values)
+    with pytest.raises(IndexError):
+        array.read(torch.tensor([500]))
+
+
+def test_scans_hold_one_batch_and_nearby_records_share_a_read(tmp_path, monkeypatch):
+    values = torch.randn(4000, 16)  # 64-byte records
+    array = file_of(tmp_path, values)
+    monkeypatch.setattr(rows_module, "SPAN_BYTES", 64 * 100)  # at most 100 records per read
+    index = torch.arange(0, 4000, 2)  # every other record: gaps narrow enough to read through
+    _, _, spans = coalesce(index, 64)
+    assert len(spans) == 40 and all(hi - lo <= 100 for lo, hi, _ in spans)
+    batches = [positions.numel() for positions, _ in array.scan(index, batch=128)]
+    assert sum(batches) == 2000 and max(batches) < 128 + 100  # a batch ends after the read that fills it
+    assert len(coalesce(torch.tensor([0, 3999]), 64)[2]) == 2  # far apart: two reads
+
+
+def test_a_row_space_holds_segments_and_a_tail_by_id(tmp_path):
+    d = 4
+    initial, on_disk = torch.randn(10, d), torch.randn(20, d)
+    space = RowSpace(d, torch.float32)
+    space.attach(0, initial)
+    space.attach(10, file_of(tmp_path, on_disk))
+    space.add(30, torch.full((5, d), 7.0))
+    everything = torch.cat([initial, on_disk, torch.full((5, d), 7.0)])
+    ids = torch.tensor([34, 0, 12, 29, 30, 5, 12])
+    assert torch.equal(space.gather(ids), everything[ids])
+    assert torch.equal(space.gather(torch.arange(35)), everything)  # sorted: read in place, part by part
+    seen = torch.cat([positions for positions, _ in space.scan(ids, batch=2)])
+    assert sorted(seen.tolist()) == list(range(7))
+    assert space.holds(10, 20) and space.holds(30, 5) and space.end == 35
+    assert not space.holds(25, 10) and not space.holds(30, 6)  # held by one part, entirely
+    with pytest.raises(KeyError):
+        space.gather(torch.tensor([35]))
+    with pytest.raises(ValueError, match="already held"):
+        space.add(12, torch.zeros(1, d))
+    copy = space.clone()
+    copy.add(35, torch.zeros(1, d))
+    assert space.end == 35 and copy.end == 36  # the tail is copied, the segments shared
+    # rows written to the file leave RAM: the file segment grows over the tail
+    grown = torch.cat([on_disk, torch.full((5, d), 7.0)])
+    (tmp_path / "grown").mkdir()
+    space.persisted(10, file_of(tmp_path / "grown", grown))
+    assert space.tail_rows == 0 and torch.equal(space.gather(torch.arange(35)), everything)
+
+
+class WordTokenizer:
+    """BPE-like: whitespace attaches to the following word, so a cut inside "a b" changes the ids."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        pieces, word = [], ""
+        for ch in text:
+            if ch.isspace() and word and not word.isspace():
+                pieces.append(word)
+                word = ""
+            word += ch
+        return [hash(p) % 10**6 for p in [*pieces, word] if p]
+
+
+@pytest.mark.parametrize("tokenizer", [WordTokenizer(), mp.load("tiny").tokenizer], ids=["words", "bytes"])
+def test_a_streamed_text_tokenizes_exactly_as_the_whole_text(tokenizer):
+    rng = random.Random(0)
+    words = ["the", "lamp", "room", "73914", "é", "\n\n", "  ", "ferry,", "Korsa"]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", "\n", "\t "]) for _ in range(6000))
+    cuts = sorted(rng.sample(range(1, len(text)), 40))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]  # as a file is read
+    streamed = sum(token_stream(tokenizer, pieces, block_chars=1000), [])
+    assert streamed == encode(tokenizer, text)
+
+
+@pytest.mark.parametrize("total", [0, 15, 16, 100, 512, 513, 527, 528, 5000])
+def test_chunks_are_whole_except_a_short_tail_merged_into_the_chunk_before(total):
+    ids = list(range(total))
+    pieces = [ids[i : i + 37] for i in range(0, total, 37)]
+    chunks = list(chunked(pieces, 512))
+    assert sum(chunks, []) == ids and [len(c) for c in chunks] == chunk_sizes(total, 512)
+    if total > 512:
+        assert all(len(c) == 512 for c in chunks[:-1]) and 16 <= len(chunks[-1]) <= 512 + 15
+    with pytest.raises(ValueError):
+        list(chunked(pieces, 8))
