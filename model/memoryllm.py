@@ -20,6 +20,7 @@ from .memory import (
     tile_first_delta,
 )
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
+from .rows import populated_empty
 
 
 @dataclass
@@ -142,7 +143,10 @@ class MemoryLLM(nn.Module):
         P, N, b = self.prefix_length(state), state.rows_per_layer, self.n_bos
         room = -(-capacity // 256) * 256  # [P, room): the question and its answer
         shape = (1, self.cfg.num_kv_heads, room, self.cfg.head_dim)
-        k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        if self.device.type == "cpu":  # pages mapped in one call: the buffers are filled at once
+            k, v = (populated_empty(shape, self.dtype) for _ in range(2))
+        else:
+            k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
         if buffers is not None:  # grown: the prefix is already computed
             k[:, :, :P], v[:, :, :P] = buffers[0][:, :, :P], buffers[1][:, :, :P]
         else:

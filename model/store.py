@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from .ltm import EntryBank, LongTermMemory
 from .memory import MemoryState, new_generator, stm_rows
 from .memoryllm import InjectResult, MemoryLLM
-from .rows import FileArray, RowSpace
+from .rows import FileArray, RowSpace, populated_empty
 
 STORE_FORMAT = 3
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -350,7 +350,7 @@ class Session:
     ) -> MemoryState:
         space = self.row_space(initial)
         ids = index["memory_ids"]  # [L, N]
-        memory = torch.empty(*ids.shape, space.width, dtype=space.dtype)  # [L, N, d]
+        memory = populated_empty((*ids.shape, space.width), space.dtype)  # [L, N, d]
         for layer, layer_ids in enumerate(ids):  # a layer's ids ascend (rows keep their order): read in place
             space.gather(layer_ids, out=memory[layer])
         tensors = {"memory": memory, "generator_state": index["generator_state"]}

@@ -169,12 +169,13 @@ class TrainingFreeMemoryLLM(MemoryLLM):
         k = delta.shape[1]
         row_ids = state.new_row_ids(k) if row_ids is None else row_ids
         kept, dropped, perms = self.eviction(state, k, perms)
-        rows = torch.cat([state.memory, delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
+        N, delta = state.rows_per_layer, delta.to(state.memory.dtype)
+        evicted = torch.cat([state.memory[:, dropped[dropped < N]], delta[:, dropped[dropped >= N] - N]], dim=1)
         ids = torch.cat([state.memory_ids, row_ids], dim=1)  # [L, N + k]
-        state.memory = rows[:, kept.to(rows.device)].contiguous()  # [L, N', d]
+        state.memory = torch.cat([state.memory[:, kept[kept < N]], delta[:, kept[kept >= N] - N]], dim=1)  # [L, N', d]
         state.memory_ids = ids[:, kept].contiguous()
         sources = kept.expand(state.num_layers, -1)  # [L, N'] the same rows survive at every layer
-        return InjectResult(delta, perms, rows[:, dropped.to(rows.device)], sources, row_ids, ids[:, dropped])
+        return InjectResult(delta, perms, evicted, sources, row_ids, ids[:, dropped])
 
 
 def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
@@ -214,14 +215,20 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         input_layernorm(row)."""
         return self.model.layers[layer].input_layernorm(rows.to(self.device, self.dtype))
 
-    def row_stats(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """What an LTM entry stores of its row x [m, d] instead of its key k = r * (w * x) (RMSNorm, weight
-        w): [m, 2] float32 (r, |w * x|^2), r = rsqrt(mean(x^2) + eps). With them, one matmul of the rows
-        gives the cosines of the centered keys (see `row_scores`)."""
-        norm = self.model.layers[layer].input_layernorm
-        x = rows.float().cpu()
-        r = torch.rsqrt(x.square().mean(-1) + norm.eps)  # [m]
-        return torch.stack([r, (x * norm.weight.float().cpu()).square().sum(-1)], dim=-1)
+    def row_stats(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What LTM entries store of their rows x [L, e, d] instead of their keys k = r * (w * x) (each layer's
+        RMSNorm with its weight w): [L, e, 2] float32 (r, |w * x|^2), r = rsqrt(mean(x^2) + eps); and the sum
+        of the keys per layer [L, d] float64, w * (r @ x). With them, one matmul of the rows gives the cosines
+        of the centered keys (see `row_scores`). A layer at a time: a few passes over rows that stay in cache."""
+        L, e, d = rows.shape
+        stats, key_sums = torch.empty(L, e, 2), torch.empty(L, d, dtype=torch.float64)
+        for layer, block in enumerate(self.model.layers):
+            norm = block.input_layernorm
+            x, w = rows[layer].float().cpu(), norm.weight.float().cpu()  # [e, d], [d]
+            r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / d + norm.eps)  # [e]
+            stats[layer, :, 0], stats[layer, :, 1] = r, torch.linalg.vector_norm(x * w, dim=-1).square()
+            key_sums[layer] = (w * (r @ x)).double()
+        return stats, key_sums
 
     @torch.no_grad()
     def row_scores(self, layer: int, ltm: LongTermMemory, h: torch.Tensor) -> torch.Tensor:
@@ -239,13 +246,21 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         q = F.normalize(self.row_keys(layer, h).float().cpu() - c, dim=-1)  # [n_q, d]
         a = torch.cat([q * w, (w * c)[None]])  # [n_q + 1, d]
         stats = ltm.bank.keys(entries)  # [n, 2]
-        logits = torch.empty(q.shape[0], n)  # [n_q, n]
-        for positions, x in ltm.bank.scan_rows(entries, batch=SCORE_BATCH):  # x: [b, d]
-            m = x.float() @ a.T  # [b, n_q + 1]
-            r, square = stats[positions, 0], stats[positions, 1]
-            distance = (r.square() * square - 2 * r * m[:, -1] + c.square().sum()).clamp_min(1e-24).sqrt()  # [b]
-            logits[:, positions] = ((r[:, None] * m[:, :-1] - q @ c) / distance[:, None]).T
-        return (logits / RETRIEVAL_TEMPERATURE).softmax(-1).sum(0)
+        q_c, c_c = q @ c, c.square().sum()  # [n_q], []
+        cosines, order, filled = torch.empty(q.shape[0], n), torch.empty(n, dtype=torch.int64), 0  # in read order
+        for positions, x in ltm.bank.scan_rows(entries, batch=SCORE_BATCH):  # x: [b, d], rows in storage order
+            for where, rows in zip(positions.split(SCORE_BATCH), x.split(SCORE_BATCH), strict=True):
+                m = rows.float() @ a.T  # [b, n_q + 1]
+                r, square = stats[where, 0], stats[where, 1]
+                distance = (r.square() * square - 2 * r * m[:, -1] + c_c).clamp_min(1e-24).sqrt()  # [b]
+                b = where.numel()
+                cosines[:, filled : filled + b] = (torch.addcmul(-q_c, r[:, None], m[:, :-1]) / distance[:, None]).T
+                order[filled : filled + b] = where
+                filled += b
+        spread = (cosines / RETRIEVAL_TEMPERATURE).softmax(-1).sum(0)  # [n]: each question token spreads one unit
+        scores = torch.empty(n)
+        scores[order] = spread
+        return scores
 
     @torch.no_grad()
     def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
@@ -261,7 +276,8 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
             block = ltm_blocks(ages, self.block)  # [n]
             best = torch.full((int(block[-1]) + 1,), float("-inf")).scatter_reduce(0, block, scores, "amax")
             rank = best.argsort(descending=True).argsort()  # [blocks] 0 for the best block
-            chosen = (rank[block] * n + torch.arange(n)).argsort()[:T]  # [T] rows of the best blocks, in order
+            order = rank[block] * n + torch.arange(n)  # [n] sorts the rows by their block's rank, then in order
+            chosen = order.topk(T, largest=False).indices  # [T] rows of the best blocks, in order
         chosen = chosen[order_oldest_first(ages[chosen])]
         return Retrieval(rows=ltm.rows_at(chosen), indices=chosen, scores=scores, num_ltm=n)
 
@@ -295,10 +311,12 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
         hold_rows(ltm, result)
         state.memory_ages = ages[:, kept].contiguous()
         ltm.age(k)
-        for layer, rows in enumerate(result.dropped):  # rows: [e, d]
-            entries = ltm.bank.add(result.dropped_ids[layer], self.row_stats(layer, rows), ages[layer, dropped])
-            ltm.layers[layer].append_entries(entries, torch.zeros(len(rows), dtype=torch.float64))
-            ltm.key_sums[layer] += self.row_keys(layer, rows).double().sum(0).cpu()
+        e = dropped.numel()
+        stats, key_sums = self.row_stats(result.dropped)  # [L, e, 2], [L, d]
+        entries = ltm.bank.add(result.dropped_ids.reshape(-1), stats.reshape(L * e, 2), ages[:, dropped].reshape(-1))
+        for layer, layer_entries in enumerate(entries.view(L, e)):
+            ltm.layers[layer].append_entries(layer_entries, torch.zeros(e, dtype=torch.float64))
+        ltm.key_sums += key_sums
         return result
 
 
