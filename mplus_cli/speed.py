@@ -1,4 +1,5 @@
-"""`mplus bench speed`: a thin command over `tasks.speed` that prints its figures as a table or JSON."""
+"""`mplus bench speed`: a thin command over `tasks.speed` and `tasks.scale` that prints their figures as a table or
+JSON."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ from rich.console import Console
 from rich.table import Table
 
 import model as mp
+from tasks import scale as sc
 from tasks import speed as sp
+from tasks.sizes import parse_size
+from tasks.speed import show
 
 from .common import JsonOpt, emit, handle_errors, say
 from .errors import MplusError, NotFoundError, UsageError
+from .models import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GROUPS = ("core", "sessions", "cold", "store")
+GROUPS_HELP = (
+    "Figure groups, comma-separated, or all: core (this process: inject, ask, LTM retrieval, session store), "
+    "sessions (`mplus inject` / `mplus ask` processes on sessions at scale), cold (a question in a fresh process, "
+    "the random MemoryLLM of --shape), store (a session at the M+ shapes of --shape, without weights)."
+)
 
 
 def parse_rows(text: str) -> tuple[int, ...]:
@@ -54,21 +65,6 @@ def load_models(model: str | None, shape: str, device: torch.device, dtype: torc
         raise MplusError(f"cannot load model {model!r}: {e}") from e
 
 
-def show(value: float, unit: str) -> str:
-    """A value in its unit, scaled for reading."""
-    if unit == "tok/s":
-        return f"{value:,.0f} tok/s" if value >= 100 else f"{value:.1f} tok/s"
-    if unit == "B":
-        for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-            if value >= scale:
-                return f"{value / scale:.2f} {name}"
-        return f"{value:.0f} B"
-    for scale, name in ((1, "s"), (1e-3, "ms")):
-        if value >= scale:
-            return f"{value / scale:.3g} {name}"
-    return f"{value * 1e6:.0f} µs"
-
-
 def table(report: sp.Report) -> Table:
     """The figures, with the machine they were measured on as the caption."""
     m = report.machine
@@ -81,9 +77,36 @@ def table(report: sp.Report) -> Table:
     for f in report.figures:
         verdict = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: ""}[f.passed]
         out.add_row(
-            f.name, show(f.optimized, f.unit), show(f.baseline, f.unit), f"{f.ratio:.2f}x", f.target_text(), verdict
+            f.name, show(f.optimized, f.unit), show(f.baseline, f.unit), ratio_text(f), f.target_text(), verdict
         )
     return out
+
+
+def ratio_text(figure: sp.Figure) -> str:
+    """The ratio column: the ratio, or for an "increase" figure the increase itself."""
+    if figure.compare == "increase":
+        return f"{'+' if figure.increase >= 0 else '-'}{show(abs(figure.increase), figure.unit)}"
+    return f"{figure.ratio:.2f}x"
+
+
+def parse_groups(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(GROUPS)
+    if not names or any(name not in GROUPS for name in names):
+        raise UsageError(f"--groups {text!r}: use one or more of {', '.join(GROUPS)} (comma-separated), or all")
+    return [name for name in GROUPS if name in names]
+
+
+def parse_sizes(option: str, text: str, example: str, count: int | None = None) -> tuple[int, ...]:
+    """Increasing sizes such as '10k,40k' -> (10000, 40000): two or more, or exactly `count`."""
+    try:
+        sizes = tuple(parse_size(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or len(sizes) != (count or len(sizes)) or min(sizes) < 1 or list(sizes) != sorted(set(sizes)):
+        raise UsageError(f"{option} {text!r}: give {count or 'two or more'} increasing sizes, e.g. {example}")
+    return sizes
 
 
 @handle_errors
@@ -96,9 +119,12 @@ def speed(
     dtype: Annotated[
         str | None, typer.Option(help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu).")
     ] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per figure (the median is reported).")] = 3,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Timed runs per figure, or fresh processes per way (the median is reported).")
+    ] = 3,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice, one per core).")
+        int | None,
+        typer.Option(min=1, help="CPU threads for torch, here and in child processes (default: one per core)."),
     ] = None,
     ltm_rows: Annotated[
         str | None,
@@ -106,22 +132,70 @@ def speed(
             help="M+ LTM sizes per layer, comma-separated (default: per shape; small, 8b: 10000,40000,150000)."
         ),
     ] = None,
+    groups: Annotated[str, typer.Option(help=GROUPS_HELP)] = "core",
+    session_model: Annotated[str, typer.Option(help="sessions: the sessions' model.")] = "tiny-free-mplus",
+    session_tokens: Annotated[
+        str, typer.Option(help="sessions: the sizes (tokens) one session is grown through, one inject each.")
+    ] = "10k,40k,160k,200k",
+    interrupt_bytes: Annotated[
+        str, typer.Option(help="sessions: the sizes of the two texts whose inject is interrupted: baseline,measured.")
+    ] = "200k,20M",
     as_json: JsonOpt = False,
 ) -> None:
-    """Inject and ask throughput, LTM retrieval and session-store costs, each next to its baseline."""
+    """Inject and ask throughput, LTM retrieval and session-store costs, each next to its baseline.
+
+    Figure groups (--groups, comma-separated, or all):
+    - core (default): in this process, on the random models of --shape or --model
+    - sessions: `mplus inject` / `mplus ask` processes on a session grown through
+      --session-tokens (disk, peak RSS, inject and ask time vs a smaller session),
+      and an inject of a big text interrupted with Ctrl-C (--interrupt-bytes)
+    - cold: open a session and answer one token in a fresh process, vs
+      MemoryState.load (the random MemoryLLM of --shape; --repeats processes)
+    - store: the session store at the M+ shapes of --shape (8b: mplus-8b's)
+      without weights, with LTMs of --ltm-rows rows per layer
+
+    Examples: mplus bench speed --groups sessions,cold --threads 1
+              mplus bench speed --groups store --shape 8b --threads 1
+    """
+    chosen = parse_groups(groups)
     if shape not in sp.SHAPES:
         raise UsageError(f"unknown --shape {shape!r}: use {', '.join(sp.SHAPES)}")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
     rows = parse_rows(ltm_rows) if ltm_rows else None
+    tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k")
+    cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", count=2)
     target = pick_device(device)
+    if shape == "8b" and target.type == "cpu" and "cold" in chosen:
+        raise UsageError("--groups cold with --shape 8b is sized for a GPU: add --device cuda, or use --shape small")
     if threads is not None:
         torch.set_num_threads(threads)
-    models = load_models(model, shape, target, DTYPES[dtype] if dtype else mp.default_dtype(target))
+    torch_dtype = DTYPES[dtype] if dtype else mp.default_dtype(target)
     start = time.perf_counter()
-    report = sp.run(
-        models, sp.SHAPES[shape], repeats, rows, log=lambda m: say(f"[{time.perf_counter() - start:4.0f} s] {m}")
-    )
+
+    def log(message: str) -> None:
+        say(f"[{time.perf_counter() - start:4.0f} s] {message}")
+
+    if "core" in chosen:
+        report = sp.run(load_models(model, shape, target, torch_dtype), sp.SHAPES[shape], repeats, rows, log=log)
+    else:
+        report = sp.Report(sp.machine_info(target, torch_dtype), {})
+    report.setup["groups"] = chosen
+    try:
+        if "sessions" in chosen:
+            tokenizer = load_model(session_model).tokenizer
+            report.setup["sessions"] = {"model": session_model, "tokens": tokens, "interrupt_bytes": cut}
+            report.figures += sc.session_figures(session_model, tokenizer, tokens, cut, threads=threads, log=log)
+        if "cold" in chosen:
+            report.setup["cold"] = {"shape": shape, "processes": repeats, "injects": sc.COLD_INJECTS}
+            report.figures += sc.cold_figures(sp.SHAPES[shape], target, torch_dtype, repeats, threads=threads, log=log)
+        if "store" in chosen:
+            store_rows = rows or sp.SHAPES[shape].ltm_rows
+            report.setup["store"] = {"shape": shape, "ltm_rows": store_rows, "processes": repeats}
+            report.figures += sc.store_figures(sp.SHAPES[shape], store_rows, repeats, threads=threads, log=log)
+    except sc.ChildFailed as e:
+        raise MplusError(str(e)) from e
+    report.elapsed_s = time.perf_counter() - start
     if as_json:
         emit(report.to_dict())
     else:
