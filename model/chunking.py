@@ -69,12 +69,14 @@ def chunked(pieces: Iterable[list[int]], chunk_tokens: int, min_tokens: int = MI
     stream under `min_tokens` ids gives one short chunk: the caller refuses it (see `count_chunks`)."""
     if chunk_tokens < min_tokens:
         raise ValueError(f"chunks need at least {min_tokens} tokens, not {chunk_tokens}")
-    held: list[int] = []  # at most one full chunk plus what has not made a chunk yet
+    held: list[int] = []  # what has not made a chunk yet
     for piece in pieces:
-        held.extend(piece)
-        while len(held) >= chunk_tokens + min_tokens:  # the next chunk can no longer absorb a short tail
-            yield held[:chunk_tokens]
-            held = held[chunk_tokens:]
+        held += piece
+        start = 0
+        while len(held) - start >= chunk_tokens + min_tokens:  # the next chunk can no longer absorb a short tail
+            yield held[start : start + chunk_tokens]
+            start += chunk_tokens
+        held = held[start:]
     if held:  # under chunk_tokens + min_tokens: one chunk, or a full one with a short tail merged in
         yield held
 

@@ -182,9 +182,11 @@ class InjectRun:
         found = st.Session.open(self.root, self.session)
         partial, source = found.partial, self.current
         if partial and source is not None and partial["sha256"] == source.sha256:
+            again = f"{'-' if source.name == '<stdin>' else source.name} --session {self.session} --resume`"
+            again += " with the same input on stdin" if source.name == "<stdin>" else ""
             return Interrupted(
                 f"interrupted; session {self.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
-                f"chunks of {source.name}: continue with `mplus inject {source.name} --session {self.session} --resume`"
+                f"chunks of {source.name}: continue with `mplus inject {again}"
             )
         new = found.manifest["commit"] - self.first_commit
         return Interrupted(

@@ -113,6 +113,7 @@ def mplus(args: list[str], env: dict[str, str], interrupt: Callable[[], bool] | 
 def measured_mplus(peak_file: str, args: list[str]) -> None:
     """Run `mplus ARGS` in this process and write its peak RSS to `peak_file` when it exits (however it exits)."""
     atexit.register(lambda: Path(peak_file).write_text(str(peak_rss())))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as at a terminal, even if started ignoring it
     sys.argv = ["mplus", *args]
     runpy.run_module("mplus_cli", run_name="__main__")
 
