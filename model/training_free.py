@@ -36,7 +36,7 @@ from .presets import TINY_CONFIG
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
 DEFAULT_CAPACITY = 1024  # short-term rows per layer
-DEFAULT_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
+DEFAULT_RETRIEVED = 96  # M+ flavour: long-term rows read back per layer at a question (6 blocks)
 DEFAULT_BLOCK = 16  # rows are evicted and retrieved in blocks of consecutive tokens
 RETRIEVAL_TEMPERATURE = 0.1  # tau of the softmax over cosine similarities
 SCORE_BATCH = 4096  # LTM rows per matmul when scoring (cast to float32 a batch at a time)
