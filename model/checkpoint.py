@@ -37,6 +37,7 @@ ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' nam
 STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState (M+: and the LTM)
 LTM_KEY = re.compile(r"ltm(_keys|_recall_frequencies|_ages)?\.\d+")
 SHARD_SIZE = 2 * 1024**3
+SAVED_MARKER = "mplus_checkpoint.json"  # written last by save_checkpoint: the files it wrote
 
 
 class CheckpointError(ValueError):
@@ -66,11 +67,27 @@ def _lora_wrapped(model: MemoryLLM) -> set[str]:
     return {name for name, mod in model.named_modules() if getattr(mod, "lora_A", None)}
 
 
+def _weight_roots(directory: Path) -> list[Path]:
+    """Where index entries may lead: into the directory, and for a hub cache snapshot (whose files link to
+    `../../blobs/`) into its repository's blobs."""
+    real = directory.resolve()
+    return [real, real.parent.parent / "blobs"] if real.parent.name == "snapshots" else [real]
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (sharded via the index, or a single file)."""
+    """The safetensors files of a checkpoint directory (sharded via the index, or a single file); an index
+    entry that leads outside the directory (`..`, an absolute path, a symlink) is refused."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        roots = _weight_roots(directory)
+        for name in sorted(set(weight_map.values())):
+            if not any((directory / name).resolve().is_relative_to(root) for root in roots):
+                key = next(k for k, v in weight_map.items() if v == name)
+                raise CheckpointError(
+                    f"checkpoint {directory}: its index maps {key} to {name}, outside the checkpoint directory;"
+                    " refusing to read it (keep every shard inside the directory)"
+                )
         return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if single.is_file():
@@ -217,7 +234,8 @@ def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path)
 
     M+: the LTM is written as the authors store it (recall frequencies and ages as float32). The pending
     dropped-row cache, the STM ages and `update_step` are not part of that layout (they start empty /
-    zero at load, as in the authors' code): keep them with `state.save()`.
+    zero at load, as in the authors' code): keep them with `state.save()`. Last comes a marker,
+    mplus_checkpoint.json, listing the files written (see is_saved_checkpoint).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -237,20 +255,37 @@ def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path)
             size = 0
         shards[-1][key] = t.detach().cpu().contiguous()
         size += nbytes
+    written = ["config.json"]
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        written.append("model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, directory / name, metadata={"format": "pt"})
             weight_map |= dict.fromkeys(shard, name)
+            written.append(name)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        written.append("model.safetensors.index.json")
     config = dict(model.cfg.raw)
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
-        model.tokenizer.save_pretrained(directory)
+        written += [Path(path).name for path in model.tokenizer.save_pretrained(directory)]
+    (directory / SAVED_MARKER).write_text(json.dumps({"files": sorted(written)}, indent=1))
     return directory
+
+
+def is_saved_checkpoint(directory: Path) -> bool:
+    """A real directory that save_checkpoint wrote and nothing else added to: every entry is a regular file
+    that its marker lists."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        listed = {*json.loads((directory / SAVED_MARKER).read_text())["files"], SAVED_MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.name in listed and p.is_file() and not p.is_symlink() for p in directory.iterdir())

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 GAP_BYTES = 64 << 10  # records closer than this are read through, in one read, rather than sought past
 SPAN_BYTES = 4 << 20  # the most one read takes in at a time
 SCAN_ROWS = 16384  # rows per batch of a scan
+SUM_BLOCK_BYTES = 128 << 10  # bytes per checksummed block of an append-only file
 
 
 def populated_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -59,16 +61,71 @@ def spans_with_ends(spans: list[tuple[int, int, int]], total: int) -> Iterator[t
         yield lo, hi, first, end
 
 
+class DamagedFile(Exception):
+    """A file's bytes do not match the checksum recorded when they were committed."""
+
+
+def block_sums(data: bytes | memoryview, start: int) -> list[tuple[int, int]]:
+    """(end, crc32) of each block of `data`, appended at byte `start` of its file, in SUM_BLOCK_BYTES blocks."""
+    view = memoryview(data).cast("B")
+    return [
+        (start + min(at + SUM_BLOCK_BYTES, view.nbytes), zlib.crc32(view[at : at + SUM_BLOCK_BYTES]))
+        for at in range(0, view.nbytes, SUM_BLOCK_BYTES)
+    ]
+
+
+@dataclass
+class BlockSums:
+    """Checksums of a file's committed bytes: block i covers bytes ends[i-1]..ends[i]-1 (block 0 from 0) and
+    has crc32 crcs[i]. A read verifies the blocks it touches, each once per process."""
+
+    path: Path
+    ends: torch.Tensor  # [B] int64, ascending
+    crcs: torch.Tensor  # [B] int64
+    hint: str = ""  # what to do about damage
+    verified: torch.Tensor = field(init=False)  # [B] bool
+
+    def __post_init__(self) -> None:
+        self.verified = torch.zeros(self.ends.numel(), dtype=torch.bool)
+
+    @property
+    def covered(self) -> int:
+        """Bytes from 0 that the blocks cover."""
+        return int(self.ends[-1]) if self.ends.numel() else 0
+
+    def verify(self, fd: int, lo: int, hi: int) -> None:
+        """Check the blocks holding bytes lo..hi-1 of the file open as `fd`; raise DamagedFile on a mismatch."""
+        if hi <= lo:
+            return
+        if hi > self.covered:
+            raise DamagedFile(f"{self.path}: bytes {lo}-{hi} have no checksum (the file is damaged){self.hint}")
+        first, last = (int(i) for i in torch.searchsorted(self.ends, torch.tensor([lo, hi - 1]), right=True))
+        for block in range(first, last + 1):
+            if self.verified[block]:
+                continue
+            start, end = int(self.ends[block - 1]) if block else 0, int(self.ends[block])
+            if zlib.crc32(os.pread(fd, end - start, start)) != int(self.crcs[block]):
+                raise DamagedFile(f"{self.path}: bytes {start}-{end} do not match their checksum{self.hint}")
+            self.verified[block] = True
+
+    def verify_all(self, length: int) -> None:
+        """Check the first `length` bytes (every block up to there)."""
+        with _Descriptor(self.path) as fd:
+            self.verify(fd, 0, length)
+
+
 @dataclass(frozen=True)
 class FileArray:
     """The first `count` records of `path`, each `width` values of `dtype` (width 0: one scalar per record),
-    starting `offset` bytes into the file. Read-only: the file only ever grows past them."""
+    starting `offset` bytes into the file. Read-only: the file only ever grows past them. With `sums`, every
+    read checks the bytes it takes against their checksums first."""
 
     path: Path
     count: int
     width: int
     dtype: torch.dtype
     offset: int = 0
+    sums: BlockSums | None = None
 
     @property
     def record_bytes(self) -> int:
@@ -81,19 +138,18 @@ class FileArray:
     def __len__(self) -> int:
         return self.count
 
-    def grown(self, count: int) -> FileArray:
-        """The same file with `count` records (after appends)."""
-        return FileArray(self.path, count, self.width, self.dtype, self.offset)
-
     def _empty(self, m: int) -> torch.Tensor:
         return torch.empty((m, self.width) if self.width else (m,), dtype=self.dtype)
 
     def _read_span(self, fd: int, lo: int, hi: int, out: torch.Tensor) -> None:
         """Records lo..hi-1 into out [hi - lo, ...] (contiguous)."""
+        start = self.offset + lo * self.record_bytes
+        if self.sums is not None:
+            self.sums.verify(fd, start, start + (hi - lo) * self.record_bytes)
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")
         want, done = view.nbytes, 0
         while done < want:
-            got = os.preadv(fd, [view[done:]], self.offset + lo * self.record_bytes + done)
+            got = os.preadv(fd, [view[done:]], start + done)
             if got == 0:
                 raise OSError(f"{self.path} ends before record {hi} (it should hold {self.count})")
             done += got

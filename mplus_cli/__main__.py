@@ -1,3 +1,3 @@
-from mplus_cli.app import main
+from mplus_cli.main import main
 
 main()

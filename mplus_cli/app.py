@@ -7,9 +7,6 @@ model mismatch), 130 interrupted. Expected errors print one line; `mplus --debug
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +14,20 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from safetensors.torch import save_file
 
 import model as mp
 from model import store as st
+from model.chunking import MIN_CHUNK_TOKENS
 from model.tokenizer import chat_ids, decode, encode
 
 from . import inputs
 from .bench import bench_app
 from .common import (
     OPTIONS,
+    SEED_MAX,
     JsonOpt,
     ModelOpt,
+    MplusGroup,
     SessionOpt,
     StoreOpt,
     TokenizerOpt,
@@ -39,6 +38,8 @@ from .common import (
     stop_ids,
 )
 from .errors import ConflictError, Interrupted, NotFoundError, UsageError
+from .export import export
+from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 from .models import (
     binding,
     check_memory,
@@ -54,6 +55,7 @@ app = typer.Typer(
     help="Knowledge injection and recall experiments with latent-memory language models (MemoryLLM, M+).",
     no_args_is_help=True,
     add_completion=False,
+    cls=MplusGroup,
 )
 session_app = typer.Typer(help="List, show, remove and fork stored sessions.", no_args_is_help=True)
 app.add_typer(session_app, name="session")
@@ -76,12 +78,14 @@ def open_session(store: Path | None, name: str) -> st.Session:
 
 # -- inject ---------------------------------------------------------------------------------------
 def progress_bar(total: int):
-    """A rich progress bar on stderr (chunks done of all, time left), shown for more than a few chunks."""
+    """A rich progress bar on stderr (chunks done of all, time left), shown for more than a few chunks on a
+    terminal (elsewhere it would leave an empty line)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=Console(stderr=True), transient=True, disable=total < 4)
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=total < 4 or not console.is_terminal)
 
 
 def storage_dtype_option(name: str | None) -> torch.dtype | None:
@@ -262,6 +266,29 @@ def abandoned_entry(partial: dict) -> dict:
     }
 
 
+def context_window(lm: mp.MemoryLLM) -> int | None:
+    """The positions the model attends over: its config's max_position_embeddings, stretched by a linear RoPE
+    factor or MemoryLLM-7B's position interpolation; None if the config does not say."""
+    window = lm.cfg.raw.get("max_position_embeddings")
+    if window is None:
+        return None
+    rope = lm.cfg.rope
+    return round(int(window) * (rope.factor if rope.kind == "linear" else 1.0) / rope.position_scale)
+
+
+def check_chunk_tokens(lm: mp.MemoryLLM, chunk_tokens: int) -> None:
+    """Refuse chunks the model cannot take in one injection: model.inject places a chunk after bos and the
+    last K memory rows (training-free: after bos alone), within the context window; a chunk can exceed
+    --chunk-tokens by a merged tail of up to MIN_CHUNK_TOKENS - 1 tokens."""
+    window = context_window(lm)
+    if window is None:
+        return
+    prefix = 1 if isinstance(lm, mp.TrainingFreeMemoryLLM) else lm.n_bos + lm.cfg.num_tokens
+    limit = window - prefix - (MIN_CHUNK_TOKENS - 1)
+    if chunk_tokens > limit:
+        raise UsageError(f"--chunk-tokens {chunk_tokens} exceeds the model's limit of {limit} tokens per injection")
+
+
 @app.command()
 @handle_errors
 def inject(
@@ -269,8 +296,12 @@ def inject(
     session: SessionOpt,
     model: ModelOpt = None,
     store: StoreOpt = None,
-    chunk_tokens: Annotated[int, typer.Option(help="Most tokens per injection (min 16).", min=16)] = 512,
-    seed: Annotated[int | None, typer.Option(help="Drop-generator seed of a new session (default 0).")] = None,
+    chunk_tokens: Annotated[
+        int, typer.Option(help="Most tokens per injection (min 16, max the model's limit).", min=16)
+    ] = 512,
+    seed: Annotated[
+        int | None, typer.Option(help="Drop-generator seed of a new session (default 0).", min=0, max=SEED_MAX)
+    ] = None,
     tokenizer: TokenizerOpt = None,
     memory: Annotated[
         str | None,
@@ -300,6 +331,7 @@ def inject(
     try:
         with contextlib.ExitStack() as stack:
             existing, lm = bound_session(root, session, model, memory, tokenizer, seed, storage)
+            check_chunk_tokens(lm, chunk_tokens)
             files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
             names = ["<stdin>" if p == "-" else p for p in paths]
             sources = [inputs.plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
@@ -347,6 +379,27 @@ def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool) -> list[int]:
         raise UsageError(f"{e}: drop --chat") from e
 
 
+def check_context(lm: mp.MemoryLLM, state: mp.MemoryState, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse questions that do not fit the context window after the memory prefix: a question of q tokens
+    and its answer take positions P .. P + q + max_new_tokens - 2 (the last answer token is not read)."""
+    window = context_window(lm)
+    if window is None:
+        return
+    prefix = lm.prefix_length(state)
+    if max_new_tokens > window - prefix:
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens} exceeds the model's limit of {window - prefix} new tokens "
+            f"(a context of {window} positions, {prefix} of them memory)"
+        )
+    limit = window - prefix - (max_new_tokens - 1)
+    longest = max(len(ids) for ids in prompts)
+    if longest > limit:
+        raise UsageError(
+            f"a question of {longest} tokens exceeds the model's limit of {limit} tokens with --max-new-tokens "
+            f"{max_new_tokens}: shorten the question or lower --max-new-tokens"
+        )
+
+
 class Streamer:
     """Prints the decoded answer as tokens arrive (holding back an incomplete UTF-8 sequence)."""
 
@@ -390,11 +443,11 @@ def ask(
     questions_file: Annotated[
         Path | None, typer.Option("--questions", help="A file with one question per line.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer (max: the model's context).", min=1)] = 64,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.", min=0, max=SEED_MAX)] = 0,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template (without its BOS).")] = False,
     model: ModelOpt = None,
     store: StoreOpt = None,
@@ -423,6 +476,7 @@ def ask(
         raise UsageError(str(e)) from e
     prompts = [prompt_ids(lm, question, chat) for question in asked]
     state = found.load_state(lm.initial_state, lm.device)
+    check_context(lm, state, prompts, max_new_tokens)
     note_label(lm)
     answers = []
     for question, ids in zip(asked, prompts, strict=True):
@@ -444,76 +498,7 @@ def ask(
 
 
 # -- export ---------------------------------------------------------------------------------------
-def manifest_path(out: Path) -> Path:
-    """The JSON manifest written beside a memory export: memory.safetensors -> memory.json."""
-    return out.with_suffix(".json")
-
-
-def export_memory(found: st.Session, state: mp.MemoryState, out: Path) -> None:
-    """One safetensors file with the whole state, and a JSON manifest beside it (the session manifest and
-    the state meta, also kept in the file's metadata so the file stands alone)."""
-    document = {"session": found.manifest, "state": state.to_meta(), "exported": st.now(), "file": out.name}
-    metadata = {"mplus.manifest": json.dumps(found.manifest), "mplus.state": json.dumps(state.to_meta())}
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.cpu().contiguous() for k, v in state.to_tensors().items()}, tmp, metadata=metadata)
-    st.write_atomic(manifest_path(out), json.dumps(document, indent=1).encode())
-    os.replace(tmp, out)
-
-
-def load_exported_memory(path: Path) -> tuple[mp.MemoryState, dict[str, Any]]:
-    """(state, session manifest) of a `--format memory` export."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    state = mp.MemoryState.from_tensors(load_file(path), json.loads(metadata["mplus.state"]))
-    return state, json.loads(metadata["mplus.manifest"])
-
-
-def export_checkpoint(lm: mp.MemoryLLM, state: mp.MemoryState, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    mp.save_checkpoint(lm, state, tmp)
-    os.replace(tmp, out)
-
-
-@app.command()
-@handle_errors
-def export(
-    session: SessionOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (memory) or directory (checkpoint).")],
-    format: Annotated[str, typer.Option("--format", help="memory | checkpoint")] = "memory",
-    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
-    store: StoreOpt = None,
-    tokenizer: TokenizerOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Export a session's memory (one safetensors file) or a knowledge-injected checkpoint directory."""
-    if format not in ("memory", "checkpoint"):
-        raise UsageError(f"unknown --format {format!r}: use memory or checkpoint")
-    found = open_session(store, session)
-    if not out.parent.is_dir():
-        raise NotFoundError(f"no directory {out.parent} to write {out.name} into: create it first")
-    if out.exists() and not force:
-        raise ConflictError(f"{out} already exists: pass --force to replace it or choose another -o")
-    lm = load_bound_model(session, found.model_ref, tokenizer)
-    state = found.load_state(lm.initial_state)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    if format == "memory":
-        if out.suffix == ".json":
-            raise UsageError(f"{out} would collide with its JSON manifest: name it e.g. {out.stem}.safetensors")
-        export_memory(found, state, out)
-    else:
-        export_checkpoint(lm, state, out)
-    if as_json:
-        files = [str(out)] + ([str(manifest_path(out))] if format == "memory" else [])
-        emit(
-            {"session": session, "format": format, "out": str(out), "files": files, "commit": found.manifest["commit"]}
-        )
-    else:
-        typer.echo(f"exported session {session!r} ({format}) to {out}")
+app.command()(export)
 
 
 # -- session ls | show | rm | fork ------------------------------------------------------------------
@@ -638,6 +623,48 @@ def session_fork(
         typer.echo(f"forked session {name!r} into {forked.name!r}")
 
 
+@session_app.command("check")
+@handle_errors
+def session_check(
+    name: Annotated[str, typer.Argument()],
+    rollback: Annotated[
+        bool, typer.Option(help="If the committed state is damaged, return to the newest kept commit that verifies.")
+    ] = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify every file of a session against its checksums (exit 1 if the committed state is damaged).
+
+    The last few commits are kept: with --rollback a damaged session returns to the newest of them that
+    verifies (what later commits added is lost; the command says which commit it returned to).
+    """
+    root = store_root(store)
+    verdicts = st.check_session(root, name)
+    current = verdicts[0]
+    report: dict[str, Any] = {"session": name, "ok": not current.problems, "commit": current.commit}
+    report["commits"] = [vars(verdict) for verdict in verdicts]
+    if rollback and current.problems:
+        report["rolled_back_from"], report["commit"] = st.rollback_session(root, name)
+        report["ok"] = True
+    if as_json:
+        emit(report)
+    else:
+        for problem in current.problems:
+            say(f"mplus: damaged: {problem}")
+        if "rolled_back_from" in report:
+            was = report["rolled_back_from"]
+            typer.echo(
+                f"session {name!r} rolled back from commit {was if was is not None else '?'} to commit "
+                f"{report['commit']}, which verifies"
+            )
+        elif not current.problems:
+            typer.echo(f"session {name!r}: commit {current.commit} verifies ({current.checked_bytes} bytes checked)")
+    if not report["ok"]:
+        good = next((v.commit for v in verdicts[1:] if not v.problems), None)
+        advice = f"`--rollback` returns to commit {good}" if good is not None else "no kept commit verifies"
+        raise st.SessionDamaged(f"session {name!r} is damaged: {advice}")
+
+
 app.add_typer(bench_app, name="bench")
 
 
@@ -649,7 +676,3 @@ def parity(
     from model.parity import main as parity_main
 
     raise typer.Exit(parity_main([str(d) for d in directories]))
-
-
-def main() -> None:
-    app()

@@ -24,7 +24,7 @@ from tasks import results as res
 from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from .common import JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids
+from .common import SEED_MAX, JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids
 from .errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from .models import load_model, model_id, requested_model
 from .speed import speed
@@ -34,6 +34,7 @@ bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_i
 RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "distractors", "decoding")
 DISTRACTORS = "pool of chunk_tokens chunks in source order, taken in a per-sample order; a gap's last chunk is cut"
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
+MAX_DISTANCE = 10_000_000  # tokens: the distractor text alone is about 8 characters per token
 
 
 @contextmanager
@@ -97,7 +98,8 @@ def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, console=Console(stderr=True), transient=True)
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)  # else: a blank line
 
 
 def summary_table(summary) -> list[str]:
@@ -127,8 +129,10 @@ def bench_retention(
     points: Annotated[
         str | None, typer.Option(help="Distances to ask at, e.g. 0,1k,4k,16k (default: 0, 1k, 2k, 4k, ..., max).")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Number of samples (the first ones).")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the memory drops and the distractor order.")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of samples (the first ones).")] = 100,
+    seed: Annotated[
+        int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory drops and the distractor order.")
+    ] = 0,
     model: Annotated[
         list[str] | None,
         typer.Option("--model", "-m", help="Preset, checkpoint or hub id; repeat to compare (default as inject)."),
@@ -168,6 +172,8 @@ def bench_retention(
             raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
         proto = replace(protocol_for(protocol, dataset), chat=chat)
         largest = parse_size(max_distance)
+        if largest > MAX_DISTANCE:
+            raise ValueError(f"--max-distance {max_distance} is beyond the limit of {format_size(MAX_DISTANCE)} tokens")
         distances = parse_points(points) if points else default_points(largest)
         check_points(distances)
         shard_i, shard_n = parse_shard(shard)

@@ -3,14 +3,21 @@ turns expected errors into one line and an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 import model as mp
 from model import store as st
@@ -19,6 +26,7 @@ from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUN
 from .models import DEFAULT_MODEL
 
 OPTIONS = {"debug": False}
+SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
 
 SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
 StoreOpt = Annotated[
@@ -76,7 +84,7 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:
             code = exit_code(e)
-            expected = isinstance(e, MplusError | st.StoreError)
+            expected = isinstance(e, MplusError | st.StoreError | st.DamagedFile)
             message = str(e) if expected else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
             if OPTIONS["debug"]:
                 traceback.print_exc()
@@ -86,6 +94,44 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(code) from None
 
     return wrapper
+
+
+class MplusGroup(TyperGroup):
+    """The root command. Click's usage errors in any command (a bad option value, an unknown option, a missing
+    argument) print one line and exit 2; an aborted prompt, and Ctrl-C outside a command's own handler, print
+    one line and exit 130."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: typer.Context | None = None, **extra):
+        with one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with one_line_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except getattr(click_errors, "NoArgsIsHelpError", ()):  # click >= 8.2
+        raise  # `mplus` or `mplus session` alone: the help
+    except click_errors.UsageError as e:
+        say(f"mplus: error: {usage_line(e)}")
+        raise typer.Exit(EXIT_USAGE) from None
+    except typer.Abort:
+        say("mplus: aborted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        say("mplus: interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def usage_line(error: click_errors.UsageError) -> str:
+    """Click's message on one line, and where the command's help is."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    command = error.ctx.command_path if error.ctx is not None else "mplus"
+    return f"{message[:1].lower()}{message[1:]} (see {command} --help)"
 
 
 def note_label(model: mp.MemoryLLM) -> None:

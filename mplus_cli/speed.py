@@ -14,7 +14,7 @@ from rich.table import Table
 import model as mp
 from tasks import scale as sc
 from tasks import speed as sp
-from tasks.sizes import parse_size
+from tasks.sizes import format_size, parse_size
 from tasks.speed import show
 
 from .common import JsonOpt, emit, handle_errors, say
@@ -22,6 +22,9 @@ from .errors import MplusError, NotFoundError, UsageError
 from .models import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_LTM_ROWS = 1_000_000  # per layer (the 8b shape's default sweep ends at 150000)
+MAX_SESSION_TOKENS = 10_000_000  # the sessions group grows one session through these sizes
+MAX_INTERRUPT_BYTES = 1_000_000_000  # the big text whose inject is interrupted is written to disk first
 GROUPS = ("core", "sessions", "cold", "store")
 GROUPS_HELP = (
     "Figure groups, comma-separated, or all: core (this process: inject, ask, LTM retrieval, session store), "
@@ -35,8 +38,10 @@ def parse_rows(text: str) -> tuple[int, ...]:
         rows = tuple(int(part) for part in text.split(","))
     except ValueError:
         rows = ()
-    if len(rows) < 2 or min(rows) < 1:
-        raise UsageError(f"--ltm-rows {text!r}: give two or more positive row counts, e.g. 10000,40000,150000")
+    if len(rows) < 2 or min(rows) < 1 or max(rows) > MAX_LTM_ROWS:
+        raise UsageError(
+            f"--ltm-rows {text!r}: give two or more row counts from 1 to {MAX_LTM_ROWS}, e.g. 10000,40000,150000"
+        )
     return rows
 
 
@@ -98,14 +103,16 @@ def parse_groups(text: str) -> list[str]:
     return [name for name in GROUPS if name in names]
 
 
-def parse_sizes(option: str, text: str, example: str, count: int | None = None) -> tuple[int, ...]:
-    """Increasing sizes such as '10k,40k' -> (10000, 40000): two or more, or exactly `count`."""
+def parse_sizes(option: str, text: str, example: str, most: int, count: int | None = None) -> tuple[int, ...]:
+    """Increasing sizes such as '10k,40k' -> (10000, 40000), at most `most`: two or more, or exactly `count`."""
     try:
         sizes = tuple(parse_size(part) for part in text.split(","))
     except ValueError:
         sizes = ()
     if len(sizes) < 2 or len(sizes) != (count or len(sizes)) or min(sizes) < 1 or list(sizes) != sorted(set(sizes)):
         raise UsageError(f"{option} {text!r}: give {count or 'two or more'} increasing sizes, e.g. {example}")
+    if sizes[-1] > most:
+        raise UsageError(f"{option} {text!r}: {format_size(sizes[-1])} is beyond the limit of {format_size(most)}")
     return sizes
 
 
@@ -120,11 +127,16 @@ def speed(
         str | None, typer.Option(help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu).")
     ] = None,
     repeats: Annotated[
-        int, typer.Option(min=1, help="Timed runs per figure, or fresh processes per way (the median is reported).")
+        int,
+        typer.Option(
+            min=1, max=1000, help="Timed runs per figure, or fresh processes per way (the median is reported)."
+        ),
     ] = 3,
     threads: Annotated[
         int | None,
-        typer.Option(min=1, help="CPU threads for torch, here and in child processes (default: one per core)."),
+        typer.Option(
+            min=1, max=1024, help="CPU threads for torch, here and in child processes (default: one per core)."
+        ),
     ] = None,
     ltm_rows: Annotated[
         str | None,
@@ -163,8 +175,8 @@ def speed(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
     rows = parse_rows(ltm_rows) if ltm_rows else None
-    tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k")
-    cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", count=2)
+    tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k", most=MAX_SESSION_TOKENS)
+    cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", most=MAX_INTERRUPT_BYTES, count=2)
     target = pick_device(device)
     if shape == "8b" and target.type == "cpu" and "cold" in chosen:
         raise UsageError("--groups cold with --shape 8b is sized for a GPU: add --device cuda, or use --shape small")

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from model import store as st
 from model.config import ModelConfig, config_from_hf
 from model.ltm import EntryBank, LayerLTM, LongTermMemory
 from model.memory import draw_permutations, drop_and_append
-from model.rows import FileArray, RowSpace
+from model.rows import SUM_BLOCK_BYTES, FileArray, RowSpace, block_sums
 from model.tokenizer import decode, encode
 
 from . import speed as sp
@@ -439,10 +440,18 @@ def write_history(
     e = torch.arange(entries)
     births = (injects - 1 - e // (L * K)) * K + K - 1 - e % K  # ages now (the bank's clock is at 0)
     ids_file, births_file, keys_file = (session.directory / name for name in st.LTM_FILES)
-    st.append_after(ids_file, 0, st.tensor_bytes(session.base + e))
-    st.append_after(births_file, 0, st.tensor_bytes(births))
+    ids_bytes, births_bytes = st.tensor_bytes(session.base + e), st.tensor_bytes(births)
+    st.append_after(ids_file, 0, ids_bytes)
+    st.append_after(births_file, 0, births_bytes)
     sp.zero_rows(keys_file, entries, cfg.selector_hidden_dim, STORE_DTYPE)
+    records = zero_sums(st.ROWS, rows * cfg.hidden_size * STORE_DTYPE.itemsize)
+    records += [(ids_file.name, *block) for block in block_sums(ids_bytes, 0)]
+    records += [(births_file.name, *block) for block in block_sums(births_bytes, 0)]
+    records += zero_sums(keys_file.name, entries * cfg.selector_hidden_dim * STORE_DTYPE.itemsize)
+    sums = st.sum_records(records)
+    st.append_after(session.directory / st.SUMS, 0, sums)
     manifest = session.manifest | {"chunks": injects, "rows": session.manifest["rows"] | {"count": rows}}
+    manifest |= {"sums": {"records": len(records), "crc": zlib.crc32(sums)}}
     history = st.Session(session.directory, manifest | {"ltm": manifest["ltm"] | {"entries": entries}})
     bank = history.entry_bank(initial, history.row_space(initial))
     rf = 1e6 - (torch.arange(ltm_rows) // (K * freq)).flip(0).double()  # one per merge, never pruned
@@ -460,6 +469,13 @@ def write_history(
     writer.session = history  # the files hold the history's rows and entries: commit writes the index and manifest
     writer.commit(state)
     return state
+
+
+def zero_sums(name: str, nbytes: int) -> list[tuple[str, int, int]]:
+    """sums.bin records of a file `name` that holds `nbytes` zeros (every full block has the same crc32)."""
+    full, tail = zlib.crc32(bytes(SUM_BLOCK_BYTES)), zlib.crc32(bytes(nbytes % SUM_BLOCK_BYTES))
+    ends = range(SUM_BLOCK_BYTES, nbytes + 1, SUM_BLOCK_BYTES)
+    return [(name, end, full) for end in ends] + ([(name, nbytes, tail)] if nbytes % SUM_BLOCK_BYTES else [])
 
 
 @dataclass

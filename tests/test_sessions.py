@@ -214,7 +214,8 @@ def test_a_corrupted_manifest_is_reported_and_removable(store, session, text_fil
     before = snapshot(store)
     for args in (["session", "show", session], ["ask", "q", "-s", session], ["inject", text_file, "-s", session]):
         result = mplus(*args, "--store", store)
-        assert result.exit_code == 1 and ("corrupted manifest" in result.stderr or "store format 1" in result.stderr)
+        damaged = "manifest.json is damaged" in result.stderr and "session check s --rollback" in result.stderr
+        assert result.exit_code == 1 and (damaged or "store format 1" in result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
     assert snapshot(store) == before
     assert mplus("session", "rm", session, "--store", store, "--yes").exit_code == 0
