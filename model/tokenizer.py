@@ -37,19 +37,45 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_ids(tokenizer, question: str) -> list[int]:
-    """`question` as a user turn of the tokenizer's chat template, with the assistant's turn opened. A BOS
-    the template inserts is left out (the memory models have their own bos row); a BOS token that the
-    template writes as a turn marker (SmolLM2's <|im_start|>) stays."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_text(tokenizer, question: str, system: str | None = None) -> str:
+    """`question` as a user turn of the tokenizer's chat template (after a `system` turn if given), with the
+    assistant's turn opened. A BOS the template inserts is left out (the memory models have their own bos
+    row); a BOS token that the template writes as a turn marker (SmolLM2's <|im_start|>) stays."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("this tokenizer has no chat template")
-    messages = [{"role": "user", "content": question}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     bos = tokenizer.bos_token
     if bos and "bos_token" in template and text.startswith(bos):
         text = text[len(bos) :]
-    return encode(tokenizer, text)
+    return text
+
+
+def chat_ids(tokenizer, question: str, system: str | None = None) -> list[int]:
+    """The token ids of `chat_text`."""
+    return encode(tokenizer, chat_text(tokenizer, question, system))
+
+
+def is_templated(tokenizer, text: str) -> bool:
+    """Whether `text` already holds a user turn of the tokenizer's chat template (the line that opens it)."""
+    if not has_chat_template(tokenizer):
+        return False
+    marker = "\x00question\x00"
+    lines = [line.strip() for line in chat_text(tokenizer, marker).split(marker)[0].splitlines() if line.strip()]
+    return bool(lines) and lines[-1] in text
+
+
+def wants_chat(tokenizer, text: str, chat: bool | None) -> bool:
+    """--chat / --no-chat as given; by default (None) the chat template when the tokenizer has one and the
+    text is not already templated."""
+    if chat is not None:
+        return chat
+    return has_chat_template(tokenizer) and not is_templated(tokenizer, text)
 
 
 def decode(tokenizer, ids: list[int]) -> str:
