@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import HUB_MODELS, CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    CARRIED_STATE,
+    HUB_MODELS,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import ModelConfig, config_from_hf, read_config
 from .generate import DecodeSettings, Generation, generate
 from .layers import KVCache
@@ -102,6 +109,8 @@ def load(
     elif tokenizer not in (True, False):
         model.tokenizer = load_tokenizer(tokenizer)
     label = UNTRAINED_LABEL if model.cfg.raw.get("mplus_preset") else ""
+    label = TRAINING_FREE_LABEL if "mplus_training_free" in model.cfg.raw else label
     model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
+    model.info["carried_state"] = (directory / CARRIED_STATE).is_file()  # its drop generator continues
     model.info["storage_dtype"] = model.cfg.raw.get("torch_dtype", "bfloat16")
     return model

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,10 +23,11 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, read_config
 from .layers import DECODER, ENCODER
-from .ltm import LongTermMemory, layer_keys
+from .ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
+from .provenance import Origins
 
 HUB_MODELS = {
     "memoryllm-7b": "YuWangX/memoryllm-7b",
@@ -38,6 +40,7 @@ STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the Mem
 LTM_KEY = re.compile(r"ltm(_keys|_recall_frequencies|_ages)?\.\d+")
 SHARD_SIZE = 2 * 1024**3
 SAVED_MARKER = "mplus_checkpoint.json"  # written last by save_checkpoint: the files it wrote
+CARRIED_STATE = "mplus_state.safetensors"  # beside the authors' files: what a state needs to continue exactly
 
 
 class CheckpointError(ValueError):
@@ -153,20 +156,23 @@ def _ignorable(key: str, cfg: ModelConfig) -> bool:
 
 
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
-    """A local directory, or a hub id (aliases: memoryllm-7b, memoryllm-8b, ...) downloaded to the HF cache."""
+    """A local directory, or a hub id (aliases: memoryllm-7b, memoryllm-8b, ...) from the HF cache, downloaded
+    there first when the hub is reachable (see model.hub: offline, or unreachable, it is one line that says how
+    to proceed). An unknown name's error lists the models, with the closest one."""
+    from .catalog import unknown_model
+    from .hub import HUB_ID, snapshot
+
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise FileNotFoundError(f"{path} is a file: pass the checkpoint directory that holds config.json")
     repo_id = HUB_MODELS.get(name_or_path, name_or_path)
-    if repo_id.count("/") != 1:
-        known = ", ".join(["tiny", *HUB_MODELS])
-        raise FileNotFoundError(f"no model {name_or_path!r}: give a checkpoint directory, a hub id or one of {known}")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    if not HUB_ID.fullmatch(repo_id):
+        if name_or_path.startswith(("/", "~", ".")) or "/" in name_or_path:
+            raise FileNotFoundError(f"no checkpoint directory {name_or_path}")
+        raise FileNotFoundError(unknown_model(name_or_path))
+    return snapshot(repo_id, revision)
 
 
 def load_checkpoint(
@@ -177,6 +183,9 @@ def load_checkpoint(
 ) -> MemoryLLM:
     """Build the model from config.json and fill every parameter; raise CheckpointError naming each
     missing, unused or mis-shaped key."""
+    raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    if "mplus_training_free" in raw:
+        return load_training_free(directory, raw, dtype, device)
     cfg = read_config(directory)
     if rope_inv_freq_dtype is not None:
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))
@@ -216,25 +225,87 @@ def load_checkpoint(
     state_dict = {to_module_key(k): v for k, v in tensors.items() if not is_state_key(k)}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    memory = tensors["memory"].to(device=device, dtype=dtype)
-    if cfg.kind == "mplus":
-        model.initial_state = MemoryState(
-            memory=memory,
-            memory_ages=torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64),
-            ltm=LongTermMemory.from_checkpoint(tensors, cfg.num_layers, dtype, space=stm_rows(memory)),
-        )
-    else:
-        initialized = bool(tensors["initialized"].item()) if "initialized" in tensors else True
-        model.initial_state = MemoryState(memory=memory, initialized=initialized)
+    model.initial_state = checkpoint_state(directory, cfg, tensors, dtype, device)
     return model
+
+
+def load_training_free(directory: Path, raw: dict, dtype: torch.dtype, device: torch.device | str) -> MemoryLLM:
+    """A training-free model that save_checkpoint exported (config.json: a Llama config + its memory settings)."""
+    from .training_free import COMPUTED, build_training_free, config_of_export
+
+    cfg = config_of_export(raw)
+    tensors = {}
+    for path in checkpoint_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            tensors |= {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    weights = {to_module_key(k): v for k, v in tensors.items() if not is_state_key(k)}
+    model = build_training_free(cfg, {k: v for k, v in weights.items() if k not in COMPUTED}, dtype, device)
+    model.initial_state = checkpoint_state(directory, cfg, tensors, dtype, device, key_dtype=torch.float32)
+    return model
+
+
+def checkpoint_state(
+    directory: Path,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    key_dtype: torch.dtype | None = None,
+) -> MemoryState:
+    """The memory a checkpoint holds, with what it carries beside the authors' layout (CARRIED_STATE: the
+    drop generator, counters, M+ short-term ages and cache) when it has it; else as the authors load it."""
+    memory = tensors["memory"].to(device=device, dtype=dtype)
+    carried, meta = read_carried(directory)
+    state = MemoryState(memory=memory, initialized=bool(meta.get("initialized", True)))
+    if "initialized" in tensors:
+        state.initialized = bool(tensors["initialized"].item())
+    if cfg.kind == "mplus":
+        L, N = memory.shape[:2]
+        state.memory_ages = carried.get("memory_ages", torch.zeros(L, N, dtype=torch.int64))
+        update_step = int(meta.get("update_step", 0))
+        space = stm_rows(memory)
+        state.ltm = LongTermMemory.from_checkpoint(tensors, L, dtype, space, carried, update_step, key_dtype)
+        state.next_row_id = state.ltm.rows.end
+    if "generator_state" in carried:
+        state.generator.set_state(carried["generator_state"])
+    if "row_origins" in carried:  # rows numbered as `saved_row_ids` lays them out
+        state.origins = Origins.of_rows(torch.arange(carried["row_origins"].shape[0]), carried["row_origins"])
+    state.injections, state.tokens_injected = int(meta.get("injections", 0)), int(meta.get("tokens_injected", 0))
+    return state
+
+
+def carried_tensors(state: MemoryState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a checkpoint carries beside the authors' layout so that its memory continues exactly like the
+    state: the drop generator and counters; M+: the short-term ages, the exact recall frequencies (the
+    layout has float32), the dropped-row cache and its step, and a training-free LTM's key sums."""
+    tensors = {"generator_state": state.generator.get_state()}
+    if len(state.origins):
+        tensors["row_origins"] = state.origins.lookup(state.saved_row_ids()).to(torch.int32)  # [m, 3]
+    meta = {"injections": state.injections, "tokens_injected": state.tokens_injected, "initialized": state.initialized}
+    if state.ltm is not None:
+        ltm = state.ltm
+        tensors |= {"memory_ages": state.memory_ages} | dict(zip(CACHE_KEYS, ltm.cache_tuple(), strict=True))
+        tensors |= {f"ltm_recall_frequencies_exact.{i}": x.recall_frequencies for i, x in enumerate(ltm.layers)}
+        tensors |= {} if ltm.key_sums is None else {"ltm_key_sums": ltm.key_sums}
+        meta["update_step"] = ltm.update_step
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}, meta
+
+
+def read_carried(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = directory / CARRIED_STATE
+    if not path.is_file():
+        return {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, json.loads(f.metadata()["mplus.carried"])  # noqa: SIM118
 
 
 def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path) -> Path:
     """Write model + `state` memory in the authors' layout (config.json, sharded safetensors + index).
 
     M+: the LTM is written as the authors store it (recall frequencies and ages as float32). The pending
-    dropped-row cache, the STM ages and `update_step` are not part of that layout (they start empty /
-    zero at load, as in the authors' code): keep them with `state.save()`. Last comes a marker,
+    dropped-row cache, the STM ages and `update_step` are not part of that layout (the authors' code starts
+    them empty / zero at load): they, the drop generator and the counters go into CARRIED_STATE beside it,
+    so that the loaded memory continues exactly like `state`. Last comes a marker,
     mplus_checkpoint.json, listing the files written (see is_saved_checkpoint).
     """
     directory = Path(directory)
@@ -270,6 +341,9 @@ def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         written.append("model.safetensors.index.json")
+    carried, meta = carried_tensors(state)
+    save_file(carried, directory / CARRIED_STATE, metadata={"mplus.carried": json.dumps(meta)})
+    written.append(CARRIED_STATE)
     config = dict(model.cfg.raw)
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))

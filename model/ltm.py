@@ -469,12 +469,24 @@ class LongTermMemory:
 
     @classmethod
     def from_checkpoint(
-        cls, tensors: dict[str, torch.Tensor], num_layers: int, dtype: torch.dtype, space: RowSpace | None = None
+        cls,
+        tensors: dict[str, torch.Tensor],
+        num_layers: int,
+        dtype: torch.dtype,
+        space: RowSpace | None = None,
+        carried: dict[str, torch.Tensor] | None = None,
+        update_step: int = 0,
+        key_dtype: torch.dtype | None = None,
     ) -> LongTermMemory:
-        """The LTM of a checkpoint: rows and keys in `dtype`, recall frequencies as float64, ages
-        truncated to int64 (the stored float ages hold integers); the cache starts empty."""
+        """The LTM of a checkpoint: rows in `dtype`, keys in `key_dtype` (default: `dtype`), recall frequencies
+        as float64, ages truncated to int64 (the stored float ages hold integers). The cache starts empty,
+        unless the checkpoint `carried` what the authors' layout lacks (see checkpoint.carried_tensors): the
+        exact recall frequencies, the cache, the LTM's key sums."""
+        carried = carried or {}
         layers = []
         for i in range(num_layers):
             rows, keys, rf, ages = (tensors[name].cpu() for name in layer_keys(i))
-            layers.append((rows.to(dtype), keys.to(dtype), rf.to(torch.float64), ages.to(torch.int64)))
-        return cls.from_rows(layers, space=space)
+            rf = carried.get(f"ltm_recall_frequencies_exact.{i}", rf)
+            layers.append((rows.to(dtype), keys.to(key_dtype or dtype), rf.to(torch.float64), ages.to(torch.int64)))
+        cached = tuple(carried[name] for name in CACHE_KEYS) if CACHE_KEYS[0] in carried else None
+        return cls.from_rows(layers, cached, update_step, space, key_dtype, carried.get("ltm_key_sums"))

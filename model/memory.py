@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .ltm import LongTermMemory
+from .provenance import Origins
 from .rows import RowSpace, Source
 
 STATE_FORMAT = 1
@@ -47,6 +48,7 @@ class MemoryState:
     (`next_row_id`), layer by layer: an injection's delta [L, k, d] takes k ids per layer. The ids of a
     model's initial memory are 0..L*N-1 (layer by layer). An M+ state's LTM holds its entries' rows by id
     in its row space (`ltm.rows`), which also holds every short-term row (a dropped row stays where it is).
+    origins: where each row id came from (injection, layer, position: see model.provenance).
     kv_cache: the memory rows' keys/values, derived data that every change of the memory discards.
     """
 
@@ -59,6 +61,7 @@ class MemoryState:
     ltm: LongTermMemory | None = None
     memory_ids: torch.Tensor | None = None
     next_row_id: int = 0
+    origins: Origins = field(default_factory=Origins.empty, repr=False, compare=False)
     kv_cache: MemoryKV | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,7 @@ class MemoryState:
             ltm=None if self.ltm is None else self.ltm.clone(),
             memory_ids=self.memory_ids.clone(),
             next_row_id=self.next_row_id,
+            origins=self.origins.clone(),
         )
 
     def new_row_ids(self, k: int) -> torch.Tensor:
@@ -114,7 +118,23 @@ class MemoryState:
         if self.ltm is None:
             return replace(self, memory=memory, kv_cache=None)
         ltm = self.ltm.to(dtype, stm_rows(memory, copy=True))
-        return replace(self, memory=memory, kv_cache=None, ltm=ltm, memory_ids=None, next_row_id=0)
+        moved = replace(self, memory=memory, kv_cache=None, ltm=ltm, memory_ids=None, next_row_id=0)
+        moved.origins = self.renumbered_origins()
+        return moved
+
+    def saved_row_ids(self) -> torch.Tensor:
+        """[m] the ids of the rows in the order `to_tensors` lays them out (and `from_tensors` numbers them
+        0..m-1): the short-term rows layer by layer, then an M+ state's LTM rows layer by layer and its cache."""
+        ids = [self.memory_ids.reshape(-1)]
+        if self.ltm is not None:
+            ids += [layer.row_ids for layer in self.ltm.layers]
+            ids.append(self.ltm.bank.row_ids(self.ltm.cached_entries.reshape(-1)))
+        return torch.cat(ids)
+
+    def renumbered_origins(self) -> Origins:
+        """The origins of the rows once renumbered 0..m-1 in `saved_row_ids` order."""
+        ids = self.saved_row_ids()
+        return Origins.of_rows(torch.arange(ids.numel()), self.origins.lookup(ids))
 
     # -- serialization -------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -123,6 +143,8 @@ class MemoryState:
             tensors["memory_ages"] = self.memory_ages.contiguous()
         if self.ltm is not None:
             tensors |= self.ltm.to_tensors()
+        if len(self.origins):
+            tensors["row_origins"] = self.origins.lookup(self.saved_row_ids()).to(torch.int32)  # [m, 3]
         return tensors
 
     def to_meta(self) -> dict[str, Any]:
@@ -156,9 +178,13 @@ class MemoryState:
         generator = torch.Generator(device="cpu")
         generator.set_state(tensors["generator_state"])
         memory = tensors["memory"]
-        if ltm is None and "ltm" in meta:
+        renumbered = ltm is None
+        if renumbered and "ltm" in meta:
             ltm = LongTermMemory.from_tensors(tensors, meta["ltm"], stm_rows(memory, copy=True))
-        return cls(
+        origins = tensors.get("row_origins")
+        if renumbered and origins is not None:
+            origins = Origins.of_rows(torch.arange(origins.shape[0]), origins)
+        state = cls(
             memory=memory.to(device),
             generator=generator,
             initialized=bool(meta["initialized"]),
@@ -169,6 +195,9 @@ class MemoryState:
             memory_ids=memory_ids,
             next_row_id=next_row_id,
         )
+        if isinstance(origins, Origins):
+            state.origins = origins
+        return state
 
     def save(self, directory: str | Path) -> None:
         """Write `state.safetensors` + `state.json` into `directory`."""

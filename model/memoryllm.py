@@ -87,15 +87,17 @@ class MemoryLLM(nn.Module):
             return None
         return DECODER if self.cfg.lora.decoder_adapter else ENCODER
 
-    def new_state(self, seed: int = 0, dtype: torch.dtype | None = None) -> MemoryState:
-        """A fresh copy of the checkpoint memory with a drop generator seeded by `seed`; its rows are kept in
-        `dtype` (default: the model's)."""
+    def new_state(self, seed: int | None = None, dtype: torch.dtype | None = None) -> MemoryState:
+        """A fresh copy of the checkpoint memory with a drop generator seeded by `seed` (None: the checkpoint's
+        own, seed 0 unless it carries one: see checkpoint.CARRIED_STATE); its rows are kept in `dtype`
+        (default: the model's)."""
         if self.initial_state is None:
             raise RuntimeError("this model has no initial memory: load it with model.load()")
         state = self.initial_state.clone()
         if dtype is not None and dtype != state.memory.dtype:
             state = state.to(state.memory.device, dtype)
-        state.generator = new_generator(seed)
+        if seed is not None:
+            state.generator = new_generator(seed)
         return state
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +302,7 @@ class MemoryLLM(nn.Module):
         result = self.update_memory(state, delta, perms)
         state.injections += 1
         state.tokens_injected += int(ids.numel())
+        state.origins.record(result.row_ids, state.injections)
         return result
 
     @torch.no_grad()
@@ -312,6 +315,7 @@ class MemoryLLM(nn.Module):
         result = self.update_memory(state, delta, row_ids=row_ids)
         state.injections += 1
         state.tokens_injected += tokens
+        state.origins.record(result.row_ids, state.injections)
         return result
 
     writes_read_memory = True  # compute_delta reads the memory (its last K rows are the prefix)

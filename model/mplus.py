@@ -23,6 +23,7 @@ class Retrieval:
     indices: torch.Tensor  # [T] their candidate indices (LTM rows 0..n-1, then cached rows n..), same order
     scores: torch.Tensor | None  # [n + C] float32 score of every candidate; None on the tiled path
     num_ltm: int  # n: candidates that are LTM rows (the rest are cached dropped rows)
+    row_ids: torch.Tensor  # [T] the rows' ids (see MemoryState), same order
 
 
 def selector(cfg: ModelConfig) -> nn.Module:
@@ -95,7 +96,8 @@ class MPlus(MemoryLLM):
             chosen = scores.topk(T).indices.sort().values  # [T]
         rows, ages = ltm.candidates(layer, chosen)
         order = order_oldest_first(ages)
-        return Retrieval(rows=rows[order], indices=chosen[order], scores=scores, num_ltm=n)
+        row_ids = ltm.bank.row_ids(ltm.candidate_entries(layer)[chosen[order]])
+        return Retrieval(rows=rows[order], indices=chosen[order], scores=scores, num_ltm=n, row_ids=row_ids)
 
     @contextmanager
     def recording_retrievals(self) -> Iterator[list[tuple[int, Retrieval]]]:

@@ -13,6 +13,8 @@ A session is a directory under the store root (format 4):
                               `base` are the model's own initial rows (short-term, then long-term), never
                               copied here
     log.jsonl                 append-only: one JSON line per injected source (or a partial one, abandoned)
+    origins.bin               append-only: where the rows came from, a record per run of row ids
+                              (first id, rows, injection, layer, first position: see model.provenance)
     index-NNNNNN.safetensors  commit NNNNNN: `memory_ids` [L, N] (the short-term rows), the drop generator;
                               M+: the short-term rows' ages and the LTM's layout (runs of entry ids, run-
                               length recall frequencies: see LongTermMemory.layout)
@@ -62,14 +64,16 @@ from safetensors.torch import save as safetensors_bytes
 from .ltm import EntryBank, LongTermMemory
 from .memory import MemoryState, new_generator, stm_rows
 from .memoryllm import InjectResult, MemoryLLM
+from .provenance import FIELDS, Origins
 from .rows import SUM_BLOCK_BYTES, BlockSums, DamagedFile, FileArray, RowSpace, block_sums, populated_empty
 
 STORE_FORMAT = 4
 READABLE_FORMATS = (3, 4)  # format 3 (no checksums) is read as is and upgraded by its next writer
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MANIFEST, ROWS, LOG, LOCK, SUMS = "manifest.json", "rows.bin", "log.jsonl", "lock", "sums.bin"
+ORIGINS = "origins.bin"
 LTM_FILES = ("ltm_row_ids.bin", "ltm_births.bin", "ltm_keys.bin")  # M+: entries' row id, birth, key
-APPENDED = (ROWS, LOG, *LTM_FILES)  # the append-only files, numbered in sums.bin by their place here
+APPENDED = (ROWS, LOG, *LTM_FILES, ORIGINS)  # the append-only files, numbered in sums.bin by their place here
 SUM_RECORD = 3  # int64s per sums.bin record: file number, end, crc32
 LOCK_TIMEOUT_S = 5.0
 INDEX_RETRIES = 5  # a reader retries when a writer retired the index it was about to read
@@ -437,6 +441,15 @@ class Session:
             FileArray(names[2], count, info["key_width"], key_dtype, sums=sums[LTM_FILES[2]]),
         )
 
+    def origins(self, initial: MemoryState) -> Origins:
+        """Where the session's rows came from: the model's initial rows' own origins (a checkpoint may carry
+        them), then the runs its injections wrote (none for sessions older than provenance)."""
+        runs = self.manifest.get("origins", {}).get("runs", 0)
+        if not runs:
+            return initial.origins.clone()
+        written = FileArray(self.directory / ORIGINS, runs, FIELDS, torch.int64, sums=self.sums()[ORIGINS]).all()
+        return Origins(torch.cat([initial.origins.runs, written]))
+
     def index(self) -> dict[str, torch.Tensor]:
         """The committed index's tensors, checked against the manifest's blake2b of the file."""
         path = self.directory / self.manifest["index"]
@@ -497,7 +510,9 @@ class Session:
         if "ltm" in meta:
             tensors["memory_ages"] = index["memory_ages"]
             ltm = LongTermMemory.from_layout(self.entry_bank(initial, space), index, meta["ltm"])
-        return MemoryState.from_tensors(tensors, meta, device, ltm, ids, next_row_id)
+        state = MemoryState.from_tensors(tensors, meta, device, ltm, ids, next_row_id)
+        state.origins = self.origins(initial)
+        return state
 
     def entry_bank(self, initial: MemoryState, space: RowSpace) -> EntryBank:
         """The M+ bank: the model's initial LTM entries (never copied here), then the committed entry files."""
@@ -513,6 +528,14 @@ class Session:
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+
+    def busy(self) -> bool:
+        """Whether a writer holds the session's lock now (a non-blocking probe)."""
+        try:
+            with exclusive_lock(self.directory / LOCK, self.name, timeout_s=0):
+                return False
+        except SessionBusy:
+            return True
 
     # -- writing -------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -549,19 +572,21 @@ class Session:
         name: str,
         initial: MemoryState,
         model_ref: dict[str, Any],
-        seed: int,
+        seed: int | None,
         dtype: torch.dtype,
     ) -> Session:
-        """A new session at the model's initial memory `initial`, with a drop generator seeded by `seed`,
-        keeping its rows in `dtype`. Built in a hidden temp directory and renamed into place; raises
-        SessionExists if the name is taken (also when another process created it first)."""
+        """A new session at the model's initial memory `initial`, with a drop generator seeded by `seed` (None:
+        the initial memory's own, which a checkpoint may carry), keeping its rows in `dtype`. Built in a hidden
+        temp directory and renamed into place; raises SessionExists if the name is taken (also when another
+        process created it first)."""
         root = Path(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         target = root / check_name(name)
         if os.path.lexists(target / MANIFEST):
             raise SessionExists(f"session {name!r} already exists in {root}")
         state = initial.clone()
-        state.generator = new_generator(seed)
+        if seed is not None:
+            state.generator = new_generator(seed)
         index_name, index = "index-000000.safetensors", safetensors_bytes(index_tensors(state))
         width = state.memory.shape[-1]
         manifest = {
@@ -579,6 +604,7 @@ class Session:
             "index": index_name,
             "index_sum": digest(index),
             "sums": {"records": 0, "crc": 0},
+            "origins": {"initial": len(initial.origins), "runs": 0},
             "state": state_meta(state, dtype),
             "partial": None,
         }
@@ -593,7 +619,7 @@ class Session:
             }
         with staged_directory(root / f".{name}.new-{os.getpid()}") as tmp:
             write_atomic(tmp / index_name, index)
-            for filename in (ROWS, LOG, LOCK, SUMS) + (LTM_FILES if state.ltm is not None else ()):
+            for filename in (ROWS, LOG, LOCK, SUMS, ORIGINS) + (LTM_FILES if state.ltm is not None else ()):
                 os.close(os.open(tmp / filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600))
             write_manifest(tmp, manifest)
             try:
@@ -630,6 +656,7 @@ class Session:
         """(file, committed bytes) of the append-only files."""
         info = self.manifest["rows"]
         lengths = [(ROWS, info["count"] * info["width"] * self.dtype.itemsize), (LOG, self.manifest["log"]["bytes"])]
+        lengths.append((ORIGINS, self.manifest.get("origins", {}).get("runs", 0) * FIELDS * 8))
         if "ltm" in self.manifest:
             ltm = self.manifest["ltm"]
             key_bytes = max(ltm["key_width"], 1) * getattr(torch, ltm["key_dtype"]).itemsize
@@ -710,6 +737,9 @@ class Writer:
         appends = [(ROWS, tensor_bytes(rows.to(session.dtype))), (LOG, lines)]
         manifest["rows"] = manifest["rows"] | {"count": manifest["rows"]["count"] + rows.shape[0]}
         manifest["log"] = {"bytes": committed[LOG] + len(lines), "entries": manifest["log"]["entries"] + len(log)}
+        origins = manifest.get("origins", {"initial": 0, "runs": 0})  # initial: the model's own runs, not stored
+        appends.append((ORIGINS, tensor_bytes(state.origins.runs[origins["initial"] + origins["runs"] :])))
+        manifest["origins"] = origins | {"runs": len(state.origins) - origins["initial"]}
         if state.ltm is not None:
             entries, manifest["ltm"] = new_entries(manifest["ltm"], state.ltm.bank)
             appends += entries

@@ -41,24 +41,42 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_text(tokenizer, question: str, system: str | None = None) -> str:
+def chat_text(tokenizer, question: str, system: str | None = None, default_system: bool = True) -> str:
     """`question` as a user turn of the tokenizer's chat template (after a `system` turn if given), with the
     assistant's turn opened. A BOS the template inserts is left out (the memory models have their own bos
-    row); a BOS token that the template writes as a turn marker (SmolLM2's <|im_start|>) stays."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
+    row); a BOS token that the template writes as a turn marker (SmolLM2's <|im_start|>) stays. Without a
+    `system` turn and with `default_system` False, a system turn the template adds on its own (SmolLM2's,
+    Qwen2.5's) is left out too."""
+    if not has_chat_template(tokenizer):
         raise ValueError("this tokenizer has no chat template")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render_chat(tokenizer, messages, generation=True)
+    if system or default_system:
+        return text
+    from jinja2 import TemplateError  # needed by apply_chat_template, and only there
+
+    marker = "\x00system\x00"  # the template's system turn is `before` + content + `after`
+    try:
+        alone = render_chat(tokenizer, [{"role": "system", "content": marker}], generation=False)
+    except TemplateError:  # a template without a system role
+        return text
+    before, _, after = alone.partition(marker)
+    end = text.find(after, len(before)) if after and text.startswith(before) else -1
+    return text if end < 0 else text[end + len(after) :]
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], generation: bool) -> str:
+    """The chat template applied to `messages`, without a BOS it inserts."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
     bos = tokenizer.bos_token
-    if bos and "bos_token" in template and text.startswith(bos):
+    if bos and "bos_token" in tokenizer.chat_template and text.startswith(bos):
         text = text[len(bos) :]
     return text
 
 
-def chat_ids(tokenizer, question: str, system: str | None = None) -> list[int]:
+def chat_ids(tokenizer, question: str, system: str | None = None, default_system: bool = True) -> list[int]:
     """The token ids of `chat_text`."""
-    return encode(tokenizer, chat_text(tokenizer, question, system))
+    return encode(tokenizer, chat_text(tokenizer, question, system, default_system))
 
 
 def is_templated(tokenizer, text: str) -> bool:

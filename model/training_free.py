@@ -77,7 +77,7 @@ def training_free_config(
         num_ltm_blocks=retrieved // block,
         bos_token_id=int(llama["bos_token_id"]),
         eos_token_id=llama.get("eos_token_id"),
-        raw=llama | {"mplus_training_free": {"memory": memory, "capacity": capacity, "retrieved": retrieved}},
+        raw=llama | {"mplus_training_free": dict(memory=memory, capacity=capacity, retrieved=retrieved, block=block)},
     )
 
 
@@ -279,15 +279,18 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
             order = rank[block] * n + torch.arange(n)  # [n] sorts the rows by their block's rank, then in order
             chosen = order.topk(T, largest=False).indices  # [T] rows of the best blocks, in order
         chosen = chosen[order_oldest_first(ages[chosen])]
-        return Retrieval(rows=ltm.rows_at(chosen), indices=chosen, scores=scores, num_ltm=n)
+        return Retrieval(ltm.rows_at(chosen), chosen, scores, n, ltm.row_ids[chosen])
 
     def prefix_length(self, state: MemoryState) -> int:
-        """bos + retrieved LTM rows + STM rows (every layer's LTM has the same size: evictions are shared)."""
-        return self.n_bos + min(self.retrieved_rows, len(state.ltm.layers[0])) + state.rows_per_layer
+        """bos + retrieved LTM rows + STM rows (every layer's LTM has the same size: evictions are shared); a
+        state without LTM (the plain model of a full-context control) reads no LTM rows."""
+        if state.ltm is None or not state.initialized:
+            return super().prefix_length(state)
+        return super().prefix_length(state) + min(self.retrieved_rows, len(state.ltm.layers[0]))
 
     def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
-        """The retrieved LTM rows [T, d] for batch element 0 of x [B, n, d], oldest first (None: empty LTM)."""
-        if len(state.ltm.layers[layer]) == 0:
+        """The retrieved LTM rows [T, d] for batch element 0 of x [B, n, d], oldest first (None: no or empty LTM)."""
+        if state.ltm is None or len(state.ltm.layers[layer]) == 0:
             return None
         return self.retrieve(layer, state, x[0]).rows
 
@@ -318,6 +321,14 @@ class TrainingFreeMPlus(TrainingFreeMemoryLLM):
             ltm.layers[layer].append_entries(layer_entries, torch.zeros(e, dtype=torch.float64))
         ltm.key_sums += key_sums
         return result
+
+
+def config_of_export(raw: dict) -> ModelConfig:
+    """The config of a training-free model's exported config.json (a Llama config + `mplus_training_free`)."""
+    memory = raw["mplus_training_free"]
+    llama = {key: value for key, value in raw.items() if key != "mplus_training_free"}
+    block = memory.get("block", DEFAULT_BLOCK)
+    return training_free_config(llama, memory["memory"], memory["capacity"], memory["retrieved"], block)
 
 
 def build_training_free(

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,12 +19,15 @@ import torch
 import typer
 
 import model as mp
+from model import catalog
 from model import store as st
 from model.chunking import MIN_CHUNK_TOKENS
-from model.tokenizer import chat_ids, decode, encode
+from model.provenance import retrievals
+from model.tokenizer import chat_ids, decode, encode, has_chat_template, wants_chat
 
 from . import inputs
 from .bench import bench_app
+from .catalog import models
 from .common import (
     OPTIONS,
     SEED_MAX,
@@ -31,13 +37,17 @@ from .common import (
     SessionOpt,
     StoreOpt,
     TokenizerOpt,
+    columns,
     emit,
     handle_errors,
+    human_bytes,
     note_label,
+    plural,
     say,
     stop_ids,
 )
 from .errors import ConflictError, Interrupted, NotFoundError, UsageError
+from .explain import draw_map, explanation, explanation_lines
 from .export import export
 from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 from .models import (
@@ -46,26 +56,46 @@ from .models import (
     check_requested,
     load_bound_model,
     load_model,
+    model_id,
     requested_model,
     with_memory,
 )
 
 app = typer.Typer(
     name="mplus",
-    help="Knowledge injection and recall experiments with latent-memory language models (MemoryLLM, M+).",
+    help="Knowledge injection and recall experiments with latent-memory language models (MemoryLLM, M+).\n\n"
+    "--debug and --json go before or after a command's name.\n\n"
+    'Example: mplus inject notes.txt --session s1 && mplus ask "Where is the key?" --session s1',
     no_args_is_help=True,
     add_completion=False,
     cls=MplusGroup,
+    rich_markup_mode=None,  # click's plain help: wrapped, never truncated, no <bool> on flags
 )
-session_app = typer.Typer(help="List, show, remove and fork stored sessions.", no_args_is_help=True)
+session_app = typer.Typer(
+    help="List, show, check, remove and fork stored sessions.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(session_app, name="session")
+
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mplus {metadata.version('mplus')}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of expected errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks of expected errors (before or after the command).")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document on stdout, for every command that has one.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    OPTIONS["debug"] = debug
+    OPTIONS["debug"], OPTIONS["json"] = debug, as_json
 
 
 def store_root(option: Path | None) -> Path:
@@ -177,6 +207,21 @@ class InjectRun:
     first_commit: int | None = None  # the session's commit when this call took the writer lock
     current: inputs.Source | None = None
     logged: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    load_s: float = 0.0  # loading the model and the session's memory
+    inject_s: float = 0.0  # injecting and committing
+    first_commit_s: float | None = None  # from the start to the first committed chunk
+
+    def timing(self) -> dict[str, float | None]:
+        """Seconds and injected tokens per second, for --json."""
+        rate = self.tokens / self.inject_s if self.inject_s > 0 else 0.0
+        return {
+            "load_s": round(self.load_s, 4),
+            "first_commit_s": None if self.first_commit_s is None else round(self.first_commit_s, 4),
+            "inject_s": round(self.inject_s, 4),
+            "total_s": round(time.perf_counter() - self.started, 4),
+            "tokens_per_s": round(rate, 2),
+        }
 
     def interrupted(self) -> Interrupted:
         """What the session holds now, read back from its committed manifest (Ctrl-C can come right after a
@@ -204,7 +249,10 @@ def inject_sources(
     writer: st.Writer, lm: mp.MemoryLLM, sources: list[inputs.Source], skips: list[int], chunk_tokens: int, run
 ) -> mp.MemoryState:
     """Inject every chunk not skipped, committing after each: a crash or Ctrl-C loses at most one chunk."""
+    loading = time.perf_counter()
     state = writer.load_state(lm.initial_state)
+    begun = time.perf_counter()
+    run.load_s += begun - loading
     run.first_commit, abandoned = writer.session.manifest["commit"], writer.session.partial
     total = sum(s.chunks - skip for s, skip in zip(sources, skips, strict=True))
     with progress_bar(total) as bar:
@@ -230,7 +278,10 @@ def inject_sources(
                 writer.commit(state, log, partial)
                 run.tokens, run.chunks = run.tokens + len(chunk), run.chunks + 1
                 run.logged += [entry for entry in log if not entry.get("partial")]
+                if run.first_commit_s is None:
+                    run.first_commit_s = time.perf_counter() - run.started
                 bar.advance(task)
+    run.inject_s = time.perf_counter() - begun
     return state
 
 
@@ -300,7 +351,10 @@ def inject(
         int, typer.Option(help="Most tokens per injection (min 16, max the model's limit).", min=16)
     ] = 512,
     seed: Annotated[
-        int | None, typer.Option(help="Drop-generator seed of a new session (default 0).", min=0, max=SEED_MAX)
+        int | None,
+        typer.Option(
+            help="Drop-generator seed of a new session (default 0, or what a checkpoint carries).", min=0, max=SEED_MAX
+        ),
     ] = None,
     tokenizer: TokenizerOpt = None,
     memory: Annotated[
@@ -324,6 +378,8 @@ def inject(
     Text is read and tokenized as a stream and cut into chunks of at most --chunk-tokens tokens (a final
     piece under 16 tokens is merged into the previous chunk). Each chunk is committed as it finishes: a
     crash or Ctrl-C loses at most the chunk in flight, and --resume continues after the last committed one.
+
+    Example: mplus inject notes.txt --session s1 --model tiny-mplus
     """
     root = store_root(store)
     storage = storage_dtype_option(dtype)
@@ -331,6 +387,7 @@ def inject(
     try:
         with contextlib.ExitStack() as stack:
             existing, lm = bound_session(root, session, model, memory, tokenizer, seed, storage)
+            run.load_s = time.perf_counter() - run.started
             check_chunk_tokens(lm, chunk_tokens)
             files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
             names = ["<stdin>" if p == "-" else p for p in paths]
@@ -338,7 +395,8 @@ def inject(
             note_label(lm)
             if existing is None:
                 ref = binding(lm.info["source"], lm, tokenizer, None)
-                existing = create_or_join(root, session, lm, ref, seed or 0, storage or mp.storage_dtype(lm))
+                seed = seed if seed is not None else None if lm.info.get("carried_state") else 0
+                existing = create_or_join(root, session, lm, ref, seed, storage or mp.storage_dtype(lm))
             with existing.writer() as writer:
                 skips = resume_plan(writer.session, sources, resume, chunk_tokens)
                 state = inject_sources(writer, lm, sources, skips, chunk_tokens, run)
@@ -356,27 +414,54 @@ def inject(
         "commit": committed.manifest["commit"],
         "injections": state.injections,
         "tokens_injected": state.tokens_injected,
+        "timing": run.timing(),
     }
     if as_json:
         emit(report)
     else:
         typer.echo(
-            f"injected {run.tokens} tokens in {run.chunks} chunks into session {session!r} "
-            f"(now {state.injections} injections, {state.tokens_injected} tokens)"
+            f"injected {plural(run.tokens, 'token')} in {plural(run.chunks, 'chunk')} into session {session!r} "
+            f"(now {plural(state.injections, 'injection')}, {plural(state.tokens_injected, 'token')})"
         )
 
 
 # -- ask ------------------------------------------------------------------------------------------
-def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool) -> list[int]:
-    """The question's token ids; --chat applies the tokenizer's chat template (without a BOS it inserts)."""
+def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool | None, system: str | None) -> tuple[list[int], bool]:
+    """The question's token ids, and whether they are a user turn of the tokenizer's chat template: after the
+    `system` turn if given, else with no system turn (not even one the template adds on its own, which costs
+    the demo model recall), and without a BOS the template inserts. By default (chat None) the template is
+    applied when the tokenizer has one and the question is not templated yet."""
     if not question.strip():
         raise UsageError("the question is empty")
-    if not chat:
-        return encode(lm.tokenizer, question)
+    templated = wants_chat(lm.tokenizer, question, chat)
+    if system is not None and not templated:
+        reason = (
+            "--no-chat leaves it out"
+            if chat is False
+            else "this model's tokenizer has none"
+            if not has_chat_template(lm.tokenizer)
+            else "this question is already in the chat format"
+        )
+        raise UsageError(f"--system adds a turn to the chat template and {reason}: drop --system")
+    if not templated:
+        return encode(lm.tokenizer, question), False
     try:
-        return chat_ids(lm.tokenizer, question)
+        return chat_ids(lm.tokenizer, question, system, default_system=False), True
     except ValueError as e:
         raise UsageError(f"{e}: drop --chat") from e
+
+
+def empty_answer_hint(lm: mp.MemoryLLM, chat: bool, option: bool | None, finish_reason: str) -> str:
+    """What to try after an empty answer, for the way the question was asked."""
+    if finish_reason == "length":
+        return "raise --max-new-tokens"
+    if chat:
+        return "the model ended its turn at once: rephrase the question" + ("" if option else " or try --no-chat")
+    if not has_chat_template(lm.tokenizer):
+        return "the model stopped at once: rephrase the question (a base model may need a 'Question: ... Answer:' form)"
+    if option is False:
+        return "this is an instruct model: drop --no-chat to ask in its chat format"
+    return "give the plain question: ask puts it in the model's chat format itself"
 
 
 def check_context(lm: mp.MemoryLLM, state: mp.MemoryState, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -401,18 +486,32 @@ def check_context(lm: mp.MemoryLLM, state: mp.MemoryState, prompts: list[list[in
 
 
 class Streamer:
-    """Prints the decoded answer as tokens arrive (holding back an incomplete UTF-8 sequence)."""
+    """Prints the decoded answer as tokens arrive (holding back an incomplete UTF-8 sequence) and times it
+    from its creation, just before the question is read."""
 
     def __init__(self, tokenizer, enabled: bool):
         self.tokenizer, self.enabled, self.ids, self.shown = tokenizer, enabled, [], ""
+        self.started, self.first = time.perf_counter(), None
 
     def __call__(self, token: int) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
         self.ids.append(token)
         text = decode(self.tokenizer, self.ids)
         if self.enabled and not text.endswith("\ufffd"):
             sys.stdout.write(text[len(self.shown) :])
             sys.stdout.flush()
             self.shown = text
+
+    def timing(self) -> dict[str, float | int | None]:
+        """Time to the first token (None without one), the answer's time and its tokens per second."""
+        seconds = time.perf_counter() - self.started
+        return {
+            "ttft_s": None if self.first is None else round(self.first - self.started, 4),
+            "total_s": round(seconds, 4),
+            "tokens": len(self.ids),
+            "tokens_per_s": round(len(self.ids) / seconds, 2) if seconds > 0 else 0.0,
+        }
 
 
 def gather_questions(questions: list[str] | None, questions_file: Path | None) -> list[str]:
@@ -421,7 +520,7 @@ def gather_questions(questions: list[str] | None, questions_file: Path | None) -
     from_stdin = given == ["-"] or (not given and questions_file is None)
     if from_stdin:
         if sys.stdin.isatty():
-            raise UsageError('give a question: mplus ask "..." --session NAME (or --questions FILE, or lines on stdin)')
+            raise UsageError('give a question: mplus ask "..." (or --questions FILE, or lines on stdin)')
         given = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if questions_file is not None:
         if not questions_file.is_file():
@@ -435,10 +534,13 @@ def gather_questions(questions: list[str] | None, questions_file: Path | None) -
 @app.command()
 @handle_errors
 def ask(
-    session: SessionOpt,
     questions: Annotated[
         list[str] | None,
         typer.Argument(help="Questions to answer from memory ('-' or none: one per line on stdin)."),
+    ] = None,
+    session: Annotated[
+        str | None,
+        typer.Option("--session", "-s", help="Session name (default: none, the model's own memory)."),
     ] = None,
     questions_file: Annotated[
         Path | None, typer.Option("--questions", help="A file with one question per line.")
@@ -448,7 +550,26 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.", min=0, max=SEED_MAX)] = 0,
-    chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template (without its BOS).")] = False,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Ask in the tokenizer's chat template, or not (default: when it has one and the question is plain).",
+            show_default=False,
+        ),
+    ] = None,
+    system: Annotated[
+        str | None,
+        typer.Option("--system", help="A system turn before each question (default: none; needs the chat template)."),
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="After each answer, say on stderr what it read: the injections its retrieved long-term rows came "
+            "from (M+) and how much of the latest injections the short-term memory holds (also in --json).",
+        ),
+    ] = False,
     model: ModelOpt = None,
     store: StoreOpt = None,
     tokenizer: TokenizerOpt = None,
@@ -456,13 +577,24 @@ def ask(
 ) -> None:
     """Answer questions from a session's memory, streamed to stdout (the session is not changed).
 
-    Several questions are answered in one process: the memory is read once and its keys/values are
-    reused by every question.
+    A plain question is asked as a user turn of the model's chat template when its tokenizer has one
+    (--chat / --no-chat decide it either way). Without --session the model's own memory answers and
+    nothing is created: the model is --model, else $MPLUS_MODEL, else smollm2-135m. Several questions
+    are answered in one process: the memory is read once and its keys/values are reused by every question.
+
+    Example: mplus ask "Where is the spare key?" --session s1
     """
     asked = gather_questions(questions, questions_file)
-    found = open_session(store, session)
-    check_requested(session, found.model_ref, model)
-    lm = load_bound_model(session, found.model_ref, tokenizer)
+    start = time.perf_counter()
+    found = None if session is None else open_session(store, session)
+    if found is not None:
+        check_requested(session, found.model_ref, model)
+        lm = load_bound_model(session, found.model_ref, tokenizer)
+        head = {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
+    else:
+        name = requested_model(model)
+        lm = load_model(name, tokenizer=tokenizer)
+        head = {"session": None, "model": model_id(name), "label": lm.info.get("label", "")}
     try:
         settings = mp.DecodeSettings(
             max_new_tokens=max_new_tokens,
@@ -474,46 +606,82 @@ def ask(
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
-    prompts = [prompt_ids(lm, question, chat) for question in asked]
-    state = found.load_state(lm.initial_state, lm.device)
-    check_context(lm, state, prompts, max_new_tokens)
+    prompts = [prompt_ids(lm, question, chat, system) for question in asked]
+    state = lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)  # read only
+    load_s = time.perf_counter() - start
+    check_context(lm, state, [ids for ids, _ in prompts], max_new_tokens)
     note_label(lm)
+    if found is None:
+        say("mplus: note: no --session: the model's own memory answers (nothing injected)")
     answers = []
-    for question, ids in zip(asked, prompts, strict=True):
+    for n, (question, (ids, templated)) in enumerate(zip(asked, prompts, strict=True), 1):
         if len(asked) > 1 and not as_json:
             sys.stdout.write(f"Q: {question}\nA: ")
         streamer = Streamer(lm.tokenizer, enabled=not as_json)
-        out = mp.generate(lm, state, ids, settings, on_token=streamer)
+        with retrievals(lm) if hasattr(lm, "retrieve") else contextlib.nullcontext({}) as read:
+            out = mp.generate(lm, state, ids, settings, on_token=streamer)
+        timing = streamer.timing()
         answer = decode(lm.tokenizer, out.token_ids)
         if not as_json:
             sys.stdout.write(answer[len(streamer.shown) :] + "\n")
             sys.stdout.flush()
+        if not answer.strip():
+            which = f" to question {n}" if len(asked) > 1 else ""
+            say(f"mplus: note: the answer{which} is empty; {empty_answer_hint(lm, templated, chat, out.finish_reason)}")
         answers.append(
-            {"question": question, "answer": answer, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+            {
+                "question": question,
+                "chat": templated,
+                "prompt": lm.tokenizer.decode(ids, skip_special_tokens=False),
+                "prompt_ids": ids,
+                "answer": answer,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "timing": timing,
+            }
         )
+        if explain:
+            answers[-1]["explain"] = report = explanation(lm, state, read, found)
+            if not as_json:
+                for line in explanation_lines(report):
+                    say(line)
     if as_json:
-        head = {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
+        answering = sum(a["timing"]["total_s"] for a in answers)
+        tokens = sum(len(a["token_ids"]) for a in answers)
+        timing = {
+            "load_s": round(load_s, 4),
+            "ttft_s": answers[0]["timing"]["ttft_s"],
+            "total_s": round(time.perf_counter() - start, 4),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / answering, 2) if answering > 0 else 0.0,
+        }
         single = answers[0] if len(answers) == 1 else {}
-        emit(head | single | {"answers": answers, "settings": settings.to_dict()})
+        emit(head | single | {"answers": answers, "settings": settings.to_dict(), "timing": timing})
 
 
 # -- export ---------------------------------------------------------------------------------------
 app.command()(export)
+app.command()(models)
 
 
 # -- session ls | show | rm | fork ------------------------------------------------------------------
 def summary(found: st.Session) -> dict[str, Any]:
     """What `session show` reports; reads the manifest and the log, never the rows."""
-    meta = found.manifest["state"]
+    meta, bound = found.manifest["state"], found.model_ref
     L, N, d = meta["memory_shape"]
-    memory = {"layers": L, "short_term_rows": N, "hidden_size": d, "dtype": found.manifest["dtype"]}
+    flavour = catalog.flavour(bound.get("label", ""))
+    memory = {"layers": L, "short_term_rows": N, "short_term_capacity": short_term_capacity(bound, flavour, N)}
+    memory |= {"hidden_size": d, "dtype": found.manifest["dtype"]}
     if "ltm" in meta:
-        memory |= {"ltm_rows": meta["ltm"]["sizes"], "ltm_cached_rows": meta["ltm"]["cached_rows"]}
+        sizes = meta["ltm"]["sizes"]
+        memory |= {"ltm_rows": sizes, "ltm_rows_min": min(sizes), "ltm_rows_max": max(sizes)}
+        memory |= {"ltm_cached_rows": meta["ltm"]["cached_rows"]}
         memory |= {"ltm_entries": found.manifest["ltm"]["initial_entries"] + found.manifest["ltm"]["entries"]}
     return {
         "session": found.name,
-        "model": found.model_ref,
-        "label": found.model_ref.get("label", ""),
+        "model": bound,
+        "label": bound.get("label", ""),
+        "flavour": flavour,
         "seed": found.manifest["seed"],
         "created": found.manifest["created"],
         "updated": found.manifest["updated"],
@@ -523,66 +691,145 @@ def summary(found: st.Session) -> dict[str, Any]:
         "chunks": found.manifest["chunks"],
         "memory": memory,
         "disk_bytes": found.disk_bytes(),
+        "busy": found.busy(),
         "forked_from": found.manifest.get("forked_from"),
         "partial": found.partial,
         "log": found.log(),
     }
 
 
+def short_term_capacity(bound: dict[str, Any], flavour: str, rows: int) -> int | None:
+    """Short-term rows per layer the model holds at most: a trained memory is always full; a training-free one
+    fills up to its model's capacity (None if the model is not on this machine)."""
+    if flavour == "trained":
+        return rows
+    cfg = catalog.model_config(bound["id"])
+    return cfg.memory_rows if cfg is not None else None
+
+
+def local_time(stamp: str) -> str:
+    """An ISO time stamp of the store (UTC) as local time to the minute."""
+    return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def ltm_range(memory: dict[str, Any]) -> str:
+    low, high = memory["ltm_rows_min"], memory["ltm_rows_max"]
+    return f"{low:,}" if low == high else f"{low:,}\u2013{high:,}"
+
+
 @session_app.command("ls")
 @handle_errors
 def session_ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """List sessions."""
+    """List the sessions: model, memory, injections, tokens, size on disk, last update, and whether a writer
+    holds one now (busy).
+
+    Example: mplus session ls --json
+    """
     root = store_root(store)
     rows = []
     for name in st.list_sessions(root):
         try:
             found = st.Session.open(root, name)
-            tokens = found.manifest["state"]["tokens_injected"]
-            rows.append({"session": name, "model": found.model_ref["id"], "tokens": tokens})
+            meta, bound = found.manifest["state"], found.model_ref
+            rows.append(
+                {
+                    "session": name,
+                    "model": bound["id"],
+                    "kind": bound["kind"],
+                    "flavour": catalog.flavour(bound.get("label", "")),
+                    "injections": meta["injections"],
+                    "tokens": meta["tokens_injected"],
+                    "disk_bytes": found.disk_bytes(),
+                    "updated": found.manifest["updated"],
+                    "busy": found.busy(),
+                }
+            )
         except st.StoreError as e:
             rows.append({"session": name, "error": str(e)})
     if as_json:
         emit({"store": str(root), "sessions": rows})
         return
+    if not rows:
+        say(f"no sessions in {root}")
+        return
+    table = [["session", "model", "memory", "flavour", "injections", "tokens", "size", "updated", "busy"]]
     for row in rows:
-        typer.echo(f"{row['session']}\t{row.get('model', 'corrupted')}\t{row.get('tokens', '-')} tokens")
+        if "error" in row:
+            table.append([row["session"], "damaged (see session check)", *["-"] * 7])
+            continue
+        counts = [f"{row['injections']:,}", f"{row['tokens']:,}", human_bytes(row["disk_bytes"])]
+        table.append(
+            [row["session"], row["model"], row["kind"], row["flavour"], *counts, local_time(row["updated"])]
+            + ["yes" if row["busy"] else "no"]
+        )
+    typer.echo("\n".join(columns(table, right=(4, 5, 6))))
 
 
 @session_app.command("show")
 @handle_errors
-def session_show(name: Annotated[str, typer.Argument()], store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """Model, counts, memory sizes, disk size and injection log of a session."""
-    info = summary(open_session(store, name))
+def session_show(
+    name: Annotated[str, typer.Argument()],
+    map_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--map",
+            help="Also draw the memory's composition into this PNG: per layer, the share of its rows by the "
+            "injection that wrote them, short-term and long-term side by side (loads the model).",
+        ),
+    ] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A session's model, counts, memory (short-term rows used of capacity, long-term rows per layer), storage
+    dtype, size on disk and injection log.
+
+    Example: mplus session show s1 --map s1.png
+    """
+    found = open_session(store, name)
+    info = summary(found)
+    if map_path is not None:
+        if not map_path.parent.is_dir():
+            raise NotFoundError(f"no directory {map_path.parent} to write {map_path.name} into: create it first")
+        lm = load_bound_model(name, found.model_ref, None)
+        draw_map(found.load_state(lm.initial_state), map_path, f"session {name}: {found.model_ref['id']}")
+        info["map"] = str(map_path)
     if as_json:
         emit(info)
         return
     memory, bound = info["memory"], info["model"]
+    capacity = memory["short_term_capacity"]
+    used = f"{memory['short_term_rows']:,}" + (f" of {capacity:,}" if capacity is not None else "")
+    sources = len(info["log"])
     lines = [
-        f"session   {info['session']}" + (f" (forked from {info['forked_from']})" if info["forked_from"] else ""),
-        f"model     {bound['id']} [{bound['kind']}, {memory['dtype']}, config {bound['fingerprint']}]",
-        *([f"note      {info['label']}"] if info["label"] else []),
-        f"seed      {info['seed']}",
-        f"injected  {info['tokens']} tokens in {info['chunks']} chunks from {len(info['log'])} sources",
-        f"commit    {info['commit']} ({info['updated']})",
-        f"memory    {memory['layers']} layers x {memory['short_term_rows']} short-term rows x {memory['hidden_size']}",
-        *(
-            [f"ltm       {memory['ltm_rows']} rows per layer, {memory['ltm_cached_rows']} cached"]
-            if bound["kind"] == "mplus"
-            else []
-        ),
-        f"disk      {info['disk_bytes']} bytes",
+        f"session     {info['session']}" + (f" (forked from {info['forked_from']})" if info["forked_from"] else ""),
+        f"model       {bound['id']} ({bound['kind']}, {info['flavour']}; config {bound['fingerprint']})",
+        *([f"note        {info['label']}"] if info["label"] else []),
+        f"storage     {memory['dtype']} rows, {human_bytes(info['disk_bytes'])} on disk",
+        f"injected    {plural(info['tokens'], 'token')} in {plural(info['chunks'], 'chunk')} "
+        f"from {plural(sources, 'source')}",
+        f"commit      {info['commit']} ({local_time(info['updated'])})"
+        + (", busy: a writer holds it" if info["busy"] else ""),
+        f"seed        {info['seed']}",
+        f"short-term  {used} rows per layer ({plural(memory['layers'], 'layer')} of width {memory['hidden_size']:,})",
     ]
+    if "ltm_rows" in memory:
+        lines.append(
+            f"long-term   {ltm_range(memory)} rows per layer, {memory['ltm_cached_rows']:,} cached "
+            f"(awaiting the next merge), {plural(memory['ltm_entries'], 'entry', 'entries')}"
+        )
     partial = info["partial"]
     if partial:
         lines.append(
-            f"partial   {partial['source']}: {partial['chunks_done']} of {partial['chunks_total']} chunks committed "
-            f"({partial['tokens_done']} of {partial['tokens_total']} tokens); `mplus inject ... --resume` continues it"
+            f"partial     {partial['source']}: {partial['chunks_done']} of {plural(partial['chunks_total'], 'chunk')} "
+            f"committed ({partial['tokens_done']:,} of {plural(partial['tokens_total'], 'token')}); "
+            "`mplus inject ... --resume` continues it"
         )
-    for e in info["log"]:
-        done = f" of {e['chunks_total']} (partial)" if e.get("partial") else ""
-        line = f"  {e['at']} {e['tokens']:>8} tokens {e['chunks']:>4} chunks{done}  {e['sha256'][:12]}  {e['source']}"
-        lines.append(line)
+    if info["log"]:
+        log = [["injected at", "tokens", "chunks", "sha256", "source"]]
+        for e in info["log"]:
+            chunks = f"{e['chunks']:,}" + (f" of {e['chunks_total']:,} (partial)" if e.get("partial") else "")
+            log.append([local_time(e["at"]), f"{e['tokens']:,}", chunks, e["sha256"][:12], e["source"]])
+        lines += ["log", *(f"  {line}" for line in columns(log, right=(1,)))]
     typer.echo("\n".join(lines))
 
 
@@ -594,7 +841,10 @@ def session_rm(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a session."""
+    """Remove a session.
+
+    Example: mplus session rm s1 --yes
+    """
     root = store_root(store)
     if not yes:
         if not sys.stdin.isatty():
@@ -615,7 +865,10 @@ def session_fork(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy a session under a new name."""
+    """Copy a session under a new name.
+
+    Example: mplus session fork s1 s1-backup
+    """
     forked = open_session(store, name).fork(st.check_name(new_name))
     if as_json:
         emit({"session": forked.name, "forked_from": name, "commit": forked.manifest["commit"]})
@@ -637,6 +890,8 @@ def session_check(
 
     The last few commits are kept: with --rollback a damaged session returns to the newest of them that
     verifies (what later commits added is lost; the command says which commit it returned to).
+
+    Example: mplus session check s1 --rollback
     """
     root = store_root(store)
     verdicts = st.check_session(root, name)
@@ -669,10 +924,16 @@ app.add_typer(bench_app, name="bench")
 
 
 @app.command()
+@handle_errors
 def parity(
-    directories: Annotated[list[Path], typer.Argument(help="Reference-output directories (fixtures format).")],
+    directories: Annotated[
+        list[Path], typer.Argument(help="Reference-output directories (fixtures format).", metavar="DIR")
+    ],
 ) -> None:
-    """Replay reference outputs of the authors' code and compare every tensor (exit 1 on any mismatch)."""
+    """Replay reference outputs of the authors' code and compare every tensor (exit 1 on any mismatch).
+
+    Example: mplus parity tests/fixtures/official/memoryllm
+    """
     from model.parity import main as parity_main
 
     raise typer.Exit(parity_main([str(d) for d in directories]))

@@ -7,7 +7,7 @@ import math
 import platform
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -19,9 +19,22 @@ import torch
 import typer
 
 import model as mp
+from model.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
-from tasks.retention import CHUNK_TOKENS, CONTROLS, Runner, Sweep, check_points, parse_shard, protocol_for, shard_slice
+from tasks.retention import (
+    CHUNK_TOKENS,
+    CLOSED_BOOK,
+    CONTROLS,
+    FULL_CONTEXT,
+    MEMORY,
+    Runner,
+    Sweep,
+    check_points,
+    parse_shard,
+    protocol_for,
+    shard_slice,
+)
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
 from .common import SEED_MAX, JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids
@@ -47,7 +60,7 @@ def task_errors() -> Iterator[None]:
     except qa.DataError as e:
         raise MplusError(str(e)) from e
     except res.ResumeError as e:
-        raise ConflictError(f"{e}: choose another --output-path") from e
+        raise ConflictError(f"{e}: choose another --output") from e
 
 
 def parse_controls(text: str) -> list[str]:
@@ -92,14 +105,91 @@ def data_origin(dataset: str, data_dir: Path | None) -> str:
     return str(data_dir.resolve()) if data_dir else f"hub {qa.HUB_IDS[dataset]}"
 
 
-def progress_bar():
-    """Samples done of all (sample, model, control) units, the current one and its distance, ETA."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def approx(n: float) -> str:
+    """A count to three digits: 512, 1.23k, 160k, 3.2M."""
+    for suffix, unit in (("M", 1e6), ("k", 1e3)):
+        if n >= unit:
+            return f"{n / unit:.3g}{suffix}"
+    return f"{n:.0f}"
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+def duration(seconds: float) -> str:
+    """0.4 s, 41 s, 13 min, 2 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def plan_line(n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str]) -> str:
+    """The run's size: samples x distances x models x conditions, its questions and distractor tokens."""
+    conditions = [MEMORY, *controls]
+    per_sample = len(points) * (1 + (FULL_CONTEXT in controls)) + (CLOSED_BOOK in controls)
+    span = f"{format_size(points[0])} to {format_size(points[-1])}"
+    return (
+        f"plan: {plural(n_samples, 'sample')} x {plural(len(points), 'distance')} ({span}) x "
+        f"{plural(len(names), 'model')} x {plural(len(conditions), 'condition')} ({', '.join(conditions)}) = "
+        f"{plural(n_samples * len(names) * per_sample, 'question')}, "
+        f"{format_size(n_samples * points[-1] * len(names))} distractor tokens to inject"
+    )
+
+
+def progress_bar():
+    """Distractor tokens injected of those planned, tokens/s, the current model, sample and distance, ETA."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Tokens(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = approx(task.speed) if task.speed else "-"
+            return Text(f"{approx(task.completed)}/{approx(task.total or 0)} tokens, {speed} tokens/s")
+
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), Tokens(), TimeRemainingColumn())
     console = Console(stderr=True)
     return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)  # else: a blank line
+
+
+class Pace:
+    """One model's progress: advances the bar by the tokens it injects and, after its first sample, says how
+    long the rest will take at the pace measured on it."""
+
+    def __init__(self, bar, task, name: str, n_samples: int):
+        self.bar, self.task, self.name, self.n_samples = bar, task, name, n_samples
+        self.tokens, self.samples = 0, 0
+
+    def on_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.bar.advance(self.task, n)
+
+    def on_sample(self, seconds: float) -> None:
+        self.samples += 1
+        left = self.n_samples - self.samples
+        if self.samples == 1 and left:
+            rate = f" ({approx(self.tokens / seconds)} tokens/s)" if self.tokens else ""
+            say(
+                f"{self.name}: first sample in {duration(seconds)}{rate}: "
+                f"about {duration(seconds * left)} for the other {plural(left, 'sample')}"
+            )
+
+
+def empty_warning(name: str, predictions: Sequence[str], chat: bool, has_template: bool) -> str | None:
+    """A one-line warning when more than half of a model's predictions are empty, with what to try."""
+    empty = sum(not p.strip() for p in predictions)
+    if 2 * empty <= len(predictions):
+        return None
+    hint = (
+        "try --no-chat (the model ends its chat turn at once)"
+        if chat
+        else "try without --no-chat (an instruct model answers in its chat template)"
+        if has_template
+        else "check the model and its --tokenizer (it stops at once)"
+    )
+    return f"mplus: warning: {empty} of {len(predictions)} predictions of {name} are empty: {hint}"
 
 
 def summary_table(summary) -> list[str]:
@@ -124,8 +214,8 @@ def json_records(summary) -> list[dict[str, Any]]:
 @bench_app.command("retention")
 @handle_errors
 def bench_retention(
-    dataset: Annotated[str, typer.Option(help="squad | nq | synthetic")],
     max_distance: Annotated[str, typer.Option(help="Largest distance in tokens: 512, 4k, 160k, 1M (k = 1000).")],
+    dataset: Annotated[str, typer.Option(help="synthetic (offline) | squad | nq")] = "synthetic",
     points: Annotated[
         str | None, typer.Option(help="Distances to ask at, e.g. 0,1k,4k,16k (default: 0, 1k, 2k, 4k, ..., max).")
     ] = None,
@@ -135,7 +225,12 @@ def bench_retention(
     ] = 0,
     model: Annotated[
         list[str] | None,
-        typer.Option("--model", "-m", help="Preset, checkpoint or hub id; repeat to compare (default as inject)."),
+        typer.Option(
+            "--model",
+            "-m",
+            envvar="MPLUS_MODEL",
+            help="Model name, checkpoint or hub id; repeat to compare (default as inject).",
+        ),
     ] = None,
     protocol: Annotated[
         str, typer.Option(help="clean (memory restored per sample) | authors (their choices).")
@@ -143,7 +238,7 @@ def bench_retention(
     controls: Annotated[str, typer.Option(help="Also run: closed-book, full-context (comma-separated).")] = "",
     output_path: Annotated[
         Path | None,
-        typer.Option("--output-path", "-o", help="Output directory (default ./retention-DATASET-PROTOCOL)."),
+        typer.Option("--output", "-o", help="Output directory (default ./retention-DATASET-PROTOCOL)."),
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in the output directory, skipping done samples.")
@@ -156,8 +251,13 @@ def bench_retention(
         typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
     ] = None,
     chat: Annotated[
-        bool, typer.Option(help="Ask each question alone as a user turn of the tokenizer's chat template.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
+            show_default=False,
+        ),
+    ] = None,
     tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -166,11 +266,13 @@ def bench_retention(
     For each sample: inject its evidence, then ~512-token distractor chunks from another split, and ask its
     question at each distance. Writes results.csv (appended per finished sample), summary.csv, config.json
     and retention.png to the output directory.
+
+    Example: mplus bench retention --dataset synthetic --max-distance 4k --limit 20 -o run1
     """
     try:
         if dataset not in qa.DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
-        proto = replace(protocol_for(protocol, dataset), chat=chat)
+        proto = protocol_for(protocol, dataset)
         largest = parse_size(max_distance)
         if largest > MAX_DISTANCE:
             raise ValueError(f"--max-distance {max_distance} is beyond the limit of {format_size(MAX_DISTANCE)} tokens")
@@ -208,8 +310,9 @@ def bench_retention(
             "greedy": True,
             "max_new_tokens": proto.max_new_tokens,
             "context_template": proto.context_template,
-            "question_template": "chat template: {question}" if chat else proto.question_template,
+            "question_template": proto.question_template,  # a model with "chat" in model_details: the question alone
             "truncate_tokens": proto.truncate_tokens,
+            "chat": "auto" if chat is None else chat,  # as given; model_details: whether each model used its template
         },
         "output_path": str(out),
         "device": f"cpu ({torch.get_num_threads()} threads)",
@@ -218,9 +321,7 @@ def bench_retention(
         "model_details": {},
     }
     if res.holds_results(out / "results.csv") and not resume:
-        raise ConflictError(
-            f"{out} already holds results: pass --resume to continue them or choose another --output-path"
-        )
+        raise ConflictError(f"{out} already holds results: pass --resume to continue them or choose another --output")
     with task_errors():
         if resume:
             res.check_resumable(out / "config.json", config, RESUME_KEYS)
@@ -234,66 +335,101 @@ def bench_retention(
         config = merged_config(out / "config.json", config | {"data_source": data.source})
         res.write_config(out / "config.json", config)
         log = res.ResultsLog(out / "results.csv")
+        say(plan_line(len(samples), distances, names, control_list))
         try:
-            run_models(names, samples, sweep, log, out, config, tokenizer)
+            warnings = run_models(names, samples, sweep, log, out, config, tokenizer, chat)
         except KeyboardInterrupt:
             say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         shutil.rmtree(out / "cache", ignore_errors=True)  # encoded distractors: kept only for a --resume
         results = res.read_results(out / "results.csv")
         summary = res.write_summary(results, out / "summary.csv")
-        res.plot(summary, out / "retention.png", title=f"{dataset}, {protocol} protocol")
+        labels = {name: details["label"] for name, details in config["model_details"].items()}
+        rates = res.drop_rates([out])
+        res.plot(
+            summary, out / "retention.png", title=f"{dataset}, {protocol} protocol", labels=labels, drop_rates=rates
+        )
         res.write_config(out / "config.json", config | {"finished": now()})
-    say(f"wrote {out}/results.csv ({len(results)} rows), summary.csv, config.json, retention.png")
+    say(f"wrote {out}/results.csv ({plural(len(results), 'row')}), summary.csv, config.json, retention.png")
+    for warning in warnings:
+        say(warning)
     if as_json:
         emit({"output_path": str(out), "rows": len(results), "summary": json_records(summary)})
     else:
-        typer.echo(f"exact hit by distance ({len(samples)} samples, {dataset}, {protocol} protocol)")
+        typer.echo(f"exact hit by distance ({plural(len(samples), 'sample')}, {dataset}, {protocol} protocol)")
         typer.echo("\n".join(summary_table(summary)))
 
 
-def run_models(names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out: Path, config, tokenizer) -> None:
-    """Each model in turn over the samples; config.json records each model once loaded."""
+def drop_rate(lm: mp.MemoryLLM) -> list[float | int]:
+    """[K/N, tokens per injection] of a MemoryLLM model in this bench: each distractor chunk of CHUNK_TOKENS
+    tokens writes K rows per layer into N (the training-free demo: one row per token) and drops as many."""
+    rows = CHUNK_TOKENS if "mplus_training_free" in lm.cfg.raw else lm.cfg.num_tokens
+    return [min(1.0, rows / lm.cfg.memory_rows), CHUNK_TOKENS]
+
+
+def run_models(
+    names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out: Path, config, tokenizer, chat: bool | None
+) -> list[str]:
+    """Each model in turn over the samples, with a rough estimate of its time once loaded; config.json records
+    each model once loaded. Returns a warning for each model whose predictions are mostly empty."""
     planned = {s.id for s in samples}
-    done = {
-        (r["model"], r["sample_id"], r["control"])
-        for r in log.rows
-        if r["model"] in names and r["sample_id"] in planned
-    }
-    total = len(samples) * len(names) * (1 + len(sweep.controls))
+    done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
+    conditions = (MEMORY, *sweep.controls)
+    memory_left = sum((name, s.id, MEMORY) not in done for name in names for s in samples)
+    warnings = []
     with progress_bar() as bar:
-        task = bar.add_task("loading", total=total, completed=len(done))
+        task = bar.add_task("loading", total=memory_left * sweep.points[-1])
         for name in names:
             bar.update(task, description=f"loading {name}")
             lm = load_model(requested_model(name), tokenizer=tokenizer)
-            if sweep.protocol.chat and not getattr(lm.tokenizer, "chat_template", None):
+            with_chat = has_chat_template(lm.tokenizer) if chat is None else chat
+            if with_chat and not has_chat_template(lm.tokenizer):
                 raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
             note_label(lm)
             details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
             details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
-            details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch.")}
+            details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
+            details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
             before = config["model_details"].get(name)
             if before and before["fingerprint"] != details["fingerprint"]:
                 raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
+            if before and before.get("chat", with_chat) != with_chat:
+                asked = "with" if before["chat"] else "without"
+                raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")
             config["model_details"][name] = details
             res.write_config(out / "config.json", config)
             memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-            runner = Runner(lm, name, sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
+            model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
+            runner = Runner(lm, name, model_sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
+            todo = [s for s in samples if any((name, s.id, c) not in done for c in conditions)]
+            if todo:
+                bar.update(task, description=f"timing {name}")
+                seconds = runner.rough_seconds(todo)
+                say(f"{name}: about {duration(seconds)} (timed on one chunk and one question; firmer after a sample)")
+            pace = Pace(bar, task, name, len(todo))
             runner.run(
                 samples,
                 on_status=lambda text: bar.update(task, description=text),
-                on_unit=lambda: bar.advance(task),
+                on_tokens=pace.on_tokens,
+                on_sample=pace.on_sample,
             )
+            predictions = [r["prediction"] for r in log.rows if r["model"] == name and r["sample_id"] in planned]
+            warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
+            warnings += [warning] if warning else []
+    return warnings
 
 
 @bench_app.command("plot")
 @handle_errors
 def bench_plot(
     directories: Annotated[list[Path], typer.Argument(help="Output directories of bench retention runs.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
     metric: Annotated[str, typer.Option(help="exact_hit | em | f1")] = "exact_hit",
 ) -> None:
-    """Overlay retention runs in one plot (runs of the same dataset, protocol and model pool, e.g. shards)."""
+    """Overlay retention runs in one plot (runs of the same dataset, protocol and model pool, e.g. shards).
+
+    Example: mplus bench plot run1 run2 -o retention.png
+    """
     if metric not in res.METRICS:
         raise UsageError(f"unknown --metric {metric!r}: use {', '.join(res.METRICS)}")
     if not out.parent.is_dir():
@@ -302,7 +438,7 @@ def bench_plot(
     if missing:
         raise NotFoundError(f"no results.csv in {', '.join(missing)}")
     summary = res.summarize(res.load_runs(directories), keys=res.RUN_KEYS)
-    res.plot(summary, out, metric)
+    res.plot(summary, out, metric, labels=res.model_labels(directories), drop_rates=res.drop_rates(directories))
     typer.echo(f"wrote {out} ({summary.groupby(['dataset', 'protocol', 'model', 'control']).ngroups} lines)")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,22 +24,41 @@ except ImportError:
 import model as mp
 from model import store as st
 
-from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError
+from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
 from .models import DEFAULT_MODEL
 
-OPTIONS = {"debug": False}
+OPTIONS = {"debug": False, "json": False}  # the root's --debug and --json (given anywhere on the line)
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
+GLOBAL_FLAGS = ("--debug", "--json")  # accepted before or after the command's name
+OPTION_ALIASES = {"--out": "--output", "--output-path": "--output"}  # old spellings, kept out of the help
+
+
+def expand_user(value: Path | None) -> Path | None:
+    return value.expanduser() if value is not None else None
+
+
+def explicit_only(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """A --model given on the line; its environment variable stays a default (requested_model reads it), so
+    that it never conflicts with the model an existing session is bound to."""
+    source = ctx.get_parameter_source(param.name)
+    return None if source is not None and source.name == "ENVIRONMENT" else value
+
 
 SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
 StoreOpt = Annotated[
-    Path | None, typer.Option("--store", help="Store root (default: $MPLUS_HOME, else ~/.cache/mplus/sessions).")
+    Path | None,
+    typer.Option(
+        "--store", envvar="MPLUS_HOME", callback=expand_user, help="Session store (default: ~/.cache/mplus/sessions)."
+    ),
 ]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model",
         "-m",
-        help=f"Built-in model, checkpoint directory or hub id (default: $MPLUS_MODEL, else {DEFAULT_MODEL}).",
+        envvar="MPLUS_MODEL",
+        callback=explicit_only,
+        help=f"Model name (see `mplus models`), checkpoint directory or hub id (default: {DEFAULT_MODEL}).",
     ),
 ]
 TokenizerOpt = Annotated[
@@ -47,7 +68,39 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document t
 
 
 def say(message: str) -> None:
-    typer.echo(message, err=True)
+    """A line on stderr, through sys.stderr: a live progress bar prints it above itself, on its own line."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 chunk', '2 chunks' (`nouns`: an irregular plural)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def human_bytes(count: int) -> str:
+    """Bytes in decimal units: 512 B, 1.5 kB, 23.4 MB, 16.1 GB."""
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}" if count < 100 * scale else f"{count / scale:,.0f} {unit}"
+    return f"{count} B"
+
+
+def human_count(count: int) -> str:
+    """A count in short form: 950, 121.6k, 134.5M, 8.068B."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.4g}{unit}"
+    return str(count)
+
+
+def columns(rows: list[list[str]], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as aligned text lines (the columns in `right` right-aligned), never truncated."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    cells = [
+        [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        for row in rows
+    ]
+    return ["  ".join(row).rstrip() for row in cells]
 
 
 def emit(document: dict[str, Any]) -> None:
@@ -73,9 +126,15 @@ def exit_code(error: Exception) -> int:
 def handle_errors(command: Callable) -> Callable:
     """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
 
+    takes_json = "as_json" in inspect.signature(command).parameters
+
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        if takes_json:
+            kwargs["as_json"] = kwargs.get("as_json") or OPTIONS["json"]
         try:
+            if OPTIONS["json"] and not takes_json:
+                raise UsageError("this command has no --json output")
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -99,15 +158,29 @@ def handle_errors(command: Callable) -> Callable:
 class MplusGroup(TyperGroup):
     """The root command. Click's usage errors in any command (a bad option value, an unknown option, a missing
     argument) print one line and exit 2; an aborted prompt, and Ctrl-C outside a command's own handler, print
-    one line and exit 130."""
+    one line and exit 130. The command line is read `normalized` first."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: typer.Context | None = None, **extra):
         with one_line_errors():
-            return super().make_context(info_name, args, parent, **extra)
+            return super().make_context(info_name, normalized(args), parent, **extra)
 
     def invoke(self, ctx: typer.Context) -> Any:
         with one_line_errors():
             return super().invoke(ctx)
+
+
+def normalized(args: list[str]) -> list[str]:
+    """The command line as click reads it: --debug and --json moved to the front (the root takes them, wherever
+    they were given), the old spellings of --output renamed. Nothing after `--` is touched."""
+    end = args.index("--") if "--" in args else len(args)
+    head, flags, renamed = args[:end], [], []
+    for arg in head:
+        name, equals, value = arg.partition("=")
+        if arg in GLOBAL_FLAGS:
+            flags += [] if arg in flags else [arg]
+        else:
+            renamed.append(OPTION_ALIASES[name] + equals + value if name in OPTION_ALIASES else arg)
+    return [*flags, *renamed, *args[end:]]
 
 
 @contextlib.contextmanager

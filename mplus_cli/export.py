@@ -173,14 +173,17 @@ def export_checkpoint(plan: Plan, lm: mp.MemoryLLM, state: mp.MemoryState) -> No
 @handle_errors
 def export(
     session: SessionOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (memory) or directory (checkpoint).")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Output file (memory) or directory (checkpoint).")],
     format: Annotated[str, typer.Option("--format", help="memory | checkpoint")] = "memory",
     force: Annotated[bool, typer.Option(help="Replace an earlier export of this tool (nothing else).")] = False,
     store: StoreOpt = None,
     tokenizer: TokenizerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export a session's memory (one safetensors file) or a knowledge-injected checkpoint directory."""
+    """Export a session's memory (one safetensors file) or a knowledge-injected checkpoint directory.
+
+    Example: mplus export --session s1 -o s1.safetensors
+    """
     if format not in FORMATS:
         raise UsageError(f"unknown --format {format!r}: use memory or checkpoint")
     root = store or st.default_root()

@@ -156,6 +156,7 @@ def speed(
 ) -> None:
     """Inject and ask throughput, LTM retrieval and session-store costs, each next to its baseline.
 
+    \b
     Figure groups (--groups, comma-separated, or all):
     - core (default): in this process, on the random models of --shape or --model
     - sessions: `mplus inject` / `mplus ask` processes on a session grown through
@@ -166,6 +167,7 @@ def speed(
     - store: the session store at the M+ shapes of --shape (8b: mplus-8b's)
       without weights, with LTMs of --ltm-rows rows per layer
 
+    \b
     Examples: mplus bench speed --groups sessions,cold --threads 1
               mplus bench speed --groups store --shape 8b --threads 1
     """

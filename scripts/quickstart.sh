@@ -17,13 +17,10 @@ fi
 export MPLUS_HOME="${MPLUS_HOME:-$PWD/.mplus-quickstart}"
 .venv/bin/mplus session rm quickstart --yes >/dev/null 2>&1 || true
 .venv/bin/mplus inject examples/corpus.txt --session quickstart
-# The demo model is an instruct model: each question goes in its chat format (a user turn, then the
-# assistant's turn to answer). `inject` already printed the model's label note; `ask` repeats it.
+# Plain questions: `ask` puts each in the instruct model's chat format itself. `inject` already printed the
+# model's label note; `ask` repeats it.
 while IFS='|' read -r question expected; do
     question="${question% }"
-    answer=$(.venv/bin/mplus ask "<|im_start|>user
-$question<|im_end|>
-<|im_start|>assistant
-" --session quickstart --max-new-tokens 24 2> >(grep -v '^note: ' >&2))
+    answer=$(.venv/bin/mplus ask "$question" --session quickstart --max-new-tokens 24 2> >(grep -v '^note: ' >&2))
     printf 'Q: %s\nA: %s\n   (expected:%s)\n' "$question" "$answer" "$expected"
 done <examples/questions.txt

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from model import hub
+
 DATASETS = ("squad", "nq", "synthetic")
 HUB_IDS = {"squad": "rajpurkar/squad_v2", "nq": "google-research-datasets/natural_questions"}
 AUTHORS_FILES = {  # dev file, train file, sample-index file
@@ -212,22 +214,33 @@ def load_hub(name: str, limit: int | None, distractor_chars: int) -> QAData:
     import datasets
 
     hub_id = HUB_IDS[name]
-    try:
-        if name == "squad":
-            dev, train = datasets.load_dataset(hub_id, split="validation"), datasets.load_dataset(hub_id, split="train")
-            samples = filter(None, map(squad_hub_sample, dev))
-            passages: Iterable[str] = dict.fromkeys(example["context"] for example in train)
-        else:
-            dev = datasets.load_dataset(hub_id, split="validation", streaming=True)
-            train = datasets.load_dataset(hub_id, split="train", streaming=True)
-            samples = filter(None, map(nq_hub_sample, dev))
-            passages = take_chars(filter(str.strip, map(nq_hub_passage, train)), distractor_chars)
-        return QAData(name, list(itertools.islice(samples, limit)), list(passages), f"hub {hub_id}")
-    except Exception as e:  # network, authentication, format: one message that says what to do
+    offline = hub.offline() or datasets.config.HF_HUB_OFFLINE
+    if not offline and not hub.reachable():  # the hub clients would retry for half a minute
         raise DataError(
-            f"cannot load {hub_id} from the hub ({type(e).__name__}: {e}); "
-            "pass --data-dir with the authors' files instead"
-        ) from e
+            f"the hub ({hub.endpoint()}) is unreachable: pass --data-dir with the authors' files, or run this once "
+            f"where the hub is reachable (datasets keeps a copy of {hub_id}) and then set HF_HUB_OFFLINE=1"
+        )
+    try:
+        with hub.quiet():
+            if name == "squad":
+                dev = datasets.load_dataset(hub_id, split="validation")
+                train = datasets.load_dataset(hub_id, split="train")
+                samples = filter(None, map(squad_hub_sample, dev))
+                passages: Iterable[str] = dict.fromkeys(example["context"] for example in train)
+            else:
+                dev = datasets.load_dataset(hub_id, split="validation", streaming=True)
+                train = datasets.load_dataset(hub_id, split="train", streaming=True)
+                samples = filter(None, map(nq_hub_sample, dev))
+                passages = take_chars(filter(str.strip, map(nq_hub_passage, train)), distractor_chars)
+            return QAData(name, list(itertools.islice(samples, limit)), list(passages), f"hub {hub_id}")
+    except Exception as e:  # network, authentication, format: one line that says what to do
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        if offline:
+            raise DataError(
+                f"cannot load {hub_id} with HF_HUB_OFFLINE set ({reason}): pass --data-dir with the authors' files, "
+                "or load it once with the hub reachable (datasets keeps a copy)"
+            ) from e
+        raise DataError(f"cannot load {hub_id} from the hub ({reason}); pass --data-dir with the authors' files") from e
 
 
 # -- synthetic ------------------------------------------------------------------------------------

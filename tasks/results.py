@@ -18,6 +18,7 @@ from .sizes import format_size
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
 COLUMNS = (
     "dataset",
@@ -35,7 +36,11 @@ COLUMNS = (
     "f1",
     "latency_ms",
     "seed",
+    "evidence_stm",
+    "evidence_ltm",
+    "evidence_retrieved",
 )
+SURVIVAL = ("evidence_stm", "evidence_ltm", "evidence_retrieved")  # "" where they do not apply
 TEXT_COLUMNS = ("dataset", "sample_id", "model", "memory_kind", "control", "question", "gold", "prediction")
 SUMMARY_KEYS = ("dataset", "model", "memory_kind", "control", "distance_tokens")
 RUN_KEYS = ("dataset", "protocol", "model", "memory_kind", "control", "distance_tokens")  # across runs
@@ -76,7 +81,7 @@ class ResultsLog:
         if not path.exists():
             write_atomic(path, csv_text([], header=True).encode())
             return
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:  # a torn record may end mid-character
             text = f.read()
         records = list(csv.reader(io.StringIO(text, newline="")))
         if not records or tuple(records[0]) != COLUMNS:
@@ -135,6 +140,28 @@ def load_runs(directories: Sequence[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def model_labels(directories: Sequence[Path]) -> dict[str, str]:
+    """Each model's label (e.g. "training-free memory, demo") from the runs' config.json."""
+    labels = {}
+    for directory in directories:
+        config = Path(directory) / "config.json"
+        if config.exists():
+            details = json.loads(config.read_text()).get("model_details", {})
+            labels |= {name: entry.get("label", "") for name, entry in details.items()}
+    return labels
+
+
+def drop_rates(directories: Sequence[Path]) -> dict[str, tuple[float, int]]:
+    """{model: (K/N, tokens per injection)} of the MemoryLLM models in the runs' config.json (see figure)."""
+    rates = {}
+    for directory in directories:
+        config = Path(directory) / "config.json"
+        if config.exists():
+            details = json.loads(config.read_text()).get("model_details", {})
+            rates |= {name: tuple(entry["drop_rate"]) for name, entry in details.items() if "drop_rate" in entry}
+    return rates
+
+
 # -- summary --------------------------------------------------------------------------------------
 def wilson(hits: float, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a rate hits/n."""
@@ -156,7 +183,7 @@ def mean_interval(values: pd.Series, z: float = Z95) -> tuple[float, float]:
 
 def summarize(results: pd.DataFrame, keys: Sequence[str] = SUMMARY_KEYS) -> pd.DataFrame:
     """Per key group: n, each metric's mean and 95% interval (Wilson for exact_hit and em, mean ± 1.96 SE
-    for f1)."""
+    for f1), and the mean evidence survival (empty where it does not apply)."""
     import pandas as pd
 
     rows = []
@@ -166,8 +193,10 @@ def summarize(results: pd.DataFrame, keys: Sequence[str] = SUMMARY_KEYS) -> pd.D
             values = group[metric].astype(float)
             lo, hi = mean_interval(values) if metric == "f1" else wilson(values.sum(), len(values))
             row |= {metric: values.mean(), f"{metric}_lo": lo, f"{metric}_hi": hi}
+        for column in SURVIVAL:
+            row[column] = pd.to_numeric(group[column], errors="coerce").mean() if column in group else float("nan")
         rows.append(row)
-    columns = [*keys, "n_distractors", "n", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi"))]
+    columns = [*keys, "n_distractors", "n", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")), *SURVIVAL]
     return pd.DataFrame(rows, columns=columns).sort_values(list(keys), kind="stable", ignore_index=True)
 
 
@@ -194,21 +223,37 @@ def check_resumable(path: Path, config: Mapping[str, Any], keys: Sequence[str]) 
 
 
 # -- plot -----------------------------------------------------------------------------------------
-def plot(summary: pd.DataFrame, path: Path, metric: str = "exact_hit", title: str = "") -> None:
-    """Accuracy vs distance with 95% bands: one line per model/control (plus dataset/protocol when several);
-    closed-book is a dashed level across the whole range."""
+def figure(
+    summary: pd.DataFrame,
+    metric: str = "exact_hit",
+    title: str = "",
+    labels: Mapping[str, str] | None = None,
+    drop_rates: Mapping[str, tuple[float, int]] | None = None,
+) -> Figure:
+    """Accuracy vs distance with 95% bands: one line per model/control (plus dataset/protocol when several),
+    named with the model's label from `labels` (e.g. "training-free memory, demo"), the control and n;
+    closed-book is a dashed level across the whole range. Under it, when the results have them, the
+    evidence's survival: its rows in the short-term memory, in the long-term memory and among the rows a
+    question retrieved, beside the theory for random drops, (1 - K/N)^s after s injections, for the models
+    in `drop_rates` ({model: (K/N, tokens per injection)}). The distance axis is symlog, linear up to the
+    first point, with a tick at every point."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.subplots()
+    survived = summary[summary.control == "memory"] if "evidence_stm" in summary and len(summary) else summary[:0]
+    survived = survived[survived.evidence_stm.notna()] if len(survived) else survived
+    fig = Figure(figsize=(8, 8 if len(survived) else 5), layout="constrained")
+    ax, below = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2]) if len(survived) else (fig.subplots(), None)
     keys = [k for k in ("dataset", "protocol", "model", "control") if k in summary]
     tagged = [k for k in ("dataset", "protocol") if k in summary and summary[k].nunique() > 1]
-    right = max(int(summary.distance_tokens.max()), 1) if len(summary) else 1
+    points = sorted(int(d) for d in summary.distance_tokens.unique()) if len(summary) else [0]
+    right = max(points[-1], 1)
     for key, group in summary.groupby(keys, sort=False):
         series = dict(zip(keys, key, strict=True))
-        label = series["model"] + ("" if series["control"] == "memory" else f" ({series['control']})")
-        label += "".join(f" [{series[k]}]" for k in tagged)
+        flavour = (labels or {}).get(series["model"])
+        n = sorted({int(group.n.min()), int(group.n.max())})
+        label = series["model"] + (f" ({flavour})" if flavour else "") + f", {series['control']}"
+        label += "".join(f" [{series[k]}]" for k in tagged) + ", n=" + "-".join(map(str, n))
         x, y = group.distance_tokens.to_numpy(), group[metric].to_numpy()
         lo, hi = group[f"{metric}_lo"].to_numpy(), group[f"{metric}_hi"].to_numpy()
         if series["control"] == "closed-book":
@@ -217,17 +262,67 @@ def plot(summary: pd.DataFrame, path: Path, metric: str = "exact_hit", title: st
         else:
             (line,) = ax.plot(x, y, marker="o", label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
-    if right > 10_000:
-        ax.set_xscale("symlog", linthresh=1_000)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_size(int(value))))
+    ax.set_xscale("symlog", linthresh=min([p for p in points if p > 0] or [1]), linscale=0.5)
+    ax.xaxis.set_major_locator(FixedLocator(points))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_size(int(round(value)))))
+    ax.tick_params(axis="x", labelsize="small", labelrotation=45)  # the last two points may be close (128k, 160k)
     ax.set_xlim(0, right)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("tokens injected after the evidence")
+    ax.set_xlabel("tokens injected after the evidence (symlog scale)")
     ax.set_ylabel({"exact_hit": "exact hit", "em": "exact match", "f1": "F1"}[metric] + " (95% CI)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if below is not None:
+        survival_panel(below, survived, drop_rates or {}, right)
+        ax.set_xlabel("")
     if len(summary):
-        ax.legend(fontsize="small")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize="small")
+    return fig
+
+
+def survival_panel(ax, survived: pd.DataFrame, drop_rates: Mapping[str, tuple[float, int]], right: int) -> None:
+    """Evidence survival vs distance, one colour per model: short-term (solid), long-term (dashed), retrieved
+    (dotted), and the random-drop theory (thin grey)."""
+    import numpy as np
+
+    styles = {
+        "evidence_stm": ("-", "in short-term"),
+        "evidence_ltm": ("--", "in long-term"),
+        "evidence_retrieved": (":", "of retrieved rows"),
+    }
+    for number, (model, group) in enumerate(survived.groupby("model", sort=False)):
+        color = f"C{number}"
+        for column, (style, what) in styles.items():
+            if group[column].notna().any():
+                ax.plot(
+                    group.distance_tokens,
+                    group[column],
+                    style,
+                    color=color,
+                    marker=".",
+                    label=f"{model}: evidence {what}",
+                )
+        if model in drop_rates:
+            rate, tokens = drop_rates[model]
+            x = np.linspace(0, right, 400)
+            ax.plot(x, (1 - rate) ** (x / tokens), color=color, alpha=0.4, linewidth=1, label=f"{model}: (1 - K/N)^s")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of the evidence's rows")
+    ax.set_xlabel("tokens injected after the evidence (symlog scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="upper right")
+
+
+def plot(
+    summary: pd.DataFrame,
+    path: Path,
+    metric: str = "exact_hit",
+    title: str = "",
+    labels: Mapping[str, str] | None = None,
+    drop_rates: Mapping[str, tuple[float, int]] | None = None,
+) -> None:
+    """`figure` written to `path` as a PNG."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    figure(summary, metric, title, labels, drop_rates).savefig(buffer, format="png", dpi=120)
     write_atomic(path, buffer.getvalue())

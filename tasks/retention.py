@@ -19,6 +19,7 @@ without memory, with evidence + distractors + question in its prompt, cut to its
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -35,12 +36,13 @@ import torch
 
 import model as mp
 from model.chunking import MIN_CHUNK_TOKENS, chunk_sizes
+from model.provenance import retrievals, share, survival
 from model.rows import FileArray
 from model.tokenizer import chat_ids, decode, encode
 
 from .data import DataError, QAData, Sample
 from .metrics import score
-from .results import ResultsLog, ResumeError
+from .results import SURVIVAL, ResultsLog, ResumeError
 from .sizes import format_size
 
 CHUNK_TOKENS = 512  # distractor chunk size, as the authors
@@ -294,6 +296,23 @@ class EncodedPool:
         return self.file.read(self.ids(0, piece).reshape(-1)).view(self.layers, piece.tokens, self.file.width)
 
 
+def evidence_survival(
+    state: mp.MemoryState, evidence: torch.Tensor | None, read: dict[int, torch.Tensor]
+) -> dict[str, float | str]:
+    """The fraction of the evidence's rows in the short-term and (M+) long-term memory, each the mean over
+    layers, and the fraction of the rows the question retrieved that the evidence wrote (M+); "" where it
+    does not apply (controls, MemoryLLM's LTM)."""
+    if evidence is None:
+        return dict.fromkeys(SURVIVAL, "")
+    held = survival(state, evidence)
+    retrieved = [share(state.origins, ids, evidence) for ids in read.values()]
+    return {
+        "evidence_stm": round(held["stm"], 6),
+        "evidence_ltm": round(held["ltm"], 6) if "ltm" in held else "",
+        "evidence_retrieved": round(sum(retrieved) / len(retrieved), 6) if retrieved else "",
+    }
+
+
 def no_memory(lm: mp.MemoryLLM) -> mp.MemoryState:
     """A state with no memory rows: forward then reads no prefix at all (the plain base model)."""
     cfg = lm.cfg
@@ -336,9 +355,15 @@ class Runner:
         """The model's initial memory, for closed-book questions (asking never changes a state)."""
         return self.lm.new_state(self.sweep.seed, self.dtype)
 
+    @property
+    def reuses_rows(self) -> bool:
+        """Whether the distractor pool's rows are computed once per run (a model whose write does not read its
+        memory, clean protocol, a cache directory)."""
+        return not (self.cache_dir is None or self.lm.writes_read_memory or self.sweep.protocol.carry_memory)
+
     def encoded_pool(self, on_status: Callable[[str], None] = lambda text: None) -> EncodedPool | None:
         """The distractor pool's rows, encoded on first use, when this model's rows can be reused."""
-        if self.cache_dir is None or self.lm.writes_read_memory or self.sweep.protocol.carry_memory:
+        if not self.reuses_rows:
             return None
         if self._encoded is None:
             pool, encoded = self.planner.pool, itertools.count(1)
@@ -351,22 +376,53 @@ class Runner:
             self._encoded = EncodedPool.build(self.lm, pool, path, self.dtype, progress)
         return self._encoded
 
+    def rough_seconds(self, samples: Sequence[Sample]) -> float:
+        """A rough estimate of the time all units of `samples` take, from one distractor chunk encoded and
+        written into a fresh state and one question asked from it (a fuller memory takes longer)."""
+        if not samples:
+            return 0.0
+        stages = self.planner.stages(samples[0])
+        chunk = next((c for stage in stages for c in stage.chunks), None)
+        state = self.lm.new_state(self.sweep.seed, self.dtype)
+        encode = write = 0.0  # seconds per token
+        if chunk is not None:
+            start = time.perf_counter()
+            delta = self.lm.compute_delta(chunk, state)
+            middle = time.perf_counter()
+            self.lm.update_memory(state, delta)
+            encode, write = (middle - start) / len(chunk), (time.perf_counter() - middle) / len(chunk)
+        start = time.perf_counter()
+        mp.generate(self.lm, state, self.planner.question(samples[0]), self.settings)
+        per_question = time.perf_counter() - start
+        distractors = stages[-1].distance  # per sample
+        seconds = encode * distractors * (1 if self.reuses_rows else len(samples)) + write * distractors * len(samples)
+        questions = len(stages) + (CLOSED_BOOK in self.sweep.controls)  # per sample
+        if FULL_CONTEXT in self.sweep.controls:
+            window = context_window(self.lm)
+            seconds += encode * len(samples) * sum(min(stage.distance, window) for stage in stages)
+            questions += len(stages)
+        return seconds + len(samples) * questions * per_question
+
     def run(
         self,
         samples: Sequence[Sample],
         on_status: Callable[[str], None] = lambda text: None,
-        on_unit: Callable[[], None] = lambda: None,
+        on_tokens: Callable[[int], None] = lambda n: None,
+        on_sample: Callable[[float], None] = lambda seconds: None,
     ) -> None:
-        """Skip the units already in the log (dropping incomplete ones first), run the rest in order."""
+        """Skip the units already in the log (dropping incomplete ones first), run the rest in order.
+        on_tokens(n): n distractor tokens injected; on_sample(seconds): a sample's units ran in that time."""
         n_stages = len(self.planner.stages(samples[0])) if samples else 0
         expected = {MEMORY: n_stages, FULL_CONTEXT: n_stages, CLOSED_BOOK: 1}
         done = self.log.complete_units(self.name, expected)
         carried = self._resume_carried(samples, done) if self.sweep.protocol.carry_memory else None
+        if any((sample.id, MEMORY) not in done for sample in samples):
+            self.encoded_pool(on_status)  # before the first sample, so that it times a sample alone
         for index, sample in enumerate(samples):
             where = f"{self.name} · sample {index + 1}/{len(samples)}"
-            for control in (MEMORY, *self.sweep.controls):
-                if (sample.id, control) in done:
-                    continue
+            todo = [control for control in (MEMORY, *self.sweep.controls) if (sample.id, control) not in done]
+            start = time.perf_counter()
+            for control in todo:
                 on_status(f"{where} · {control}")
                 if control == CLOSED_BOOK:
                     self.log.append([self.ask(sample, self.initial, self.planner.question(sample), CLOSED_BOOK)])
@@ -377,7 +433,7 @@ class Runner:
                     state = self.lm.new_state(sample_seed(self.sweep.seed, sample.id), self.dtype) if fresh else carried
                     pool = self.encoded_pool(on_status) if fresh else None
                     rows = self.memory_unit(
-                        sample, state, lambda d, at=where: on_status(f"{at} · {format_size(d)}"), pool
+                        sample, state, lambda d, at=where: on_status(f"{at} · {format_size(d)}"), pool, on_tokens
                     )
                     if fresh:
                         self.log.append(rows)
@@ -385,7 +441,8 @@ class Runner:
                         self._save_carried(index + 1, carried)
                         self.log.append(rows)
                         shutil.rmtree(self._carried_path(index), ignore_errors=True)
-                on_unit()
+            if todo:
+                on_sample(time.perf_counter() - start)
 
     # -- the three kinds of unit ---------------------------------------------------------------
     def memory_unit(
@@ -394,11 +451,15 @@ class Runner:
         state: mp.MemoryState,
         on_distance: Callable[[int], None],
         pool: EncodedPool | None = None,
+        on_tokens: Callable[[int], None] = lambda n: None,
     ) -> list[dict]:
-        """Evidence, then the distractors, asking at every distance; `pool`: the distractors' rows, computed once."""
+        """Evidence, then the distractors, asking at every distance; `pool`: the distractors' rows, computed once;
+        on_tokens(n) after each distractor chunk of n tokens."""
         first = state.attach_rows(pool.file) if pool is not None else 0
+        before = state.injections
         for chunk in self.planner.evidence(sample):
             self.lm.inject(state, chunk)
+        evidence = torch.arange(before + 1, state.injections + 1)  # the injections that wrote the evidence
         after_evidence, rows = state.tokens_injected, []
         question = self.planner.question(sample)
         for stage in self.planner.stages(sample):
@@ -408,8 +469,9 @@ class Runner:
                     self.lm.inject(state, chunk)
                 else:
                     self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
+                on_tokens(len(chunk))
             distance = state.tokens_injected - after_evidence  # measured on the state, not assumed
-            rows.append(self.ask(sample, state, question, MEMORY, distance, stage.n_distractors))
+            rows.append(self.ask(sample, state, question, MEMORY, distance, stage.n_distractors, evidence))
         return rows
 
     def full_context_unit(self, sample: Sample) -> list[dict]:
@@ -435,9 +497,14 @@ class Runner:
         control: str,
         distance: int = 0,
         n_distractors: int = 0,
+        evidence: torch.Tensor | None = None,
     ) -> dict:
+        """One question's results row; with `evidence` (the injections that wrote it), how much of the
+        evidence the memory held and the question read."""
+        recording = evidence is not None and hasattr(self.lm, "retrieve")
         start = time.perf_counter()
-        out = mp.generate(self.lm, state, prompt, self.settings)
+        with retrievals(self.lm) if recording else contextlib.nullcontext({}) as read:
+            out = mp.generate(self.lm, state, prompt, self.settings)
         latency_ms = (time.perf_counter() - start) * 1000
         prediction = decode(self.lm.tokenizer, out.token_ids)
         metrics = score(prediction, sample.answer)
@@ -457,7 +524,7 @@ class Runner:
             "f1": round(metrics["f1"], 6),
             "latency_ms": round(latency_ms, 1),
             "seed": self.sweep.seed,
-        }
+        } | evidence_survival(state, evidence, read)
 
     # -- memory carried across samples (authors protocol) ----------------------------------------
     def _carried_path(self, n_samples: int) -> Path:

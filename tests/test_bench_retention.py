@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +14,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import model as mp
+from mplus_cli import bench
 from mplus_cli.app import app
 from tasks import data as qa
+from tasks import results as res
 from tasks.results import COLUMNS, ResultsLog
 from tasks.retention import (
     AUTHORS,
@@ -36,6 +40,7 @@ from tasks.retention import (
     shard_slice,
     split_evidence,
 )
+from tasks.sizes import parse_size
 
 runner = CliRunner()
 SYNTHETIC = ["bench", "retention", "--dataset", "synthetic", "--model", "tiny"]
@@ -278,8 +283,10 @@ def test_a_run_writes_the_four_files(finished):
         "context_template": "{context}",
         "question_template": "Question: {question}\nAnswer:",
         "truncate_tokens": None,
+        "chat": "auto",
     }
     assert config["model_details"]["tiny"]["kind"] == "memoryllm"
+    assert config["model_details"]["tiny"]["chat"] is False  # the byte tokenizer has no chat template
     assert config["versions"]["torch"] == torch.__version__ and "finished" in config
 
 
@@ -403,3 +410,150 @@ def test_killed_mid_run_then_resumed_equals_an_uninterrupted_run(finished, tiny,
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert rows(tmp_path) == rows(finished)
+
+
+# -- defaults, plan, chat, warnings, plot ------------------------------------------------------------
+
+TEMPLATE = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+
+
+def test_the_dataset_defaults_to_synthetic(tmp_path):
+    result = mplus("bench", "retention", "--model", "tiny", "--max-distance", "1k", "--limit", 1, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["dataset"] == "synthetic" and config["data"] == "synthetic"
+    assert {r["dataset"] for r in rows(tmp_path / "o")} == {"synthetic"}
+
+
+def test_the_plan_and_the_estimates_come_before_the_results(tmp_path, monkeypatch):
+    figures = []
+    figure = res.figure
+    monkeypatch.setattr(res, "figure", lambda *args, **kwargs: figures.append(figure(*args, **kwargs)) or figures[-1])
+    limit, models, points = 3, ["tiny", "tiny-free"], [0, 1000, 2000]
+    args = ["--max-distance", "2k", "--limit", limit, "--controls", "closed-book,full-context"]
+    result = mplus("bench", "retention", "-m", models[0], "-m", models[1], *args, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    plan = next(line for line in lines if line.startswith("plan: "))
+    numbers = re.fullmatch(
+        r"plan: (\d+) samples x (\d+) distances \(0 to 2k\) x (\d+) models x (\d+) conditions "
+        r"\(memory, closed-book, full-context\) = (\d+) questions, (\S+) distractor tokens to inject",
+        plan,
+    )
+    assert numbers, plan
+    questions_per_sample = len(points) + 1 + len(points)  # memory at each distance, closed-book, full-context
+    assert [int(n) for n in numbers.groups()[:5]] == [limit, len(points), 2, 3, limit * 2 * questions_per_sample]
+    assert parse_size(numbers[6]) == limit * points[-1] * len(models)  # each sample gets max-distance tokens
+    with open(tmp_path / "o" / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == limit * 2 * questions_per_sample  # the plan's questions are the rows written
+    for model in models:  # a rough estimate once loaded, a firmer one after the first sample, before the end
+        rough = lines.index(next(line for line in lines if line.startswith(f"{model}: about ")))
+        firmer = next(line for line in lines if line.startswith(f"{model}: first sample in "))
+        assert re.search(r"tokens/s\): about .* for the other 2 samples$", firmer), firmer
+        assert lines.index(plan) < rough < lines.index(firmer) < lines.index(next(x for x in lines if "wrote" in x))
+    assert "warning" not in result.output  # the untrained models do answer (noise)
+    legend = [text.get_text() for text in figures[0].legends[0].get_texts()]
+    untrained = "untrained: seeded random weights, answers are noise"
+    assert f"tiny ({untrained}), memory, n=3" in legend
+    assert f"tiny-free ({untrained}; training-free memory, demo), closed-book, n=3" in legend
+    assert len(legend) == 2 * 3
+
+
+def test_the_plot_names_model_label_control_and_n_on_a_symlog_axis_to_160k():
+    distances = [0, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000, 160000]
+    results = pd.DataFrame(
+        [
+            {"dataset": "synthetic", "sample_id": f"s{i}", "model": "smollm2-135m", "memory_kind": "mplus"}
+            | {"control": "memory", "distance_tokens": d, "n_distractors": 0, "exact_hit": i % 2, "em": 0, "f1": 0.5}
+            for i in range(4)
+            for d in distances
+        ]
+        + [
+            {"dataset": "synthetic", "sample_id": f"s{i}", "model": "smollm2-135m", "memory_kind": "mplus"}
+            | {"control": "closed-book", "distance_tokens": 0, "n_distractors": 0, "exact_hit": 0, "em": 0, "f1": 0.0}
+            for i in range(4)
+        ]
+    )
+    fig = res.figure(res.summarize(results), labels={"smollm2-135m": "training-free memory, demo"})
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == [
+        "smollm2-135m (training-free memory, demo), closed-book, n=4",
+        "smollm2-135m (training-free memory, demo), memory, n=4",
+    ]
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog" and ax.get_xlim() == (0, 160000)
+    assert list(ax.get_xticks()) == distances
+    formatter = ax.xaxis.get_major_formatter()
+    labels = ["0", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "160k"]
+    assert [formatter(x, i) for i, x in enumerate(distances)] == labels
+
+
+def with_chat_template(monkeypatch) -> None:
+    """Models loaded by the bench get a chat template (the byte tokenizer has none)."""
+    load = bench.load_model
+
+    def load_with_template(*args, **kwargs):
+        lm = load(*args, **kwargs)
+        lm.tokenizer.chat_template = TEMPLATE
+        return lm
+
+    monkeypatch.setattr(bench, "load_model", load_with_template)
+
+
+def test_the_chat_template_is_used_by_default_when_the_tokenizer_has_one(tmp_path, monkeypatch):
+    load = bench.load_model
+    with_chat_template(monkeypatch)
+    prompts, generate = [], mp.generate
+
+    def spy(lm, state, ids, settings):
+        prompts.append(list(ids))
+        return generate(lm, state, ids, settings)
+
+    monkeypatch.setattr(mp, "generate", spy)
+    args = [*SYNTHETIC, "--max-distance", "1k", "--limit", 2, "--controls", "closed-book"]
+    questions = {s.question for s in qa.synthetic(2, 0).samples}
+    tokenizer = mp.load("tiny").tokenizer
+
+    assert mplus(*args, "-o", tmp_path / "auto").exit_code == 0
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["decoding"]["chat"] == "auto" and config["model_details"]["tiny"]["chat"] is True
+    asked = {tokenizer.decode(p) for p in prompts}
+    assert asked == {f"<u>{q}</u><a>" for q in questions}
+
+    prompts.clear()
+    assert mplus(*args, "--no-chat", "-o", tmp_path / "plain").exit_code == 0
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["decoding"]["chat"] is False and config["model_details"]["tiny"]["chat"] is False
+    assert {tokenizer.decode(p) for p in prompts} == {f"Question: {q}\nAnswer:" for q in questions}
+
+    result = mplus(*args, "--no-chat", "-o", tmp_path / "auto", "--resume")  # a resumed run keeps its setting
+    assert result.exit_code == 4 and "'chat': 'auto'} then" in result.output and "'chat': False} now" in result.output
+    monkeypatch.setattr(bench, "load_model", load)  # the same option, but now the tokenizer has no template
+    result = mplus(*args, "-o", tmp_path / "auto", "--resume")
+    assert result.exit_code == 4 and "of 'tiny' asked with a chat template: use its tokenizer" in result.output
+
+
+@pytest.mark.parametrize(
+    ("template", "option", "hint"),
+    [
+        (False, [], "check the model and its --tokenizer"),
+        (True, [], "try --no-chat"),
+        (True, ["--no-chat"], "try without --no-chat"),
+    ],
+)
+def test_mostly_empty_predictions_warn_with_what_to_try(tmp_path, monkeypatch, template, option, hint):
+    if template:
+        with_chat_template(monkeypatch)
+    monkeypatch.setattr(mp, "generate", lambda *args: mp.Generation(token_ids=[], finish_reason="stop"))
+    result = mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", 2, *option, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "warning" in line]
+    assert len(warnings) == 1  # 2 samples x 2 distances, all empty
+    assert warnings[0].startswith(f"mplus: warning: 4 of 4 predictions of tiny are empty: {hint}")
+
+
+def test_the_empty_prediction_warning_needs_more_than_half():
+    assert bench.empty_warning("m", ["", "a"], chat=False, has_template=False) is None
+    assert bench.empty_warning("m", ["a", "b", "c"], chat=True, has_template=True) is None
+    warning = bench.empty_warning("m", ["", " \n", "a"], chat=True, has_template=True)
+    assert warning.startswith("mplus: warning: 2 of 3 predictions of m are empty: try --no-chat")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import model as mp
 import model.checkpoint as ckpt
+from model import hub
 from model.layers import DECODER, ENCODER
 
 
@@ -123,6 +124,7 @@ def test_hub_alias_downloads_through_huggingface_hub(saved_tiny, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
     model = mp.load("memoryllm-8b", revision="abc123")
     assert calls[0][:2] == ("YuWangX/memoryllm-8b", "abc123")
     assert "*.safetensors" in calls[0][2] and not any(p.endswith(".bin") for p in calls[0][2])

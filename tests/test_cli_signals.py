@@ -166,7 +166,7 @@ def test_ctrl_c_during_an_answer_changes_nothing(tmp_path, store, session):
 def test_ctrl_c_while_the_interpreter_exits(tmp_path, store, session):
     proc, _ = interrupted(tmp_path, "exit:", "session", "ls", "--store", store)
     assert only_line(proc) == "mplus: interrupted while exiting"
-    assert proc.stdout.startswith(f"{session}\t")  # what the command printed is kept
+    assert proc.stdout.splitlines()[1].startswith(f"{session} ")  # what the command printed is kept
 
 
 def test_ctrl_c_cuts_a_large_read_short(tmp_path, store):

@@ -280,7 +280,7 @@ def test_checkpoint_round_trip(tiny, saved_tiny_mplus):
         for name in ("rows", "keys", "recall_frequencies", "ages"):
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and torch.equal(x, y), name
-    assert fresh.ltm.cache_size == 0 and not fresh.memory_ages.any()
+    assert fresh.ltm.cache_size == state.ltm.cache_size and torch.equal(fresh.memory_ages, state.memory_ages)  # carried
     question = token_ids(6)[None]
     assert torch.equal(loaded(question, fresh).logits, tiny(question, state).logits)
 

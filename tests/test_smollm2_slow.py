@@ -111,3 +111,30 @@ def test_the_default_model_answers_questions_about_the_example_text(tmp_path, mo
         answer = json.loads(runner.invoke(app, ask).stdout)["answer"]
         print(f"\n{question} -> {answer!r}")
         assert expected in answer
+
+
+def test_plain_questions_are_asked_in_the_chat_format_and_answered(tmp_path, monkeypatch):
+    """No --chat and no hand-written template: `ask` applies the instruct model's chat template itself."""
+    monkeypatch.delenv("MPLUS_MODEL")
+    runner = CliRunner()
+    inject = ["inject", str(EXAMPLES / "corpus.txt"), "-s", "plain", "--store", str(tmp_path)]
+    assert runner.invoke(app, inject).exit_code == 0
+    lines = (EXAMPLES / "questions.txt").read_text().splitlines()
+    expected = dict(tuple(part.strip() for part in line.split("|")) for line in lines)
+    ask = ["ask", *expected, "-s", "plain", "--store", str(tmp_path), "--max-new-tokens", "24", "--json"]
+    result = runner.invoke(app, ask)
+    assert result.exit_code == 0 and "the answer" not in result.stderr, result.stderr
+    for answer in json.loads(result.stdout)["answers"]:
+        print(f"\n{answer['question']} -> {answer['answer']!r} ({answer['timing']})")
+        assert answer["chat"] is True and answer["prompt"].endswith("<|im_start|>assistant\n")
+        assert expected[answer["question"]] in answer["answer"]
+
+
+def test_a_demo_session_exported_as_a_checkpoint_loads_back_and_answers_alike(tmp_path):
+    lm = mp.load("smollm2-135m")
+    state = lm.new_state()
+    lm.inject(state, torch.tensor(encode(lm.tokenizer, FACTS)))
+    mp.save_checkpoint(lm, state, tmp_path / "checkpoint")
+    loaded = mp.load(str(tmp_path / "checkpoint"))
+    assert isinstance(loaded, mp.TrainingFreeMPlus) and loaded.info["label"] == lm.info["label"]
+    assert answers(loaded, loaded.new_state()) == answers(lm, state)

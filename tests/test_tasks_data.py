@@ -161,6 +161,7 @@ def test_squad_from_the_hub(monkeypatch):
     }
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split, **kw: calls.append(hub_id) or splits[split])
+    monkeypatch.setattr(qa.hub, "reachable", lambda: True)
     data = qa.load("squad", limit=5)
     assert set(calls) == {"rajpurkar/squad_v2"}
     assert data.samples == [qa.Sample("c", "C2", "Q3", "Denver Broncos"), qa.Sample("d", "C2", "Q4", "1990")]
@@ -194,6 +195,7 @@ def test_nq_from_the_hub(monkeypatch):
         "train": [nq_hub_example("9", None, False)],
     }
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split, streaming: splits[split])
+    monkeypatch.setattr(qa.hub, "reachable", lambda: True)
     data = qa.load("nq", limit=5, distractor_chars=100)
     # no short answer (1) and a five-word answer (3) are left out
     assert data.samples == [qa.Sample("2", "Paris is the capital of France", "q2", "Paris")]
@@ -207,6 +209,7 @@ def test_an_unreachable_hub_is_one_clear_error(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(qa.hub, "reachable", lambda: True)  # reachable, and the download fails anyway
     with pytest.raises(qa.DataError, match="cannot load rajpurkar/squad_v2 .*no network.*--data-dir"):
         qa.load("squad", limit=5)
 
