@@ -361,10 +361,12 @@ def bench_retention(
 
 
 def drop_rate(lm: mp.MemoryLLM) -> list[float | int]:
-    """[K/N, tokens per injection] of a MemoryLLM model in this bench: each distractor chunk of CHUNK_TOKENS
-    tokens writes K rows per layer into N (the training-free demo: one row per token) and drops as many."""
-    rows = CHUNK_TOKENS if "mplus_training_free" in lm.cfg.raw else lm.cfg.num_tokens
-    return [min(1.0, rows / lm.cfg.memory_rows), CHUNK_TOKENS]
+    """[K/N, tokens per injection, tokens before the first drop] of a MemoryLLM model in this bench: each
+    distractor chunk of CHUNK_TOKENS tokens writes K rows per layer into N and drops as many, once the
+    memory is full (the training-free demo: one row per token, and its memory starts empty)."""
+    training_free = "mplus_training_free" in lm.cfg.raw
+    rows = CHUNK_TOKENS if training_free else lm.cfg.num_tokens
+    return [min(1.0, rows / lm.cfg.memory_rows), CHUNK_TOKENS, lm.cfg.memory_rows if training_free else 0]
 
 
 def run_models(

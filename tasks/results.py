@@ -151,7 +151,7 @@ def model_labels(directories: Sequence[Path]) -> dict[str, str]:
     return labels
 
 
-def drop_rates(directories: Sequence[Path]) -> dict[str, tuple[float, int]]:
+def drop_rates(directories: Sequence[Path]) -> dict[str, tuple]:
     """{model: (K/N, tokens per injection)} of the MemoryLLM models in the runs' config.json (see figure)."""
     rates = {}
     for directory in directories:
@@ -228,7 +228,7 @@ def figure(
     metric: str = "exact_hit",
     title: str = "",
     labels: Mapping[str, str] | None = None,
-    drop_rates: Mapping[str, tuple[float, int]] | None = None,
+    drop_rates: Mapping[str, tuple] | None = None,
 ) -> Figure:
     """Accuracy vs distance with 95% bands: one line per model/control (plus dataset/protocol when several),
     named with the model's label from `labels` (e.g. "training-free memory, demo"), the control and n;
@@ -248,6 +248,7 @@ def figure(
     tagged = [k for k in ("dataset", "protocol") if k in summary and summary[k].nunique() > 1]
     points = sorted(int(d) for d in summary.distance_tokens.unique()) if len(summary) else [0]
     right = max(points[-1], 1)
+    colors: dict[str, str] = {}  # each model's colour in the accuracy panel, reused in the survival panel
     for key, group in summary.groupby(keys, sort=False):
         series = dict(zip(keys, key, strict=True))
         flavour = (labels or {}).get(series["model"])
@@ -262,11 +263,13 @@ def figure(
         else:
             (line,) = ax.plot(x, y, marker="o", label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            colors.setdefault(series["model"], line.get_color())
     ax.set_xscale("symlog", linthresh=min([p for p in points if p > 0] or [1]), linscale=0.5)
     ax.xaxis.set_major_locator(FixedLocator(points))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_size(int(round(value)))))
-    ax.tick_params(axis="x", labelsize="small", labelrotation=45)  # the last two points may be close (128k, 160k)
+    for axis in [ax] if below is None else [ax, below]:  # the last two points may be close (128k, 160k)
+        axis.tick_params(axis="x", labelsize="small", labelrotation=45)
     ax.set_xlim(0, right)
     ax.set_ylim(0, 1)
     ax.set_xlabel("tokens injected after the evidence (symlog scale)")
@@ -274,16 +277,19 @@ def figure(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if below is not None:
-        survival_panel(below, survived, drop_rates or {}, right)
+        survival_panel(below, survived, drop_rates or {}, right, colors)
         ax.set_xlabel("")
     if len(summary):
         fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize="small")
     return fig
 
 
-def survival_panel(ax, survived: pd.DataFrame, drop_rates: Mapping[str, tuple[float, int]], right: int) -> None:
-    """Evidence survival vs distance, one colour per model: short-term (solid), long-term (dashed), retrieved
-    (dotted), and the random-drop theory (thin grey)."""
+def survival_panel(
+    ax, survived: pd.DataFrame, drop_rates: Mapping[str, tuple], right: int, colors: Mapping[str, str]
+) -> None:
+    """Evidence survival vs distance in each model's colour: short-term (solid), long-term (dashed), retrieved
+    (dotted), and the random-drop theory (thin): (1 - K/N)^s, s the injections after the first `free`
+    tokens (a memory that starts empty drops nothing until it is full)."""
     import numpy as np
 
     styles = {
@@ -291,8 +297,8 @@ def survival_panel(ax, survived: pd.DataFrame, drop_rates: Mapping[str, tuple[fl
         "evidence_ltm": ("--", "in long-term"),
         "evidence_retrieved": (":", "of retrieved rows"),
     }
-    for number, (model, group) in enumerate(survived.groupby("model", sort=False)):
-        color = f"C{number}"
+    for model, group in survived.groupby("model", sort=False):
+        color = colors.get(model)
         for column, (style, what) in styles.items():
             if group[column].notna().any():
                 ax.plot(
@@ -304,9 +310,10 @@ def survival_panel(ax, survived: pd.DataFrame, drop_rates: Mapping[str, tuple[fl
                     label=f"{model}: evidence {what}",
                 )
         if model in drop_rates:
-            rate, tokens = drop_rates[model]
+            rate, tokens, free = (*drop_rates[model], 0)[:3]
             x = np.linspace(0, right, 400)
-            ax.plot(x, (1 - rate) ** (x / tokens), color=color, alpha=0.4, linewidth=1, label=f"{model}: (1 - K/N)^s")
+            s = np.maximum(x - free, 0) / tokens
+            ax.plot(x, (1 - rate) ** s, color=color, alpha=0.5, linewidth=1, label=f"{model}: (1 - K/N)^s")
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of the evidence's rows")
     ax.set_xlabel("tokens injected after the evidence (symlog scale)")
@@ -320,7 +327,7 @@ def plot(
     metric: str = "exact_hit",
     title: str = "",
     labels: Mapping[str, str] | None = None,
-    drop_rates: Mapping[str, tuple[float, int]] | None = None,
+    drop_rates: Mapping[str, tuple] | None = None,
 ) -> None:
     """`figure` written to `path` as a PNG."""
     buffer = io.BytesIO()
