@@ -140,8 +140,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # -- durable file primitives ------------------------------------------------------------------------
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries: a rename in it) by path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -157,7 +158,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def append_after(path: Path, committed: int, data: bytes | memoryview) -> int:
@@ -626,7 +627,7 @@ class Session:
                 os.rename(tmp, target)
             except OSError:  # created meanwhile by another process
                 raise SessionExists(f"session {name!r} already exists in {root}") from None
-        fsync_dir(root)
+        fsync_path(root)
         return Session.open(root, name)
 
     def fork(self, new_name: str) -> Session:
@@ -649,7 +650,7 @@ class Session:
                 raise SessionExists(
                     f"session {new_name!r} already exists: pick another name or remove it first"
                 ) from None
-        fsync_dir(root)
+        fsync_path(root)
         return Session.open(root, new_name)
 
     def committed_lengths(self) -> list[tuple[str, int]]:
@@ -885,5 +886,5 @@ def rollback_session(root: Path, name: str) -> tuple[int | None, int]:
         for path in [*directory.glob("commit-[0-9]*.json"), *directory.glob("index-[0-9]*.safetensors")]:
             if commit_number(path) > good.commit:
                 path.unlink()
-        fsync_dir(directory)
+        fsync_path(directory)
         return current.commit, good.commit

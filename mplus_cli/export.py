@@ -108,14 +108,6 @@ def private_temp(beside: Path) -> Path:
     return Path(name)
 
 
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_memory(plan: Plan, found: st.Session, state: mp.MemoryState) -> None:
     """One safetensors file with the whole state, and a JSON manifest beside it (the session manifest and
     the state meta, also kept in the file's metadata so the file stands alone)."""
@@ -127,11 +119,11 @@ def export_memory(plan: Plan, found: st.Session, state: mp.MemoryState) -> None:
         save_file({k: v.cpu().contiguous() for k, v in state.to_tensors().items()}, temps[0], metadata=metadata)
         temps[1].write_bytes(json.dumps(document, indent=1).encode())
         for temp in temps:
-            fsync(temp)
+            st.fsync_path(temp)
         plan.check()
         os.replace(temps[1], manifest_path(out))
         os.replace(temps[0], out)
-        st.fsync_dir(out.parent)
+        st.fsync_path(out.parent)
     finally:
         for temp in temps:
             temp.unlink(missing_ok=True)

@@ -140,26 +140,25 @@ def load_runs(directories: Sequence[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def model_labels(directories: Sequence[Path]) -> dict[str, str]:
-    """Each model's label (e.g. "training-free memory, demo") from the runs' config.json."""
-    labels = {}
+def model_details(directories: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """{model: its details} from the runs' config.json (a later run's entry replaces an earlier one's)."""
+    details = {}
     for directory in directories:
         config = Path(directory) / "config.json"
         if config.exists():
-            details = json.loads(config.read_text()).get("model_details", {})
-            labels |= {name: entry.get("label", "") for name, entry in details.items()}
-    return labels
+            details |= json.loads(config.read_text()).get("model_details", {})
+    return details
+
+
+def model_labels(directories: Sequence[Path]) -> dict[str, str]:
+    """Each model's label (e.g. "training-free memory, demo") from the runs' config.json."""
+    return {name: entry.get("label", "") for name, entry in model_details(directories).items()}
 
 
 def drop_rates(directories: Sequence[Path]) -> dict[str, tuple]:
-    """{model: (K/N, tokens per injection)} of the MemoryLLM models in the runs' config.json (see figure)."""
-    rates = {}
-    for directory in directories:
-        config = Path(directory) / "config.json"
-        if config.exists():
-            details = json.loads(config.read_text()).get("model_details", {})
-            rates |= {name: tuple(entry["drop_rate"]) for name, entry in details.items() if "drop_rate" in entry}
-    return rates
+    """{model: (K/N, tokens per injection, tokens before the first drop)} of the MemoryLLM models in the runs'
+    config.json (see figure)."""
+    return {name: tuple(e["drop_rate"]) for name, e in model_details(directories).items() if "drop_rate" in e}
 
 
 # -- summary --------------------------------------------------------------------------------------
