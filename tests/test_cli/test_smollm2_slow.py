@@ -25,7 +25,7 @@ pytestmark = [
     ),
 ]
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 FACTS = (
     "The lighthouse on Korsa Island was built in 1887. The access code to the lamp room is 73914. "
     "The island ferry leaves the mainland pier every morning at 7:45, and the only café on the island is "

@@ -25,7 +25,7 @@ from mplus_cli.app import app
 from mplus_cli.common import human_bytes, human_count, plural
 
 runner = CliRunner()
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 TEXT = "Alice keeps the spare key under the blue flowerpot by the back door. " * 12  # 828 bytes: 828 tokens
 NAMES = [  # every name --model takes, in the order `mplus models` lists them
     "tiny",
