@@ -20,35 +20,34 @@ from .layers import KVCache
 from .memory import MemoryState
 from .memoryllm import InjectResult, MemoryLLM
 from .mplus import MPlus, Retrieval
-from .presets import PRESETS, UNTRAINED_LABEL, build_preset
-from .smollm2 import MODELS as SMOLLM2_MODELS
+from .presets import PRESETS, UNTRAINED_LABEL, build_preset, build_tiny
+from .registry import MODELS, build_model, from_name, names
 from .smollm2 import load_smollm2
 from .tokenizer import has_tokenizer, load_tokenizer
-from .training_free import TINY_PRESETS as TINY_FREE_PRESETS
-from .training_free import TRAINING_FREE_LABEL, TrainingFreeMemoryLLM, TrainingFreeMPlus, build_tiny
+from .training_free import TRAINING_FREE_LABEL
 
 # built-in models that need no checkpoint directory: seeded random presets and the SmolLM2 demo model
-BUILTIN_MODELS = (*PRESETS, *TINY_FREE_PRESETS, *SMOLLM2_MODELS)
+BUILTIN_MODELS = names("preset", "training-free", "demo")
 
 __all__ = [
     "BUILTIN_MODELS",
     "HUB_MODELS",
     "PRESETS",
-    "SMOLLM2_MODELS",
     "TRAINING_FREE_LABEL",
     "CheckpointError",
     "DecodeSettings",
     "Generation",
     "InjectResult",
     "KVCache",
+    "MODELS",
     "MemoryLLM",
     "MemoryState",
     "ModelConfig",
     "MPlus",
     "Retrieval",
-    "TrainingFreeMemoryLLM",
-    "TrainingFreeMPlus",
+    "build_model",
     "config_from_hf",
+    "from_name",
     "generate",
     "load",
     "read_config",
@@ -91,13 +90,14 @@ def load(
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
-    if name in SMOLLM2_MODELS:
-        return load_smollm2(SMOLLM2_MODELS[name], dtype=dtype, device=device)
-    if name in TINY_FREE_PRESETS:
-        model = build_tiny(TINY_FREE_PRESETS[name], dtype=dtype, device=device)
+    family = MODELS[name].family if name in MODELS else "checkpoint"
+    if family == "demo":
+        return load_smollm2(MODELS[name].kind, dtype=dtype, device=device)
+    if family == "training-free":
+        model = build_tiny(MODELS[name].kind, dtype=dtype, device=device)
         model.info = {"source": name, "label": f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}", "storage_dtype": "float32"}
         return model
-    if name in PRESETS:
+    if family == "preset":
         model = build_preset(name).to(device=device, dtype=dtype)
         model.initial_state = model.initial_state.to(device, dtype)
         model.info = {"source": name, "label": UNTRAINED_LABEL, "storage_dtype": "float32"}
@@ -109,7 +109,7 @@ def load(
     elif tokenizer not in (True, False):
         model.tokenizer = load_tokenizer(tokenizer)
     label = UNTRAINED_LABEL if model.cfg.raw.get("mplus_preset") else ""
-    label = TRAINING_FREE_LABEL if "mplus_training_free" in model.cfg.raw else label
+    label = TRAINING_FREE_LABEL if model.cfg.training_free is not None else label
     model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
     model.info["carried_state"] = (directory / CARRIED_STATE).is_file()  # its drop generator continues
     model.info["storage_dtype"] = model.cfg.raw.get("torch_dtype", "bfloat16")

@@ -15,22 +15,11 @@ from safetensors import safe_open
 
 from . import smollm2
 from .checkpoint import HUB_MODELS, checkpoint_files, is_state_key
-from .config import ModelConfig, config_from_hf, read_config
-from .memoryllm import MemoryLLM
-from .mplus import MPlus
-from .presets import PRESETS, UNTRAINED_LABEL
-from .training_free import (
-    TINY_PRESETS,
-    TRAINING_FREE_LABEL,
-    TrainingFreeMemoryLLM,
-    TrainingFreeMPlus,
-    build_tiny,
-    config_of_export,
-    training_free_config,
-)
-
-HUB_KINDS = {"memoryllm-7b": "memoryllm", "memoryllm-8b": "memoryllm", "memoryllm-8b-chat": "memoryllm"}
-HUB_KINDS |= {"mplus-8b": "mplus"}
+from .config import ModelConfig, read_config
+from .presets import UNTRAINED_LABEL
+from .registry import MODELS, build_model, from_name
+from .registry import names as registered
+from .training_free import TRAINING_FREE_LABEL, config_of_export
 
 
 @dataclass(frozen=True)
@@ -50,7 +39,7 @@ class Entry:
 
 def names() -> list[str]:
     """Every name `--model` takes: the presets, the demo models, the authors' checkpoint aliases."""
-    return [*PRESETS, *TINY_PRESETS, *smollm2.MODELS, *HUB_MODELS]
+    return list(registered("preset", "training-free", "demo", "hub"))
 
 
 def unknown_model(name: str) -> str:
@@ -71,20 +60,20 @@ def flavour(label: str) -> str:
 def entries() -> list[Entry]:
     """Every model by name, the built-in ones first, with what this machine holds of each."""
     found = []
-    for name, config in PRESETS.items():
-        cfg = config_from_hf(config)
+    for name in registered("preset"):
+        cfg = from_name(name)
         found.append(Entry(name, cfg.kind, "trained", parameter_count(cfg), None, UNTRAINED_LABEL, "built in", True))
-    for name, kind in TINY_PRESETS.items():
+    for name in registered("training-free"):
         label = f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}"
-        count = parameter_count(build_tiny(kind).cfg)
-        found.append(Entry(name, kind, "training-free", count, None, label, "built in", True))
-    found += [demo_entry(name, kind) for name, kind in smollm2.MODELS.items()]
+        count = parameter_count(from_name(name))
+        found.append(Entry(name, MODELS[name].kind, "training-free", count, None, label, "built in", True))
+    found += [demo_entry(name, MODELS[name].kind) for name in registered("demo")]
     cached = hub_cache()
     for name, repo_id in HUB_MODELS.items():
         snapshot, size = cached.get(repo_id, (None, None))
         where = str(snapshot) if snapshot else f"hub {repo_id} (not downloaded)"
         count = weights_parameters(snapshot) if snapshot else None
-        found.append(Entry(name, HUB_KINDS[name], "trained", count, size, "", where, snapshot is not None))
+        found.append(Entry(name, MODELS[name].kind, "trained", count, size, "", where, snapshot is not None))
     return found
 
 
@@ -127,12 +116,8 @@ def hub_cache() -> dict[str, tuple[Path, int]]:
 
 def parameter_count(cfg: ModelConfig) -> int:
     """The parameters of a model of `cfg` (built on the meta device: nothing is allocated)."""
-    training_free = "mplus_training_free" in cfg.raw
     with torch.device("meta"):
-        if training_free:
-            model = TrainingFreeMPlus(cfg) if cfg.kind == "mplus" else TrainingFreeMemoryLLM(cfg)
-        else:
-            model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
+        model = build_model(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -152,13 +137,11 @@ def weights_parameters(directory: Path) -> int | None:
 def model_config(name: str) -> ModelConfig | None:
     """The config of a model (a name, a checkpoint directory or a hub id) from what this machine holds, without
     weights or the network; None where it holds nothing."""
-    if name in PRESETS:
-        return config_from_hf(PRESETS[name])
-    if name in TINY_PRESETS:
-        return build_tiny(TINY_PRESETS[name]).cfg
-    if name in smollm2.MODELS:
+    if name in registered("preset", "training-free"):
+        return from_name(name)
+    if name in registered("demo"):
         path = smollm2.cache_root() / smollm2.CACHE_NAME / "config.json"
-        return training_free_config(json.loads(path.read_text()), smollm2.MODELS[name]) if path.is_file() else None
+        return from_name(name, json.loads(path.read_text())) if path.is_file() else None
     directory = Path(name).expanduser()
     if not directory.is_dir():
         from huggingface_hub import try_to_load_from_cache

@@ -26,15 +26,10 @@ from .layers import DECODER, ENCODER
 from .ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
-from .mplus import MPlus
 from .provenance import Origins
+from .registry import MODELS, build_model, build_training_free
 
-HUB_MODELS = {
-    "memoryllm-7b": "YuWangX/memoryllm-7b",
-    "memoryllm-8b": "YuWangX/memoryllm-8b",
-    "memoryllm-8b-chat": "YuWangX/memoryllm-8b-chat",
-    "mplus-8b": "YuWangX/mplus-8b",
-}
+HUB_MODELS = {name: MODELS[name].repo for name in MODELS if MODELS[name].family == "hub"}  # alias -> repo id
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
 STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState (M+: and the LTM)
 LTM_KEY = re.compile(r"ltm(_keys|_recall_frequencies|_ages)?\.\d+")
@@ -190,7 +185,7 @@ def load_checkpoint(
     if rope_inv_freq_dtype is not None:
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))
     with torch.device("meta"):
-        model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
+        model = build_model(cfg)
     expected = expected_keys(model)
     located = dict(iter_tensors(checkpoint_files(directory)))
     missing = sorted(set(expected) - set(located) - {"initialized"})
@@ -231,7 +226,7 @@ def load_checkpoint(
 
 def load_training_free(directory: Path, raw: dict, dtype: torch.dtype, device: torch.device | str) -> MemoryLLM:
     """A training-free model that save_checkpoint exported (config.json: a Llama config + its memory settings)."""
-    from .training_free import COMPUTED, build_training_free, config_of_export
+    from .training_free import COMPUTED, config_of_export
 
     cfg = config_of_export(raw)
     tensors = {}

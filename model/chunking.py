@@ -81,9 +81,14 @@ def chunked(pieces: Iterable[list[int]], chunk_tokens: int, min_tokens: int = MI
         yield held
 
 
-def chunk_sizes(tokens: int, chunk_tokens: int, min_tokens: int = MIN_CHUNK_TOKENS) -> list[int]:
-    """The chunk lengths `chunked` gives for `tokens` ids."""
+def chunk_sizes(
+    tokens: int, chunk_tokens: int, min_tokens: int = MIN_CHUNK_TOKENS, within_limit: bool = False
+) -> list[int]:
+    """The chunk lengths `chunked` gives for `tokens` ids: a last chunk under `min_tokens` joins the one
+    before it. With `within_limit` it takes what it lacks from that one instead, so that no chunk exceeds
+    `chunk_tokens` (a retention sweep's distances stay exact)."""
     sizes = [chunk_tokens] * (tokens // chunk_tokens) + ([tokens % chunk_tokens] if tokens % chunk_tokens else [])
     if len(sizes) > 1 and sizes[-1] < min_tokens:
-        sizes[-2:] = [sizes[-2] + sizes[-1]]
+        short = min_tokens - sizes[-1]
+        sizes[-2:] = [sizes[-2] - short, min_tokens] if within_limit else [sizes[-2] + sizes[-1]]
     return sizes

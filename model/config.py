@@ -14,7 +14,7 @@ MemoryKind = Literal["memoryllm", "mplus"]
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Which rotary-embedding variant a checkpoint needs (spec §4.4).
+    """Which rotary-embedding variant a checkpoint needs (docs/algorithm.md §4.4).
 
     kind: "default" (plain), "linear" (positions divided by `factor`), "llama3" (Llama-3.1 frequency
     smoothing) or "interpolated" (MemoryLLM-7B: positions times `max_pos / max(max_pos, (blocks+1)*K)`).
@@ -44,6 +44,16 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class TrainingFreeConfig:
+    """The training-free memory of a plain pretrained Llama (see model.training_free): `capacity` short-term
+    rows per layer, evicted (and, M+, `retrieved` rows read back) in blocks of `block` consecutive tokens."""
+
+    capacity: int
+    retrieved: int
+    block: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the core needs to build a MemoryLLM / M+ model."""
 
@@ -56,8 +66,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope: RopeConfig
-    num_tokens: int  # K: rows written per injection (one block)
-    num_blocks: int  # memory rows per layer = num_blocks * K (M+: includes the LTM blocks)
+    num_tokens: int  # K: rows written per injection by the authors' models (0: training-free memory)
+    num_blocks: int  # the authors' memory rows per layer = num_blocks * K (M+: includes the LTM blocks)
     kind: MemoryKind = "memoryllm"
     add_bos_embedding: bool = True
     drop_memory_per_layer: bool = False
@@ -73,20 +83,36 @@ class ModelConfig:
     initial_rf_when_moving_stm_to_ltm: float = 10.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    training_free: TrainingFreeConfig | None = None  # a plain Llama's layer inputs as memory (the demo)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def memory_rows(self) -> int:
-        """Short-term rows per layer (M+: excluding the retrieved LTM blocks)."""
+        """Short-term rows per layer (M+: excluding the retrieved LTM rows); training-free: the capacity."""
+        if self.training_free is not None:
+            return self.training_free.capacity
         return (self.num_blocks - self.num_ltm_blocks) * self.num_tokens
 
     @property
     def ltm_rows_retrieved(self) -> int:
+        """T: long-term rows an M+ question reads per layer (training-free: at most T)."""
+        if self.training_free is not None:
+            return self.training_free.retrieved
         return self.num_ltm_blocks * self.num_tokens
 
     def fingerprint(self) -> str:
-        """A short stable hash of the architecture (used to bind sessions to a model)."""
-        blob = json.dumps(dataclasses.asdict(self) | {"raw": None}, sort_keys=True, default=str)
+        """A short stable hash of the architecture (sessions are bound to it). A training-free config hashes
+        as the fields that described it before it had its own, so sessions made then still open."""
+        fields = dataclasses.asdict(self) | {"raw": None}
+        free = fields.pop("training_free")
+        if free is not None:
+            block = free["block"]
+            fields |= {
+                "num_tokens": block,
+                "num_blocks": (free["capacity"] + free["retrieved"]) // block,
+                "num_ltm_blocks": free["retrieved"] // block,
+            }
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

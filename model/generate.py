@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .layers import KVCache
 from .memory import MemoryState
 from .memoryllm import MemoryLLM
 
@@ -76,22 +75,24 @@ def generate(
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty")
-    total = model.prefix_length(state) + ids.shape[1] + settings.max_new_tokens
-    cache = KVCache(model.cfg, 1, total, model.dtype, model.device)
+    P, n = model.prefix_length(state), ids.shape[1]
     generator = torch.Generator(device="cpu").manual_seed(settings.seed) if settings.sample else None
     stops = set(settings.stop_token_ids)
     out = Generation(token_ids=[], finish_reason="length")
-    logits = model(ids, state, cache=cache, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
-    for step in range(settings.max_new_tokens):
-        if keep_logits:
-            out.step_logits.append(logits.cpu())
-        token = pick_token(logits, settings, generator)
-        if token in stops:
-            out.finish_reason = "stop"
-            break
-        out.token_ids.append(token)
-        if on_token is not None:
-            on_token(token)
-        if step + 1 < settings.max_new_tokens:
-            logits = model(torch.tensor([[token]]), state, cache=cache, last_only=True).logits[0, -1]
+    with model.caches(1, P + n + settings.max_new_tokens):
+        input_pos = torch.arange(P, P + n)  # the prompt's positions after the memory prefix
+        logits = model(ids, state, input_pos, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
+        for step in range(settings.max_new_tokens):
+            if keep_logits:
+                out.step_logits.append(logits.cpu())
+            token = pick_token(logits, settings, generator)
+            if token in stops:
+                out.finish_reason = "stop"
+                break
+            out.token_ids.append(token)
+            if on_token is not None:
+                on_token(token)
+            if step + 1 < settings.max_new_tokens:
+                input_pos = torch.tensor([P + n + step])
+                logits = model(torch.tensor([[token]]), state, input_pos, last_only=True).logits[0, -1]
     return out

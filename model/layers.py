@@ -61,16 +61,14 @@ def make_linear(cfg: ModelConfig, name: str, in_features: int, out_features: int
 
 
 class KVCache:
-    """Keys (after RoPE) and values per layer, each [B, H_kv, max_len, D], filled left to right. A layer's
-    buffers are allocated at its first append, or adopted with a prefix already in place (a state's
-    cached memory keys/values), so that a question never copies the memory's keys."""
+    """One attention layer's keys (after RoPE) and values, each [B, H_kv, max_len, D], written at explicit
+    positions (gpt-fast's cache). The buffers are allocated at the first update, or adopted with a prefix
+    already in place (a state's cached memory keys/values), so that a question never copies the memory's keys."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        self.shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.dtype, self.device = dtype, device
-        self.k: list[torch.Tensor | None] = [None] * cfg.num_layers
-        self.v: list[torch.Tensor | None] = [None] * cfg.num_layers
-        self.lengths = [0] * cfg.num_layers
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -80,29 +78,24 @@ class KVCache:
     def max_len(self) -> int:
         return self.shape[2]
 
-    @property
-    def seen(self) -> int:
-        """Positions already cached (all layers advance together between forwards)."""
-        return self.lengths[0]
-
-    def adopt(self, layer: int, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
-        """Use buffers k, v [B, H_kv, >= max_len, D] whose first `length` positions are already filled."""
+    def adopt(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Use buffers k, v [B, H_kv, >= max_len, D] whose prefix positions are already filled."""
         if k.shape[2] < self.max_len:
             raise ValueError(f"adopted buffers hold {k.shape[2]} positions, {self.max_len} needed")
-        self.k[layer], self.v[layer], self.lengths[layer] = k, v, length
+        self.k, self.v = k, v
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add k, v [B, H_kv, S, D]; returns the layer's keys and values so far [B, H_kv, seen + S, D]."""
-        if self.k[layer] is None:
-            self.k[layer] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            self.v[layer] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, S, D] at the consecutive positions input_pos [S]; returns the keys and values
+        of positions 0..input_pos[-1] [B, H_kv, end, D]."""
+        start, end = int(input_pos[0]), int(input_pos[-1]) + 1
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        self.lengths[layer] = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if self.k is None:
+            self.k = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.v = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -133,6 +126,7 @@ class Attention(nn.Module):
         self.k_proj = make_linear(cfg, "k_proj", d, cfg.num_kv_heads * hd)
         self.v_proj = make_linear(cfg, "v_proj", d, cfg.num_kv_heads * hd)
         self.o_proj = make_linear(cfg, "o_proj", cfg.num_heads * hd, d)
+        self.kv_cache: KVCache | None = None  # set by MemoryLLM.caches() for cached reading
 
     def kv_weight(self, adapter: str | None) -> torch.Tensor:
         """[W_k; W_v] [2 * H_kv * D, d] with the adapter merged: keys and values of many rows in one matmul."""
@@ -152,19 +146,19 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         adapter: str | None,
-        cache: KVCache | None,
-        layer: int,
+        input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows) at the positions of
-        cos/sin [S, D]; with a cache they follow its positions (a question's memory prefix is already
-        there). Returns [B, n_query, d]."""
+        cos/sin [S, D]. With input_pos [S] (their positions) the keys/values go into the layer's cache and
+        the queries see every cached position before theirs (a question's memory prefix is already there).
+        Returns [B, n_query, d]."""
         B, S, _ = h.shape
         q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.project_kv(h, adapter)
         q = apply_rope(q, cos[-n_query:], sin[-n_query:])  # [B, H, n_query, D]
         k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
-        if cache is not None:
-            k, v = cache.append(layer, k, v)  # [B, H_kv, seen + S, D]
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, end, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
         return self.o_proj(y, adapter)
 
@@ -198,10 +192,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         adapter: str | None,
-        cache: KVCache | None,
-        layer: int,
+        input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d]."""
-        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, cache, layer)
+        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, input_pos)
         x = h[:, -n_query:] + attn
         return x + self.mlp(self.post_attention_layernorm(x), adapter)

@@ -1,5 +1,5 @@
 """M+ long-term memory: per-layer entries with retrieval keys, recall frequencies and ages, plus the cache
-of rows dropped from short-term memory since the last merge (spec §6.1, §6.3-6.4).
+of rows dropped from short-term memory since the last merge (docs/algorithm.md §6.1, §6.3-6.4).
 
 Every row that enters the cache becomes an *entry* of the LTM's `EntryBank`: the id of the row (rows live
 once, in the state's `RowSpace`: RAM, a session's row file, or a file of pre-encoded text), its retrieval
@@ -344,7 +344,7 @@ class LongTermMemory:
     def sizes(self) -> list[int]:
         return [len(layer) for layer in self.layers]
 
-    # -- the bookkeeping of one injection (spec §6.3 (b)-(d)) --------------------------------------
+    # -- the bookkeeping of one injection (docs/algorithm.md §6.3 (b)-(d)) --------------------------------------
     def age(self, tokens: int) -> None:
         """Every LTM row and every row already cached gets `tokens` older (O(1))."""
         self.bank.aged += tokens
@@ -359,7 +359,7 @@ class LongTermMemory:
     def merge(self, initial_rf: float, decay: float, min_survivors: int) -> None:
         """Move the cache into the LTM with recall frequency `initial_rf`, decay every row by `decay`,
         and prune rows at or below 0.01 unless `min_survivors` or fewer rows would remain, in which case
-        the decay is undone and nothing is pruned (spec §6.4). Empties the cache. Costs O(cache + n)
+        the decay is undone and nothing is pruned (docs/algorithm.md §6.4). Empties the cache. Costs O(cache + n)
         scalar work per layer; ids move only when a prune is not of the oldest rows; rows never move."""
         C = self.cache_size
         for i, layer in enumerate(self.layers):

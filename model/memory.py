@@ -1,8 +1,9 @@
-"""The memory state: an explicit, serializable object that every injection updates (spec §5.5)."""
+"""The memory state: an explicit, serializable object that every injection updates (docs/algorithm.md §5.5)."""
 
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,17 @@ def new_generator(seed: int) -> torch.Generator:
 @dataclass
 class MemoryKV:
     """Keys (after RoPE) and values of bos and the memory rows at their question-prefix positions, per
-    layer, computed by model `owner` (its id) and valid until the memory changes: {layer: (k, v)}, each
-    [1, H_kv, room, D] with room past the prefix for a question (see MemoryLLM.memory_kv). The prefix
-    positions are fixed, so a question reuses the rotated keys as they are. An M+ question writes its
-    retrieved rows into the buffers' slot between bos and the memory, so one state serves one question at
-    a time. Never serialized."""
+    layer, computed by `model` for the memory's `version`: {layer: (k, v)}, each [1, H_kv, room, D] with
+    room past the prefix for a question (see MemoryLLM.memory_kv). The prefix positions are fixed, so a
+    question reuses the rotated keys as they are. An M+ question writes its retrieved rows into the
+    buffers' slot between bos and the memory, so one state serves one question at a time. Never serialized."""
 
-    owner: int
+    model: weakref.ref
+    version: int
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def valid_for(self, model: torch.nn.Module, version: int) -> bool:
+        return self.model() is model and self.version == version
 
 
 @dataclass
@@ -49,7 +53,8 @@ class MemoryState:
     model's initial memory are 0..L*N-1 (layer by layer). An M+ state's LTM holds its entries' rows by id
     in its row space (`ltm.rows`), which also holds every short-term row (a dropped row stays where it is).
     origins: where each row id came from (injection, layer, position: see model.provenance).
-    kv_cache: the memory rows' keys/values, derived data that every change of the memory discards.
+    version: counts the changes of the memory (`memory_changed`); kv_cache: the memory rows' keys/values
+    for one version, derived data that every change discards.
     """
 
     memory: torch.Tensor
@@ -62,6 +67,7 @@ class MemoryState:
     memory_ids: torch.Tensor | None = None
     next_row_id: int = 0
     origins: Origins = field(default_factory=Origins.empty, repr=False, compare=False)
+    version: int = field(default=0, repr=False, compare=False)
     kv_cache: MemoryKV | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +99,17 @@ class MemoryState:
             next_row_id=self.next_row_id,
             origins=self.origins.clone(),
         )
+
+    def memory_changed(self) -> None:
+        """The one place a change of the memory is announced: derived keys/values are dropped."""
+        self.version += 1
+        self.kv_cache = None
+
+    def memory_kv(self, model: torch.nn.Module) -> MemoryKV:
+        """The cached memory keys/values `model` computes for this version (a new, empty one if stale)."""
+        if self.kv_cache is None or not self.kv_cache.valid_for(model, self.version):
+            self.kv_cache = MemoryKV(weakref.ref(model), self.version)
+        return self.kv_cache
 
     def new_row_ids(self, k: int) -> torch.Tensor:
         """Ids [L, k] for the next injection's delta rows (layer by layer), taken from the counter."""
@@ -249,10 +266,12 @@ def tile_first_delta(delta: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def append_sources(perms: torch.Tensor, layers: int, rows: int, k: int) -> torch.Tensor:
-    """[L, N] origin of each row after `drop_and_append`: the kept old row indices, then N + 0..k-1."""
-    kept = [split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)[0] for layer in range(layers)]
-    return torch.cat([torch.stack(kept), (rows + torch.arange(k)).expand(layers, k)], dim=1)
+def append_sources(perms: torch.Tensor, layers: int, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the rows after `drop_and_append` come from, as indices into [old N rows, k new rows]: the
+    survivors [L, N] (the kept old rows, then N + 0..k-1) and the dropped rows [L, k] (ascending)."""
+    split = [split_permutation(perms[layer if perms.shape[0] > 1 else 0], k) for layer in range(layers)]
+    kept, dropped = (torch.stack(part) for part in zip(*split, strict=True))
+    return torch.cat([kept, (rows + torch.arange(k)).expand(layers, k)], dim=1), dropped
 
 
 def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,15 @@
-"""MemoryLLM: a Llama decoder that reads a per-layer memory prefix and writes to it by injection."""
+"""MemoryLLM: a Llama decoder that reads a per-layer memory prefix and writes to it by injection.
+
+What a model writes and how it evicts are policies it is built with: the authors' `TrainedDelta` and
+`RandomRows` here, the training-free demo's `LayerInputs` and `RandomBlocks` in model.training_free.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +18,6 @@ from torch import nn
 from .config import ModelConfig
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
 from .memory import (
-    MemoryKV,
     MemoryState,
     append_sources,
     draw_permutations,
@@ -30,13 +36,112 @@ class InjectResult:
     dropped: torch.Tensor | None  # [L, k, d] rows removed from short-term memory
     sources: torch.Tensor  # [L, N'] where each new memory row came from: i < N old row i, N + j delta row j
     row_ids: torch.Tensor  # [L, k] the ids of the delta rows
-    dropped_ids: torch.Tensor | None  # [L, k] the ids of the dropped rows, in the order of `dropped`
+    dropped_ids: torch.Tensor | None  # [L, e] the ids of the dropped rows, in the order of `dropped`
+    dropped_sources: torch.Tensor  # [L, e] where each dropped row was, indexed as `sources`
 
 
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [B, n, V] float32
     hidden_states: list[torch.Tensor] | None = None  # L+1 entries of [B, n, d]: layer inputs, then final norm
+
+
+class WritePolicy(Protocol):
+    """What an injection writes: new rows [L, k, d] for a context."""
+
+    reads_memory: bool  # whether the new rows depend on the memory (False: compute once, reuse)
+
+    def prepare(self, model: MemoryLLM) -> None:
+        """Fill the parameters the policy derives from the weights (called once they are in place)."""
+
+    def delta(self, model: MemoryLLM, ids: torch.Tensor, state: MemoryState, like_authors: bool) -> torch.Tensor: ...
+
+
+class EvictionPolicy(Protocol):
+    """How new rows enter the short-term memory and which old rows leave it."""
+
+    def update(
+        self,
+        model: MemoryLLM,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None,
+        row_ids: torch.Tensor,
+    ) -> InjectResult: ...
+
+
+class TrainedDelta:
+    """The authors' write: per layer the input is [bos, last K memory rows, context], with
+    `new_memory_positional_emb` added to its last K rows; the last K outputs are the new rows."""
+
+    reads_memory = True
+
+    def prepare(self, model: MemoryLLM) -> None:
+        pass
+
+    @torch.no_grad()
+    def delta(
+        self, model: MemoryLLM, ids: torch.Tensor, state: MemoryState, like_authors: bool = False
+    ) -> torch.Tensor:
+        """New rows [L, k, d] for a context ids [n] (k = K, or min(n, K) before initialization). The last
+        max(n, K) rows are queries (P = bos + min(n, K)). The last layer computes only the K delta rows and
+        nothing is cached, unless `like_authors`: then every layer computes all its query rows, a KV cache
+        is filled and the logits of the n tokens are computed and thrown away, as the authors' injection does."""
+        K = model.cfg.num_tokens
+        x = model.model.embed_tokens(ids.to(model.device))[None]  # [1, n, d]
+        n = x.shape[1]
+        memory_block = K if state.initialized else 0
+        length = model.n_bos * (memory_block > 0) + memory_block + n
+        cos, sin = model.cos_sin(torch.arange(length))
+        n_query = max(n, K) if state.initialized else n
+        last, positions = model.cfg.num_layers - 1, torch.arange(length) if like_authors else None
+        deltas = []
+        with model.caches(1, length) if like_authors else nullcontext():
+            for layer, block in enumerate(model.model.layers):
+                parts = [x]
+                if state.initialized:
+                    parts.insert(0, model.with_bos(layer, state.memory[layer, -K:])[None])
+                h = torch.cat(parts, dim=1)  # [1, bos + K + n, d] (a fresh tensor: safe to add into)
+                h[:, -K:] += model.new_memory_positional_emb
+                queries = min(n_query, K) if layer == last and not like_authors else n_query
+                out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [1, queries, d]
+                deltas.append(out[0, -K:])
+                x = out[:, -n:]
+        if like_authors:
+            model.logits(model.model.norm(x))  # [1, n, V], unused
+        return torch.stack(deltas)  # [L, k, d]
+
+
+class RandomRows:
+    """The authors' eviction: the first injection tiles its rows over the whole memory; later ones drop k
+    random rows per layer (one permutation per layer, or one for all with `drop_memory_per_layer` False)
+    and append the k new rows."""
+
+    def update(
+        self,
+        model: MemoryLLM,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None,
+        row_ids: torch.Tensor,
+    ) -> InjectResult:
+        N, k = state.rows_per_layer, delta.shape[1]
+        if not state.initialized:
+            state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
+            state.memory_ids = tile_first_delta(row_ids[..., None], N)[..., 0].contiguous()
+            state.initialized = True
+            sources = N + tile_first_delta(torch.arange(k).expand(delta.shape[:2])[..., None], N)[..., 0]
+            nothing = torch.empty(state.num_layers, 0, dtype=torch.long)
+            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, None, nothing)
+        draws = model.cfg.num_layers if model.cfg.drop_memory_per_layer else 1
+        if perms is None:
+            perms = draw_permutations(state.generator, draws, N)
+        elif tuple(perms.shape) != (draws, N):
+            raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
+        dropped = drop_and_append(state.memory, delta, perms)
+        dropped_ids = drop_and_append(state.memory_ids[..., None], row_ids[..., None], perms)[..., 0]  # [L, k]
+        sources, dropped_sources = append_sources(perms, state.num_layers, N, k)
+        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_ids, dropped_sources)
 
 
 class Decoder(nn.Module):
@@ -52,9 +157,11 @@ class Decoder(nn.Module):
 class MemoryLLM(nn.Module):
     """The model; memory lives in a separate MemoryState that `forward` reads and `inject` updates."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, write: WritePolicy | None = None, eviction: EvictionPolicy | None = None):
         super().__init__()
         self.cfg = cfg
+        self.write = write or TrainedDelta()
+        self.eviction = eviction or RandomRows()
         d = cfg.hidden_size
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
@@ -100,14 +207,24 @@ class MemoryLLM(nn.Module):
             state.generator = new_generator(seed)
         return state
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def writes_read_memory(self) -> bool:
+        """Whether new rows depend on the memory (False: a text's rows can be computed once and reused)."""
+        return self.write.reads_memory
+
+    def empty_state(self) -> MemoryState:
+        """No rows yet (memory [L, 0, d]): the bos rows alone make a question a plain prompt."""
+        cfg = self.cfg
+        return MemoryState(memory=torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=self.dtype, device=self.device))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return cos_sin(self.cfg.rope, self.inv_freq.to(self.device), positions.to(self.device), self.dtype)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight).float()
 
-    def _with_bos(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def with_bos(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """[bos_embedding[layer], rows]: [R, d] -> [bos + R, d]."""
         if self.bos_embedding is None:
             return rows
@@ -129,16 +246,14 @@ class MemoryLLM(nn.Module):
         block = self.model.layers[layer]
         h = block.input_layernorm(rows[None].to(self.device, self.dtype))  # [1, R, d]
         k, v = block.self_attn.project_kv(h, self.decoder_adapter())
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self.cos_sin(positions)
         return apply_rope(k, cos, sin), v
 
     def memory_kv(self, layer: int, state: MemoryState, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers [1, H_kv, >= capacity, D] holding the keys (after RoPE) and values of bos and the memory
         rows at their prefix positions (0 and P - N..P-1; an M+ question fills the retrieved rows between).
-        Computed once and kept on the state until its memory changes; a longer question grows them."""
-        cache = state.kv_cache
-        if cache is None or cache.owner != id(self):
-            cache = state.kv_cache = MemoryKV(owner=id(self))
+        Computed once per version of the memory and kept on the state; a longer question grows them."""
+        cache = state.memory_kv(self)
         buffers = cache.layers.get(layer)
         if buffers is not None and buffers[0].shape[2] >= capacity:
             return buffers
@@ -175,95 +290,102 @@ class MemoryLLM(nn.Module):
             mean_square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / d  # [r]
             kv = F.linear(x, weight).mul_(torch.rsqrt(mean_square + norm.eps).to(self.dtype)[:, None])  # [r, 2HD]
             kv = kv.view(r, 2, H, D).permute(1, 2, 0, 3)  # [2, H, r, D]
-            cos, sin = self._cos_sin(torch.arange(first + start, first + start + r))
+            cos, sin = self.cos_sin(torch.arange(first + start, first + start + r))
             rope_into(kv[0:1], cos, sin, k_out[:, :, start : start + r])
             v_out[:, :, start : start + r] = kv[1:2]
 
-    def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, cache: KVCache, reuse: bool) -> None:
+    def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool) -> None:
         """Put the keys/values of the question prefix [bos, retrieved LTM rows, memory] at positions 0..P-1
-        of `cache` for `layer` (x [B, n, d]: the question's layer input, for M+ retrieval). With `reuse`
-        (and batch 1) the cache adopts the state's memory buffers; otherwise every row is recomputed, as
-        the authors do."""
+        of the layer's cache (x [B, n, d]: the question's layer input, for M+ retrieval). With `reuse` (and
+        batch 1) the cache adopts the state's memory buffers; otherwise every row is recomputed, as the
+        authors do."""
         P, b = self.prefix_length(state), self.n_bos
+        cache = self.model.layers[layer].self_attn.kv_cache
         extra = self.ltm_prefix_rows(layer, state, x)  # [T', d] or None
         if reuse and cache.batch == 1:
             k, v = self.memory_kv(layer, state, cache.max_len)
             if extra is not None:
                 T = extra.shape[0]
                 k[:, :, b : b + T], v[:, :, b : b + T] = self.rotated_kv(layer, extra, torch.arange(b, b + T))
-            cache.adopt(layer, k, v, P)
+            cache.adopt(k, v)
             return
         parts = [] if extra is None else [extra.to(self.dtype)]
-        rows = self._with_bos(layer, torch.cat([*parts, state.memory[layer].to(self.dtype)]))  # [P, d]
+        rows = self.with_bos(layer, torch.cat([*parts, state.memory[layer].to(self.dtype)]))  # [P, d]
         k, v = self.rotated_kv(layer, rows, torch.arange(P))  # [1, H_kv, P, D]
         B = x.shape[0]
-        cache.append(layer, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+        cache.update(torch.arange(P), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+
+    @contextmanager
+    def caches(self, batch: int, max_len: int) -> Iterator[None]:
+        """Give every attention layer a KV cache of `max_len` positions for the block (gpt-fast's
+        setup_caches); forward calls with `input_pos` read and extend them."""
+        shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
+        for block in self.model.layers:
+            block.self_attn.kv_cache = KVCache(shape, self.dtype, self.device)
+        try:
+            yield
+        finally:
+            for block in self.model.layers:
+                block.self_attn.kv_cache = None
 
     @torch.no_grad()
     def forward(
         self,
         ids: torch.Tensor,
         state: MemoryState,
-        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
         return_hidden: bool = False,
         reuse_memory_kv: bool = True,
         last_only: bool = False,
     ) -> ForwardOutput:
-        """Logits for ids [B, n] read against `state` (`last_only`: for the last position only). With a
-        cache, the prefix is added only at the prefill (empty cache); later calls continue at the cached
-        positions. `reuse_memory_kv` keeps the memory rows' keys/values on the state between calls (False
+        """Logits for ids [B, n] read against `state` (`last_only`: for the last position only).
+
+        Without `input_pos` the prompt is read once after the memory prefix. With input_pos [n] (their
+        positions, inside `caches()`) the keys/values stay in the layers' caches: the call whose first
+        position is the prefix length P (the prefill) adds the prefix, later calls continue after it.
+        `reuse_memory_kv` keeps the memory rows' keys/values on the state between questions (False
         recomputes them, as the authors do)."""
-        ids = ids.to(self.device)
-        x = self.model.embed_tokens(ids)  # [B, n, d]
-        B, n = x.shape[:2]
-        seen = cache.seen if cache is not None else 0
-        with_prefix = seen == 0 and state.initialized
-        P = self.prefix_length(state) if with_prefix else 0
-        if with_prefix and cache is None:  # the prefix keys/values need a place
-            cache = KVCache(self.cfg, B, P + n, self.dtype, self.device)
-        cos, sin = self._cos_sin(torch.arange(seen + P, seen + P + n))
+        B, n = ids.shape
+        P = self.prefix_length(state)
+        if input_pos is None:
+            with self.caches(B, P + n):
+                return self(ids, state, torch.arange(P, P + n), return_hidden, reuse_memory_kv, last_only)
+        prefill = P > 0 and int(input_pos[0]) == P
+        x = self.model.embed_tokens(ids.to(self.device))  # [B, n, d]
+        cos, sin = self.cos_sin(input_pos)
         hidden = [] if return_hidden else None
         for layer, block in enumerate(self.model.layers):
             if hidden is not None:
                 hidden.append(x)
-            if with_prefix:
-                self.fill_prefix(layer, state, x, cache, reuse_memory_kv)
-            x = block(x, n, cos, sin, self.decoder_adapter(), cache, layer)
+            if prefill:
+                self.fill_prefix(layer, state, x, reuse_memory_kv)
+            x = block(x, n, cos, sin, self.decoder_adapter(), input_pos)
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)
-        return ForwardOutput(logits=self._logits(x[:, -1:] if last_only else x), hidden_states=hidden)
+        return ForwardOutput(logits=self.logits(x[:, -1:] if last_only else x), hidden_states=hidden)
 
     # -- writing: injection ----------------------------------------------------------------------
     @torch.no_grad()
-    def compute_delta(self, ids: torch.Tensor, state: MemoryState) -> torch.Tensor:
-        """New memory rows [L, k, d] for a context ids [n] (k = K, or min(n, K) before initialization).
-
-        Per layer the input is [bos, last K memory rows, context]; `new_memory_positional_emb` is added
-        to its last K rows; the last max(n, K) rows are queries (P = bos + min(n, K)); the delta is the
-        last K outputs. No logits, no KV cache.
-        """
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError("inject takes one non-empty 1-D sequence of token ids")
-        K = self.cfg.num_tokens
+    def layer_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """[L, n, d]: the input of every layer at each position of the plain prompt ids [n] (no memory)."""
         x = self.model.embed_tokens(ids.to(self.device))[None]  # [1, n, d]
         n = x.shape[1]
-        memory_block = K if state.initialized else 0
-        cos, sin = self._cos_sin(torch.arange(self.n_bos * (memory_block > 0) + memory_block + n))
-        n_query = max(n, K) if state.initialized else n
-        last = self.cfg.num_layers - 1
-        deltas = []
+        cos, sin = self.cos_sin(torch.arange(n))
+        inputs = []
         for layer, block in enumerate(self.model.layers):
-            parts = [x]
-            if state.initialized:
-                parts.insert(0, self._with_bos(layer, state.memory[layer, -K:])[None])
-            h = torch.cat(parts, dim=1)  # [1, bos + K + n, d] (a fresh tensor: safe to add into)
-            h[:, -K:] += self.new_memory_positional_emb
-            # the last layer only needs the delta rows as queries
-            out = block(h, min(n_query, K) if layer == last else n_query, cos, sin, self.encoder_adapter(), None, layer)
-            deltas.append(out[0, -K:])
-            x = out[:, -n:]
-        return torch.stack(deltas)  # [L, k, d]
+            inputs.append(x[0])
+            if layer < self.cfg.num_layers - 1:  # the last layer's output is never needed
+                x = block(x, n, cos, sin, None)
+        return torch.stack(inputs)
+
+    @torch.no_grad()
+    def compute_delta(self, ids: torch.Tensor, state: MemoryState, like_authors: bool = False) -> torch.Tensor:
+        """New memory rows [L, k, d] for a context ids [n], as the write policy makes them (`like_authors`:
+        the authors' slower procedure, for baselines)."""
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("inject takes one non-empty 1-D sequence of token ids")
+        return self.write.delta(self, ids, state, like_authors)
 
     @torch.no_grad()
     def update_memory(
@@ -273,36 +395,18 @@ class MemoryLLM(nn.Module):
         perms: torch.Tensor | None = None,
         row_ids: torch.Tensor | None = None,
     ) -> InjectResult:
-        """Drop k rows per layer (random, from `state.generator` unless `perms` are given) and append delta.
-        The delta rows take the state's next row ids, or `row_ids` [L, k] (rows the state already holds)."""
-        state.kv_cache = None
-        N, k = state.rows_per_layer, delta.shape[1]
-        row_ids = state.new_row_ids(k) if row_ids is None else row_ids
-        if not state.initialized:
-            state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
-            state.memory_ids = tile_first_delta(row_ids[..., None], N)[..., 0].contiguous()
-            state.initialized = True
-            sources = N + tile_first_delta(torch.arange(k).expand(delta.shape[:2])[..., None], N)[..., 0]
-            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, None)
-        draws = self.cfg.num_layers if self.cfg.drop_memory_per_layer else 1
-        if perms is None:
-            perms = draw_permutations(state.generator, draws, N)
-        elif tuple(perms.shape) != (draws, N):
-            raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
-        dropped = drop_and_append(state.memory, delta, perms)
-        dropped_ids = drop_and_append(state.memory_ids[..., None], row_ids[..., None], perms)[..., 0]  # [L, k]
-        sources = append_sources(perms, state.num_layers, N, k)
-        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_ids)
+        """Put delta [L, k, d] into the short-term memory as the eviction policy does (random drops from
+        `state.generator` unless `perms` are given). The delta rows take the state's next row ids, or
+        `row_ids` [L, k] (rows the state already holds)."""
+        state.memory_changed()
+        row_ids = state.new_row_ids(delta.shape[1]) if row_ids is None else row_ids
+        return self.eviction.update(self, state, delta, perms, row_ids)
 
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:
         """Write the context ids [n] into `state` (in place)."""
-        state.kv_cache = None
-        delta = self.compute_delta(ids, state)
-        result = self.update_memory(state, delta, perms)
-        state.injections += 1
-        state.tokens_injected += int(ids.numel())
-        state.origins.record(result.row_ids, state.injections)
+        result = self.update_memory(state, self.compute_delta(ids, state), perms)
+        self.count_injection(state, result, int(ids.numel()))
         return result
 
     @torch.no_grad()
@@ -313,9 +417,11 @@ class MemoryLLM(nn.Module):
         if self.writes_read_memory:
             raise ValueError("this model's new rows depend on its memory: inject the text instead")
         result = self.update_memory(state, delta, row_ids=row_ids)
+        self.count_injection(state, result, tokens)
+        return result
+
+    @staticmethod
+    def count_injection(state: MemoryState, result: InjectResult, tokens: int) -> None:
         state.injections += 1
         state.tokens_injected += tokens
         state.origins.record(result.row_ids, state.injections)
-        return result
-
-    writes_read_memory = True  # compute_delta reads the memory (its last K rows are the prefix)

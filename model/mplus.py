@@ -1,18 +1,19 @@
-"""M+: MemoryLLM plus a CPU long-term memory of dropped rows, read back through co-trained retrievers (spec §6)."""
+"""M+: MemoryLLM plus a CPU long-term memory of evicted rows, read back by a retrieval policy (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .ltm import LongTermMemory
-from .memory import MemoryState, drop_and_append
-from .memoryllm import InjectResult, MemoryLLM
+from .memory import MemoryState, stm_rows
+from .memoryllm import EvictionPolicy, InjectResult, MemoryLLM, WritePolicy
 
 
 @dataclass
@@ -42,53 +43,84 @@ def order_oldest_first(ages: torch.Tensor) -> torch.Tensor:
     return ages.argsort(stable=True).flip(0)
 
 
-class MPlus(MemoryLLM):
-    """MemoryLLM whose question prefix is [bos, T retrieved LTM rows, STM rows] and whose injections
-    move dropped STM rows into a long-term memory (merged every `update_ltm_frequency` injections)."""
+def tiled_indices(n: int, T: int) -> torch.Tensor:
+    """[T] the last T entries of 0..n-1 repeated: how a layer with fewer LTM rows than T fills its slot."""
+    return torch.arange(n).repeat(-(-T // n))[-T:]
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        for block in self.model.layers:  # under self_attn, as in the authors' state dict
-            block.self_attn.query_proj = selector(cfg)  # questions -> retrieval queries
-            block.self_attn.key_proj = selector(cfg)  # memory rows -> retrieval keys
-            block.self_attn.encoder_query_proj = selector(cfg)  # loaded but unused at inference (spec §6.6)
-        self._retrieval_log: list[tuple[int, Retrieval]] | None = None
 
-    @property
-    def retrieved_rows(self) -> int:
-        """T: LTM rows placed in every layer's question prefix."""
-        return self.cfg.ltm_rows_retrieved
+class RetrievalPolicy(Protocol):
+    """What M+ keeps of the rows it evicts and how a question reads them back."""
+
+    stm_rows_age: bool  # whether short-term rows age at each injection (else they keep their write-time ages)
+
+    def attach(self, model: MPlus) -> None:
+        """Add the policy's parameters to the model (before the weights are loaded)."""
+
+    def empty_ltm(self, model: MPlus, memory: torch.Tensor) -> LongTermMemory:
+        """An empty long-term memory beside the short-term rows memory [L, N, d]."""
+
+    def rows_read(self, model: MPlus, state: MemoryState) -> int:
+        """T: the LTM rows a question places in every layer's prefix."""
+
+    def row_keys(self, model: MPlus, layer: int, rows: torch.Tensor) -> torch.Tensor: ...
+
+    def retrieve(self, model: MPlus, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval: ...
+
+    def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:
+        """Take an injection's evicted rows (result.dropped, their ages [L, e]) into the LTM."""
+
+
+class Selectors:
+    """The authors' M+ retrieval: co-trained selector projections score every LTM row (and the cache of
+    recently dropped rows) by the mean sigmoid(query . key) over the question tokens; dropped rows wait in
+    the cache with their keys and are merged into the LTM every `update_ltm_frequency` injections, where
+    recall frequencies decay and rarely read rows are pruned (docs/algorithm.md §6.3-§6.5)."""
+
+    stm_rows_age = False  # the released code never ages short-term rows (docs/algorithm.md §6.3)
+
+    def attach(self, model: MPlus) -> None:
+        for block in model.model.layers:  # under self_attn, as in the authors' state dict
+            block.self_attn.query_proj = selector(model.cfg)  # questions -> retrieval queries
+            block.self_attn.key_proj = selector(model.cfg)  # memory rows -> retrieval keys
+            block.self_attn.encoder_query_proj = selector(model.cfg)  # loaded, unused at inference (§6.6)
+
+    def empty_ltm(self, model: MPlus, memory: torch.Tensor) -> LongTermMemory:
+        s = model.cfg.selector_hidden_dim
+        rows, keys = torch.empty(0, model.cfg.hidden_size, dtype=memory.dtype), torch.empty(0, s)
+        empty = (rows, keys, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
+        return LongTermMemory.from_rows([empty] * model.cfg.num_layers, space=stm_rows(memory))
+
+    def rows_read(self, model: MPlus, state: MemoryState) -> int:
+        return model.cfg.ltm_rows_retrieved
 
     @torch.no_grad()
-    def row_keys(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def row_keys(self, model: MPlus, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Retrieval keys [.., s] of memory rows [.., d]: key_proj(input_layernorm(rows))."""
-        block = self.model.layers[layer]
-        return block.self_attn.key_proj(block.input_layernorm(rows.to(self.device, self.dtype)))
+        block = model.model.layers[layer]
+        return block.self_attn.key_proj(block.input_layernorm(rows.to(model.device, model.dtype)))
 
     @torch.no_grad()
-    def retrieval_queries(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def queries(self, model: MPlus, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Queries [n, s] of question states h [n, d] entering `layer`: query_proj(input_layernorm(h))."""
-        block = self.model.layers[layer]
+        block = model.model.layers[layer]
         return block.self_attn.query_proj(block.input_layernorm(h))
 
-    # -- reading -------------------------------------------------------------------------------
     @torch.no_grad()
-    def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
-        """The T LTM rows for a question whose states entering `layer` are h [n, d] (spec §6.5).
+    def retrieve(self, model: MPlus, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
+        """The T LTM rows for a question whose states entering `layer` are h [n, d] (docs/algorithm.md §6.5).
 
         Fewer than T LTM rows: all of them, repeated (the cache is ignored). Otherwise the T candidates
         (LTM rows, then cached dropped rows) with the highest mean sigmoid(query . key), scored in
         float32 on the CPU. Either way the rows are ordered oldest first.
         """
         ltm = state.ltm
-        n, T = len(ltm.layers[layer]), self.retrieved_rows
+        n, T = len(ltm.layers[layer]), model.retrieved_rows
         if n == 0:
             raise ValueError(f"layer {layer} has an empty long-term memory: M+ needs at least one LTM row")
         if n < T:
-            chosen = torch.arange(n).repeat(-(-T // n))[-T:]  # [T]
-            scores = None
+            chosen, scores = tiled_indices(n, T), None
         else:
-            q = self.retrieval_queries(layer, h).float().cpu()  # [n_q, s]
+            q = self.queries(model, layer, h).float().cpu()  # [n_q, s]
             entries = ltm.candidate_entries(layer)  # [n + C]: LTM rows, then cached rows
             scores = torch.empty(entries.numel())
             for positions, keys in ltm.bank.scan_keys(entries):  # keys [b, s], a batch at a time
@@ -98,6 +130,58 @@ class MPlus(MemoryLLM):
         order = order_oldest_first(ages)
         row_ids = ltm.bank.row_ids(ltm.candidate_entries(layer)[chosen[order]])
         return Retrieval(rows=rows[order], indices=chosen[order], scores=scores, num_ltm=n, row_ids=row_ids)
+
+    @torch.no_grad()
+    def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:
+        """The LTM and the cache age by K, the dropped rows enter the cache with their ages and keys, and
+        every `update_ltm_frequency`-th injection merges the cache into the LTM (docs/algorithm.md §6.3)."""
+        cfg, ltm, K = model.cfg, state.ltm, result.delta.shape[1]
+        ltm.age(K)
+        keys = torch.stack(
+            [self.row_keys(model, layer, rows) for layer, rows in enumerate(result.dropped)]
+        )  # [L, K, s]
+        ltm.cache_dropped(result.dropped_ids, keys, dropped_ages)
+        ltm.update_step += K
+        if ltm.update_step >= cfg.update_ltm_frequency * K:
+            ltm.merge(cfg.initial_rf_when_moving_stm_to_ltm, cfg.decay_frequency, min_survivors=model.retrieved_rows)
+
+
+class MPlus(MemoryLLM):
+    """MemoryLLM whose question prefix is [bos, T retrieved LTM rows, STM rows] and whose injections move
+    evicted STM rows into a long-term memory, as its retrieval policy keeps and reads them (the authors'
+    `Selectors` by default, the training-free demo's similarity scoring in model.training_free)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        write: WritePolicy | None = None,
+        eviction: EvictionPolicy | None = None,
+        retrieval: RetrievalPolicy | None = None,
+    ):
+        super().__init__(cfg, write, eviction)
+        self.retrieval = retrieval or Selectors()
+        self.retrieval.attach(self)
+        self._retrieval_log: list[tuple[int, Retrieval]] | None = None
+
+    @property
+    def retrieved_rows(self) -> int:
+        """T: the most LTM rows placed in every layer's question prefix."""
+        return self.cfg.ltm_rows_retrieved
+
+    def row_keys(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Retrieval keys of memory rows [.., d] at `layer`, as the retrieval policy makes them."""
+        return self.retrieval.row_keys(self, layer, rows)
+
+    def empty_state(self) -> MemoryState:
+        state = super().empty_state()
+        state.memory_ages = torch.zeros(self.cfg.num_layers, 0, dtype=torch.int64)
+        state.ltm = self.retrieval.empty_ltm(self, state.memory)
+        return state
+
+    # -- reading -------------------------------------------------------------------------------
+    def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
+        """The LTM rows for a question whose states entering `layer` are h [n, d], oldest first."""
+        return self.retrieval.retrieve(self, layer, state, h)
 
     @contextmanager
     def recording_retrievals(self) -> Iterator[list[tuple[int, Retrieval]]]:
@@ -109,10 +193,18 @@ class MPlus(MemoryLLM):
             self._retrieval_log = None
 
     def prefix_length(self, state: MemoryState) -> int:
-        return self.n_bos + self.retrieved_rows + state.rows_per_layer
+        if not state.initialized:
+            return 0
+        return super().prefix_length(state) + self.retrieval.rows_read(self, state)
 
-    def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor:
-        """The T retrieved LTM rows [T, d] for batch element 0 of x [B, n, d], oldest first."""
+    def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
+        """The retrieved LTM rows [T, d] for the question x [1, n, d], oldest first (None: it reads none)."""
+        if x.shape[0] != 1:
+            raise ValueError(
+                f"M+ retrieves for one question at a time: got a batch of {x.shape[0]}, ask them one by one"
+            )
+        if self.retrieval.rows_read(self, state) == 0:
+            return None
         retrieval = self.retrieve(layer, state, x[0])
         if self._retrieval_log is not None:
             self._retrieval_log.append((layer, retrieval))
@@ -127,23 +219,17 @@ class MPlus(MemoryLLM):
         perms: torch.Tensor | None = None,
         row_ids: torch.Tensor | None = None,
     ) -> InjectResult:
-        """The MemoryLLM drop-and-append, then the M+ bookkeeping (spec §6.3): the new rows get STM ages
-        K-1..0, the LTM and the cache age by K, the dropped rows enter the cache with their ages and keys,
-        and every `update_ltm_frequency`-th injection merges the cache into the LTM."""
+        """The MemoryLLM update, then the M+ bookkeeping: the new rows get ages k-1..0 (the first is the
+        oldest), the evicted rows keep theirs, and the retrieval policy takes them into the LTM."""
         if state.ltm is None or state.memory_ages is None:
             raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
-        cfg, ltm = self.cfg, state.ltm
-        K, L = cfg.num_tokens, cfg.num_layers
+        L, k = delta.shape[:2]
+        grown = state.memory_ages + (k if self.retrieval.stm_rows_age else 0)
+        ages = torch.cat([grown, torch.arange(k - 1, -1, -1).expand(L, k)], dim=1)  # [L, N + k]
         result = super().update_memory(state, delta, perms, row_ids)
-        hold_rows(ltm, result)
-        new_ages = torch.arange(K - 1, -1, -1).expand(L, K)  # [L, K] the first delta row is the oldest
-        dropped_ages = drop_and_append(state.memory_ages[..., None], new_ages[..., None], result.perms)[..., 0]
-        ltm.age(K)
-        keys = torch.stack([self.row_keys(layer, rows) for layer, rows in enumerate(result.dropped)])  # [L, K, s]
-        ltm.cache_dropped(result.dropped_ids, keys, dropped_ages)
-        ltm.update_step += K
-        if ltm.update_step >= cfg.update_ltm_frequency * K:
-            ltm.merge(cfg.initial_rf_when_moving_stm_to_ltm, cfg.decay_frequency, min_survivors=self.retrieved_rows)
+        hold_rows(state.ltm, result)
+        state.memory_ages = ages.gather(1, result.sources).contiguous()
+        self.retrieval.admit(self, state, result, ages.gather(1, result.dropped_sources))
         return result
 
 

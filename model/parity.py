@@ -19,7 +19,7 @@ from . import load
 from .generate import DecodeSettings, generate
 from .memory import MemoryState, new_generator
 from .memoryllm import MemoryLLM
-from .mplus import MPlus, Retrieval
+from .mplus import MPlus, Retrieval, tiled_indices
 
 # README §5 of the fixtures: what is compared exactly and with which absolute tolerance
 REQUIRED_FILES = ("meta.json", "tensors.safetensors", "model/config.json")
@@ -89,10 +89,13 @@ def compare_forward(report: Report, prefix: str, model: MemoryLLM, state, questi
 
 # -- M+ ------------------------------------------------------------------------------------------
 def authors_ltm_indices(retrieval: Retrieval, cache_pending: bool) -> torch.Tensor:
-    """The authors' bookkeeping `ltm_indices`: the chosen candidates in placement order, or with a
-    pending cache only the LTM candidates, ascending."""
+    """The authors' bookkeeping `ltm_indices`: the chosen candidates in placement order; with a pending
+    cache only the LTM candidates in the order they were chosen: ascending after the top-k, the tile
+    order on the tiled path (fewer LTM rows than T, no scores)."""
     if not cache_pending:
         return retrieval.indices
+    if retrieval.scores is None:
+        return tiled_indices(retrieval.num_ltm, retrieval.indices.numel())
     return retrieval.indices[retrieval.indices < retrieval.num_ltm].sort().values
 
 
@@ -156,7 +159,7 @@ def replay(directory: Path) -> Report:
         fp32 = load(directory / "model", dtype=torch.float32, tokenizer=False, rope_inv_freq_dtype="float32")
     if "rope.inv_freq_fp32" in ref:
         report.close("rope.inv_freq_fp32", fp32.inv_freq, ref["rope.inv_freq_fp32"], TOLERANCES["rope"])
-    cos, sin = model._cos_sin(torch.arange(ref["rope.cos"].shape[0]))
+    cos, sin = model.cos_sin(torch.arange(ref["rope.cos"].shape[0]))
     report.close("rope.cos", cos, ref["rope.cos"], TOLERANCES["rope"])
     report.close("rope.sin", sin, ref["rope.sin"], TOLERANCES["rope"])
 

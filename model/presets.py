@@ -9,66 +9,30 @@ from typing import Any
 
 import torch
 
-from .config import config_from_hf
+from .config import MemoryKind, ModelConfig, config_from_hf
 from .ltm import LongTermMemory
 from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
+from .registry import (
+    MODELS,
+    TINY_LLAMA,
+    TINY_MEMORY,
+    build_model,
+    build_training_free,
+    from_name,
+    names,
+)
 from .tokenizer import byte_tokenizer
+from .training_free import COMPUTED, training_free_config
 
 UNTRAINED_LABEL = "untrained: seeded random weights, answers are noise"
 
-TINY_CONFIG: dict[str, Any] = {
-    "architectures": ["MemoryLLM"],
-    "model_type": "llama",
-    "vocab_size": 258,  # 256 byte symbols + <|eos|> + <|pad|>
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "hidden_act": "silu",
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "max_position_embeddings": 4096,
-    "num_tokens": 16,
-    "num_blocks": 8,
-    "add_bos_embedding": True,
-    "drop_memory_per_layer": True,
-    "add_decoder_lora": True,
-    "lora_config": {
-        "r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-    },
-    "tie_word_embeddings": False,
-    "bos_token_id": None,
-    "eos_token_id": 256,
-    "mplus_preset": "tiny",
-}
-
-# M+ flavour: 8 short-term blocks + 2 retrieved LTM blocks of K = 16, a merge every 4 injections
-TINY_MPLUS_CONFIG: dict[str, Any] = TINY_CONFIG | {
-    "architectures": ["MPlus"],
-    "num_blocks": 10,
-    "num_ltm_blocks": 2,
-    "selector_hidden_dim": 16,
-    "num_selector_layers": 2,
-    "update_ltm_frequency": 4,
-    "decay_frequency": 1,
-    "initial_rf_when_moving_stm_to_ltm": 10,
-    "ltm_initial_size": 48,
-    "mplus_preset": "tiny-mplus",
-}
 TINY_MPLUS_INITIAL_RF = 2.0  # the initial LTM rows survive one merge and are pruned at the second
+PRESETS = {name: MODELS[name].hf for name in names("preset")}
 
-PRESETS = {"tiny": TINY_CONFIG, "tiny-mplus": TINY_MPLUS_CONFIG}
 
-
-def _randomize(model: MemoryLLM, generator: torch.Generator) -> None:
+def randomize(model: MemoryLLM, generator: torch.Generator) -> None:
     """Fill every parameter with seeded noise scaled so activations stay O(1)."""
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "model.norm.weight":
@@ -90,9 +54,9 @@ def random_model(
     and then allocated and filled directly on `device` in `dtype` (no full-size CPU copy)."""
     cfg = config_from_hf(config)
     with torch.device("meta"):
-        model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
+        model = build_model(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
-    _randomize(model, torch.Generator(device).manual_seed(seed))
+    randomize(model, torch.Generator(device).manual_seed(seed))
     return model.eval().requires_grad_(False)
 
 
@@ -110,10 +74,10 @@ def _initial_ltm(model: MPlus, generator: torch.Generator, memory: torch.Tensor)
 
 def build_preset(name: str, seed: int = 0) -> MemoryLLM:
     """A preset model with seeded random weights, random initial memory and a byte tokenizer."""
-    cfg = config_from_hf(PRESETS[name])
-    model = MPlus(cfg) if cfg.kind == "mplus" else MemoryLLM(cfg)
+    cfg = from_name(name)
+    model = build_model(cfg)
     generator = torch.Generator().manual_seed(seed)
-    _randomize(model, generator)
+    randomize(model, generator)
     memory = torch.randn(cfg.num_layers, cfg.memory_rows, cfg.hidden_size, generator=generator)
     if isinstance(model, MPlus):
         ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
@@ -122,4 +86,32 @@ def build_preset(name: str, seed: int = 0) -> MemoryLLM:
         model.initial_state = MemoryState(memory=memory)
     model.tokenizer = byte_tokenizer()
     model.eval().requires_grad_(False)
+    return model
+
+
+# -- tiny seeded random Llamas in training-free mode (tests, offline CLI checks): the `tiny` preset's shapes --
+TINY_PRESETS: dict[str, MemoryKind] = {name: MODELS[name].kind for name in names("training-free")}
+
+
+def random_llama_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for every plain-Llama parameter of `cfg` (see `randomize`)."""
+    model = build_model(cfg)
+    randomize(model, torch.Generator().manual_seed(seed))
+    return {k: v for k, v in model.state_dict().items() if k not in COMPUTED}
+
+
+def build_tiny(
+    memory: MemoryKind = "memoryllm",
+    capacity: int = TINY_MEMORY["capacity"],
+    retrieved: int = TINY_MEMORY["retrieved"],
+    block: int = TINY_MEMORY["block"],
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> MemoryLLM:
+    """A tiny seeded random Llama (TINY_LLAMA: the `tiny` preset's shapes) with training-free memory and the
+    byte tokenizer (`tiny-free`, `tiny-free-mplus` with the defaults)."""
+    cfg = training_free_config(TINY_LLAMA, memory, capacity, retrieved, block)
+    model = build_training_free(cfg, random_llama_weights(cfg, seed), dtype, device)
+    model.tokenizer = byte_tokenizer()
     return model

@@ -1,4 +1,4 @@
-"""Rotary position embeddings in the exact float32 recipes of the authors' checkpoints (spec §4.4)."""
+"""Rotary position embeddings in the exact float32 recipes of the authors' checkpoints (docs/algorithm.md §4.4)."""
 
 from __future__ import annotations
 

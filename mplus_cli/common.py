@@ -65,6 +65,18 @@ TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help="Where the model runs: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."
+    ),
+]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The model's dtype: bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on the CPU)."
+    ),
+]
 
 
 def say(message: str) -> None:

@@ -14,11 +14,6 @@ from model import store as st
 from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
 DEFAULT_MODEL = "smollm2-135m"  # the offline demo model: SmolLM2-135M with training-free M+ memory
-FLAVOURS = [  # the memory flavours of each built-in model
-    {"mplus": "smollm2-135m", "memoryllm": "smollm2-135m-memoryllm"},
-    {"mplus": "tiny-mplus", "memoryllm": "tiny"},
-    {"mplus": "tiny-free-mplus", "memoryllm": "tiny-free"},
-]
 
 
 def requested_model(option: str | None) -> str:
@@ -33,9 +28,9 @@ def with_memory(name: str, memory: str | None) -> str:
         return name
     if memory not in ("mplus", "memoryllm"):
         raise UsageError(f"unknown --memory {memory!r}: use mplus or memoryllm")
-    for flavours in FLAVOURS:
-        if name in flavours.values():
-            return flavours[memory]
+    named = mp.MODELS.get(name)
+    if named is not None and named.kind != memory and named.twin is not None:
+        return named.twin
     return name
 
 
@@ -49,10 +44,17 @@ def model_id(name: str) -> str:
     return mp.HUB_MODELS.get(name, name)
 
 
-def load_model(name: str, dtype: str = "float32", tokenizer: str | None = None, revision: str | None = None):
-    """mp.load on the CPU, with its failures turned into one-line errors."""
+def load_model(
+    name: str,
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    device: torch.device | str = "cpu",
+) -> mp.MemoryLLM:
+    """mp.load on `device` in `dtype`, with its failures turned into one-line errors."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        model = mp.load(name, dtype=getattr(torch, dtype), revision=revision, tokenizer=tokenizer or True)
+        model = mp.load(name, dtype=dtype, device=device, revision=revision, tokenizer=tokenizer or True)
     except FileNotFoundError as e:
         raise NotFoundError(f"{e}") from e
     except (mp.CheckpointError, OSError, ValueError) as e:
@@ -84,9 +86,17 @@ def check_memory(session_name: str, bound: dict[str, Any], memory: str | None) -
         )
 
 
-def load_bound_model(session_name: str, bound: dict[str, Any], tokenizer: str | None) -> mp.MemoryLLM:
-    """The session's model, checked against the recorded config fingerprint."""
-    model = load_model(bound["id"], bound["dtype"], tokenizer or bound.get("tokenizer"), bound.get("revision"))
+def load_bound_model(
+    session_name: str,
+    bound: dict[str, Any],
+    tokenizer: str | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> mp.MemoryLLM:
+    """The session's model on `device` in `dtype` (default: the session's), checked against the recorded
+    config fingerprint."""
+    tokenizer, revision = tokenizer or bound.get("tokenizer"), bound.get("revision")
+    model = load_model(bound["id"], dtype or bound["dtype"], tokenizer, revision, device)
     if model.cfg.fingerprint() != bound["fingerprint"]:
         raise ConflictError(
             f"the model {bound['id']!r} changed since session {session_name!r} was created "

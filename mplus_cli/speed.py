@@ -4,7 +4,9 @@ JSON."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -14,14 +16,15 @@ from rich.table import Table
 import model as mp
 from tasks import scale as sc
 from tasks import speed as sp
+from tasks.figures import Figure, Report, show
 from tasks.sizes import format_size, parse_size
-from tasks.speed import show
+from tasks.timing import machine_info
 
-from .common import JsonOpt, emit, handle_errors, say
+from .common import DeviceOpt, DtypeOpt, JsonOpt, emit, handle_errors, say
+from .devices import dtype_option, pick_device
 from .errors import MplusError, NotFoundError, UsageError
 from .models import load_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_LTM_ROWS = 1_000_000  # per layer (the 8b shape's default sweep ends at 150000)
 MAX_SESSION_TOKENS = 10_000_000  # the sessions group grows one session through these sizes
 MAX_INTERRUPT_BYTES = 1_000_000_000  # the big text whose inject is interrupted is written to disk first
@@ -45,14 +48,6 @@ def parse_rows(text: str) -> tuple[int, ...]:
     return rows
 
 
-def pick_device(device: str) -> torch.device:
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown --device {device!r}: use cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return torch.device(device)
-
-
 def load_models(model: str | None, shape: str, device: torch.device, dtype: torch.dtype) -> list[mp.MemoryLLM]:
     """The loaded model `model`, or both random flavours of `shape`."""
     where = f"{device}, {str(dtype).removeprefix('torch.')}"
@@ -70,7 +65,7 @@ def load_models(model: str | None, shape: str, device: torch.device, dtype: torc
         raise MplusError(f"cannot load model {model!r}: {e}") from e
 
 
-def table(report: sp.Report) -> Table:
+def table(report: Report) -> Table:
     """The figures, with the machine they were measured on as the caption."""
     m = report.machine
     hardware = (f"{m['gpu']}, " if m["gpu"] else "") + f"{m['cpu']}, {m['cpu_cores']} cores"
@@ -87,7 +82,7 @@ def table(report: sp.Report) -> Table:
     return out
 
 
-def ratio_text(figure: sp.Figure) -> str:
+def ratio_text(figure: Figure) -> str:
     """The ratio column: the ratio, or for an "increase" figure the increase itself."""
     if figure.compare == "increase":
         return f"{'+' if figure.increase >= 0 else '-'}{show(abs(figure.increase), figure.unit)}"
@@ -122,10 +117,8 @@ def speed(
     shape: Annotated[
         str, typer.Option(help="Random models: tiny | small (CPU) | 8b (GPU); with --model, the workload sizes.")
     ] = "small",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    dtype: Annotated[
-        str | None, typer.Option(help="float32 | bfloat16 | float16 (default: bfloat16 on cuda, float32 on cpu).")
-    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
     repeats: Annotated[
         int,
         typer.Option(
@@ -171,49 +164,94 @@ def speed(
     Examples: mplus bench speed --groups sessions,cold --threads 1
               mplus bench speed --groups store --shape 8b --threads 1
     """
-    chosen = parse_groups(groups)
-    if shape not in sp.SHAPES:
-        raise UsageError(f"unknown --shape {shape!r}: use {', '.join(sp.SHAPES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}: use {', '.join(DTYPES)}")
-    rows = parse_rows(ltm_rows) if ltm_rows else None
-    tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k", most=MAX_SESSION_TOKENS)
-    cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", most=MAX_INTERRUPT_BYTES, count=2)
-    target = pick_device(device)
-    if shape == "8b" and target.type == "cpu" and "cold" in chosen:
-        raise UsageError("--groups cold with --shape 8b is sized for a GPU: add --device cuda, or use --shape small")
+    options = check_options(groups, shape, device, dtype, ltm_rows, session_tokens, interrupt_bytes)
     if threads is not None:
         torch.set_num_threads(threads)
-    torch_dtype = DTYPES[dtype] if dtype else mp.default_dtype(target)
     start = time.perf_counter()
 
     def log(message: str) -> None:
         say(f"[{time.perf_counter() - start:4.0f} s] {message}")
 
-    if "core" in chosen:
-        report = sp.run(load_models(model, shape, target, torch_dtype), sp.SHAPES[shape], repeats, rows, log=log)
+    if "core" in options.groups:
+        models = load_models(model, shape, options.device, options.dtype)
+        report = sp.run(models, options.shape, repeats, options.ltm_rows, log=log)
     else:
-        report = sp.Report(sp.machine_info(target, torch_dtype), {})
-    report.setup["groups"] = chosen
+        report = Report(machine_info(options.device, options.dtype), {})
+    report.setup["groups"] = options.groups
     try:
-        if "sessions" in chosen:
-            tokenizer = load_model(session_model).tokenizer
-            report.setup["sessions"] = {"model": session_model, "tokens": tokens, "interrupt_bytes": cut}
-            report.figures += sc.session_figures(session_model, tokenizer, tokens, cut, threads=threads, log=log)
-        if "cold" in chosen:
-            report.setup["cold"] = {"shape": shape, "processes": repeats, "injects": sc.COLD_INJECTS}
-            report.figures += sc.cold_figures(sp.SHAPES[shape], target, torch_dtype, repeats, threads=threads, log=log)
-        if "store" in chosen:
-            store_rows = rows or sp.SHAPES[shape].ltm_rows
-            report.setup["store"] = {"shape": shape, "ltm_rows": store_rows, "processes": repeats}
-            report.figures += sc.store_figures(sp.SHAPES[shape], store_rows, repeats, threads=threads, log=log)
+        report.figures += scale_figures(options, report.setup, repeats, threads, session_model, log)
     except sc.ChildFailed as e:
         raise MplusError(str(e)) from e
     report.elapsed_s = time.perf_counter() - start
+    print_report(report, as_json)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of one run, checked."""
+
+    groups: list[str]
+    shape: sp.Shape
+    device: torch.device
+    dtype: torch.dtype
+    ltm_rows: tuple[int, ...] | None
+    session_tokens: tuple[int, ...]
+    interrupt_bytes: tuple[int, ...]
+
+
+def check_options(
+    groups: str,
+    shape: str,
+    device: str,
+    dtype: str | None,
+    ltm_rows: str | None,
+    session_tokens: str,
+    interrupt_bytes: str,
+) -> Options:
+    """The options parsed, or a UsageError for the first bad one."""
+    chosen = parse_groups(groups)
+    if shape not in sp.SHAPES:
+        raise UsageError(f"unknown --shape {shape!r}: use {', '.join(sp.SHAPES)}")
+    rows = parse_rows(ltm_rows) if ltm_rows else None
+    tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k", most=MAX_SESSION_TOKENS)
+    cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", most=MAX_INTERRUPT_BYTES, count=2)
+    target, torch_dtype = pick_device(device), dtype_option(dtype)
+    if shape == "8b" and target.type == "cpu" and "cold" in chosen:
+        raise UsageError("--groups cold with --shape 8b is sized for a GPU: add --device cuda, or use --shape small")
+    return Options(chosen, sp.SHAPES[shape], target, torch_dtype or mp.default_dtype(target), rows, tokens, cut)
+
+
+def scale_figures(
+    options: Options,
+    setup: dict[str, Any],
+    repeats: int,
+    threads: int | None,
+    session_model: str,
+    log: Callable[[str], None],
+) -> list[Figure]:
+    """The figures of the sessions, cold and store groups chosen (tasks.scale), each group's setup put in `setup`."""
+    figures, shape = [], options.shape
+    if "sessions" in options.groups:
+        tokenizer = load_model(session_model).tokenizer
+        tokens, cut = options.session_tokens, options.interrupt_bytes
+        setup["sessions"] = {"model": session_model, "tokens": tokens, "interrupt_bytes": cut}
+        figures += sc.session_figures(session_model, tokenizer, tokens, cut, threads=threads, log=log)
+    if "cold" in options.groups:
+        setup["cold"] = {"shape": shape.name, "processes": repeats, "injects": sc.COLD_INJECTS}
+        figures += sc.cold_figures(shape, options.device, options.dtype, repeats, threads=threads, log=log)
+    if "store" in options.groups:
+        store_rows = options.ltm_rows or shape.ltm_rows
+        setup["store"] = {"shape": shape.name, "ltm_rows": store_rows, "processes": repeats}
+        figures += sc.store_figures(shape, store_rows, repeats, threads=threads, log=log)
+    return figures
+
+
+def print_report(report: Report, as_json: bool) -> None:
+    """The report as JSON, or as a table (one figure per line when piped)."""
     if as_json:
         emit(report.to_dict())
-    else:
-        console = Console()
-        if not console.is_terminal:  # piped: keep one figure per line
-            console.width = 160
-        console.print(table(report))
+        return
+    console = Console()
+    if not console.is_terminal:  # piped: keep one figure per line
+        console.width = 160
+    console.print(table(report))

@@ -1,6 +1,6 @@
 """Question/answer samples with their evidence, and distractor passages from another split.
 
-Three sources (official-spec §9.1 for the authors' files):
+Three sources (docs/algorithm.md §9.1 for the authors' files):
 - `squad`: SQuAD v2 dev questions with answers; distractors are train-set paragraphs.
 - `nq`: NaturalQuestions dev questions with a short answer, the long answer as evidence; distractors are
   long answers of train questions.
@@ -150,7 +150,7 @@ def nq_dev_samples(path: Path) -> Iterator[Sample]:
 
 def nq_train_passages(path: Path, authors: bool) -> Iterator[str]:
     """Long answers of the simplified train file. The authors slice `document_text` by *characters* with
-    token offsets (spec §9.1), which gives short snippets; we keep that only for `authors`."""
+    token offsets (docs/algorithm.md §9.1), which gives short snippets; we keep that only for `authors`."""
     for line in read_jsonl(path):
         long = line["annotations"][0]["long_answer"]
         start, end = long["start_token"], long["end_token"]

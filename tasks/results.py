@@ -11,8 +11,11 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from model import store as st
 
 from .sizes import format_size
 
@@ -53,13 +56,8 @@ class ResumeError(Exception):
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The store's atomic write with the permissions the umask gives (results are meant to be shared)."""
+    st.write_atomic(path, data, mode=0o666)
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]], header: bool = False) -> str:
@@ -121,6 +119,15 @@ def holds_results(path: Path) -> bool:
         return len(list(itertools.islice(f, 2))) > 1
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The records of a finished results.csv, as the strings written (to copy them unchanged)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        records = list(csv.reader(f))
+    if not records or tuple(records[0]) != COLUMNS:
+        raise ResumeError(f"{path} does not have the columns of a retention results file")
+    return [dict(zip(COLUMNS, r, strict=True)) for r in records[1:]]
+
+
 def read_results(path: Path) -> pd.DataFrame:
     import pandas as pd
 
@@ -158,7 +165,12 @@ def model_labels(directories: Sequence[Path]) -> dict[str, str]:
 def drop_rates(directories: Sequence[Path]) -> dict[str, tuple]:
     """{model: (K/N, tokens per injection, tokens before the first drop)} of the MemoryLLM models in the runs'
     config.json (see figure)."""
-    return {name: tuple(e["drop_rate"]) for name, e in model_details(directories).items() if "drop_rate" in e}
+    return details_drop_rates(model_details(directories))
+
+
+def details_drop_rates(details: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple]:
+    """drop_rates from one config's model_details."""
+    return {name: tuple(e["drop_rate"]) for name, e in details.items() if "drop_rate" in e}
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -205,7 +217,24 @@ def write_summary(results: pd.DataFrame, path: Path) -> pd.DataFrame:
     return summary
 
 
+def finish(directory: Path, config: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's results.csv summarized into summary.csv and retention.png, and `config` written as its
+    config.json; returns (results, summary)."""
+    results = read_results(directory / "results.csv")
+    summary = write_summary(results, directory / "summary.csv")
+    details = config["model_details"]
+    labels = {name: entry.get("label", "") for name, entry in details.items()}
+    title = f"{config['dataset']}, {config['protocol']} protocol"
+    plot(summary, directory / "retention.png", title=title, labels=labels, drop_rates=details_drop_rates(details))
+    write_config(directory / "config.json", config)
+    return results, summary
+
+
 # -- config ---------------------------------------------------------------------------------------
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def write_config(path: Path, config: Mapping[str, Any]) -> None:
     write_atomic(path, (json.dumps(config, indent=1) + "\n").encode())
 

@@ -140,19 +140,10 @@ def split_evidence(ids: list[int], chunk_tokens: int) -> list[torch.Tensor]:
 
 
 def piece_sizes(points: Sequence[int], chunk_tokens: int) -> list[list[int]]:
-    """Chunk sizes injected before each point: whole chunks, then what is left of the gap (a rest under 16
-    tokens takes 16 from the chunk before it), so that every chunk holds 16 to chunk_tokens tokens."""
-    sizes, previous = [], 0
-    for point in points:
-        gap = point - previous
-        n = -(-gap // chunk_tokens)
-        gap_sizes = [chunk_tokens] * (n - 1) + [gap - chunk_tokens * (n - 1)] if n else []
-        if len(gap_sizes) > 1 and gap_sizes[-1] < MIN_CHUNK_TOKENS:
-            short = MIN_CHUNK_TOKENS - gap_sizes[-1]
-            gap_sizes[-2:] = [gap_sizes[-2] - short, MIN_CHUNK_TOKENS]
-        sizes.append(gap_sizes)
-        previous = point
-    return sizes
+    """Chunk sizes injected before each point: the gap since the previous point in chunks of 16 to
+    chunk_tokens tokens (a rest under 16 takes what it lacks from the chunk before it)."""
+    pairs = itertools.pairwise([0, *points])
+    return [chunk_sizes(after - before, chunk_tokens, within_limit=True) for before, after in pairs]
 
 
 def authors_unrelated(passages: Sequence[str], tokenizer, nq: bool) -> Iterator[str]:
@@ -316,7 +307,8 @@ def evidence_survival(
 def no_memory(lm: mp.MemoryLLM) -> mp.MemoryState:
     """A state with no memory rows: forward then reads no prefix at all (the plain base model)."""
     cfg = lm.cfg
-    return mp.MemoryState(memory=torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=lm.dtype), initialized=False)
+    memory = torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=lm.dtype, device=lm.device)
+    return mp.MemoryState(memory=memory, initialized=False)
 
 
 def context_window(lm: mp.MemoryLLM) -> int:

@@ -1,5 +1,5 @@
 """`mplus bench speed` at scale: sessions as a user runs them, the cold path of a question, and the session store
-at a model's shapes without the model. Each group returns `tasks.speed.Figure`s; nothing here prints.
+at a model's shapes without the model. Each group returns `tasks.figures.Figure`s; nothing here prints.
 
 - sessions: real `mplus inject` / `mplus ask` processes on one session grown through several sizes (10k ..
   200k tokens): bytes on disk per token, peak RSS, inject and ask wall time against a new or smaller
@@ -43,10 +43,14 @@ from model.memory import draw_permutations, drop_and_append
 from model.rows import SUM_BLOCK_BYTES, FileArray, RowSpace, block_sums
 from model.tokenizer import decode, encode
 
-from . import speed as sp
+from .baselines import authors_cold_ask, load_snapshot
 from .data import prose_passage
+from .figures import Figure, show
+from .random_models import block_entries, random_ids, random_model_with_memory, zero_rows
 from .sizes import format_size
-from .speed import Figure
+from .speed import SHAPES, Shape
+from .speed_store import bytes_written, file_table
+from .timing import clock, sync
 
 Log = Callable[[str], None]
 
@@ -237,7 +241,7 @@ def session_figures(
         asks = [ask(root, "grown", env), ask(root, "fresh", env)]
         cut = []
         for nbytes in interrupt_bytes:
-            log(f"sessions: mplus inject of {sp.show(nbytes, 'B')} interrupted")
+            log(f"sessions: mplus inject of {show(nbytes, 'B')} interrupted")
             text = write_prose(root / f"{nbytes}.txt", nbytes)
             cut.append(interrupted_inject(root, f"cut-{nbytes}", model, text, env))
         return [
@@ -290,7 +294,7 @@ def interrupted_figure(cut: list[Child], nbytes: tuple[int, int]) -> Figure:
         f"peak RSS of `mplus inject` sent SIGINT after its commit {INTERRUPT_AFTER_COMMITS} "
         f"(both exited {INTERRUPTED}); the text is read and tokenized a block at a time"
     )
-    name = f"interrupted inject peak RSS: {sp.show(nbytes[1], 'B')} text vs {sp.show(nbytes[0], 'B')}"
+    name = f"interrupted inject peak RSS: {show(nbytes[1], 'B')} text vs {show(nbytes[0], 'B')}"
     return Figure(name, "B", cut[1].peak_rss, cut[0].peak_rss, "limit", INTERRUPTED_RSS_LIMIT, detail)
 
 
@@ -308,18 +312,18 @@ def cold_session(model: mp.MemoryLLM, root: Path, injects: int, tokens: int, see
     with session.writer() as writer:
         state = writer.load_state(model.initial_state, model.device)
         for i in range(injects):
-            writer.inject(model, state, sp.random_ids(tokens, model.cfg.vocab_size, seed=i))
+            writer.inject(model, state, random_ids(tokens, model.cfg.vocab_size, seed=i))
             writer.commit(state, [{"source": "bench", "sha256": "", "tokens": tokens, "chunks": 1, "at": st.now()}])
         state.save(root / COLD_STATE)
         return float((state.memory_ids >= writer.session.base).double().mean())
 
 
-def cold_prompt(model: mp.MemoryLLM, shape: sp.Shape) -> list[int]:
-    return sp.random_ids(shape.prompt_tokens, model.cfg.vocab_size, seed=1).tolist()
+def cold_prompt(model: mp.MemoryLLM, shape: Shape) -> list[int]:
+    return random_ids(shape.prompt_tokens, model.cfg.vocab_size, seed=1).tolist()
 
 
 def cold_figures(
-    shape: sp.Shape,
+    shape: Shape,
     device: torch.device,
     dtype: torch.dtype,
     repeats: int = 3,
@@ -332,7 +336,7 @@ def cold_figures(
     MemoryLLM of `shape` first (not timed): a session vs MemoryState.load of the same state."""
     with tempfile.TemporaryDirectory(prefix="mplus-cold-") as tmp:
         log(f"cold: a session after {injects} injects")
-        model = sp.build_model(shape.memoryllm, device, dtype, seed)
+        model = random_model_with_memory(shape.memoryllm, device, dtype, seed)
         share = cold_session(model, Path(tmp), injects, shape.inject_tokens, seed)
         rows = model.cfg.memory_rows
         del model
@@ -367,31 +371,27 @@ def cold_figures(
             median("session", "open_s"),
             median("load", "open_s"),
             target=1.0,
-            detail=f"Session.open + load_state vs MemoryState.load + reading the memory (clone); {common}",
+            detail=f"Session.open + load_state vs MemoryState.load + reading every tensor (clone); {common}",
         ),
     ]
 
 
 def cold_child(args: argparse.Namespace) -> dict[str, float]:
     """One fresh process of `cold_figures`: the model is built first, then the timed open and first token."""
-    shape, device, dtype = sp.SHAPES[args.shape], torch.device(args.device), getattr(torch, args.dtype)
-    model = sp.build_model(shape.memoryllm, device, dtype, args.seed)
+    shape, device, dtype = SHAPES[args.shape], torch.device(args.device), getattr(torch, args.dtype)
+    model = random_model_with_memory(shape.memoryllm, device, dtype, args.seed)
     ids, settings, root = cold_prompt(model, shape), mp.DecodeSettings(max_new_tokens=1), Path(args.root)
     if args.way == "session":
         start = time.perf_counter()
         state = st.Session.open(root, COLD_SESSION).load_state(model.initial_state, device)
-        sp.sync(device)
+        sync(device)
         open_s = time.perf_counter() - start
         mp.generate(model, state, ids, settings)
-        sp.sync(device)
+        sync(device)
         return {"open_s": open_s, "ask_s": time.perf_counter() - start}
-    open_s = sp.clock(lambda: mp.MemoryState.load(root / COLD_STATE, device).memory.clone(), device)  # read it all
-    ask_s = sp.clock(  # second in this process: a head start that the session's first token does not get
-        lambda: mp.generate(
-            model, mp.MemoryState.load(root / COLD_STATE, device), ids, settings, reuse_memory_kv=False
-        ),
-        device,
-    )
+    open_s = clock(lambda: load_snapshot(root / COLD_STATE, device), device)
+    # second in this process: a head start that the session's first token does not get
+    ask_s = clock(lambda: authors_cold_ask(model, root / COLD_STATE, ids, settings, device), device)
     return {"open_s": open_s, "ask_s": ask_s}
 
 
@@ -402,14 +402,14 @@ MODEL_ROWS = "model-rows.bin"
 OPEN_S_LIMIT, OPEN_RSS_LIMIT = 1.0, 2e9
 
 
-def store_config(shape: sp.Shape) -> ModelConfig:
+def store_config(shape: Shape) -> ModelConfig:
     return config_from_hf(shape.mplus)
 
 
 def model_rows(cfg: ModelConfig, directory: Path, create: bool = False) -> FileArray:
     """The model's initial short-term rows [L * N, d]: zeros in a sparse file in `directory` (made if `create`)."""
     shape = (directory / MODEL_ROWS, cfg.num_layers * cfg.memory_rows, cfg.hidden_size, STORE_DTYPE)
-    return sp.zero_rows(*shape) if create else FileArray(*shape)
+    return zero_rows(*shape) if create else FileArray(*shape)
 
 
 def stand_in_initial(cfg: ModelConfig, rows: FileArray) -> mp.MemoryState:
@@ -436,14 +436,14 @@ def write_history(
     injects = ltm_blocks + cached + N // K
     rows, entries = injects * L * K, (ltm_blocks + cached) * L * K
     session = writer.session
-    sp.zero_rows(session.directory / st.ROWS, rows, cfg.hidden_size, STORE_DTYPE)
+    zero_rows(session.directory / st.ROWS, rows, cfg.hidden_size, STORE_DTYPE)
     e = torch.arange(entries)
     births = (injects - 1 - e // (L * K)) * K + K - 1 - e % K  # ages now (the bank's clock is at 0)
     ids_file, births_file, keys_file = (session.directory / name for name in st.LTM_FILES)
     ids_bytes, births_bytes = st.tensor_bytes(session.base + e), st.tensor_bytes(births)
     st.append_after(ids_file, 0, ids_bytes)
     st.append_after(births_file, 0, births_bytes)
-    sp.zero_rows(keys_file, entries, cfg.selector_hidden_dim, STORE_DTYPE)
+    zero_rows(keys_file, entries, cfg.selector_hidden_dim, STORE_DTYPE)
     records = zero_sums(st.ROWS, rows * cfg.hidden_size * STORE_DTYPE.itemsize)
     records += [(ids_file.name, *block) for block in block_sums(ids_bytes, 0)]
     records += [(births_file.name, *block) for block in block_sums(births_bytes, 0)]
@@ -455,15 +455,15 @@ def write_history(
     history = st.Session(session.directory, manifest | {"ltm": manifest["ltm"] | {"entries": entries}})
     bank = history.entry_bank(initial, history.row_space(initial))
     rf = 1e6 - (torch.arange(ltm_rows) // (K * freq)).flip(0).double()  # one per merge, never pruned
-    layers = [LayerLTM(bank, ids, rf) for ids in sp.block_entries(ltm_rows, 0, L, K)]
-    cache = sp.block_entries(cached * K, ltm_blocks * L * K, L, K)  # [L, C]
+    layers = [LayerLTM(bank, ids, rf) for ids in block_entries(ltm_rows, 0, L, K)]
+    cache = block_entries(cached * K, ltm_blocks * L * K, L, K)  # [L, C]
     state = mp.MemoryState(
         memory=initial.memory,
         injections=injects,
         tokens_injected=injects * K,
         memory_ages=(N - 1 - torch.arange(N)).expand(L, N).clone(),  # [L, N] oldest first
         ltm=LongTermMemory(bank, layers, cache, update_step=cached * K),
-        memory_ids=history.base + sp.block_entries(N, entries, L, K),  # [L, N] the latest N // K injects' rows
+        memory_ids=history.base + block_entries(N, entries, L, K),  # [L, N] the latest N // K injects' rows
         next_row_id=history.base + rows,
     )
     writer.session = history  # the files hold the history's rows and entries: commit writes the index and manifest
@@ -514,9 +514,9 @@ def store_commits(root: Path, name: str, cfg: ModelConfig, initial: mp.MemorySta
         state = write_history(writer, cfg, initial, ltm_rows, cfg.update_ltm_frequency - STORE_INJECTS)
         for _ in range(STORE_INJECTS):
             writer.stage(stand_in_inject(state, cfg))
-            before = sp.file_table(session.directory)
+            before = file_table(session.directory)
             writer.commit(state, [{"source": "bench", "sha256": "", "tokens": cfg.num_tokens, "chunks": 1}])
-            written.append(sp.bytes_written(before, sp.file_table(session.directory)))
+            written.append(bytes_written(before, file_table(session.directory)))
     return written
 
 
@@ -529,7 +529,7 @@ def session_ltm(session: st.Session, initial: mp.MemoryState) -> LongTermMemory:
 
 def open_child(args: argparse.Namespace) -> dict[str, float]:
     """One fresh process of `store_figures`: Session.open + its LTM, then (--stm) the whole load_state."""
-    cfg = store_config(sp.SHAPES[args.shape])
+    cfg = store_config(SHAPES[args.shape])
     initial = stand_in_initial(cfg, model_rows(cfg, Path(args.root)))
     measured = {"rss_start": peak_rss()}
     start = time.perf_counter()
@@ -544,7 +544,7 @@ def open_child(args: argparse.Namespace) -> dict[str, float]:
 
 
 def store_figures(
-    shape: sp.Shape,
+    shape: Shape,
     ltm_rows: tuple[int, ...],
     repeats: int = 3,
     threads: int | None = None,
@@ -588,11 +588,11 @@ def store_figures(
     stm_bytes = L * N * d * STORE_DTYPE.itemsize
     open_detail = (
         f"Session.open + the state's LTM (index, entry bank, layout: what load_state does) without reading the "
-        f"{N:,} x {L} short-term rows; with them (load_state, {sp.show(stm_bytes, 'B')} read from the sparse file "
-        f"for the first time): {stm['load_s']:.2f} s, peak RSS {sp.show(stm['rss_load'], 'B')}; median of {repeats} "
-        f"fresh processes; the LTM's rows: {sp.show(large * L * d * STORE_DTYPE.itemsize, 'B')} (sparse)"
+        f"{N:,} x {L} short-term rows; with them (load_state, {show(stm_bytes, 'B')} read from the sparse file "
+        f"for the first time): {stm['load_s']:.2f} s, peak RSS {show(stm['rss_load'], 'B')}; median of {repeats} "
+        f"fresh processes; the LTM's rows: {show(large * L * d * STORE_DTYPE.itemsize, 'B')} (sparse)"
     )
-    rss_detail = f"peak RSS (VmHWM) of the process after the open above (before it: {sp.show(stm['rss_start'], 'B')})"
+    rss_detail = f"peak RSS (VmHWM) of the process after the open above (before it: {show(stm['rss_start'], 'B')})"
     return figures + [
         Figure(
             f"{label} store: open ({where}, fresh process)",
@@ -621,13 +621,13 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     cold = commands.add_parser("cold", help="open a session (or load a state), answer one token")
     cold.add_argument("--way", choices=("session", "load"), required=True)
-    cold.add_argument("--shape", choices=tuple(sp.SHAPES), required=True)
+    cold.add_argument("--shape", choices=tuple(SHAPES), required=True)
     cold.add_argument("--device", default="cpu")
     cold.add_argument("--dtype", default="float32")
     cold.add_argument("--seed", type=int, default=0)
     cold.add_argument("--root", required=True)
     opened = commands.add_parser("open", help="open a stand-in session of the store figures")
-    opened.add_argument("--shape", choices=tuple(sp.SHAPES), required=True)
+    opened.add_argument("--shape", choices=tuple(SHAPES), required=True)
     opened.add_argument("--root", required=True)
     opened.add_argument("--session", required=True)
     opened.add_argument("--stm", action="store_true", help="then load the whole state, short-term rows included")

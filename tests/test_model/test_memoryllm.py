@@ -45,30 +45,17 @@ def test_sources_describe_the_update(tiny, state, initialized):
         assert torch.equal(state.memory[layer], pool[result.sources[layer]])
 
 
-def full_query_delta(model: mp.MemoryLLM, state: mp.MemoryState, ids: torch.Tensor) -> torch.Tensor:
-    """Injection recomputed with every row of [bos, last K rows, context] as a query (causality makes the
-    last rows identical), keeping only the context rows between layers."""
-    K, n = model.cfg.num_tokens, ids.numel()
-    x = model.model.embed_tokens(ids)[None]
-    cos, sin = model._cos_sin(torch.arange(1 + K + n))
-    deltas = []
-    for layer, block in enumerate(model.model.layers):
-        h = torch.cat([model.bos_embedding[layer][None], state.memory[layer, -K:][None], x], dim=1)
-        h[:, -K:] += model.new_memory_positional_emb
-        out = block(h, h.shape[1], cos, sin, ENCODER, None, layer)
-        deltas.append(out[0, -K:])
-        x = out[:, -n:]
-    return torch.stack(deltas)
-
-
 @pytest.mark.parametrize("n", [3, 16, 37])
-def test_delta_matches_full_query_recomputation(tiny, state, n):
-    """n < K re-encodes the last K - n memory rows with the context; n >= K keeps the last K context rows."""
+def test_delta_matches_the_authors_procedure(tiny, state, n):
+    """The write computes only the K delta rows at the last layer and caches nothing; the authors' way
+    (every layer computes all max(n, K) query rows into a KV cache, then the logits) gives the same rows.
+    n < K re-encodes the last K - n memory rows with the context; n >= K keeps the last K context rows."""
     ids = token_ids(n, seed=n)
-    with torch.no_grad():
-        expected = full_query_delta(tiny, state, ids)
+    expected = tiny.compute_delta(ids, state, like_authors=True)
     delta = tiny.compute_delta(ids, state)
+    assert delta.shape == (tiny.cfg.num_layers, tiny.cfg.num_tokens, tiny.cfg.hidden_size)
     torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-5)
+    assert all(block.self_attn.kv_cache is None for block in tiny.model.layers)  # the authors' cache is gone
 
 
 def test_short_context_reencodes_memory_rows(tiny, state):

@@ -138,7 +138,7 @@ def test_retrieval_picks_the_highest_scoring_candidates_oldest_first(tiny, state
     T, d = tiny.retrieved_rows, tiny.cfg.hidden_size
     layer, n, C = 1, 40, 8
     h = torch.randn(1, d, generator=torch.Generator().manual_seed(3))  # one question token
-    q = tiny.retrieval_queries(layer, h)[0]
+    q = tiny.retrieval.queries(tiny, layer, h)[0]
     u = q / q.norm()  # score of a key alpha * u is sigmoid(alpha * |q|): increasing in alpha
     g = torch.Generator().manual_seed(4)
     alpha = torch.randperm(n + C, generator=g).float() / 10  # distinct, shuffled over LTM and cache

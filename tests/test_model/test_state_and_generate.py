@@ -123,11 +123,28 @@ def test_memory_kv_cache_matches_recomputation_and_follows_injections(name):
     assert torch.equal(lm(question, state).logits, first) and state.kv_cache is cached  # reused, not rebuilt
     copy = state.clone()
     assert copy.kv_cache is None  # a copy never shares derived data
+    version = state.version
     lm.inject(state, token_ids(40, seed=4))
-    assert state.kv_cache is None  # the memory changed: the cache is dropped
+    assert state.kv_cache is None and state.version == version + 1  # the memory changed: the cache is dropped
     after = lm(question, state).logits
+    assert state.kv_cache.version == state.version
     assert not torch.allclose(after, first)
     assert torch.allclose(after, lm(question, state, reuse_memory_kv=False).logits, atol=1e-5)
+
+
+def test_layer_caches_live_only_inside_caches_and_take_explicit_positions(tiny, state):
+    """gpt-fast's cache: each attention layer owns one inside `caches()`; prefill at the prefix length P,
+    then one token at a time at explicit positions gives the logits of one pass over the whole prompt."""
+    prompt, P = token_ids(9, seed=5)[None], tiny.prefix_length(state)
+    whole = tiny(prompt, state).logits  # [1, 9, V]
+    with tiny.caches(1, P + 9):
+        assert all(block.self_attn.kv_cache.max_len == P + 9 for block in tiny.model.layers)
+        steps = [tiny(prompt[:, :5], state, torch.arange(P, P + 5)).logits]
+        steps += [tiny(prompt[:, i : i + 1], state, torch.tensor([P + i])).logits for i in range(5, 9)]
+        with pytest.raises(RuntimeError, match="KV cache full"):
+            tiny(prompt[:, :1], state, torch.tensor([P + 9]))
+    assert all(block.self_attn.kv_cache is None for block in tiny.model.layers)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mplus"])
@@ -147,10 +164,13 @@ def test_a_longer_question_grows_the_cached_memory_buffers_without_changing_answ
 def test_a_batch_reads_the_memory_like_single_questions(name):
     lm = mp.load(name)
     state, batch = lm.new_state(seed=0), torch.stack([token_ids(5, seed=7), token_ids(5, seed=8)])
-    together = lm(batch, state).logits  # [2, 5, V]
-    if name == "tiny":  # M+ retrieves for batch element 0 only (as the authors)
+    if name == "tiny":
+        together = lm(batch, state).logits  # [2, 5, V]
         torch.testing.assert_close(together[1:], lm(batch[1:], state).logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(together[:1], lm(batch[:1], state).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[:1], lm(batch[:1], state).logits, atol=1e-5, rtol=0)
+    else:  # the authors' M+ retrieves for batch element 0 only: refused instead of silently wrong
+        with pytest.raises(ValueError, match="one question at a time"):
+            lm(batch, state)
     last = lm(batch[:1], state, last_only=True).logits
     assert last.shape == (1, 1, lm.cfg.vocab_size)
     torch.testing.assert_close(last, lm(batch[:1], state).logits[:, -1:], atol=1e-5, rtol=0)

@@ -18,14 +18,9 @@ from model import smollm2
 from model import store as st
 from model.chunking import chunked
 from model.memory import new_generator
-from model.training_free import (
-    TINY_LLAMA,
-    build_tiny,
-    build_training_free,
-    ltm_blocks,
-    random_llama_weights,
-    training_free_config,
-)
+from model.presets import build_tiny, random_llama_weights
+from model.registry import TINY_LLAMA, build_training_free
+from model.training_free import ltm_blocks, training_free_config
 from mplus_cli import models as cli_models
 from mplus_cli.app import app
 
@@ -147,7 +142,7 @@ def test_retrieval_takes_the_best_scoring_blocks_oldest_first():
     layer, h = 1, lm.layer_inputs(token_ids(9, 99))[1]  # question states entering layer 1
     ltm = state.ltm.layers[layer]
     retrieval = lm.retrieve(layer, state, h)
-    scores = lm.row_scores(layer, state.ltm, h)
+    scores = lm.retrieval.row_scores(lm, layer, state.ltm, h)
     keys = lm.model.layers[layer].input_layernorm(ltm.rows)  # the scores, computed directly from the keys
     center = keys.mean(0)
     k, q = F.normalize(keys - center, dim=-1), F.normalize(lm.model.layers[layer].input_layernorm(h) - center, dim=-1)
@@ -267,7 +262,7 @@ def test_read_gguf_gives_back_the_hf_weights_and_config(tmp_path):
     question = token_ids(12, 8)[None]
     ours, reference = (build_training_free(cfg, w, torch.float32, "cpu") for w in (tensors, weights))
     reference.model.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
-    reference.set_bos_rows()
+    reference.write.prepare(reference)
     torch.testing.assert_close(
         ours(question, ours.new_state()).logits, reference(question, reference.new_state()).logits
     )

@@ -20,6 +20,9 @@ from model.tokenizer import byte_tokenizer
 from mplus_cli.speed import speed, table
 from tasks import scale as sc
 from tasks import speed as sp
+from tasks.figures import Figure, Report
+from tasks.random_models import random_model_with_memory
+from tasks.timing import machine_info
 
 runner = CliRunner()
 app = typer.Typer()
@@ -42,17 +45,17 @@ TINY_SIZES = ["--session-tokens", "2k,4k", "--interrupt-bytes", "16k,64k", "--lt
     ],
 )
 def test_limits_and_increases_bound_the_values_not_the_ratio(compare, target, passed, text):
-    figure = sp.Figure("f", "B", 560, 496, compare, target)
+    figure = Figure("f", "B", 560, 496, compare, target)
     assert figure.passed is passed and figure.target_text() == text
     assert figure.increase == 64
     assert figure.ratio == pytest.approx(560 / 496 if compare != "speedup" else 496 / 560)
 
 
 def test_the_table_shows_an_increase_as_such():
-    report = sp.Report(sp.machine_info(torch.device("cpu"), torch.float32), {})
+    report = Report(machine_info(torch.device("cpu"), torch.float32), {})
     report.figures = [
-        sp.Figure("peak RSS", "B", 300e6, 250e6, "increase", 128e6),
-        sp.Figure("bytes per token", "B", 560, 512, "limit", 600),
+        Figure("peak RSS", "B", 300e6, 250e6, "increase", 128e6),
+        Figure("bytes per token", "B", 560, 512, "limit", 600),
     ]
     console = Console(width=200, record=True)
     console.print(table(report))
@@ -107,7 +110,7 @@ def test_the_prose_has_exactly_the_tokens_asked_for():
 # -- the cold path ----------------------------------------------------------------------------------
 def test_the_cold_session_and_the_saved_state_hold_the_same_memory(tmp_path):
     torch.set_num_threads(1)
-    model = sp.build_model(sp.SHAPES["tiny"].memoryllm, torch.device("cpu"), torch.float32)
+    model = random_model_with_memory(sp.SHAPES["tiny"].memoryllm, torch.device("cpu"), torch.float32)
     share = sc.cold_session(model, tmp_path, injects=3, tokens=40)
     assert 0 < share < 1  # 3 blocks of K = 16 rows among 128: some rows are still the model's
     opened = st.Session.open(tmp_path, sc.COLD_SESSION).load_state(model.initial_state)

@@ -12,9 +12,12 @@ from conftest import token_ids
 from typer.testing import CliRunner
 
 import model as mp
-from model.presets import TINY_CONFIG, build_preset, random_model
+from model.presets import build_preset, random_model
+from model.registry import TINY_CONFIG
 from mplus_cli.speed import speed
-from tasks import speed as sp
+from tasks.baselines import authors_delta, authors_retrieve
+from tasks.random_models import first_rows, random_ltm, with_ltm
+from tasks.speed_store import bytes_written, file_table
 
 runner = CliRunner()
 app = typer.Typer()
@@ -36,7 +39,7 @@ def test_random_model_hook_gives_the_preset_weights():
 def test_authors_injection_gives_the_same_delta(tiny, tiny_mplus, n):
     for lm in (tiny, tiny_mplus):
         state, ids = lm.new_state(0), token_ids(n, seed=n)
-        torch.testing.assert_close(sp.authors_delta(lm, ids, state), lm.compute_delta(ids, state))
+        torch.testing.assert_close(authors_delta(lm, ids, state), lm.compute_delta(ids, state))
 
 
 def test_generate_gives_the_same_tokens_with_and_without_the_memory_kv_cache(tiny, state):
@@ -48,26 +51,26 @@ def test_generate_gives_the_same_tokens_with_and_without_the_memory_kv_cache(tin
 
 
 def test_authors_retrieval_picks_the_same_rows(tiny_mplus, tmp_path):
-    ltm = sp.random_ltm(tiny_mplus, rows=200, cached=24, directory=tmp_path)
+    ltm = random_ltm(tiny_mplus, rows=200, cached=24, directory=tmp_path)
     rows = ltm.rows.segments[-1][1]  # the sparse row file: give it distinct rows
     random_rows = torch.randn(rows.count, rows.width, generator=torch.Generator().manual_seed(1))
     rows.path.write_bytes(random_rows.numpy().tobytes())
-    state = sp.with_ltm(tiny_mplus, sp.first_rows(ltm, 150, cache=True))
+    state = with_ltm(tiny_mplus, first_rows(ltm, 150, cache=True))
     h = torch.randn(7, tiny_mplus.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in range(tiny_mplus.cfg.num_layers):
-        assert torch.equal(sp.authors_retrieve(tiny_mplus, layer, state, h), tiny_mplus.retrieve(layer, state, h).rows)
+        assert torch.equal(authors_retrieve(tiny_mplus, layer, state, h), tiny_mplus.retrieve(layer, state, h).rows)
 
 
 def test_first_rows_views_the_ltm_without_copying(tiny_mplus, tmp_path):
-    ltm = sp.random_ltm(tiny_mplus, rows=100, cached=16, directory=tmp_path)
-    cut = sp.first_rows(ltm, 40)
+    ltm = random_ltm(tiny_mplus, rows=100, cached=16, directory=tmp_path)
+    cut = first_rows(ltm, 40)
     assert cut.sizes() == [40, 40] and cut.cache_size == 0 and cut.bank is ltm.bank
     for a, b in zip(cut.layers, ltm.layers, strict=True):
         assert a.entries.data_ptr() == b.entries.data_ptr() and torch.equal(a.entries, b.entries[:40])
 
 
 def test_the_random_ltm_is_laid_out_as_injections_leave_it_with_its_rows_on_disk(tiny_mplus, tmp_path):
-    ltm = sp.random_ltm(tiny_mplus, rows=96, cached=32, directory=tmp_path)
+    ltm = random_ltm(tiny_mplus, rows=96, cached=32, directory=tmp_path)
     (path,) = tmp_path.iterdir()
     cfg = tiny_mplus.cfg
     L, K, d = cfg.num_layers, cfg.num_tokens, cfg.hidden_size
@@ -86,14 +89,14 @@ def test_the_random_ltm_is_laid_out_as_injections_leave_it_with_its_rows_on_disk
 def test_bytes_written_counts_appends_and_replacements(tmp_path):
     (tmp_path / "log").write_bytes(b"x" * 10)
     (tmp_path / "index").write_bytes(b"y" * 7)
-    before = sp.file_table(tmp_path)
+    before = file_table(tmp_path)
     with open(tmp_path / "log", "ab") as f:
         f.write(b"z" * 5)
     (tmp_path / "new").write_bytes(b"n" * 3)
     (tmp_path / "index").write_bytes(b"w" * 4)
     (tmp_path / "index").unlink()  # replaced by a new file (a rename gives a new inode)
     (tmp_path / "index").write_bytes(b"v" * 4)
-    assert sp.bytes_written(before, sp.file_table(tmp_path)) == 5 + 3 + 4
+    assert bytes_written(before, file_table(tmp_path)) == 5 + 3 + 4
 
 
 @pytest.fixture(scope="module")

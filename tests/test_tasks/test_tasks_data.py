@@ -11,7 +11,7 @@ import pytest
 
 from tasks import data as qa
 
-# -- files in the authors' layout (official-spec §9.1) ----------------------------------------------
+# -- files in the authors' layout (docs/algorithm.md §9.1) ----------------------------------------------
 
 
 def qas(*items: tuple[str, str, str | None]) -> list[dict]:
@@ -124,7 +124,7 @@ def test_nq_authors_distractors_keep_their_character_slice(tmp_path):
     write_nq(tmp_path)
     data = qa.load("nq", limit=1, data_dir=tmp_path, distractor_chars=10_000, authors=True)
     page = "<H1> Title </H1> <P> Lorem ipsum dolor sit amet </P>"
-    # document_text[start_token - 1 : end_token]: characters, not tokens (spec §9.1)
+    # document_text[start_token - 1 : end_token]: characters, not tokens (docs/algorithm.md §9.1)
     assert data.distractors == [page[2:10], page[-2:-1], "<P> Second page </P>"[-1:4]]
     assert data.distractors[0] == "1> Title"
 

@@ -1,0 +1,215 @@
+"""Trunk equality with transformers: with an uninitialized memory (no prefix) our decoder is a plain Llama,
+so its logits must match `LlamaForCausalLM` with the same config and weights."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+
+from model.config import config_from_hf
+from model.memory import MemoryState
+from model.memoryllm import MemoryLLM
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5  # float32 end to end: only summation order differs between the two implementations
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def plain_config(rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `tiny` preset's shape without LoRA (a MemoryLLM config: float32 inv_freq whatever the rope type)."""
+    return {
+        "architectures": ["MemoryLLM"],
+        "vocab_size": 258,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": 4096,
+        "num_tokens": 16,
+        "num_blocks": 8,
+        "add_decoder_lora": False,
+        "tie_word_embeddings": False,
+    }
+
+
+def hf_config(cfg: dict[str, Any]) -> Any:
+    """A transformers LlamaConfig with the sizes of our HF-style dict `cfg` (v4 or v5 rope arguments)."""
+    rope = dict(cfg["rope_scaling"] or {"rope_type": "default"})
+    sizes = dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        head_dim=cfg["head_dim"],
+        rms_norm_eps=cfg["rms_norm_eps"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:  # transformers 5
+        rope_args = {"rope_parameters": rope | {"rope_theta": cfg["rope_theta"]}}
+    else:
+        rope_args = {"rope_theta": cfg["rope_theta"], "rope_scaling": cfg["rope_scaling"]}
+    hc = transformers.LlamaConfig(**sizes, **rope_args)
+    hc._attn_implementation = "eager"
+    return hc
+
+
+def seeded_hf_model(cfg: dict[str, Any], seed: int) -> Any:
+    """LlamaForCausalLM with seeded O(1)-activation weights (HF's own init is std 0.02: logits near zero)."""
+    hf = transformers.LlamaForCausalLM(hf_config(cfg)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):  # not all ones: a misplaced norm weight must show
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * p.shape[1] ** -0.5)
+    return hf
+
+
+def twin_models(rope_scaling: dict[str, Any] | None = None, seed: int = 0) -> tuple[MemoryLLM, Any]:
+    """Our model and HF's with the same weights, copied by name; every HF parameter must have a twin."""
+    cfg = plain_config(rope_scaling)
+    ours = MemoryLLM(config_from_hf(cfg)).eval()
+    hf = seeded_hf_model(cfg, seed)
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for p in ours_params.values():
+            p.fill_(float("nan"))  # a parameter that HF does not fill would poison the logits
+        for name, p in hf.named_parameters():
+            assert name in ours_params, f"HF parameter {name} has no twin in our model"
+            assert ours_params[name].shape == p.shape, name
+            ours_params[name].copy_(p)
+    extras = set(ours_params) - {n for n, _ in hf.named_parameters()}
+    assert extras == {"bos_embedding", "new_memory_positional_emb"}  # no LoRA, untied head: nothing else
+    return ours, hf
+
+
+def empty_state(model: MemoryLLM) -> MemoryState:
+    """A never-written memory: no prefix before the prompt."""
+    cfg = model.cfg
+    return MemoryState(memory=torch.empty(cfg.num_layers, 0, cfg.hidden_size), initialized=False)
+
+
+def prompts(batch: int, n: int, seed: int, vocab: int = 258) -> torch.Tensor:
+    """[batch, n] random token ids."""
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=ids, use_cache=False).logits.float()  # [B, n, V]
+
+
+@pytest.fixture(scope="module")
+def default_twins() -> tuple[MemoryLLM, Any]:
+    torch.set_num_threads(1)
+    return twin_models()
+
+
+def test_empty_state_has_no_prefix(default_twins):
+    ours, _ = default_twins
+    assert ours.prefix_length(empty_state(ours)) == 0
+
+
+def test_logits_match_hf(default_twins):
+    ours, hf = default_twins
+    ids = prompts(2, 20, seed=3)
+    expected = hf_logits(hf, ids)
+    got = ours(ids, empty_state(ours)).logits  # [2, 20, V]
+    assert got.shape == expected.shape == (2, 20, 258)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_weights_matter(default_twins):
+    """The comparison can fail: one perturbed HF weight breaks it."""
+    ours, _ = default_twins
+    ids = prompts(2, 20, seed=3)
+    _, other = twin_models(seed=0)
+    with torch.no_grad():
+        other.model.layers[1].self_attn.k_proj.weight[0, 0] += 0.5
+    assert (ours(ids, empty_state(ours)).logits - hf_logits(other, ids)).abs().max() > 1e-3
+
+
+def test_hidden_states_match_hf(default_twins):
+    ours, hf = default_twins
+    ids = prompts(1, 17, seed=4)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    got = ours(ids, empty_state(ours), return_hidden=True).hidden_states
+    assert len(got) == len(expected) == ours.cfg.num_layers + 1
+    for layer in range(ours.cfg.num_layers):  # layer inputs; HF's last entry is after the final norm too
+        torch.testing.assert_close(got[layer], expected[layer], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[-1], expected[-1], atol=ATOL, rtol=0)
+
+
+def test_kv_cache_steps_match_hf_full_forward(default_twins):
+    """Prefill then three one-token steps give HF's logits on the whole sequence."""
+    ours, hf = default_twins
+    ids = prompts(2, 23, seed=5)
+    expected = hf_logits(hf, ids)  # [2, 23, V]
+    state = empty_state(ours)
+    with ours.caches(2, 23):
+        prefill = ours(ids[:, :20], state, input_pos=torch.arange(20)).logits
+        torch.testing.assert_close(prefill, expected[:, :20], atol=ATOL, rtol=0)
+        for t in range(20, 23):
+            step = ours(ids[:, t : t + 1], state, input_pos=torch.tensor([t])).logits  # [2, 1, V]
+            torch.testing.assert_close(step, expected[:, t : t + 1], atol=ATOL, rtol=0)
+
+
+def test_last_only_is_the_last_row(default_twins):
+    ours, hf = default_twins
+    ids = prompts(2, 19, seed=6)
+    got = ours(ids, empty_state(ours), last_only=True).logits
+    torch.testing.assert_close(got, hf_logits(hf, ids)[:, -1:], atol=ATOL, rtol=0)
+
+
+def test_llama3_rope_matches_hf():
+    """Llama-3.1 rope scaling with prompts longer than original_max_position_embeddings (32)."""
+    torch.set_num_threads(1)
+    ours, hf = twin_models(LLAMA3_ROPE, seed=7)
+    assert ours.cfg.rope.kind == "llama3" and ours.cfg.rope.inv_freq_dtype == "float32"
+    torch.testing.assert_close(ours.inv_freq, hf.model.rotary_emb.inv_freq.float(), atol=0, rtol=0)
+    ids = prompts(2, 48, seed=8)
+    expected = hf_logits(hf, ids)
+    torch.testing.assert_close(ours(ids, empty_state(ours)).logits, expected, atol=ATOL, rtol=0)
+    state = empty_state(ours)
+    with ours.caches(2, 48):
+        ours(ids[:, :45], state, input_pos=torch.arange(45))
+        for t in range(45, 48):
+            step = ours(ids[:, t : t + 1], state, input_pos=torch.tensor([t])).logits
+            torch.testing.assert_close(step, expected[:, t : t + 1], atol=ATOL, rtol=0)
+
+
+def test_llama3_rope_differs_from_default():
+    """Guard: past position 32 the llama3 scaling changes the logits (so the test above checks something)."""
+    torch.set_num_threads(1)
+    scaled, _ = twin_models(LLAMA3_ROPE, seed=7)
+    plain, _ = twin_models(None, seed=7)
+    ids = prompts(1, 48, seed=8)
+    diff = scaled(ids, empty_state(scaled)).logits - plain(ids, empty_state(plain)).logits
+    assert diff.abs().max() > 1e-3
