@@ -15,7 +15,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ModelConfig, config_from_hf, read_config
-from .generate import DecodeSettings, Generation, generate
+from .generate import DecodeSettings, Generation, generate, generate_batch
 from .layers import KVCache
 from .memory import MemoryState
 from .memoryllm import InjectResult, MemoryLLM
@@ -49,6 +49,7 @@ __all__ = [
     "config_from_hf",
     "from_name",
     "generate",
+    "generate_batch",
     "load",
     "read_config",
     "save_checkpoint",

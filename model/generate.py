@@ -96,3 +96,93 @@ def generate(
                 input_pos = torch.tensor([P + n + step])
                 logits = model(torch.tensor([[token]]), state, input_pos, last_only=True).logits[0, -1]
     return out
+
+
+@dataclass
+class BatchLayout:
+    """Where a batch of questions sits in one KV cache. Element i's prefix (P_i rows) ends at slot Pm = max P;
+    its prompt (n_i tokens, left-padded to nm = max n) ends at slot Pm + nm; answers follow at shared slots.
+    Pads and other elements' unused slots are masked out."""
+
+    prefix: torch.Tensor  # [B] P_i
+    prompt: torch.Tensor  # [B] n_i
+
+    @property
+    def text_start(self) -> int:
+        return int(self.prefix.max())
+
+    @property
+    def pads(self) -> list[int]:
+        return (self.prompt.max() - self.prompt).tolist()
+
+    def slots(self, step: int | None = None) -> torch.Tensor:
+        """The prompt's slots [nm] (step None) or answer token `step`'s [1]."""
+        end = self.text_start + int(self.prompt.max())
+        return torch.arange(self.text_start, end) if step is None else torch.tensor([end + step])
+
+    def positions(self, step: int | None = None) -> torch.Tensor:
+        """RoPE positions [B, nm] of the prompt (a pad takes any: it is masked) or [B, 1] of answer token `step`."""
+        if step is not None:
+            return (self.prefix + self.prompt + step)[:, None]
+        nm = int(self.prompt.max())
+        index = torch.arange(nm)[None] - torch.tensor(self.pads)[:, None]  # [B, nm], negative on pads
+        return (self.prefix[:, None] + index).clamp_min(0)
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, end] which slots each query at `slots` [S] sees: its own prefix, its own text up to
+        itself, and always itself (so that a pad's row stays finite)."""
+        key = torch.arange(int(slots[-1]) + 1)  # [end]
+        P, start = self.prefix[:, None], self.text_start
+        own_prefix = (key >= start - P) & (key < start)  # [B, end]
+        own_text = key >= start + torch.tensor(self.pads)[:, None]  # [B, end]
+        causal = key[None] <= slots[:, None]  # [S, end]
+        itself = key[None] == slots[:, None]  # [S, end]
+        return (own_prefix[:, None] | (own_text[:, None] & causal[None]) | itself[None])[:, None]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: MemoryLLM,
+    states: Sequence[MemoryState],
+    prompts: Sequence[Sequence[int]],
+    settings: DecodeSettings = DecodeSettings(),
+    reuse_memory_kv: bool = True,
+) -> list[Generation]:
+    """Answer prompts[i] from states[i], all in one batch (independent memories, one forward per step);
+    each answer is the one `generate` gives up to rounding. The memories are not modified."""
+    if len(states) != len(prompts) or not prompts:
+        raise ValueError("generate_batch takes one state per prompt, and at least one")
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("a prompt is empty")
+    if len(prompts) == 1:  # the single-question path: the memory's cached keys adopted, not copied
+        return [generate(model, states[0], prompts[0], settings, reuse_memory_kv=reuse_memory_kv)]
+    layout = BatchLayout(
+        torch.tensor([model.prefix_length(s) for s in states]), torch.tensor([len(p) for p in prompts])
+    )
+    ids = torch.zeros(len(prompts), int(layout.prompt.max()), dtype=torch.long)  # [B, nm] left-padded
+    for i, prompt in enumerate(prompts):
+        ids[i, layout.pads[i] :] = torch.as_tensor(prompt, dtype=torch.long)
+    outs = [Generation(token_ids=[], finish_reason="length") for _ in prompts]
+    generators = [torch.Generator().manual_seed(settings.seed) if settings.sample else None for _ in prompts]
+    stops, running = set(settings.stop_token_ids), list(range(len(prompts)))
+    end = layout.text_start + ids.shape[1] + settings.max_new_tokens
+    with model.caches(len(prompts), end):
+        slots = layout.slots()
+        mask = layout.mask(slots).to(model.device)
+        logits = model.forward_states(ids, states, slots, layout.positions(), mask, layout.pads, reuse_memory_kv)
+        for step in range(settings.max_new_tokens):
+            tokens = torch.zeros(len(prompts), 1, dtype=torch.long)  # finished elements read a pad
+            for i in list(running):
+                token = pick_token(logits[i], settings, generators[i])
+                if token in stops:
+                    outs[i].finish_reason = "stop"
+                    running.remove(i)
+                    continue
+                outs[i].token_ids.append(token)
+                tokens[i, 0] = token
+            if not running or step + 1 == settings.max_new_tokens:
+                break
+            slots = layout.slots(step)
+            mask = layout.mask(slots).to(model.device)
+            logits = model.forward_states(tokens, states, slots, layout.positions(step), mask)
+    return outs

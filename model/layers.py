@@ -90,25 +90,41 @@ class KVCache:
         start, end = int(input_pos[0]), int(input_pos[-1]) + 1
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        if self.k is None:
-            self.k = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            self.v = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.allocate()
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def put(self, element: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one batch element's k, v [1, H_kv, P, D] at slots start..start+P-1 (its memory prefix)."""
+        self.allocate()
+        self.k[element, :, start : start + k.shape[2]] = k[0]
+        self.v[element, :, start : start + v.shape[2]] = v[0]
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def allocate(self) -> None:
+        """Zeroed buffers: slots no element writes (a batch's shorter prefixes) must hold finite values, as
+        attention multiplies masked values by a zero weight."""
+        if self.k is None:
+            self.k = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the last q_len positions over k_len >= q_len keys (bottom-right aligned).
 
     q: [B, H, q_len, D]; k, v: [B, H_kv, k_len, D] -> [B, H, q_len, D]. Query i sits at absolute
-    position k_len - q_len + i and sees keys 0..that position (so every prefix row is visible).
+    position k_len - q_len + i and sees keys 0..that position (so every prefix row is visible). An
+    explicit boolean `mask` [B, 1, q_len, k_len] (True: visible) replaces that rule (batched states).
     """
     q_len, k_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # [B, S, H, D] layout. causal=True aligns the mask bottom-right when q_len < k_len (flash-attn >= 2.1, as the
+        # SDPA mask below); H_kv < H heads are shared by groups of H / H_kv query heads (GQA), as enable_gqa does.
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
-    gqa = q.shape[1] != k.shape[1]
     if q_len == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if q_len == k_len:
@@ -147,19 +163,20 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         adapter: str | None,
         input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows) at the positions of
-        cos/sin [S, D]. With input_pos [S] (their positions) the keys/values go into the layer's cache and
-        the queries see every cached position before theirs (a question's memory prefix is already there).
-        Returns [B, n_query, d]."""
+        cos/sin [S, D] (or [B, 1, S, D]). With input_pos [S] (their cache slots) the keys/values go into the
+        layer's cache and the queries see every cached slot before theirs (a question's memory prefix is
+        already there), or what `mask` [B, 1, n_query, end] shows. Returns [B, n_query, d]."""
         B, S, _ = h.shape
         q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.project_kv(h, adapter)
-        q = apply_rope(q, cos[-n_query:], sin[-n_query:])  # [B, H, n_query, D]
+        q = apply_rope(q, cos[..., -n_query:, :], sin[..., -n_query:, :])  # [B, H, n_query, D]
         k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, end, D]
-        y = attend(q, k, v).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
+        y = attend(q, k, v, mask).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
         return self.o_proj(y, adapter)
 
 
@@ -193,8 +210,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         adapter: str | None,
         input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d]."""
-        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, input_pos)
+        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, input_pos, mask)
         x = h[:, -n_query:] + attn
         return x + self.mlp(self.post_attention_layernorm(x), adapter)

@@ -7,13 +7,16 @@ key and its birth (its age minus the LTM's aging clock), immutable from then on.
 entry ids, so a merge moves ids, never rows or keys; retrieval reads keys (and, for scores computed from
 the rows themselves, rows) one batch at a time, and gathers only the rows it picks.
 
-All of it lives on the CPU; only the rows retrieved for a question move to the model's device. Tensor
-names of `to_tensors` follow the authors' checkpoint keys (`ltm.{l}`, ...).
+All of it lives on the CPU. A model on a GPU also keeps a `KeyMirror` of the bank's keys on the device (derived
+data: built and extended as questions need it, never saved), scores there, and moves only the retrieved rows.
+Tensor names of `to_tensors` follow the authors' checkpoint keys (`ltm.{l}`, ...).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,6 +86,54 @@ class Growing:
 Part = tuple[Source, Source, Source]  # row ids [c], births [c], keys [c, s]: tensors or FileArrays
 
 
+@dataclass
+class MirrorStorage:
+    """Device rows [capacity, s] that mirrors share: rows below `filled` are written once and never change."""
+
+    data: torch.Tensor
+    filled: int
+
+
+class KeyMirror:
+    """The keys [count, s] of a bank's entries 0..count-1 on a device, in storage that grows geometrically
+    (appends cost O(new) amortized). Clones share the storage copy-on-write: only a mirror whose count is the
+    storage's `filled` mark appends in place; any other copies its rows to new storage first, so no mirror sees
+    or overwrites another's appended rows."""
+
+    def __init__(self, storage: MirrorStorage, count: int):
+        self.storage, self.count = storage, count
+
+    @classmethod
+    def empty(cls, width: int, device: torch.device, dtype: torch.dtype) -> KeyMirror:
+        return cls(MirrorStorage(torch.empty(0, width, device=device, dtype=dtype), 0), 0)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.storage.data[: self.count]
+
+    def holds(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return self.storage.data.device == device and self.storage.data.dtype == dtype
+
+    def share(self, count: int | None = None) -> KeyMirror:
+        """A mirror of the first `count` rows (default: all of them) on the same storage."""
+        return KeyMirror(self.storage, self.count if count is None else count)
+
+    def extend(self, bank: EntryBank) -> None:
+        """Upload the keys of the bank's entries count..len(bank)-1, a scan batch at a time."""
+        start, end = self.count, len(bank)
+        if end == start:
+            return
+        data = self.storage.data
+        if start != self.storage.filled or end > data.shape[0]:  # another mirror wrote past our rows, or full
+            grown = data.new_empty(max(end + start, 1024), data.shape[1])  # a first build (start 0): no spare rows
+            grown[:start] = self.value
+            self.storage = MirrorStorage(grown, start)
+        data = self.storage.data
+        for positions, keys in bank.scan_keys(torch.arange(start, end)):  # keys [b, s] on the CPU
+            data.index_copy_(0, (start + positions).to(data.device), keys.to(data.dtype).to(data.device))
+        self.count = self.storage.filled = end
+
+
 def read(source: Source, index: torch.Tensor) -> torch.Tensor:
     return source.read(index) if isinstance(source, FileArray) else source[index]
 
@@ -106,6 +157,8 @@ class EntryBank:
         self.tail = (Growing(torch.empty(0, dtype=torch.int64)), Growing(torch.empty(0, dtype=torch.int64)))
         self.tail += (Growing(keys),)
         self.aged = aged  # tokens every LTM row has aged by since this bank's clock started
+        self.mirror: KeyMirror | None = None  # the keys on a device (see device_keys)
+        self.cloned_from: tuple[weakref.ref[EntryBank], int] | None = None  # (bank, its size then): shares a mirror
 
     def __len__(self) -> int:
         return self.offsets[-1] + self.tail[0].length
@@ -168,6 +221,21 @@ class EntryBank:
                 for start in range(0, local.numel(), batch):
                     yield positions[start : start + batch], source[local[start : start + batch]]
 
+    def device_keys(self, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """[E, s] the keys of entries 0..E-1 on `device` in `dtype`. The mirror behind it uploads only the entries
+        added since the last call; a clone starts from the mirror of the bank it was cloned from (built there
+        first if need be), whose storage it shares until it appends."""
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        if self.mirror is None or not self.mirror.holds(device, dtype):
+            origin = None if self.cloned_from is None else self.cloned_from[0]()
+            if origin is None:
+                self.mirror = KeyMirror.empty(self.key_width, device, dtype)
+            else:
+                origin.device_keys(device, dtype)
+                self.mirror = origin.mirror.share(self.cloned_from[1])
+        self.mirror.extend(self)
+        return self.mirror.value
+
     def scan_rows(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(positions [b], rows [b, d]) of the entries ids [m], a batch at a time (in storage order)."""
         return self.rows.scan(self.row_ids(ids), batch)
@@ -198,9 +266,12 @@ class EntryBank:
         return self.parts + ([tail] if tail[0].numel() else [])
 
     def clone(self) -> EntryBank:
-        """A bank sharing the read-only parts, with its own tail and its own copy of the row space."""
+        """A bank sharing the read-only parts and the device mirror (copy-on-write), with its own tail and its own
+        copy of the row space."""
         bank = EntryBank(self.rows.clone(), self.key_width, self.key_dtype, self.parts, self.aged)
         bank.tail = tuple(part.clone() for part in self.tail)
+        bank.mirror = None if self.mirror is None else self.mirror.share()
+        bank.cloned_from = weakref.ref(self), len(self)
         return bank
 
 

@@ -6,7 +6,7 @@ What a model writes and how it evicts are policies it is built with: the authors
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,7 +54,10 @@ class WritePolicy(Protocol):
     def prepare(self, model: MemoryLLM) -> None:
         """Fill the parameters the policy derives from the weights (called once they are in place)."""
 
-    def delta(self, model: MemoryLLM, ids: torch.Tensor, state: MemoryState, like_authors: bool) -> torch.Tensor: ...
+    def delta(
+        self, model: MemoryLLM, ids: torch.Tensor, states: Sequence[MemoryState], like_authors: bool
+    ) -> torch.Tensor:
+        """New rows [B, L, k, d] for contexts ids [B, n] (context i written into states[i])."""
 
 
 class EvictionPolicy(Protocol):
@@ -81,35 +84,40 @@ class TrainedDelta:
 
     @torch.no_grad()
     def delta(
-        self, model: MemoryLLM, ids: torch.Tensor, state: MemoryState, like_authors: bool = False
+        self, model: MemoryLLM, ids: torch.Tensor, states: Sequence[MemoryState], like_authors: bool = False
     ) -> torch.Tensor:
-        """New rows [L, k, d] for a context ids [n] (k = K, or min(n, K) before initialization). The last
-        max(n, K) rows are queries (P = bos + min(n, K)). The last layer computes only the K delta rows and
-        nothing is cached, unless `like_authors`: then every layer computes all its query rows, a KV cache
-        is filled and the logits of the n tokens are computed and thrown away, as the authors' injection does."""
+        """New rows [B, L, k, d] for contexts ids [B, n], context i written into states[i] (k = K, or min(n, K)
+        before initialization). The last max(n, K) rows are queries (P = bos + min(n, K)). The last layer
+        computes only the K delta rows and nothing is cached, unless `like_authors`: then every layer
+        computes all its query rows, a KV cache is filled and the logits of the n tokens are computed and
+        thrown away, as the authors' injection does."""
+        initialized = {state.initialized for state in states}
+        if len(initialized) > 1:
+            raise ValueError("a batch of contexts is written into memories that are all initialized, or none")
+        initialized = initialized.pop()
         K = model.cfg.num_tokens
-        x = model.model.embed_tokens(ids.to(model.device))[None]  # [1, n, d]
-        n = x.shape[1]
-        memory_block = K if state.initialized else 0
+        x = model.model.embed_tokens(ids.to(model.device))  # [B, n, d]
+        B, n = ids.shape
+        memory_block = K if initialized else 0
         length = model.n_bos * (memory_block > 0) + memory_block + n
         cos, sin = model.cos_sin(torch.arange(length))
-        n_query = max(n, K) if state.initialized else n
+        n_query = max(n, K) if initialized else n
         last, positions = model.cfg.num_layers - 1, torch.arange(length) if like_authors else None
         deltas = []
-        with model.caches(1, length) if like_authors else nullcontext():
+        with model.caches(B, length) if like_authors else nullcontext():
             for layer, block in enumerate(model.model.layers):
                 parts = [x]
-                if state.initialized:
-                    parts.insert(0, model.with_bos(layer, state.memory[layer, -K:])[None])
-                h = torch.cat(parts, dim=1)  # [1, bos + K + n, d] (a fresh tensor: safe to add into)
+                if initialized:
+                    parts.insert(0, torch.stack([model.with_bos(layer, s.memory[layer, -K:]) for s in states]))
+                h = torch.cat(parts, dim=1)  # [B, bos + K + n, d] (a fresh tensor: safe to add into)
                 h[:, -K:] += model.new_memory_positional_emb
                 queries = min(n_query, K) if layer == last and not like_authors else n_query
-                out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [1, queries, d]
-                deltas.append(out[0, -K:])
+                out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [B, queries, d]
+                deltas.append(out[:, -K:])
                 x = out[:, -n:]
         if like_authors:
-            model.logits(model.model.norm(x))  # [1, n, V], unused
-        return torch.stack(deltas)  # [L, k, d]
+            model.logits(model.model.norm(x))  # [B, n, V], unused
+        return torch.stack(deltas, dim=1)  # [B, L, k, d]
 
 
 class RandomRows:
@@ -294,26 +302,36 @@ class MemoryLLM(nn.Module):
             rope_into(kv[0:1], cos, sin, k_out[:, :, start : start + r])
             v_out[:, :, start : start + r] = kv[1:2]
 
-    def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool) -> None:
-        """Put the keys/values of the question prefix [bos, retrieved LTM rows, memory] at positions 0..P-1
-        of the layer's cache (x [B, n, d]: the question's layer input, for M+ retrieval). With `reuse` (and
-        batch 1) the cache adopts the state's memory buffers; otherwise every row is recomputed, as the
-        authors do."""
+    def prefix_kv(
+        self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool, capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [1, H_kv, >= P, D] of the question prefix [bos, retrieved LTM rows, memory] at positions
+        0..P-1 for `layer` (x [B, n, d]: the question's layer input, for M+ retrieval). With `reuse` the
+        state's cached memory buffers (room for `capacity` positions) with the retrieved rows written in;
+        otherwise every row is recomputed, as the authors do."""
         P, b = self.prefix_length(state), self.n_bos
-        cache = self.model.layers[layer].self_attn.kv_cache
         extra = self.ltm_prefix_rows(layer, state, x)  # [T', d] or None
-        if reuse and cache.batch == 1:
-            k, v = self.memory_kv(layer, state, cache.max_len)
+        if reuse:
+            k, v = self.memory_kv(layer, state, capacity)
             if extra is not None:
                 T = extra.shape[0]
                 k[:, :, b : b + T], v[:, :, b : b + T] = self.rotated_kv(layer, extra, torch.arange(b, b + T))
-            cache.adopt(k, v)
-            return
+            return k, v
         parts = [] if extra is None else [extra.to(self.dtype)]
         rows = self.with_bos(layer, torch.cat([*parts, state.memory[layer].to(self.dtype)]))  # [P, d]
-        k, v = self.rotated_kv(layer, rows, torch.arange(P))  # [1, H_kv, P, D]
+        return self.rotated_kv(layer, rows, torch.arange(P))  # [1, H_kv, P, D]
+
+    def fill_prefix(self, layer: int, state: MemoryState, x: torch.Tensor, reuse: bool) -> None:
+        """Put the question prefix at positions 0..P-1 of the layer's cache (see `prefix_kv`): a batch of one
+        adopts the state's memory buffers as they are, a batch of questions gets a copy each."""
+        cache = self.model.layers[layer].self_attn.kv_cache
+        reuse = reuse and cache.batch == 1
+        k, v = self.prefix_kv(layer, state, x, reuse, cache.max_len)
+        if reuse:
+            cache.adopt(k, v)
+            return
         B = x.shape[0]
-        cache.update(torch.arange(P), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+        cache.update(torch.arange(k.shape[2]), k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
 
     @contextmanager
     def caches(self, batch: int, max_len: int) -> Iterator[None]:
@@ -365,19 +383,48 @@ class MemoryLLM(nn.Module):
             hidden.append(x)
         return ForwardOutput(logits=self.logits(x[:, -1:] if last_only else x), hidden_states=hidden)
 
+    @torch.no_grad()
+    def forward_states(
+        self,
+        ids: torch.Tensor,
+        states: Sequence[MemoryState],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        pads: Sequence[int] | None = None,
+        reuse_memory_kv: bool = True,
+    ) -> torch.Tensor:
+        """Last-position logits [B, V] of ids [B, n], element i read against states[i], inside `caches()`
+        (see generate.generate_batch for the layout). The tokens go to the cache slots `slots` [n] at the
+        RoPE positions `positions` [B, n] and see what `mask` [B, 1, n, end] shows. With `pads` (element i's
+        first pads[i] tokens are padding) the call is the prefill: element i's prefix first takes the P_i
+        slots before slots[0]."""
+        x = self.model.embed_tokens(ids.to(self.device))  # [B, n, d]
+        cos, sin = (t[:, None] for t in self.cos_sin(positions))  # [B, 1, n, D]
+        for layer, block in enumerate(self.model.layers):
+            if pads is not None:
+                for i, (state, pad) in enumerate(zip(states, pads, strict=True)):
+                    P = self.prefix_length(state)
+                    k, v = self.prefix_kv(layer, state, x[i : i + 1, pad:], reuse_memory_kv, P + 1)
+                    block.self_attn.kv_cache.put(i, int(slots[0]) - P, k[:, :, :P], v[:, :, :P])
+            x = block(x, x.shape[1], cos, sin, self.decoder_adapter(), slots.to(self.device), mask)
+        return self.logits(self.model.norm(x[:, -1]))  # [B, V]
+
     # -- writing: injection ----------------------------------------------------------------------
     @torch.no_grad()
     def layer_inputs(self, ids: torch.Tensor) -> torch.Tensor:
-        """[L, n, d]: the input of every layer at each position of the plain prompt ids [n] (no memory)."""
-        x = self.model.embed_tokens(ids.to(self.device))[None]  # [1, n, d]
+        """The input of every layer at each position of the plain prompt ids (no memory): [L, n, d] for ids
+        [n], [B, L, n, d] for a batch ids [B, n]."""
+        x = self.model.embed_tokens(ids.to(self.device).view(-1, ids.shape[-1]))  # [B, n, d]
         n = x.shape[1]
         cos, sin = self.cos_sin(torch.arange(n))
         inputs = []
         for layer, block in enumerate(self.model.layers):
-            inputs.append(x[0])
+            inputs.append(x)
             if layer < self.cfg.num_layers - 1:  # the last layer's output is never needed
                 x = block(x, n, cos, sin, None)
-        return torch.stack(inputs)
+        stacked = torch.stack(inputs, dim=1)  # [B, L, n, d]
+        return stacked if ids.dim() == 2 else stacked[0]
 
     @torch.no_grad()
     def compute_delta(self, ids: torch.Tensor, state: MemoryState, like_authors: bool = False) -> torch.Tensor:
@@ -385,7 +432,18 @@ class MemoryLLM(nn.Module):
         the authors' slower procedure, for baselines)."""
         if ids.dim() != 1 or ids.numel() == 0:
             raise ValueError("inject takes one non-empty 1-D sequence of token ids")
-        return self.write.delta(self, ids, state, like_authors)
+        return self.write.delta(self, ids[None], [state], like_authors)[0]
+
+    @torch.no_grad()
+    def inject_batch(self, states: Sequence[MemoryState], ids: torch.Tensor) -> list[InjectResult]:
+        """Write context ids[i] [n] into states[i] (in place), the new rows of all computed in one batch."""
+        if ids.dim() != 2 or ids.numel() == 0 or ids.shape[0] != len(states):
+            raise ValueError("inject_batch takes ids [B, n] with one state per row")
+        deltas = self.write.delta(self, ids, states, False)  # [B, L, k, d]
+        results = [self.update_memory(state, delta) for state, delta in zip(states, deltas, strict=True)]
+        for state, result in zip(states, results, strict=True):
+            self.count_injection(state, result, ids.shape[1])
+        return results
 
     @torch.no_grad()
     def update_memory(

@@ -15,14 +15,16 @@ from .ltm import LongTermMemory
 from .memory import MemoryState, stm_rows
 from .memoryllm import EvictionPolicy, InjectResult, MemoryLLM, WritePolicy
 
+SCORE_ROWS = 1 << 16  # candidates scored per batch on a device: a [65536, s] float32 copy of their keys
+
 
 @dataclass
 class Retrieval:
     """The LTM rows one layer placed after bos for a question."""
 
-    rows: torch.Tensor  # [T, d] CPU, oldest first
-    indices: torch.Tensor  # [T] their candidate indices (LTM rows 0..n-1, then cached rows n..), same order
-    scores: torch.Tensor | None  # [n + C] float32 score of every candidate; None on the tiled path
+    rows: torch.Tensor  # [T, d] oldest first; CPU, or the model's device when scored there (Selectors)
+    indices: torch.Tensor  # [T] CPU: their candidate indices (LTM rows 0..n-1, then cached rows n..), same order
+    scores: torch.Tensor | None  # [n + C] CPU float32 score of every candidate; None on the tiled path
     num_ltm: int  # n: candidates that are LTM rows (the rest are cached dropped rows)
     row_ids: torch.Tensor  # [T] the rows' ids (see MemoryState), same order
 
@@ -41,6 +43,17 @@ def order_oldest_first(ages: torch.Tensor) -> torch.Tensor:
     """Permutation of ages [T] from oldest to newest; among equal ages the later entry comes first
     (a stable ascending sort, reversed)."""
     return ages.argsort(stable=True).flip(0)
+
+
+def device_scores(q: torch.Tensor, keys: torch.Tensor, entries: torch.Tensor, batch: int = SCORE_ROWS) -> torch.Tensor:
+    """Scores [m] float32 = mean over queries of sigmoid(q . key) for the rows entries [m] of keys [E, s] (any
+    dtype), with q [n_q, s] float32, all on one device; `batch` rows at a time, so the float32 copy of the keys
+    holds at most [batch, s]."""
+    scores = torch.empty(entries.numel(), device=q.device)
+    for start in range(0, entries.numel(), batch):
+        chosen = keys[entries[start : start + batch]].float()  # [b, s]
+        scores[start : start + batch] = torch.sigmoid(q @ chosen.T).mean(0)
+    return scores
 
 
 def tiled_indices(n: int, T: int) -> torch.Tensor:
@@ -77,6 +90,7 @@ class Selectors:
     recall frequencies decay and rarely read rows are pruned (docs/algorithm.md §6.3-§6.5)."""
 
     stm_rows_age = False  # the released code never ages short-term rows (docs/algorithm.md §6.3)
+    device_scoring: bool | None = None  # score on the model's device; None: when the model is not on the CPU
 
     def attach(self, model: MPlus) -> None:
         for block in model.model.layers:  # under self_attn, as in the authors' state dict
@@ -105,31 +119,54 @@ class Selectors:
         block = model.model.layers[layer]
         return block.self_attn.query_proj(block.input_layernorm(h))
 
+    def scores_on_device(self, model: MPlus) -> bool:
+        """Whether retrieval scores on the model's device (from the bank's device keys) rather than on the CPU."""
+        return model.device.type != "cpu" if self.device_scoring is None else self.device_scoring
+
     @torch.no_grad()
     def retrieve(self, model: MPlus, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
         """The T LTM rows for a question whose states entering `layer` are h [n, d] (docs/algorithm.md §6.5).
 
         Fewer than T LTM rows: all of them, repeated (the cache is ignored). Otherwise the T candidates
-        (LTM rows, then cached dropped rows) with the highest mean sigmoid(query . key), scored in
-        float32 on the CPU. Either way the rows are ordered oldest first.
+        (LTM rows, then cached dropped rows) with the highest mean sigmoid(query . key), scored in float32:
+        on the CPU over the bank's keys, or on the model's device over their mirror there (`scores_on_device`),
+        only the T chosen indices coming back. Either way the rows are ordered oldest first; on the device path
+        they are gathered into pinned memory and sent to the device without waiting.
         """
-        ltm = state.ltm
+        ltm, on_device = state.ltm, self.scores_on_device(model)
         n, T = len(ltm.layers[layer]), model.retrieved_rows
         if n == 0:
             raise ValueError(f"layer {layer} has an empty long-term memory: M+ needs at least one LTM row")
+        entries = ltm.candidate_entries(layer)  # [n + C]: LTM rows, then cached rows
+        pinned = on_device and model.device.type == "cuda"
         if n < T:
             chosen, scores = tiled_indices(n, T), None
+        elif on_device:
+            q = self.queries(model, layer, h).float()  # [n_q, s]
+            keys = ltm.bank.device_keys(model.device, self.device_key_dtype(model))  # [E, s]
+            on = device_scores(q, keys, entries.to(model.device))  # [n + C]
+            scores = torch.empty(on.shape, pin_memory=pinned)
+            scores.copy_(on, non_blocking=pinned)
+            chosen = on.topk(T).indices.sort().values.cpu()  # [T]; waits for the scores' copy too
         else:
             q = self.queries(model, layer, h).float().cpu()  # [n_q, s]
-            entries = ltm.candidate_entries(layer)  # [n + C]: LTM rows, then cached rows
             scores = torch.empty(entries.numel())
             for positions, keys in ltm.bank.scan_keys(entries):  # keys [b, s], a batch at a time
                 scores[positions] = torch.sigmoid(q @ keys.float().T).mean(0)
             chosen = scores.topk(T).indices.sort().values  # [T]
-        rows, ages = ltm.candidates(layer, chosen)
-        order = order_oldest_first(ages)
-        row_ids = ltm.bank.row_ids(ltm.candidate_entries(layer)[chosen[order]])
-        return Retrieval(rows=rows[order], indices=chosen[order], scores=scores, num_ltm=n, row_ids=row_ids)
+        picked = entries[chosen]  # [T] entry ids
+        order = order_oldest_first(ltm.bank.ages(picked))
+        row_ids = ltm.bank.row_ids(picked[order])
+        rows = ltm.rows.gather(row_ids, out=torch.empty(T, ltm.rows.width, dtype=ltm.rows.dtype, pin_memory=pinned))
+        if on_device:
+            rows = rows.to(model.device, non_blocking=pinned)
+        return Retrieval(rows=rows, indices=chosen[order], scores=scores, num_ltm=n, row_ids=row_ids)
+
+    @staticmethod
+    def device_key_dtype(model: MPlus) -> torch.dtype:
+        """bfloat16 keys on the device; float32 for a float32 model, whose GPU replay of the parity fixtures
+        keeps the CPU's tolerances."""
+        return torch.float32 if model.dtype == torch.float32 else torch.bfloat16
 
     @torch.no_grad()
     def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:

@@ -87,14 +87,15 @@ class Origins:
 
 
 @contextlib.contextmanager
-def retrievals(model) -> Iterator[dict[int, torch.Tensor]]:
-    """{layer: row ids [T]} of what each layer's M+ retrieval reads inside the block (the latest question's)."""
-    read: dict[int, torch.Tensor] = {}
+def retrievals_by_state(model) -> Iterator[dict[int, dict[int, torch.Tensor]]]:
+    """{id(state): {layer: row ids [T]}} of what each layer's M+ retrieval reads inside the block, for every
+    state a question reads (the latest question's of each: a batch reads several states at once)."""
+    read: dict[int, dict[int, torch.Tensor]] = {}
     retrieve = model.retrieve
 
     def recorded(layer, state, h):
         found = retrieve(layer, state, h)
-        read[layer] = found.row_ids
+        read.setdefault(id(state), {})[layer] = found.row_ids
         return found
 
     model.retrieve = recorded
@@ -102,6 +103,17 @@ def retrievals(model) -> Iterator[dict[int, torch.Tensor]]:
         yield read
     finally:
         del model.retrieve
+
+
+@contextlib.contextmanager
+def retrievals(model) -> Iterator[dict[int, torch.Tensor]]:
+    """{layer: row ids [T]} of what each layer's M+ retrieval reads inside the block (the latest question's),
+    filled when the block ends."""
+    read: dict[int, torch.Tensor] = {}
+    with retrievals_by_state(model) as by_state:
+        yield read
+    for layers in by_state.values():
+        read.update(layers)
 
 
 def share(origins: Origins, ids: torch.Tensor, wanted: torch.Tensor) -> float:

@@ -33,19 +33,19 @@ def _llama3_smoothing(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 def rope_angles(rope: RopeConfig, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[S, head_dim/2] angles for integer positions [S], computed in float32 as the authors do."""
+    """[..., S, head_dim/2] angles for integer positions [..., S], computed in float32 as the authors do."""
     p = positions.to(inv_freq.device).float()
     if rope.kind == "linear":
         p = p / rope.factor  # divide the positions, not inv_freq: bit-exact with the authors' 8B
     elif rope.kind == "interpolated":
         p = p * torch.tensor(rope.position_scale, dtype=torch.float32)
-    return p[:, None] * inv_freq[None, :]
+    return p[..., None] * inv_freq
 
 
 def cos_sin(
     rope: RopeConfig, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [S, head_dim] for `positions`, cast to the activation dtype."""
+    """cos/sin tables [..., S, head_dim] for `positions` [..., S], cast to the activation dtype."""
     angles = rope_angles(rope, inv_freq, positions)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -57,7 +57,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, S, D]; cos/sin: [S, D]."""
+    """x: [B, H, S, D]; cos/sin: [S, D] or [B, 1, S, D] (positions per batch element)."""
     return x * cos + rotate_half(x) * sin
 
 

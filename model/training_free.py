@@ -24,6 +24,8 @@ exactly what the layer itself attends to when the text is in the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -94,13 +96,13 @@ class LayerInputs:
 
     @torch.no_grad()
     def delta(
-        self, model: MemoryLLM, ids: torch.Tensor, state: MemoryState, like_authors: bool = False
+        self, model: MemoryLLM, ids: torch.Tensor, states: Sequence[MemoryState], like_authors: bool = False
     ) -> torch.Tensor:
-        """New rows [L, k, d]: the layer inputs of the chunk ids [k] in the prompt [bos, ids]."""
+        """New rows [B, L, k, d]: the layer inputs of each chunk ids[i] [k] in the prompt [bos, ids[i]]."""
         if like_authors:
             raise ValueError("the authors' procedure writes trained delta rows: not a training-free model's")
-        bos = torch.tensor([model.cfg.bos_token_id], dtype=ids.dtype, device=ids.device)
-        return model.layer_inputs(torch.cat([bos, ids]))[:, 1:]
+        bos = torch.full((ids.shape[0], 1), model.cfg.bos_token_id, dtype=ids.dtype, device=ids.device)
+        return model.layer_inputs(torch.cat([bos, ids], dim=1))[:, :, 1:]
 
 
 class RandomBlocks:

@@ -268,6 +268,14 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
 ]
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=256,
+        help="Samples run at once: B memories written and asked in one batch (clean protocol; same results).",
+    ),
+]
 ChatOpt = Annotated[
     bool | None,
     typer.Option(
@@ -297,6 +305,7 @@ def bench_retention(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    batch_size: BatchOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Recall of an injected fact as a function of the tokens injected after it.
@@ -327,6 +336,7 @@ def bench_retention(
         data_dir=data_dir,
         chat=chat,
         tokenizer=tokenizer,
+        batch_size=batch_size,
     )
     config = retention_config(plan)
     check_output(plan, resume)
@@ -367,6 +377,7 @@ class RetentionPlan:
     data_dir: Path | None
     chat: bool | None
     tokenizer: str | None
+    batch_size: int = 1
 
     @property
     def run_dir(self) -> Path:
@@ -395,6 +406,7 @@ def plan_retention(
     data_dir: Path | None,
     chat: bool | None,
     tokenizer: str | None,
+    batch_size: int = 1,
 ) -> RetentionPlan:
     """The run that bench retention's options describe, in the launch that started this process; one-line
     usage errors for options that do not make one."""
@@ -412,6 +424,10 @@ def plan_retention(
         raise UsageError(f"{how} needs --protocol clean: the authors protocol carries memory from sample to sample")
     if len(set(models)) < len(models):
         raise UsageError("a --model is given twice")
+    if proto.carry_memory and batch_size > 1:
+        raise UsageError(
+            "--batch-size needs --protocol clean: the authors protocol carries memory from sample to sample"
+        )
     target = pick_device(device, launch.local_rank)
     suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 and not launch.launcher else ""
     return RetentionPlan(
@@ -432,6 +448,7 @@ def plan_retention(
         data_dir=data_dir,
         chat=chat,
         tokenizer=tokenizer,
+        batch_size=batch_size,
     )
 
 
@@ -483,6 +500,7 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
             "chat": "auto" if plan.chat is None else plan.chat,  # as given; model_details: each model's choice
         },
         "output_path": str(plan.run_dir),
+        "batch_size": plan.batch_size,
         "launcher": plan.launch.launcher or None,
         "device": describe(plan.device),
         "versions": versions(),
@@ -596,6 +614,7 @@ def run_models(
                 on_status=lambda text: bar.update(task, description=text),
                 on_tokens=pace.on_tokens,
                 on_sample=pace.on_sample,
+                batch_size=plan.batch_size,
             )
             predictions = [r["prediction"] for r in log.rows if r["model"] == name and r["sample_id"] in planned]
             warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))

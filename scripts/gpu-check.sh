@@ -25,9 +25,9 @@ deadline=$((SECONDS + 460))  # the steps' share of the 8 minutes; the report tak
 
 if [ "$device" = cuda ]; then
     shape=8b matmul="--size 8192 --repeats 50" ltm=10000 sweep="--max-distance 16k --limit 16"
-    speed="--ltm-rows 10000,40000 --repeats 2"
+    speed="--ltm-rows 10000,40000 --repeats 2" sizes=10000,40000
 else  # the rehearsal: the same steps, CPU sized
-    shape=tiny matmul="--size 512 --repeats 5" ltm=64 sweep="--max-distance 1k --limit 4" speed="--repeats 1"
+    shape=tiny matmul="--size 512 --repeats 5" ltm=64 sweep="--max-distance 1k --limit 4" speed="--repeats 1" sizes=64,256
 fi
 
 # step NAME SECONDS STDOUT COMMAND...: run COMMAND within SECONDS (less if the deadline is nearer), its stdout
@@ -73,6 +73,10 @@ step matmul 30 - "$py" scripts/gpu_check.py matmul --device "$device" $matmul --
 step memory 90 - "$py" scripts/gpu_check.py memory --device "$device" --shape "$shape" --ltm-rows "$ltm" \
     --out "$work/memory.json"
 step retention 60 - bash -c retention
+step retrieval 60 - "$py" scripts/gpu_check.py retrieval --device "$device" --shape "$shape" --ltm-sizes "$sizes" \
+    --out "$work/retrieval.json"
+step kernels 30 - "$py" -m pytest -q -rs -p no:cacheprovider tests/test_model/test_attention_kernels.py \
+    tests/test_model/test_device_retrieval.py tests/test_model/test_batch.py
 step speed 240 "$work/speed.json" "$py" -m mplus_cli bench speed --shape "$shape" --device "$device" $speed --json
 timeout 15 "$py" scripts/gpu_check.py report --work "$work" --shape "$shape" --out "$out/gpu-check.json" >>"$log" 2>&1
 echo "wrote $out/gpu-check.json and $out/gpu-check.log ($SECONDS s)"

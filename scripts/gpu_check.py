@@ -6,6 +6,8 @@ the parts, `mplus bench speed`'s JSON and the retention run into one document.
   matmul         the bf16 matmul peak: --size^3 matmuls timed with CUDA events
   memory         peak GPU memory of one inject and one question on the random models of --shape, beside the
                  paper's figures
+  retrieval      M+ retrieval per layer with the keys scored on --device (their bf16 mirror) vs on the CPU, for
+                 random LTMs of the shape's layout at --ltm-sizes rows per layer
   report         gpu-check.json: the parts, the inject throughput as a fraction of the matmul peak, the verdict
 
 On a CPU every part runs too (small sizes, no GPU memory figures): the tests run it so.
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,64 @@ def measure_peak(config: dict[str, Any], shape, device: torch.device, ltm_rows: 
     return None if peak is None else round(peak, 2), len(chunk) / seconds
 
 
+# -- M+ retrieval: device vs CPU ----------------------------------------------------------------------------
+def retrieval_speed(shape_name: str, device: torch.device, sizes: list[int], repeats: int) -> dict[str, Any]:
+    """Seconds per layer of one question's M+ retrieval (bf16 model) with the keys scored on `device` (the bank's
+    key mirror there, built once and timed apart) vs on the CPU, at each LTM size (rows per layer, plus half a
+    merge cycle of cached rows), and whether both picked the same rows. The random model has the shape's layers,
+    hidden and selector sizes but a small MLP and vocabulary, which retrieval never reads."""
+    from tasks import speed as sp
+    from tasks.random_models import first_rows, random_ltm, random_model_with_memory
+
+    shape = sp.SHAPES[shape_name]
+    small = {"intermediate_size": 256, "vocab_size": 256}
+    model = random_model_with_memory(shape.mplus | small, device, torch.bfloat16)
+    cfg = model.cfg
+    cached = cfg.num_tokens * (cfg.update_ltm_frequency // 2)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(shape.prompt_tokens, cfg.hidden_size, generator=g).to(device, model.dtype)  # [n_q, d]
+    out: dict[str, Any] = {"shape": shape_name, "device": str(device), "prompt_tokens": shape.prompt_tokens}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        ltm = random_ltm(model, max(sizes), cached, Path(tmp))
+        dtype = model.retrieval.device_key_dtype(model)
+        build = seconds_per_call(lambda: ltm.bank.device_keys(model.device, dtype), device, repeats=1, warmup=0)
+        mib = len(ltm.bank) * cfg.selector_hidden_dim * dtype.itemsize / 2**20
+        out["mirror"] = {"entries": len(ltm.bank), "dtype": str(dtype)[6:], "mib": round(mib, 1), "build_s": build}
+        out["sizes"] = []
+        for n in sizes:
+            state = replace(model.initial_state, ltm=first_rows(ltm, n, cache=True))  # the same bank and mirror
+            (on, device_s), (off, cpu_s) = (timed_retrievals(model, state, h, d, repeats) for d in (True, False))
+            pairs = list(zip(on, off, strict=True))
+            same = sum(torch.equal(a.indices, b.indices) for a, b in pairs)
+            out["sizes"].append(
+                {
+                    "ltm_rows": n,
+                    "cached_rows": cached,
+                    "device_s_per_layer": device_s,
+                    "cpu_s_per_layer": cpu_s,
+                    "speedup": cpu_s / device_s,
+                    "layers_with_the_same_rows": f"{same}/{cfg.num_layers}",
+                    "max_score_diff": max(float((a.scores - b.scores).abs().max()) for a, b in pairs),
+                }
+            )
+    return out
+
+
+def timed_retrievals(model, state, h: torch.Tensor, on_device: bool, repeats: int) -> tuple[list, float]:
+    """Every layer's Retrieval for the question states h, scored on the model's device or on the CPU, and the
+    seconds per layer that takes."""
+    model.retrieval.device_scoring = on_device
+    layers = range(model.cfg.num_layers)
+    try:
+        retrievals = [model.retrieve(layer, state, h) for layer in layers]  # also the warm-up
+        seconds = seconds_per_call(
+            lambda: [model.retrieve(layer, state, h) for layer in layers], model.device, repeats, 0
+        )
+    finally:
+        model.retrieval.device_scoring = None
+    return retrievals, seconds / len(layers)
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def decoder_flop_per_token(config: dict[str, Any]) -> float:
     """2 x the weights of the decoder layers' linear maps (attention q, k, v, o and the MLP): the matmul FLOP
@@ -239,6 +299,7 @@ def report(work: Path, shape_name: str) -> dict[str, Any]:
     steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
     speed, matmul = read_json(work / "speed.json"), read_json(work / "matmul.json")
     parity_part, memory = read_json(work / "parity.json"), read_json(work / "memory.json")
+    retrieval = read_json(work / "retrieval.json")
     figures = [
         {k: f.get(k) for k in ("name", "unit", "optimized", "baseline", "passed")} for f in speed.get("figures", [])
     ]
@@ -249,6 +310,7 @@ def report(work: Path, shape_name: str) -> dict[str, Any]:
         "matmul_bf16": matmul,
         "inject": inject_fraction(speed, memory, matmul, shape_name),
         "memory": memory,
+        "retrieval": retrieval,
         "retention": retention_part(work / "retention"),
         "speed": {"figures": figures, "elapsed_s": speed.get("elapsed_s"), "error": speed.get("error")},
     }
@@ -268,7 +330,7 @@ def machine() -> dict[str, Any]:
 # -- the command line --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("parity", "matmul", "memory", "report"))
+    parser.add_argument("part", choices=("parity", "matmul", "memory", "retrieval", "report"))
     parser.add_argument("fixtures", nargs="*", type=Path, help="parity: fixture directories (default: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
@@ -276,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=50, help="matmul: timed calls")
     parser.add_argument("--shape", default="8b", help="memory, report: the random models' shape")
     parser.add_argument("--ltm-rows", type=int, default=10_000, help="memory: the M+ LTM rows per layer")
+    parser.add_argument("--ltm-sizes", default="10000,40000", help="retrieval: LTM rows per layer, comma-separated")
     parser.add_argument("--work", type=Path, help="report: the directory of the parts")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -286,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         document = matmul_peak(device, args.size, args.repeats)
     elif args.part == "memory":
         document = peak_memory(args.shape, device, args.ltm_rows)
+    elif args.part == "retrieval":
+        sizes = [int(n) for n in args.ltm_sizes.split(",")]
+        document = retrieval_speed(args.shape, device, sizes, min(args.repeats, 3))
     else:
         document = report(args.work, args.shape)
     args.out.write_text(json.dumps(document, indent=1) + "\n")

@@ -29,6 +29,7 @@ PER_SHARD = (
     "versions",
     "model_details",
     "launcher",
+    "batch_size",
     "merged_from",
 )
 MODEL_KEYS = ("fingerprint", "chat", "dtype")  # of each model's details, the same in every shard

@@ -36,7 +36,7 @@ import torch
 
 import model as mp
 from model.chunking import MIN_CHUNK_TOKENS, chunk_sizes
-from model.provenance import retrievals, share, survival
+from model.provenance import retrievals_by_state, share, survival
 from model.rows import FileArray
 from model.tokenizer import chat_ids, decode, encode
 
@@ -401,69 +401,118 @@ class Runner:
         on_status: Callable[[str], None] = lambda text: None,
         on_tokens: Callable[[int], None] = lambda n: None,
         on_sample: Callable[[float], None] = lambda seconds: None,
+        batch_size: int = 1,
     ) -> None:
-        """Skip the units already in the log (dropping incomplete ones first), run the rest in order.
-        on_tokens(n): n distractor tokens injected; on_sample(seconds): a sample's units ran in that time."""
+        """Skip the units already in the log (dropping incomplete ones first), run the rest in order, the
+        memory units of `batch_size` samples at once (clean protocol). on_tokens(n): n distractor tokens
+        injected; on_sample(seconds): a sample's units ran in that time."""
+        if batch_size > 1 and self.sweep.protocol.carry_memory:
+            raise ValueError("the authors protocol carries one memory from sample to sample: use batch size 1")
         n_stages = len(self.planner.stages(samples[0])) if samples else 0
         expected = {MEMORY: n_stages, FULL_CONTEXT: n_stages, CLOSED_BOOK: 1}
         done = self.log.complete_units(self.name, expected)
         carried = self._resume_carried(samples, done) if self.sweep.protocol.carry_memory else None
         if any((sample.id, MEMORY) not in done for sample in samples):
             self.encoded_pool(on_status)  # before the first sample, so that it times a sample alone
-        for index, sample in enumerate(samples):
-            where = f"{self.name} · sample {index + 1}/{len(samples)}"
-            todo = [control for control in (MEMORY, *self.sweep.controls) if (sample.id, control) not in done]
+        for first in range(0, len(samples), batch_size):
+            group = samples[first : first + batch_size]
             start = time.perf_counter()
-            for control in todo:
-                on_status(f"{where} · {control}")
-                if control == CLOSED_BOOK:
-                    self.log.append([self.ask(sample, self.initial, self.planner.question(sample), CLOSED_BOOK)])
-                elif control == FULL_CONTEXT:
-                    self.log.append(self.full_context_unit(sample))
-                else:
-                    fresh = carried is None
-                    state = self.lm.new_state(sample_seed(self.sweep.seed, sample.id), self.dtype) if fresh else carried
-                    pool = self.encoded_pool(on_status) if fresh else None
-                    rows = self.memory_unit(
-                        sample, state, lambda d, at=where: on_status(f"{at} · {format_size(d)}"), pool, on_tokens
-                    )
-                    if fresh:
-                        self.log.append(rows)
-                    else:  # memory first: a crash before the rows are written redoes this sample from after-{index}
-                        self._save_carried(index + 1, carried)
-                        self.log.append(rows)
-                        shutil.rmtree(self._carried_path(index), ignore_errors=True)
-            if todo:
-                on_sample(time.perf_counter() - start)
+            batched = {} if carried is not None else self.batched_memory_units(group, done, first, on_status, on_tokens)
+            shared = (time.perf_counter() - start) / len(group)  # the batch's time, split over its samples
+            for index, sample in enumerate(group, start=first):
+                start = time.perf_counter()
+                todo = [control for control in (MEMORY, *self.sweep.controls) if (sample.id, control) not in done]
+                where = f"{self.name} · sample {index + 1}/{len(samples)}"
+                for control in todo:
+                    on_status(f"{where} · {control}")
+                    if control == MEMORY and sample.id in batched:
+                        self.log.append(batched[sample.id])
+                    elif control == MEMORY:
+                        self.carried_memory_unit(index, sample, carried, where, on_status, on_tokens)
+                    else:
+                        self.control_unit(sample, control)
+                if todo:
+                    on_sample(time.perf_counter() - start + shared)
+
+    def batched_memory_units(
+        self,
+        group: Sequence[Sample],
+        done: set[tuple[str, str]],
+        first: int,
+        on_status: Callable[[str], None],
+        on_tokens: Callable[[int], None],
+    ) -> dict[str, list[dict]]:
+        """{sample id: rows} of the memory units of `group` not done yet, run together from fresh memories."""
+        todo = [sample for sample in group if (sample.id, MEMORY) not in done]
+        if not todo:
+            return {}
+        states = [self.lm.new_state(sample_seed(self.sweep.seed, sample.id), self.dtype) for sample in todo]
+        where = f"{self.name} · sample {first + 1}" + (f"-{first + len(group)}" if len(group) > 1 else "")
+        units = self.memory_units(
+            todo, states, lambda d: on_status(f"{where} · {format_size(d)}"), self.encoded_pool(on_status), on_tokens
+        )
+        return {sample.id: rows for sample, rows in zip(todo, units, strict=True)}
+
+    def carried_memory_unit(
+        self,
+        index: int,
+        sample: Sample,
+        carried: mp.MemoryState,
+        where: str,
+        on_status: Callable[[str], None],
+        on_tokens: Callable[[int], None],
+    ) -> None:
+        """The memory unit of the authors protocol: the memory carried from the samples before, saved before
+        the rows are written (a crash before they are redoes this sample from after-{index})."""
+        rows = self.memory_units(
+            [sample], [carried], lambda d: on_status(f"{where} · {format_size(d)}"), None, on_tokens
+        )
+        self._save_carried(index + 1, carried)
+        self.log.append(rows[0])
+        shutil.rmtree(self._carried_path(index), ignore_errors=True)
+
+    def control_unit(self, sample: Sample, control: str) -> None:
+        if control == CLOSED_BOOK:
+            self.log.append(self.ask([sample], [self.initial], [self.planner.question(sample)], CLOSED_BOOK))
+        else:
+            self.log.append(self.full_context_unit(sample))
 
     # -- the three kinds of unit ---------------------------------------------------------------
-    def memory_unit(
+    def memory_units(
         self,
-        sample: Sample,
-        state: mp.MemoryState,
+        samples: Sequence[Sample],
+        states: Sequence[mp.MemoryState],
         on_distance: Callable[[int], None],
         pool: EncodedPool | None = None,
         on_tokens: Callable[[int], None] = lambda n: None,
-    ) -> list[dict]:
-        """Evidence, then the distractors, asking at every distance; `pool`: the distractors' rows, computed once;
-        on_tokens(n) after each distractor chunk of n tokens."""
-        first = state.attach_rows(pool.file) if pool is not None else 0
-        before = state.injections
-        for chunk in self.planner.evidence(sample):
-            self.lm.inject(state, chunk)
-        evidence = torch.arange(before + 1, state.injections + 1)  # the injections that wrote the evidence
-        after_evidence, rows = state.tokens_injected, []
-        question = self.planner.question(sample)
-        for stage in self.planner.stages(sample):
-            on_distance(stage.distance)
-            for chunk, piece in zip(stage.chunks, stage.pieces or [None] * len(stage.chunks), strict=True):
+    ) -> list[list[dict]]:
+        """Each sample's evidence into its state, then the distractors, asking at every distance (the samples'
+        distractor chunks have the same sizes: they are written, and the questions asked, in one batch);
+        `pool`: the distractors' rows, computed once; on_tokens(n) after each distractor chunk of n tokens."""
+        firsts = [state.attach_rows(pool.file) if pool is not None else 0 for state in states]
+        evidence = []
+        for sample, state in zip(samples, states, strict=True):
+            before = state.injections
+            for chunk in self.planner.evidence(sample):
+                self.lm.inject(state, chunk)
+            evidence.append(torch.arange(before + 1, state.injections + 1))  # the injections that wrote it
+        after_evidence = [state.tokens_injected for state in states]
+        questions = [self.planner.question(sample) for sample in samples]
+        rows: list[list[dict]] = [[] for _ in samples]
+        for stages in zip(*(self.planner.stages(sample) for sample in samples), strict=True):
+            on_distance(stages[0].distance)
+            for j, size in enumerate(len(chunk) for chunk in stages[0].chunks):
                 if pool is None:
-                    self.lm.inject(state, chunk)
+                    self.lm.inject_batch(states, torch.stack([stage.chunks[j] for stage in stages]))
                 else:
-                    self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
-                on_tokens(len(chunk))
-            distance = state.tokens_injected - after_evidence  # measured on the state, not assumed
-            rows.append(self.ask(sample, state, question, MEMORY, distance, stage.n_distractors, evidence))
+                    for state, stage, first in zip(states, stages, firsts, strict=True):
+                        piece = stage.pieces[j]
+                        self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
+                on_tokens(size * len(states))
+            distances = [state.tokens_injected - after for state, after in zip(states, after_evidence, strict=True)]
+            asked = self.ask(samples, states, questions, MEMORY, distances, stages[0].n_distractors, evidence)
+            for sample_rows, row in zip(rows, asked, strict=True):
+                sample_rows.append(row)
         return rows
 
     def full_context_unit(self, sample: Sample) -> list[dict]:
@@ -478,26 +527,42 @@ class Runner:
             chunks = chunks + stage.chunks
             context = torch.cat(chunks).tolist()[-budget:]
             prompt = context + question
-            rows.append(self.ask(sample, no_memory(self.lm), prompt, FULL_CONTEXT, stage.distance, stage.n_distractors))
+            rows += self.ask(
+                [sample], [no_memory(self.lm)], [prompt], FULL_CONTEXT, [stage.distance], stage.n_distractors
+            )
         return rows
 
     def ask(
         self,
-        sample: Sample,
-        state: mp.MemoryState,
-        prompt: list[int],
+        samples: Sequence[Sample],
+        states: Sequence[mp.MemoryState],
+        prompts: Sequence[list[int]],
         control: str,
-        distance: int = 0,
+        distances: Sequence[int] = (0,),
         n_distractors: int = 0,
-        evidence: torch.Tensor | None = None,
-    ) -> dict:
-        """One question's results row; with `evidence` (the injections that wrote it), how much of the
-        evidence the memory held and the question read."""
+        evidence: Sequence[torch.Tensor] | None = None,
+    ) -> list[dict]:
+        """The results rows of questions asked together, sample i's from states[i]; with `evidence` (per
+        sample, the injections that wrote it), how much of it the memory held and the question read.
+        latency_ms is the batch's time over its size."""
         recording = evidence is not None and hasattr(self.lm, "retrieve")
         start = time.perf_counter()
-        with retrievals(self.lm) if recording else contextlib.nullcontext({}) as read:
-            out = mp.generate(self.lm, state, prompt, self.settings)
-        latency_ms = (time.perf_counter() - start) * 1000
+        with retrievals_by_state(self.lm) if recording else contextlib.nullcontext({}) as read:
+            if len(states) == 1:
+                outs = [mp.generate(self.lm, states[0], prompts[0], self.settings)]
+            else:
+                outs = mp.generate_batch(self.lm, states, prompts, self.settings)
+        latency_ms = (time.perf_counter() - start) * 1000 / len(samples)
+        evidence = evidence if evidence is not None else [None] * len(samples)
+        return [
+            self.result_row(sample, out, control, distance, n_distractors, latency_ms)
+            | evidence_survival(state, written, read.get(id(state), {}))
+            for sample, state, out, distance, written in zip(samples, states, outs, distances, evidence, strict=True)
+        ]
+
+    def result_row(
+        self, sample: Sample, out: mp.Generation, control: str, distance: int, n_distractors: int, latency_ms: float
+    ) -> dict:
         prediction = decode(self.lm.tokenizer, out.token_ids)
         metrics = score(prediction, sample.answer)
         return {
@@ -516,7 +581,7 @@ class Runner:
             "f1": round(metrics["f1"], 6),
             "latency_ms": round(latency_ms, 1),
             "seed": self.sweep.seed,
-        } | evidence_survival(state, evidence, read)
+        }
 
     # -- memory carried across samples (authors protocol) ----------------------------------------
     def _carried_path(self, n_samples: int) -> Path:

@@ -64,6 +64,9 @@ SHAPES = {
 }
 
 
+BATCH = 8  # samples per batch in the batched-samples figure
+
+
 # -- measurements -----------------------------------------------------------------------------------
 def measure_inject(model: mp.MemoryLLM, tokens: int, repeats: int) -> Figure:
     """Injection (new rows only) in tokens/s: compute_delta vs the authors' way."""
@@ -99,6 +102,32 @@ def measure_ask(model: mp.MemoryLLM, prompt_tokens: int, new_tokens: int, repeat
         Figure(f"ask time to first token ({rows}, {prompt_tokens}-token prompt)", "s", *ttft, target=5, detail=detail),
         Figure(f"ask decode tok/s ({rows})", "tok/s", *decode, detail=detail),
     ]
+
+
+def measure_batch(model: mp.MemoryLLM, batch: int, workload: Shape, repeats: int) -> Figure:
+    """`batch` samples of a retention sweep (two chunks written into a fresh memory each, then a question)
+    run in one batch (inject_batch, generate_batch) vs one sample at a time (inject, generate)."""
+    V, tokens = model.cfg.vocab_size, workload.inject_tokens
+    chunks = [random_ids(tokens * batch, V, seed).view(batch, tokens) for seed in (1, 2)]  # 2 x [B, tokens]
+    prompts = [random_ids(workload.prompt_tokens, V, seed=10 + i).tolist() for i in range(batch)]
+    settings = mp.DecodeSettings(max_new_tokens=workload.new_tokens)
+
+    def together() -> None:
+        states = [model.new_state(i) for i in range(batch)]
+        for ids in chunks:
+            model.inject_batch(states, ids)
+        mp.generate_batch(model, states, prompts, settings)
+
+    def one_at_a_time() -> None:
+        for i in range(batch):
+            state = model.new_state(i)
+            for ids in chunks:
+                model.inject(state, ids[i])
+            mp.generate(model, state, prompts[i], settings)
+
+    fast, slow = paired(together, one_at_a_time, model.device, repeats)
+    detail = f"inject_batch + generate_batch vs inject + generate per sample ({tokens}-token chunks)"
+    return Figure(f"{batch} samples at once (bench retention --batch-size)", "s", fast, slow, target=1.0, detail=detail)
 
 
 def measure_retrieval(
@@ -175,6 +204,8 @@ def run(
                 figures.append(measure_inject(model, workload.inject_tokens, repeats))
                 log(f"{cfg.kind}: ask")
                 figures += measure_ask(model, workload.prompt_tokens, workload.new_tokens, repeats)
+                log(f"{cfg.kind}: {BATCH} samples at once")
+                figures.append(measure_batch(model, BATCH, workload, repeats))
             if cfg.kind == "mplus":
                 log(f"mplus: an LTM of {sizes[-1]} rows/layer")
                 ltm = random_ltm(model, sizes[-1], cfg.num_tokens * (cfg.update_ltm_frequency // 2), Path(tmp))

@@ -223,3 +223,27 @@ def test_bench_retention_records_the_device_and_dtype(tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["device"].startswith("cpu (") and config["model_details"]["tiny"]["dtype"] == "float32"
+
+
+# -- batched samples -----------------------------------------------------------------------------------------
+def test_a_batch_of_samples_writes_the_rows_of_one_at_a_time(one_process, tmp_path):
+    out = tmp_path / "run"
+    result = mplus("bench", "retention", *RUN, "--model", "tiny-free", "--batch-size", 3, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert rows(out) == rows(one_process)  # 5 samples in batches of 3 and 2, rows in the same order
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 3
+
+
+def test_batched_mplus_samples_retrieve_from_their_own_memories(tmp_path):
+    """M+ retrieves per sample inside a batch: the predictions and the evidence each read are a lone run's."""
+    run = ["--model", "tiny-mplus", "--model", "tiny-free-mplus", "--max-distance", "1k", "--limit", "4"]
+    for size in (1, 4):
+        result = mplus("bench", "retention", *run, "--batch-size", size, "-o", tmp_path / f"b{size}")
+        assert result.exit_code == 0, result.output
+    alone, together = rows(tmp_path / "b1"), rows(tmp_path / "b4")
+    assert together == alone and {row["evidence_retrieved"] != "" for row in alone} == {True}
+
+
+def test_a_batch_cannot_carry_memory_across_samples(tmp_path):
+    result = mplus("bench", "retention", *RUN, "--protocol", "authors", "--batch-size", 2, "-o", tmp_path / "r")
+    assert result.exit_code == 2 and "--batch-size needs --protocol clean" in result.output

@@ -130,8 +130,11 @@ def word_model() -> mp.MemoryLLM:
 
 def test_distances_are_model_tokens_injected_after_the_evidence(word_model, tmp_path, monkeypatch):
     injected: list[list[int]] = []
-    inject = word_model.inject
+    inject, inject_batch = word_model.inject, word_model.inject_batch
     monkeypatch.setattr(word_model, "inject", lambda state, ids: injected.append(ids.tolist()) or inject(state, ids))
+    monkeypatch.setattr(  # the distractors: one batch of chunks per step, a chunk per sample (one sample here)
+        word_model, "inject_batch", lambda states, ids: injected.extend(ids.tolist()) or inject_batch(states, ids)
+    )
     data = qa.synthetic(2, distractor_chars=60_000)
     sweep = Sweep(data, CLEAN, [0, 700, 2000], seed=3)
     log = ResultsLog(tmp_path / "results.csv")
