@@ -676,7 +676,7 @@ class Asking:
         if self.several and self.show:
             sys.stdout.write(f"Q: {question}\nA: ")
         streamer = Streamer(lm.tokenizer, enabled=self.show)
-        with retrievals(lm) if hasattr(lm, "retrieve") else contextlib.nullcontext({}) as read:
+        with retrievals(lm) if isinstance(lm, mp.MPlus) else contextlib.nullcontext({}) as read:
             out = mp.generate(lm, self.state, ids, self.settings, on_token=streamer)
         timing = streamer.timing()
         answer = decode(lm.tokenizer, out.token_ids)

@@ -30,7 +30,7 @@ def random_model_with_memory(
     generator = torch.Generator(device).manual_seed(seed + 1)
     memory = torch.empty(cfg.num_layers, cfg.memory_rows, cfg.hidden_size, device=device, dtype=dtype)
     model.initial_state = mp.MemoryState(memory=memory.normal_(generator=generator))  # [L, N, d]
-    if cfg.kind == "mplus":
+    if isinstance(model, mp.MPlus):
         model.initial_state.memory_ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
     model.info = {"source": f"random {cfg.kind}", "label": UNTRAINED_LABEL}
     return model

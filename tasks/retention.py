@@ -9,7 +9,7 @@ row also records how many distractor chunks that took. Two protocols:
   every question lands exactly on its point. For a model whose write does not read its memory (the
   training-free demo encodes each chunk on its own), each pool chunk's rows are computed once per run and
   reused for every sample and distance (`EncodedPool`).
-- `authors` (official-spec §9.1): memory is carried from sample to sample, the evidence is
+- `authors` (docs/algorithm.md §9.1): memory is carried from sample to sample, the evidence is
   "Context: ..." truncated to 512 tokens, the question "Questions: ... Answer:", 10 new tokens, and the
   same distractor list for every sample (passages concatenated to >= 768 tokens, cut back to 512).
   A question is asked after the first distractor that reaches each point. Decoding stays greedy.
@@ -545,7 +545,7 @@ class Runner:
         """The results rows of questions asked together, sample i's from states[i]; with `evidence` (per
         sample, the injections that wrote it), how much of it the memory held and the question read.
         latency_ms is the batch's time over its size."""
-        recording = evidence is not None and hasattr(self.lm, "retrieve")
+        recording = evidence is not None and isinstance(self.lm, mp.MPlus)
         start = time.perf_counter()
         with retrievals_by_state(self.lm) if recording else contextlib.nullcontext({}) as read:
             if len(states) == 1:

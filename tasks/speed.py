@@ -206,7 +206,7 @@ def run(
                 figures += measure_ask(model, workload.prompt_tokens, workload.new_tokens, repeats)
                 log(f"{cfg.kind}: {BATCH} samples at once")
                 figures.append(measure_batch(model, BATCH, workload, repeats))
-            if cfg.kind == "mplus":
+            if isinstance(model, mp.MPlus):
                 log(f"mplus: an LTM of {sizes[-1]} rows/layer")
                 ltm = random_ltm(model, sizes[-1], cfg.num_tokens * (cfg.update_ltm_frequency // 2), Path(tmp))
                 if model.initial_state.ltm is None:  # a random model: sessions start with the smallest LTM

@@ -21,10 +21,9 @@ from model.rows import FileArray, RowSpace
 CPU, F32 = torch.device("cpu"), torch.float32
 
 
-@pytest.fixture(scope="module")
-def tiny() -> mp.MPlus:
-    torch.set_num_threads(1)
-    return mp.load("tiny-mplus")
+@pytest.fixture
+def tiny(tiny_mplus: mp.MPlus) -> mp.MPlus:
+    return tiny_mplus
 
 
 @pytest.fixture

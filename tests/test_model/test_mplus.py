@@ -15,10 +15,9 @@ from model.parity import replay
 MPLUS_SCENARIOS = ["mplus", "mplus_lora_llama3rope"]
 
 
-@pytest.fixture(scope="module")
-def tiny() -> mp.MPlus:
-    torch.set_num_threads(1)
-    return mp.load("tiny-mplus")
+@pytest.fixture
+def tiny(tiny_mplus: mp.MPlus) -> mp.MPlus:
+    return tiny_mplus
 
 
 @pytest.fixture

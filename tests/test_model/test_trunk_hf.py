@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY
 
 from model.config import config_from_hf
 from model.memory import MemoryState
@@ -28,25 +29,8 @@ LLAMA3_ROPE = {
 
 def plain_config(rope_scaling: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `tiny` preset's shape without LoRA (a MemoryLLM config: float32 inv_freq whatever the rope type)."""
-    return {
-        "architectures": ["MemoryLLM"],
-        "vocab_size": 258,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "rope_scaling": rope_scaling,
-        "max_position_embeddings": 4096,
-        "num_tokens": 16,
-        "num_blocks": 8,
-        "add_decoder_lora": False,
-        "tie_word_embeddings": False,
-    }
+    plain = {key: value for key, value in TINY.items() if key != "lora_config"}
+    return plain | {"rope_scaling": rope_scaling, "add_decoder_lora": False}
 
 
 def hf_config(cfg: dict[str, Any]) -> Any:
