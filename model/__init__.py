@@ -46,6 +46,7 @@ __all__ = [
     "MPlus",
     "Retrieval",
     "build_model",
+    "dispatch",
     "config_from_hf",
     "from_name",
     "generate",
@@ -79,6 +80,7 @@ def load(
     revision: str | None = None,
     tokenizer: bool | str | Path = True,
     rope_inv_freq_dtype: str | None = None,
+    device_map: str | dict[str, int | str] | None = None,
 ) -> MemoryLLM:
     """Load a built-in model (presets `tiny`, `tiny-mplus`; the SmolLM2 demo `smollm2-135m` (M+ flavour),
     `smollm2-135m-memoryllm`; training-free random `tiny-free`, `tiny-free-mplus`), a local checkpoint
@@ -86,8 +88,12 @@ def load(
 
     dtype defaults to float32 on CPU and bfloat16 on CUDA. `tokenizer`: True loads the checkpoint's own
     tokenizer when it has one, a path or hub id loads that one, False skips it. The checkpoint's memory
-    becomes `model.initial_state`; `model.new_state(seed)` gives a working copy.
+    becomes `model.initial_state`; `model.new_state(seed)` gives a working copy. `device_map` ("auto" or
+    {module of the decoder: device}) spreads a model too large for one GPU over several (see `dispatch`).
     """
+    if device_map is not None:  # loaded on the CPU, then spread; bfloat16 by default when there are GPUs
+        dtype = dtype or default_dtype(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return dispatch(load(name_or_path, dtype=dtype, revision=revision, tokenizer=tokenizer), device_map)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     name = str(name_or_path)
@@ -114,4 +120,28 @@ def load(
     model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
     model.info["carried_state"] = (directory / CARRIED_STATE).is_file()  # its drop generator continues
     model.info["storage_dtype"] = model.cfg.raw.get("torch_dtype", "bfloat16")
+    return model
+
+
+def dispatch(model: MemoryLLM, device_map: str | dict[str, int | str]) -> MemoryLLM:
+    """Spread the decoder's layers over several devices with accelerate's `device_map` ("auto": as many
+    layers per GPU as fit; or {"embed_tokens": 0, "layers.0": 0, ..., "norm": 1}); hooks move each layer's
+    input to its device. The bos rows, the memory and the embeddings stay on the first device, the output
+    head goes with the final norm; each layer computes its memory keys/values and KV cache on its own."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError as e:
+        raise ImportError("device_map needs accelerate: pip install accelerate (or the [multi-gpu] extra)") from e
+    decoder = model.model
+    if device_map == "auto":
+        device_map = infer_auto_device_map(decoder, no_split_module_classes=["Block"], dtype=model.dtype)
+    dispatch_model(decoder, device_map=device_map, force_hooks=True)
+    first, last = decoder.embed_tokens.weight.device, decoder.norm.weight.device
+    for name in ("bos_embedding", "new_memory_positional_emb"):
+        parameter = getattr(model, name)
+        if parameter is not None:
+            parameter.data = parameter.data.to(first)
+    if model.lm_head is not None:
+        model.lm_head.to(last)
+    model.initial_state = model.initial_state.to(first, model.initial_state.memory.dtype)
     return model

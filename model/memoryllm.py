@@ -106,14 +106,16 @@ class TrainedDelta:
         deltas = []
         with model.caches(B, length) if like_authors else nullcontext():
             for layer, block in enumerate(model.model.layers):
-                parts = [x]
+                device = model.layer_device(layer)
+                parts = [x.to(device)]
                 if initialized:
-                    parts.insert(0, torch.stack([model.with_bos(layer, s.memory[layer, -K:]) for s in states]))
+                    memory = [model.with_bos(layer, s.memory[layer, -K:].to(device)) for s in states]
+                    parts.insert(0, torch.stack(memory))
                 h = torch.cat(parts, dim=1)  # [B, bos + K + n, d] (a fresh tensor: safe to add into)
-                h[:, -K:] += model.new_memory_positional_emb
+                h[:, -K:] += model.new_memory_positional_emb.to(device)
                 queries = min(n_query, K) if layer == last and not like_authors else n_query
                 out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [B, queries, d]
-                deltas.append(out[:, -K:])
+                deltas.append(out[:, -K:].to(model.device))
                 x = out[:, -n:]
         if like_authors:
             model.logits(model.model.norm(x))  # [B, n, V], unused
@@ -225,18 +227,24 @@ class MemoryLLM(nn.Module):
         cfg = self.cfg
         return MemoryState(memory=torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=self.dtype, device=self.device))
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cos_sin(self.cfg.rope, self.inv_freq.to(self.device), positions.to(self.device), self.dtype)
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer `layer` runs: the model's device, or the layer's own when they are spread over several
+        GPUs (`model.load(..., device_map=...)`)."""
+        return self.model.layers[layer].input_layernorm.weight.device
+
+    def cos_sin(self, positions: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        device = device or self.device
+        return cos_sin(self.cfg.rope, self.inv_freq.to(device), positions.to(device), self.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        return F.linear(x.to(weight.device), weight).float()
 
     def with_bos(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """[bos_embedding[layer], rows]: [R, d] -> [bos + R, d]."""
+        """[bos_embedding[layer], rows]: [R, d] -> [bos + R, d], on the rows' device."""
         if self.bos_embedding is None:
             return rows
-        return torch.cat([self.bos_embedding[layer], rows.to(self.dtype)], dim=0)
+        return torch.cat([self.bos_embedding[layer].to(rows.device), rows.to(self.dtype)], dim=0)
 
     # -- reading: question forward ---------------------------------------------------------------
     def prefix_length(self, state: MemoryState) -> int:
@@ -251,10 +259,10 @@ class MemoryLLM(nn.Module):
     def rotated_kv(self, layer: int, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (after RoPE, at `positions` [R]) and values of prefix rows [R, d] at `layer`, decoder
         adapter: two [1, H_kv, R, D]."""
-        block = self.model.layers[layer]
-        h = block.input_layernorm(rows[None].to(self.device, self.dtype))  # [1, R, d]
+        block, device = self.model.layers[layer], self.layer_device(layer)
+        h = block.input_layernorm(rows[None].to(device, self.dtype))  # [1, R, d]
         k, v = block.self_attn.project_kv(h, self.decoder_adapter())
-        cos, sin = self.cos_sin(positions)
+        cos, sin = self.cos_sin(positions, device)
         return apply_rope(k, cos, sin), v
 
     def memory_kv(self, layer: int, state: MemoryState, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,11 +275,11 @@ class MemoryLLM(nn.Module):
             return buffers
         P, N, b = self.prefix_length(state), state.rows_per_layer, self.n_bos
         room = -(-capacity // 256) * 256  # [P, room): the question and its answer
-        shape = (1, self.cfg.num_kv_heads, room, self.cfg.head_dim)
-        if self.device.type == "cpu":  # pages mapped in one call: the buffers are filled at once
+        shape, device = (1, self.cfg.num_kv_heads, room, self.cfg.head_dim), self.layer_device(layer)
+        if device.type == "cpu":  # pages mapped in one call: the buffers are filled at once
             k, v = (populated_empty(shape, self.dtype) for _ in range(2))
         else:
-            k, v = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+            k, v = (torch.empty(shape, dtype=self.dtype, device=device) for _ in range(2))
         if buffers is not None:  # grown: the prefix is already computed
             k[:, :, :P], v[:, :, :P] = buffers[0][:, :, :P], buffers[1][:, :, :P]
         else:
@@ -288,17 +296,17 @@ class MemoryLLM(nn.Module):
         adapter, written into k_out, v_out [1, H_kv, R, D]: what `rotated_kv` computes, in fewer passes over
         the rows. The adapter and the norm's weight are folded into one matrix ([W_k; W_v] + LoRA) * w, and
         the norm's 1/rms scales the matmul's output: kv = (x @ (W * w).T) / rms(x). `chunk` rows at a time."""
-        block = self.model.layers[layer]
+        block, device = self.model.layers[layer], self.layer_device(layer)
         attn, norm = block.self_attn, block.input_layernorm
         weight = attn.kv_weight(self.decoder_adapter()) * norm.weight  # [2 * H_kv * D, d]
         H, D = attn.n_kv_heads, attn.head_dim
         for start in range(0, rows.shape[0], chunk):
-            x = rows[start : start + chunk].to(self.device, self.dtype)  # [r, d]
+            x = rows[start : start + chunk].to(device, self.dtype)  # [r, d]
             r, d = x.shape
             mean_square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / d  # [r]
             kv = F.linear(x, weight).mul_(torch.rsqrt(mean_square + norm.eps).to(self.dtype)[:, None])  # [r, 2HD]
             kv = kv.view(r, 2, H, D).permute(1, 2, 0, 3)  # [2, H, r, D]
-            cos, sin = self.cos_sin(torch.arange(first + start, first + start + r))
+            cos, sin = self.cos_sin(torch.arange(first + start, first + start + r), device)
             rope_into(kv[0:1], cos, sin, k_out[:, :, start : start + r])
             v_out[:, :, start : start + r] = kv[1:2]
 
@@ -338,8 +346,8 @@ class MemoryLLM(nn.Module):
         """Give every attention layer a KV cache of `max_len` positions for the block (gpt-fast's
         setup_caches); forward calls with `input_pos` read and extend them."""
         shape = (batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
-        for block in self.model.layers:
-            block.self_attn.kv_cache = KVCache(shape, self.dtype, self.device)
+        for layer, block in enumerate(self.model.layers):
+            block.self_attn.kv_cache = KVCache(shape, self.dtype, self.layer_device(layer))
         try:
             yield
         finally:
@@ -420,7 +428,7 @@ class MemoryLLM(nn.Module):
         cos, sin = self.cos_sin(torch.arange(n))
         inputs = []
         for layer, block in enumerate(self.model.layers):
-            inputs.append(x)
+            inputs.append(x.to(self.device))
             if layer < self.cfg.num_layers - 1:  # the last layer's output is never needed
                 x = block(x, n, cos, sin, None)
         stacked = torch.stack(inputs, dim=1)  # [B, L, n, d]

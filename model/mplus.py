@@ -111,13 +111,13 @@ class Selectors:
     def row_keys(self, model: MPlus, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Retrieval keys [.., s] of memory rows [.., d]: key_proj(input_layernorm(rows))."""
         block = model.model.layers[layer]
-        return block.self_attn.key_proj(block.input_layernorm(rows.to(model.device, model.dtype)))
+        return block.self_attn.key_proj(block.input_layernorm(rows.to(model.layer_device(layer), model.dtype)))
 
     @torch.no_grad()
     def queries(self, model: MPlus, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Queries [n, s] of question states h [n, d] entering `layer`: query_proj(input_layernorm(h))."""
         block = model.model.layers[layer]
-        return block.self_attn.query_proj(block.input_layernorm(h))
+        return block.self_attn.query_proj(block.input_layernorm(h.to(model.layer_device(layer))))
 
     def scores_on_device(self, model: MPlus) -> bool:
         """Whether retrieval scores on the model's device (from the bank's device keys) rather than on the CPU."""
@@ -142,7 +142,7 @@ class Selectors:
         if n < T:
             chosen, scores = tiled_indices(n, T), None
         elif on_device:
-            q = self.queries(model, layer, h).float()  # [n_q, s]
+            q = self.queries(model, layer, h).float().to(model.device)  # [n_q, s]
             keys = ltm.bank.device_keys(model.device, self.device_key_dtype(model))  # [E, s]
             on = device_scores(q, keys, entries.to(model.device))  # [n + C]
             scores = torch.empty(on.shape, pin_memory=pinned)
@@ -175,7 +175,7 @@ class Selectors:
         cfg, ltm, K = model.cfg, state.ltm, result.delta.shape[1]
         ltm.age(K)
         keys = torch.stack(
-            [self.row_keys(model, layer, rows) for layer, rows in enumerate(result.dropped)]
+            [self.row_keys(model, layer, rows).cpu() for layer, rows in enumerate(result.dropped)]
         )  # [L, K, s]
         ltm.cache_dropped(result.dropped_ids, keys, dropped_ages)
         ltm.update_step += K

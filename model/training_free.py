@@ -203,7 +203,7 @@ class SimilarityScoring:
     def row_keys(self, model: MPlus, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Retrieval keys [.., d] of rows [.., d]: the rows as the layer's attention sees them,
         input_layernorm(row)."""
-        return model.model.layers[layer].input_layernorm(rows.to(model.device, model.dtype))
+        return model.model.layers[layer].input_layernorm(rows.to(model.layer_device(layer), model.dtype))
 
     def row_stats(self, model: MPlus, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What LTM entries store of their rows x [L, e, d] instead of their keys k = r * (w * x) (each layer's
