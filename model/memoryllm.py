@@ -36,8 +36,14 @@ class InjectResult:
     dropped: torch.Tensor | None  # [L, k, d] rows removed from short-term memory
     sources: torch.Tensor  # [L, N'] where each new memory row came from: i < N old row i, N + j delta row j
     row_ids: torch.Tensor  # [L, k] the ids of the delta rows
-    dropped_ids: torch.Tensor | None  # [L, e] the ids of the dropped rows, in the order of `dropped`
     dropped_sources: torch.Tensor  # [L, e] where each dropped row was, indexed as `sources`
+    dropped_ids: torch.Tensor | None = None  # [L, e] the ids of the dropped rows, in the order of `dropped`
+
+    def carry(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-row tensor through this update: old [L, N] and new [L, k] values -> (the memory's [L, N'],
+        the dropped rows' [L, e])."""
+        both = torch.cat([old, new], dim=1)  # [L, N + k]
+        return both.gather(1, self.sources), both.gather(1, self.dropped_sources)
 
 
 @dataclass
@@ -61,7 +67,8 @@ class WritePolicy(Protocol):
 
 
 class EvictionPolicy(Protocol):
-    """How new rows enter the short-term memory and which old rows leave it."""
+    """How new rows enter the short-term memory and which old rows leave it (the memory's rows; the update
+    carries row ids and ages by the result's sources)."""
 
     def update(
         self,
@@ -138,20 +145,18 @@ class RandomRows:
         N, k = state.rows_per_layer, delta.shape[1]
         if not state.initialized:
             state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
-            state.memory_ids = tile_first_delta(row_ids[..., None], N)[..., 0].contiguous()
             state.initialized = True
             sources = N + tile_first_delta(torch.arange(k).expand(delta.shape[:2])[..., None], N)[..., 0]
             nothing = torch.empty(state.num_layers, 0, dtype=torch.long)
-            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, None, nothing)
+            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, nothing)
         draws = model.cfg.num_layers if model.cfg.drop_memory_per_layer else 1
         if perms is None:
             perms = draw_permutations(state.generator, draws, N)
         elif tuple(perms.shape) != (draws, N):
             raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
         dropped = drop_and_append(state.memory, delta, perms)
-        dropped_ids = drop_and_append(state.memory_ids[..., None], row_ids[..., None], perms)[..., 0]  # [L, k]
         sources, dropped_sources = append_sources(perms, state.num_layers, N, k)
-        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_ids, dropped_sources)
+        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_sources)
 
 
 class Decoder(nn.Module):
@@ -466,7 +471,11 @@ class MemoryLLM(nn.Module):
         `row_ids` [L, k] (rows the state already holds)."""
         state.memory_changed()
         row_ids = state.new_row_ids(delta.shape[1]) if row_ids is None else row_ids
-        return self.eviction.update(self, state, delta, perms, row_ids)
+        ids = state.memory_ids
+        result = self.eviction.update(self, state, delta, perms, row_ids)
+        memory_ids, result.dropped_ids = result.carry(ids, row_ids)
+        state.memory_ids = memory_ids.contiguous()
+        return result
 
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:

@@ -262,11 +262,11 @@ class MPlus(MemoryLLM):
             raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
         L, k = delta.shape[:2]
         grown = state.memory_ages + (k if self.retrieval.stm_rows_age else 0)
-        ages = torch.cat([grown, torch.arange(k - 1, -1, -1).expand(L, k)], dim=1)  # [L, N + k]
         result = super().update_memory(state, delta, perms, row_ids)
         hold_rows(state.ltm, result)
-        state.memory_ages = ages.gather(1, result.sources).contiguous()
-        self.retrieval.admit(self, state, result, ages.gather(1, result.dropped_sources))
+        memory_ages, dropped_ages = result.carry(grown, torch.arange(k - 1, -1, -1).expand(L, k))
+        state.memory_ages = memory_ages.contiguous()
+        self.retrieval.admit(self, state, result, dropped_ages)
         return result
 
 

@@ -155,11 +155,9 @@ class RandomBlocks:
         kept, dropped, perms = self.eviction(state, k, perms)
         N, L, delta = state.rows_per_layer, state.num_layers, delta.to(state.memory.dtype)
         evicted = torch.cat([state.memory[:, dropped[dropped < N]], delta[:, dropped[dropped >= N] - N]], dim=1)
-        ids = torch.cat([state.memory_ids, row_ids], dim=1)  # [L, N + k]
         state.memory = torch.cat([state.memory[:, kept[kept < N]], delta[:, kept[kept >= N] - N]], dim=1)  # [L, N', d]
-        state.memory_ids = ids[:, kept].contiguous()
         sources, dropped = kept.expand(L, -1), dropped.expand(L, -1)  # the same rows at every layer
-        return InjectResult(delta, perms, evicted, sources, row_ids, ids.gather(1, dropped), dropped)
+        return InjectResult(delta, perms, evicted, sources, row_ids, dropped)
 
 
 def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
