@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -10,34 +9,6 @@ import model as mp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 MEMORYLLM_SCENARIOS = ["memoryllm", "memoryllm_lora", "memoryllm7b"]
-TINY: dict[str, Any] = {  # the `tiny` preset's shape, written out so that tests do not follow preset edits
-    "architectures": ["MemoryLLM"],
-    "vocab_size": 258,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "hidden_act": "silu",
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "max_position_embeddings": 4096,
-    "num_tokens": 16,
-    "num_blocks": 8,
-    "add_bos_embedding": True,
-    "drop_memory_per_layer": True,
-    "add_decoder_lora": True,
-    "lora_config": {
-        "r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-    },
-    "tie_word_embeddings": False,
-    "eos_token_id": 256,
-}
 
 
 @pytest.fixture(autouse=True)

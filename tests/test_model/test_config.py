@@ -7,23 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY
 
 from model.config import ModelConfig, RopeConfig, config_from_hf, read_config, rope_from_hf
+from model.registry import TINY_CONFIG as TINY
+from model.registry import TINY_MPLUS_CONFIG as TINY_MPLUS
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "official"
-
-TINY_MPLUS: dict[str, Any] = TINY | {
-    "architectures": ["MPlus"],
-    "num_blocks": 10,
-    "num_ltm_blocks": 2,
-    "selector_hidden_dim": 16,
-    "num_selector_layers": 2,
-    "update_ltm_frequency": 4,
-    "decay_frequency": 1,
-    "initial_rf_when_moving_stm_to_ltm": 10,
-    "ltm_initial_size": 48,
-}
 
 
 def base(**overrides: Any) -> dict[str, Any]:

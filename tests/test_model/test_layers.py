@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import TINY
 
 from model.config import config_from_hf
 from model.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, RMSNorm, attend, make_linear
+from model.registry import TINY_CONFIG as TINY
 from model.rope import apply_rope, cos_sin, inverse_frequencies
 
 CPU = torch.device("cpu")

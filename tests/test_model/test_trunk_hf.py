@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY
 
 from model.config import config_from_hf
 from model.memory import MemoryState
 from model.memoryllm import MemoryLLM
+from model.registry import TINY_CONFIG as TINY
 
 transformers = pytest.importorskip("transformers")
 
