@@ -90,9 +90,6 @@ def build_preset(name: str, seed: int = 0) -> MemoryLLM:
 
 
 # -- tiny seeded random Llamas in training-free mode (tests, offline CLI checks): the `tiny` preset's shapes --
-TINY_PRESETS: dict[str, MemoryKind] = {name: MODELS[name].kind for name in names("training-free")}
-
-
 def random_llama_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded random weights for every plain-Llama parameter of `cfg` (see `randomize`)."""
     model = build_model(cfg)

@@ -195,11 +195,6 @@ def names(*families: Family) -> tuple[str, ...]:
     return tuple(name for name, m in MODELS.items() if not families or m.family in families)
 
 
-def register(model: Named) -> None:
-    """Add a name (the bench shapes register theirs)."""
-    MODELS[model.name] = model
-
-
 def from_name(name: str, llama: dict[str, Any] | None = None) -> ModelConfig:
     """The config of a registered model. The demo's plain Llama config comes from its converted files
     (`llama`); a hub checkpoint's config is read from its directory (see checkpoint.read_config)."""

@@ -548,10 +548,7 @@ class Runner:
         recording = evidence is not None and isinstance(self.lm, mp.MPlus)
         start = time.perf_counter()
         with retrievals_by_state(self.lm) if recording else contextlib.nullcontext({}) as read:
-            if len(states) == 1:
-                outs = [mp.generate(self.lm, states[0], prompts[0], self.settings)]
-            else:
-                outs = mp.generate_batch(self.lm, states, prompts, self.settings)
+            outs = mp.generate_batch(self.lm, states, prompts, self.settings)
         latency_ms = (time.perf_counter() - start) * 1000 / len(samples)
         evidence = evidence if evidence is not None else [None] * len(samples)
         return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import random
@@ -43,6 +44,8 @@ from tasks.retention import (
 from tasks.sizes import parse_size
 
 runner = CliRunner()
+DECODING = importlib.import_module("model.generate")  # the module: model.generate is also the function
+
 SYNTHETIC = ["bench", "retention", "--dataset", "synthetic", "--model", "tiny"]
 
 
@@ -219,12 +222,12 @@ def test_full_context_puts_everything_in_the_prompt_cut_to_the_window(tiny, tmp_
     prompts, states = [], []
     generate = mp.generate
 
-    def spy(lm, state, prompt, settings):
+    def spy(lm, state, prompt, settings, **options):
         prompts.append(list(prompt))
         states.append(state)
-        return generate(lm, state, prompt, settings)
+        return generate(lm, state, prompt, settings, **options)
 
-    monkeypatch.setattr(mp, "generate", spy)
+    monkeypatch.setattr(DECODING, "generate", spy)  # what a question of a batch of one runs
     data = qa.synthetic(1, distractor_chars=40_000)
     sweep = Sweep(data, CLEAN, [0, 2000, 6000], controls=("full-context",))
     run = Runner(tiny, "tiny", sweep, ResultsLog(tmp_path / "results.csv"))
@@ -508,11 +511,11 @@ def test_the_chat_template_is_used_by_default_when_the_tokenizer_has_one(tmp_pat
     with_chat_template(monkeypatch)
     prompts, generate = [], mp.generate
 
-    def spy(lm, state, ids, settings):
+    def spy(lm, state, ids, settings, **options):
         prompts.append(list(ids))
-        return generate(lm, state, ids, settings)
+        return generate(lm, state, ids, settings, **options)
 
-    monkeypatch.setattr(mp, "generate", spy)
+    monkeypatch.setattr(DECODING, "generate", spy)  # what a question of a batch of one runs
     args = [*SYNTHETIC, "--max-distance", "1k", "--limit", 2, "--controls", "closed-book"]
     questions = {s.question for s in qa.synthetic(2, 0).samples}
     tokenizer = mp.load("tiny").tokenizer
@@ -547,7 +550,7 @@ def test_the_chat_template_is_used_by_default_when_the_tokenizer_has_one(tmp_pat
 def test_mostly_empty_predictions_warn_with_what_to_try(tmp_path, monkeypatch, template, option, hint):
     if template:
         with_chat_template(monkeypatch)
-    monkeypatch.setattr(mp, "generate", lambda *args: mp.Generation(token_ids=[], finish_reason="stop"))
+    monkeypatch.setattr(DECODING, "generate", lambda *args, **options: mp.Generation([], "stop"))
     result = mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", 2, *option, "-o", tmp_path / "o")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "warning" in line]
