@@ -102,7 +102,9 @@ class ModelConfig:
 
     def fingerprint(self) -> str:
         """A short stable hash of the architecture (sessions are bound to it). A training-free config hashes
-        as the fields that described it before it had its own, so sessions made then still open."""
+        as the fields that described it before it had its own, so sessions made then still open; the M+
+        flavour's memory was redesigned (a window and lexical block retrieval), so its hash says so and the
+        sessions of the old design are refused rather than misread."""
         fields = dataclasses.asdict(self) | {"raw": None}
         free = fields.pop("training_free")
         if free is not None:
@@ -112,6 +114,8 @@ class ModelConfig:
                 "num_blocks": (free["capacity"] + free["retrieved"]) // block,
                 "num_ltm_blocks": free["retrieved"] // block,
             }
+            if self.kind == "mplus":
+                fields["retrieval"] = "oldest-out window, lexical blocks"
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

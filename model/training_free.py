@@ -9,52 +9,68 @@ exactly what the layer itself attends to when the text is in the prompt.
 - read: the unchanged MemoryLLM forward. Layer l of a question attends to [bos row, memory rows] at
   positions 0..P-1 (the bos row is the layer's own input for a lone bos token), so a chunk read from
   memory gives the logits it gives in the prompt [bos, chunk, question];
-- forget: memory starts empty and grows to `capacity` rows per layer; then each injection evicts random
-  blocks of B consecutive old rows, one draw for all layers, so what stays is readable text and a block
-  survives s full-pool injections of K tokens with probability about (1 - K/N)^s;
-- M+ flavour: evicted blocks go to a CPU long-term memory. At the question prefill, layer l lets every
-  question token spread one unit of attention over the LTM rows, softmax(cos(question state, row) / tau)
-  on the layer's input-normed states centered on the LTM mean; a block scores the most any of its rows
-  got, and the best blocks (T rows) are placed oldest first between bos and the short-term rows. No
-  pruning. (The layer's own q/k projections without RoPE were tried as scores: on SmolLM2-135M they
-  ranked the evidence no better than chance.) The keys are derived from the rows, not stored: an LTM entry
-  keeps two numbers of its row (see `row_stats`) and the LTM the running sum of its keys, so the scores
-  need one pass over the rows, a batch at a time, with one matmul each.
+- forget (MemoryLLM flavour, the forgetting baseline): memory starts empty and grows to `capacity` rows per
+  layer; then each injection evicts random blocks of B consecutive old rows, one draw for all layers, so
+  what stays is readable text and a block survives s full-pool injections of K tokens with probability
+  about (1 - K/N)^s;
+- M+ flavour: the short-term memory is a window of the last `capacity` tokens (`OldestOut`); every row
+  that leaves it goes to a CPU long-term memory, which therefore holds the whole text in order. A question
+  reads back T rows (`LexicalBlocks`): the long-term memory is cut into blocks of B tokens, each block
+  scored by BM25 against the question's words, and the best blocks with a block of context on either side
+  are placed in text order between bos and the window, the same rows at every layer. The words come from
+  the rows themselves: a layer-0 row is its token's embedding, so an LTM entry's key is its token's term.
+  A retrieved passage then reads as it would in the prompt, right before the question, instead of behind
+  a long stretch of unrelated text: on SmolLM2-135M the full context loses a fact once about 1k tokens
+  of other text follow it, and the earlier design (per-row cosine scoring at every layer, 6 blocks of 16
+  rows behind a 1,024-row window) answered 0 of 12 questions on real articles. No pruning.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import MemoryKind, ModelConfig, TrainingFreeConfig, rope_from_hf
 from .ltm import LongTermMemory
 from .memory import MemoryState, draw_permutations, stm_rows
 from .memoryllm import InjectResult, MemoryLLM
-from .mplus import MPlus, Retrieval, order_oldest_first
+from .mplus import MPlus, Retrieval
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
-DEFAULT_CAPACITY = 1024  # short-term rows per layer
-DEFAULT_RETRIEVED = 96  # M+ flavour: long-term rows read back per layer at a question (6 blocks)
-DEFAULT_BLOCK = 16  # rows are evicted and retrieved in blocks of consecutive tokens
-RETRIEVAL_TEMPERATURE = 0.1  # tau of the softmax over cosine similarities
-SCORE_BATCH = 4096  # LTM rows per matmul when scoring (cast to float32 a batch at a time)
+DEFAULT_CAPACITY = 1024  # MemoryLLM flavour: short-term rows per layer
+DEFAULT_BLOCK = 16  # MemoryLLM flavour: rows are evicted in blocks of consecutive tokens
+MPLUS_WINDOW = 256  # M+ flavour: the short-term memory, a window of the last tokens
+MPLUS_RETRIEVED = 512  # M+ flavour: long-term rows read back per layer at a question
+MPLUS_BLOCK = 32  # M+ flavour: the long-term memory is searched in blocks of this many tokens
+DEFAULT_CONTEXT = 1  # M+ flavour: blocks read on either side of a block the question found
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
+
+
+def default_memory(memory: MemoryKind) -> dict[str, int]:
+    """The demo's memory of each flavour: capacity, rows retrieved, block size."""
+    if memory == "mplus":
+        return {"capacity": MPLUS_WINDOW, "retrieved": MPLUS_RETRIEVED, "block": MPLUS_BLOCK}
+    return {"capacity": DEFAULT_CAPACITY, "retrieved": 0, "block": DEFAULT_BLOCK}
 
 
 def training_free_config(
     llama: dict,
     memory: MemoryKind = "mplus",
-    capacity: int = DEFAULT_CAPACITY,
-    retrieved: int = DEFAULT_RETRIEVED,
-    block: int = DEFAULT_BLOCK,
+    capacity: int | None = None,
+    retrieved: int | None = None,
+    block: int | None = None,
 ) -> ModelConfig:
     """The ModelConfig of a Llama config dict (HF names) with training-free memory (`training_free`: the
-    capacity, rows retrieved and block size; the authors' K and block counts are 0)."""
+    capacity, rows retrieved and block size, by default the flavour's `default_memory`; the authors' K and
+    block counts are 0)."""
     if memory not in ("memoryllm", "mplus"):
         raise ValueError(f"memory must be 'memoryllm' or 'mplus', got {memory!r}")
+    defaults = default_memory(memory)
+    capacity = defaults["capacity"] if capacity is None else capacity
+    retrieved = defaults["retrieved"] if retrieved is None else retrieved
+    block = defaults["block"] if block is None else block
     if llama.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {llama['hidden_act']!r}: only silu (SwiGLU) Llama models")
     retrieved = retrieved if memory == "mplus" else 0
@@ -171,127 +187,223 @@ def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
     return (new_run | ((position - run_start) % block == 0)).long().cumsum(0) - 1
 
 
-class SimilarityScoring:
-    """The M+ flavour's retrieval: evicted blocks move to a long-term memory (no pruning) that every layer
-    searches at the question by the attention its question tokens would give each row (see the module's
-    docstring); the best `block`-row blocks are read back."""
+class OldestOut:
+    """The M+ flavour's eviction: the short-term memory is a window of the last `capacity` tokens; the rows
+    that leave it, oldest first, all go to the long-term memory, which therefore holds the text in order."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+
+    def update(
+        self,
+        model: MemoryLLM,
+        state: MemoryState,
+        delta: torch.Tensor,
+        perms: torch.Tensor | None,
+        row_ids: torch.Tensor,
+    ) -> InjectResult:
+        """Append delta [L, k, d] and evict the oldest rows past the capacity (InjectResult.dropped [L, e, d])."""
+        (L, k), N = delta.shape[:2], state.rows_per_layer
+        excess = max(0, N + k - self.capacity)
+        both = torch.cat([state.memory, delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
+        evicted, state.memory = both[:, :excess], both[:, excess:].contiguous()
+        order = torch.arange(N + k)
+        no_draw = torch.empty(0, N, dtype=torch.long)
+        return InjectResult(
+            delta, no_draw, evicted, order[excess:].expand(L, -1), row_ids, order[:excess].expand(L, -1)
+        )
+
+
+class TokenTerms:
+    """The token behind a layer-0 row, and the search term of a token.
+
+    A layer-0 row is its token's input embedding, so the text of the memory is known from its rows: a row's
+    bits are hashed and looked up among the embedding table's (rounded to the rows' dtype), and checked
+    equal. A token's term is its text lower-cased without spaces and punctuation; stop words, punctuation
+    and unknown rows have none (-1)."""
+
+    def __init__(self, model: MemoryLLM):
+        self.embedding = model.model.embed_tokens.weight.detach().cpu()  # [V, d]
+        self.weights = torch.randint(
+            0, 1 << 36, (2 * self.embedding.shape[1],), generator=torch.Generator().manual_seed(0)
+        )
+        self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.terms = term_table(model.tokenizer, self.embedding.shape[0])  # [V]
+
+    def hash(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n] int64 of rows [n, d] (2- or 4-byte floats), from their bits."""
+        bits = rows.contiguous().view(torch.int16).long()  # [n, d * itemsize / 2]
+        return bits @ self.weights[: bits.shape[1]]
+
+    def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeddings in dtype [V, d], their hashes sorted [V], the token of each sorted hash [V])."""
+        if dtype not in self.tables:
+            rounded = self.embedding.to(dtype)
+            hashes, tokens = self.hash(rounded).sort()
+            self.tables[dtype] = (rounded, hashes, tokens)
+        return self.tables[dtype]
+
+    def tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """The token id [n] of each layer-0 row [n, d] (-1 where a row is no token's embedding)."""
+        rows = rows.cpu()
+        rounded, hashes, tokens = self.table(rows.dtype)
+        h = self.hash(rows)
+        where = torch.searchsorted(hashes, h).clamp_max(len(hashes) - 1)
+        found = tokens[where]
+        same = (hashes[where] == h) & (rounded[found] == rows).all(-1)
+        return torch.where(same, found, -1)
+
+    def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The term [n] of each layer-0 row [n, d]."""
+        tokens = self.tokens(rows)
+        return torch.where(tokens >= 0, self.terms[tokens.clamp_min(0)], -1)
+
+
+STOP_WORDS = frozenset(
+    "a an and are as at be been but by did do does for from had has have he her his how i in is it its my no not "
+    "of on or our she so than that the their them there these they this those to was we were what when where "
+    "which who whom why will with would you your says said say about after also into more most over some such "
+    "then up out if can could may might should".split()
+)
+
+
+def term_table(tokenizer, vocab: int) -> torch.Tensor:
+    """[V] the term id of every token: equal for tokens whose text is the same word in any case or spacing;
+    -1 for stop words, punctuation and special tokens. Without a tokenizer every token is its own term."""
+    if tokenizer is None:
+        return torch.arange(vocab)
+    texts = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    ids: dict[str, int] = {}
+    terms = torch.full((vocab,), -1, dtype=torch.long)
+    for token, text in enumerate(texts):
+        if text is None or text in specials:
+            continue
+        word = "".join(ch for ch in tokenizer.convert_tokens_to_string([text]).lower() if ch.isalnum())
+        if word and word not in STOP_WORDS:
+            terms[token] = ids.setdefault(word, len(ids))
+    return terms
+
+
+def bm25(
+    terms: torch.Tensor, blocks: torch.Tensor, query: torch.Tensor, k1: float = 1.2, b: float = 0.75
+) -> torch.Tensor:
+    """Okapi BM25 score [G] of each block against the query terms [q] (distinct, >= 0), the blocks given by
+    the terms [n] (-1: no term) and the block id [n] of each position (G = blocks[-1] + 1)."""
+    G = int(blocks[-1]) + 1
+    has_term = (terms >= 0).float()
+    length = torch.zeros(G).index_add_(0, blocks, has_term)  # [G] terms per block
+    hits = (terms[:, None] == query[None, :]).float()  # [n, q]
+    tf = torch.zeros(G, query.numel()).index_add_(0, blocks, hits)  # [G, q]
+    df = (tf > 0).sum(0).float()  # [q]
+    idf = torch.log1p((G - df + 0.5) / (df + 0.5))  # [q]
+    norm = k1 * (1 - b + b * length / length.mean().clamp_min(1))  # [G]
+    return (idf * tf * (k1 + 1) / (tf + norm[:, None])).sum(-1)
+
+
+class LexicalBlocks:
+    """The M+ flavour's retrieval: the long-term memory holds the text in order (see `OldestOut`), cut into
+    blocks of `block` tokens. A question's tokens score every block by BM25 over the tokens the rows hold
+    (see `TokenTerms`); the best blocks, each with `context` blocks on either side, fill the T retrieved rows,
+    in text order. One choice for all layers: a retrieved passage reads as it would in the prompt."""
 
     stm_rows_age = True  # every row ages: blocks are found again as runs of consecutive ages
 
-    def __init__(self, block: int, temperature: float = RETRIEVAL_TEMPERATURE):
-        self.block, self.temperature = block, temperature
+    def __init__(self, block: int, context: int = DEFAULT_CONTEXT):
+        self.block, self.context = block, context
+        self.terms: TokenTerms | None = None
+        self.chosen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LTM -> the question's rows
 
     def attach(self, model: MPlus) -> None:
-        pass  # no parameters: the keys are the rows as the layer's attention sees them
+        pass  # no parameters: the keys are the rows' tokens
+
+    def token_terms(self, model: MPlus) -> TokenTerms:
+        if self.terms is None:
+            self.terms = TokenTerms(model)
+        return self.terms
 
     def empty_ltm(self, model: MPlus, memory: torch.Tensor) -> LongTermMemory:
         L, d = model.cfg.num_layers, model.cfg.hidden_size
-        rows, stats = torch.empty(0, d, dtype=memory.dtype), torch.empty(0, 2)
-        rf, ages, key_sums = torch.empty(0, dtype=torch.float64), torch.empty(0), torch.zeros(L, d, dtype=torch.float64)
-        return LongTermMemory.from_rows(  # rf unused: nothing decays or is pruned
-            [(rows, stats, rf, ages)] * L, space=stm_rows(memory), key_dtype=torch.float32, key_sums=key_sums
-        )
+        rows, keys = torch.empty(0, d, dtype=memory.dtype), torch.empty(0, 1)
+        rf, ages = torch.empty(0, dtype=torch.float64), torch.empty(0)
+        return LongTermMemory.from_rows([(rows, keys, rf, ages)] * L, space=stm_rows(memory), key_dtype=torch.float32)
 
     def rows_read(self, model: MPlus, state: MemoryState) -> int:
-        """min(T, LTM rows) (every layer's LTM has the same size: evictions are shared); a state without
-        LTM (the plain model of a full-context control) reads none."""
+        """min(T, LTM rows) (every layer's LTM has the same size); a state without LTM (the plain model of a
+        full-context control) reads none."""
         return 0 if state.ltm is None else min(model.retrieved_rows, len(state.ltm.layers[0]))
 
-    @torch.no_grad()
     def row_keys(self, model: MPlus, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Retrieval keys [.., d] of rows [.., d]: the rows as the layer's attention sees them,
-        input_layernorm(row)."""
-        return model.model.layers[layer].input_layernorm(rows.to(model.layer_device(layer), model.dtype))
-
-    def row_stats(self, model: MPlus, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What LTM entries store of their rows x [L, e, d] instead of their keys k = r * (w * x) (each layer's
-        RMSNorm with its weight w): [L, e, 2] float32 (r, |w * x|^2), r = rsqrt(mean(x^2) + eps); and the sum
-        of the keys per layer [L, d] float64, w * (r @ x). With them, one matmul of the rows gives the cosines
-        of the centered keys (see `row_scores`). A layer at a time: a few passes over rows that stay in cache."""
-        L, e, d = rows.shape
-        stats, key_sums = torch.empty(L, e, 2), torch.empty(L, d, dtype=torch.float64)
-        for layer, block in enumerate(model.model.layers):
-            norm = block.input_layernorm
-            x, w = rows[layer].float().cpu(), norm.weight.float().cpu()  # [e, d], [d]
-            r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / d + norm.eps)  # [e]
-            stats[layer, :, 0], stats[layer, :, 1] = r, torch.linalg.vector_norm(x * w, dim=-1).square()
-            key_sums[layer] = (w * (r @ x)).double()
-        return stats, key_sums
+        """Keys [n, 1] float32 of layer-0 rows [n, d]: their tokens' terms (the same key serves every layer)."""
+        return self.token_terms(model).of_rows(rows).float()[:, None]
 
     @torch.no_grad()
-    def row_scores(self, model: MPlus, layer: int, ltm: LongTermMemory, h: torch.Tensor) -> torch.Tensor:
-        """[n] attention each of layer `layer`'s LTM rows gets from the question states h [n_q, d] entering
-        the layer: every question token spreads one unit by softmax(cos / tau) over the rows, both sides
-        centered on the mean key c (the LTM's key sum / n). Reads the rows once, a batch at a time.
-
-        With k_j = r_j (w * x_j) and q' = normalize(key(h_i) - c), cos_ij = (r_j (q' * w) . x_j - q' . c)
-        / |k_j - c| and |k_j - c|^2 = r_j^2 |w * x_j|^2 - 2 r_j (w * c) . x_j + |c|^2: one float32 matmul of
-        the rows x [b, d] with [q' * w; w * c] per batch, and no key is ever formed."""
-        entries = ltm.layers[layer].entries
-        n = entries.numel()
-        w = model.model.layers[layer].input_layernorm.weight.float().cpu()  # [d]
-        c = (ltm.key_sums[layer] / n).float()  # [d]
-        q = F.normalize(self.row_keys(model, layer, h).float().cpu() - c, dim=-1)  # [n_q, d]
-        a = torch.cat([q * w, (w * c)[None]])  # [n_q + 1, d]
-        stats = ltm.bank.keys(entries)  # [n, 2]
-        q_c, c_c = q @ c, c.square().sum()  # [n_q], []
-        cosines, order, filled = torch.empty(q.shape[0], n), torch.empty(n, dtype=torch.int64), 0  # in read order
-        for positions, x in ltm.bank.scan_rows(entries, batch=SCORE_BATCH):  # x: [b, d], rows in storage order
-            for where, rows in zip(positions.split(SCORE_BATCH), x.split(SCORE_BATCH), strict=True):
-                m = rows.float() @ a.T  # [b, n_q + 1]
-                r, square = stats[where, 0], stats[where, 1]
-                distance = (r.square() * square - 2 * r * m[:, -1] + c_c).clamp_min(1e-24).sqrt()  # [b]
-                b = where.numel()
-                cosines[:, filled : filled + b] = (torch.addcmul(-q_c, r[:, None], m[:, :-1]) / distance[:, None]).T
-                order[filled : filled + b] = where
-                filled += b
-        spread = (cosines / self.temperature).softmax(-1).sum(0)  # [n]: each question token spreads one unit
-        scores = torch.empty(n)
-        scores[order] = spread
-        return scores
+    def choose(self, model: MPlus, ltm: LongTermMemory, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [T] in text order, block scores [G]) for the question whose layer-0 input is h [n_q, d]."""
+        layer = ltm.layers[0]
+        T, ages = model.retrieved_rows, layer.ages
+        terms = layer.keys[:, 0].long()  # [n]
+        blocks = ltm_blocks(ages, self.block)  # [n]
+        query = self.token_terms(model).of_rows(h.to(model.dtype)).unique()
+        scores = bm25(terms, blocks, query[query >= 0])  # [G]
+        G = scores.numel()
+        ranked = torch.argsort(scores.flip(0), stable=True, descending=True)  # best first, later blocks on ties
+        ranked = G - 1 - ranked
+        picked = torch.zeros(G, dtype=torch.bool)
+        sizes = torch.bincount(blocks, minlength=G)
+        for best in ranked.tolist():
+            for g in range(max(0, best - self.context), min(G, best + self.context + 1)):
+                picked[g] = True
+            if int(sizes[picked].sum()) >= T:
+                break
+        rows = torch.nonzero(picked[blocks])[:, 0]  # [>= T] in text order
+        return trim(rows, blocks, scores, T), scores
 
     @torch.no_grad()
     def retrieve(self, model: MPlus, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
-        """The min(T, n) LTM rows of `layer` for a question whose states entering it are h [n_q, d]: the
-        rows of the blocks whose best row scores highest (the last block cut to fit), oldest first."""
+        """The min(T, n) LTM rows of `layer` for a question whose states entering it are h [n_q, d]: chosen
+        at layer 0 (its inputs are the question's token embeddings) and reused by the layers above."""
         ltm = state.ltm.layers[layer]
         n, T = len(ltm), model.retrieved_rows
-        ages = ltm.ages  # [n]
         if n <= T:
             chosen, scores = torch.arange(n), None
+        elif layer == 0 or state.ltm not in self.chosen:
+            chosen, scores = self.choose(model, state.ltm, h)
+            self.chosen[state.ltm] = (chosen, scores)
         else:
-            scores = self.row_scores(model, layer, state.ltm, h)  # [n]
-            block = ltm_blocks(ages, self.block)  # [n]
-            best = torch.full((int(block[-1]) + 1,), float("-inf")).scatter_reduce(0, block, scores, "amax")
-            rank = best.argsort(descending=True).argsort()  # [blocks] 0 for the best block
-            order = rank[block] * n + torch.arange(n)  # [n] sorts the rows by their block's rank, then in order
-            chosen = order.topk(T, largest=False).indices  # [T] rows of the best blocks, in order
-        chosen = chosen[order_oldest_first(ages[chosen])]
+            chosen, scores = self.chosen[state.ltm]
         return Retrieval(ltm.rows_at(chosen), chosen, scores, n, ltm.row_ids[chosen])
 
     @torch.no_grad()
     def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:
-        """Every older LTM row ages by k; the evicted rows join the LTM (in their order) with their stats,
-        ages and keys' sum."""
+        """Every older LTM row ages by k; the evicted rows join the LTM in text order, keyed by their tokens."""
         ltm, (L, e) = state.ltm, result.dropped_ids.shape
         ltm.age(result.delta.shape[1])
-        stats, key_sums = self.row_stats(model, result.dropped)  # [L, e, 2], [L, d]
-        entries = ltm.bank.add(result.dropped_ids.reshape(-1), stats.reshape(L * e, 2), dropped_ages.reshape(-1))
+        keys = self.row_keys(model, 0, result.dropped[0]).repeat(L, 1)  # [L * e, 1]
+        entries = ltm.bank.add(result.dropped_ids.reshape(-1), keys, dropped_ages.reshape(-1))
         for layer, layer_entries in enumerate(entries.view(L, e)):
             ltm.layers[layer].append_entries(layer_entries, torch.zeros(e, dtype=torch.float64))
-        ltm.key_sums += key_sums
+
+
+def trim(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, T: int) -> torch.Tensor:
+    """The T of rows [>= T] (text order) that keep the best blocks: rows of the lowest-scoring blocks go first."""
+    if rows.numel() == T:
+        return rows
+    rank = scores[blocks[rows]]  # [r]
+    keep = torch.argsort(rank, descending=True, stable=True)[:T]
+    return rows[keep.sort().values]
 
 
 def policies(cfg: ModelConfig) -> dict:
     """The write, eviction and (M+) retrieval policies of a training-free config."""
     free = cfg.training_free
-    chosen = {"write": LayerInputs(), "eviction": RandomBlocks(free.capacity, free.block)}
-    return chosen | ({"retrieval": SimilarityScoring(free.block)} if cfg.kind == "mplus" else {})
+    if cfg.kind == "mplus":
+        return {"write": LayerInputs(), "eviction": OldestOut(free.capacity), "retrieval": LexicalBlocks(free.block)}
+    return {"write": LayerInputs(), "eviction": RandomBlocks(free.capacity, free.block)}
 
 
 def config_of_export(raw: dict) -> ModelConfig:
     """The config of a training-free model's exported config.json (a Llama config + `mplus_training_free`)."""
     memory = raw["mplus_training_free"]
     llama = {key: value for key, value in raw.items() if key != "mplus_training_free"}
-    block = memory.get("block", DEFAULT_BLOCK)
-    return training_free_config(llama, memory["memory"], memory["capacity"], memory["retrieved"], block)
+    return training_free_config(llama, memory["memory"], memory["capacity"], memory["retrieved"], memory.get("block"))

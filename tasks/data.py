@@ -1,11 +1,13 @@
 """Question/answer samples with their evidence, and distractor passages from another split.
 
-Three sources (docs/algorithm.md §9.1 for the authors' files):
+Five sources (docs/algorithm.md §9.1 for the authors' files; tasks.realtext for the real prose):
 - `squad`: SQuAD v2 dev questions with answers; distractors are train-set paragraphs.
 - `nq`: NaturalQuestions dev questions with a short answer, the long answer as evidence; distractors are
   long answers of train questions.
 - `synthetic`: made-up facts with unique answers ("The vault code of the Orvela project is 4721.") and
   fact-free prose as distractors, generated offline from a fixed seed.
+- `news`: questions made by a written rule from real news stories (dev / test split), offline.
+- `niah`: needles in a haystack of real essays, at set depths, offline.
 
 Real data comes from a local directory in the authors' layout (their dev/train files plus their
 sample-index files) or, without one, from the hub through `datasets`.
@@ -26,7 +28,8 @@ import numpy as np
 
 from model import hub
 
-DATASETS = ("squad", "nq", "synthetic")
+DATASETS = ("squad", "nq", "synthetic", "news", "niah")
+OFFLINE = ("synthetic", "news", "niah")  # built here from generated text or text that ships in a package
 HUB_IDS = {"squad": "rajpurkar/squad_v2", "nq": "google-research-datasets/natural_questions"}
 AUTHORS_FILES = {  # dev file, train file, sample-index file
     "squad": ("dev-v2.0.json", "train-v2.0.json", "indices_squad_3.npy"),
@@ -46,6 +49,8 @@ class Sample:
     context: str  # the evidence to inject
     question: str
     answer: str  # the gold answer (SQuAD: the first listed answer, as the authors)
+    depth: int | None = None  # needle in a haystack: where the needle is, in percent of the haystack
+    haystack: int | None = None  # needle in a haystack: the haystack's length in tokens, needle excluded
 
 
 @dataclass
@@ -57,14 +62,28 @@ class QAData:
 
 
 def load(
-    name: str, *, limit: int | None, data_dir: Path | None = None, distractor_chars: int = 0, authors: bool = False
+    name: str,
+    *,
+    limit: int | None,
+    data_dir: Path | None = None,
+    distractor_chars: int = 0,
+    authors: bool = False,
+    split: str = "test",
+    lengths: tuple[int, ...] = (),
 ) -> QAData:
     """The first `limit` samples of a dataset and at least `distractor_chars` characters of distractors
-    (SQuAD: the whole train set). `authors` keeps the authors' NQ distractor text, bug included."""
+    (SQuAD: the whole train set). `authors` keeps the authors' NQ distractor text, bug included; `split`:
+    news's dev or test questions; `lengths`: the haystack lengths of niah's samples."""
+    from . import realtext
+
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     if name == "synthetic":
         return synthetic(limit or 100, distractor_chars)
+    if name == "news":
+        return realtext.news(split, limit, distractor_chars, data_dir)
+    if name == "niah":
+        return realtext.niah(lengths, limit, distractor_chars, data_dir)
     if data_dir is None:
         return load_hub(name, limit, distractor_chars)
     directory = authors_layout(Path(data_dir), name)

@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from model import store as st
 
 from .sizes import format_size
@@ -42,10 +44,14 @@ COLUMNS = (
     "evidence_stm",
     "evidence_ltm",
     "evidence_retrieved",
+    "evidence_read",
+    "depth",
+    "haystack_tokens",
 )
-SURVIVAL = ("evidence_stm", "evidence_ltm", "evidence_retrieved")  # "" where they do not apply
+SURVIVAL = ("evidence_stm", "evidence_ltm", "evidence_retrieved", "evidence_read")  # "" where they do not apply
 TEXT_COLUMNS = ("dataset", "sample_id", "model", "memory_kind", "control", "question", "gold", "prediction")
 SUMMARY_KEYS = ("dataset", "model", "memory_kind", "control", "distance_tokens")
+NIAH_KEYS = ("dataset", "model", "memory_kind", "control", "haystack_tokens", "depth")  # a cell of the heatmap
 RUN_KEYS = ("dataset", "protocol", "model", "memory_kind", "control", "distance_tokens")  # across runs
 METRICS = ("exact_hit", "em", "f1")
 Z95 = 1.959964
@@ -211,16 +217,21 @@ def summarize(results: pd.DataFrame, keys: Sequence[str] = SUMMARY_KEYS) -> pd.D
     return pd.DataFrame(rows, columns=columns).sort_values(list(keys), kind="stable", ignore_index=True)
 
 
-def write_summary(results: pd.DataFrame, path: Path) -> pd.DataFrame:
-    summary = summarize(results)
+def write_summary(results: pd.DataFrame, path: Path, keys: Sequence[str] = SUMMARY_KEYS) -> pd.DataFrame:
+    summary = summarize(results, keys)
     write_atomic(path, summary.to_csv(index=False, float_format="%.6g").encode())
     return summary
 
 
 def finish(directory: Path, config: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A run's results.csv summarized into summary.csv and retention.png, and `config` written as its
-    config.json; returns (results, summary)."""
+    """A run's results.csv summarized into summary.csv and retention.png (niah: per haystack length and
+    depth, and niah.png), and `config` written as its config.json; returns (results, summary)."""
     results = read_results(directory / "results.csv")
+    if config["dataset"] == "niah":
+        summary = write_summary(results, directory / "summary.csv", NIAH_KEYS)
+        heatmap(summary, directory / "niah.png")
+        write_config(directory / "config.json", config)
+        return results, summary
     summary = write_summary(results, directory / "summary.csv")
     details = config["model_details"]
     labels = {name: entry.get("label", "") for name, entry in details.items()}
@@ -360,4 +371,33 @@ def plot(
     """`figure` written to `path` as a PNG."""
     buffer = io.BytesIO()
     figure(summary, metric, title, labels, drop_rates).savefig(buffer, format="png", dpi=120)
+    write_atomic(path, buffer.getvalue())
+
+
+def heatmap(summary: pd.DataFrame, path: Path, metric: str = "exact_hit") -> None:
+    """Needle in a haystack as the field draws it: per model and control, accuracy by needle depth (rows)
+    and haystack length (columns), each cell written in, and the mean over depths per length under it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(summary.groupby(["model", "control"], sort=False))
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.6), squeeze=False)
+    for ax, ((model, control), group) in zip(axes[0], groups, strict=False):
+        grid = group.pivot_table(index="depth", columns="haystack_tokens", values=metric, aggfunc="mean")
+        grid = grid.sort_index().sort_index(axis=1)
+        ax.imshow(grid.to_numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [format_size(int(n)) for n in grid.columns], rotation=45)
+        ax.set_yticks(range(grid.shape[0]), [f"{int(d)}%" for d in grid.index])
+        for (i, j), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small")
+        means = " ".join(f"{v:.2f}" for v in grid.mean(axis=0))
+        ax.set_title(f"{model} · {control}\nmean over depths: {means}", fontsize="small")
+        ax.set_xlabel("haystack tokens")
+        ax.set_ylabel("needle depth")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
     write_atomic(path, buffer.getvalue())

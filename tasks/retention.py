@@ -189,10 +189,31 @@ class Planner:
         chunk_tokens, as many as one sample injects (every sample takes all of them, in its own order)."""
         if self._pool is None:
             count = sum(map(len, piece_sizes(self.sweep.points, self.sweep.chunk_tokens)))
+            count += 1 if self.sweep.data.name == "niah" else 0  # a needle skips the rest of a chunk
             self._pool = list(self._stream(count * self.sweep.chunk_tokens).split(self.sweep.chunk_tokens))
         return self._pool
 
+    def haystack(self, sample: Sample) -> tuple[list[Piece], list[Piece]]:
+        """Needle in a haystack: the pool's pieces before the needle (depth% of the haystack's tokens) and
+        after it, both in text order; the haystack after the needle starts at the next chunk."""
+        size = self.sweep.chunk_tokens
+        before = round(sample.haystack * sample.depth / 100)
+        sizes = (
+            chunk_sizes(before, size, within_limit=True),
+            chunk_sizes(sample.haystack - before, size, within_limit=True),
+        )
+        chunks = itertools.count()
+        return [Piece(next(chunks), n) for n in sizes[0]], [Piece(next(chunks), n) for n in sizes[1]]
+
+    def prelude(self, sample: Sample) -> list[Piece]:
+        """Pieces of the pool injected before the evidence (needle in a haystack only)."""
+        return self.haystack(sample)[0] if sample.haystack is not None else []
+
     def stages(self, sample: Sample) -> list[Stage]:
+        if sample.haystack is not None:
+            after = self.haystack(sample)[1]
+            chunks = [self.pool[p.chunk][: p.tokens] for p in after]
+            return [Stage(chunks, sum(p.tokens for p in after), len(after), after)]
         if self.sweep.protocol.carry_memory:
             if self.authors_plan is None:
                 self.authors_plan = self._authors_stages()
@@ -291,16 +312,21 @@ def evidence_survival(
     state: mp.MemoryState, evidence: torch.Tensor | None, read: dict[int, torch.Tensor]
 ) -> dict[str, float | str]:
     """The fraction of the evidence's rows in the short-term and (M+) long-term memory, each the mean over
-    layers, and the fraction of the rows the question retrieved that the evidence wrote (M+); "" where it
-    does not apply (controls, MemoryLLM's LTM)."""
+    layers; the fraction of the rows the question retrieved that the evidence wrote (M+); and the evidence
+    tokens the question read (its rows in the question's prefix: the short-term memory and what it retrieved,
+    the mean over layers), so a miss says whether the memory lost the evidence or the model misread it;
+    "" where it does not apply (controls, MemoryLLM's LTM)."""
     if evidence is None:
         return dict.fromkeys(SURVIVAL, "")
     held = survival(state, evidence)
     retrieved = [share(state.origins, ids, evidence) for ids in read.values()]
+    stm = [torch.isin(state.origins.injections(ids), evidence).sum() for ids in state.memory_ids]  # per layer
+    got = [torch.isin(state.origins.injections(ids), evidence).sum() for ids in read.values()]
     return {
         "evidence_stm": round(held["stm"], 6),
         "evidence_ltm": round(held["ltm"], 6) if "ltm" in held else "",
         "evidence_retrieved": round(sum(retrieved) / len(retrieved), 6) if retrieved else "",
+        "evidence_read": round(float(sum(stm) + sum(got)) / len(stm), 1),
     }
 
 
@@ -491,7 +517,9 @@ class Runner:
         `pool`: the distractors' rows, computed once; on_tokens(n) after each distractor chunk of n tokens."""
         firsts = [state.attach_rows(pool.file) if pool is not None else 0 for state in states]
         evidence = []
-        for sample, state in zip(samples, states, strict=True):
+        for sample, state, first in zip(samples, states, firsts, strict=True):
+            for piece in self.planner.prelude(sample):
+                self.inject_piece(state, piece, pool, first)
             before = state.injections
             for chunk in self.planner.evidence(sample):
                 self.lm.inject(state, chunk)
@@ -506,8 +534,7 @@ class Runner:
                     self.lm.inject_batch(states, torch.stack([stage.chunks[j] for stage in stages]))
                 else:
                     for state, stage, first in zip(states, stages, firsts, strict=True):
-                        piece = stage.pieces[j]
-                        self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
+                        self.inject_piece(state, stage.pieces[j], pool, first)
                 on_tokens(size * len(states))
             distances = [state.tokens_injected - after for state, after in zip(states, after_evidence, strict=True)]
             asked = self.ask(samples, states, questions, MEMORY, distances, stages[0].n_distractors, evidence)
@@ -515,11 +542,20 @@ class Runner:
                 sample_rows.append(row)
         return rows
 
+    def inject_piece(self, state: mp.MemoryState, piece: Piece, pool: EncodedPool | None, first: int) -> None:
+        """Inject a piece of the pool: its rows computed once (`pool`, held by the state from id `first`) or
+        its text."""
+        if pool is None:
+            self.lm.inject(state, self.planner.pool[piece.chunk][: piece.tokens])
+        else:
+            self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
+
     def full_context_unit(self, sample: Sample) -> list[dict]:
         """Evidence, the distractors up to each point and the question as one prompt; the context keeps its
         last (window - question - answer) tokens."""
         question, rows = self.planner.question(sample), []
-        chunks = self.planner.evidence(sample)
+        chunks = [self.planner.pool[p.chunk][: p.tokens] for p in self.planner.prelude(sample)]
+        chunks += self.planner.evidence(sample)
         budget = context_window(self.lm) - len(question) - self.settings.max_new_tokens
         if budget <= 0:
             raise DataError(f"the question of sample {sample.id} does not fit the model's context window")
@@ -578,6 +614,8 @@ class Runner:
             "f1": round(metrics["f1"], 6),
             "latency_ms": round(latency_ms, 1),
             "seed": self.sweep.seed,
+            "depth": "" if sample.depth is None else sample.depth,
+            "haystack_tokens": "" if sample.haystack is None else sample.haystack,
         }
 
     # -- memory carried across samples (authors protocol) ----------------------------------------

@@ -80,6 +80,32 @@ def measure_inject(model: mp.MemoryLLM, tokens: int, repeats: int) -> Figure:
     )
 
 
+def measure_write(model: mp.MemoryLLM, tokens: int, chunks: int, repeats: int) -> Figure:
+    """A training-free model's injection in tokens/s (`model.inject` of `chunks` chunks into one memory: the
+    layer inputs, the eviction and, M+, the long-term memory's keys) vs a plain forward of the same model over
+    the same chunks (no memory, logits at every position): the lower bound of a write, which must read the
+    text once."""
+    ids = [random_ids(tokens, model.cfg.vocab_size, seed) for seed in range(chunks)]
+    plain = mp.MemoryState(memory=torch.empty(model.cfg.num_layers, 0, model.cfg.hidden_size), initialized=False)
+
+    def write() -> None:
+        state = model.new_state(0)
+        for chunk in ids:
+            model.inject(state, chunk)
+
+    fast, slow = paired(write, lambda: [model(chunk[None], plain) for chunk in ids], model.device, repeats)
+    detail = f"model.inject of {chunks} chunks into one memory vs the plain model's forward over them"
+    total = tokens * chunks
+    return Figure(
+        f"inject vs a plain forward ({tokens}-token chunks)",
+        "tok/s",
+        total / fast,
+        total / slow,
+        target=0.8,
+        detail=detail,
+    )
+
+
 def measure_ask(model: mp.MemoryLLM, prompt_tokens: int, new_tokens: int, repeats: int) -> list[Figure]:
     """Time to first token and decode tokens/s of greedy `generate`, memory keys/values reused vs recomputed."""
     state, ids = model.new_state(0), random_ids(prompt_tokens, model.cfg.vocab_size).tolist()
@@ -199,6 +225,10 @@ def run(
     with tempfile.TemporaryDirectory(prefix="mplus-bench-") as tmp:
         for model in models:
             cfg = model.cfg
+            if cfg.training_free is not None:  # the demo: no authors' procedure to compare with
+                log(f"{cfg.kind}: inject vs a plain forward")
+                figures.append(measure_write(model, workload.inject_tokens, 4, repeats))
+                continue
             if cfg.kind == "memoryllm" or len(models) == 1:
                 log(f"{cfg.kind}: inject")
                 figures.append(measure_inject(model, workload.inject_tokens, repeats))

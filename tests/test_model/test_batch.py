@@ -32,8 +32,8 @@ def test_a_batch_of_questions_answers_as_each_alone(name):
     alone = [mp.generate(lm, s, p, settings, keep_logits=True) for s, p in zip(states, prompts, strict=True)]
     together = generate_batch(lm, states, prompts, settings)
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
-    if "free" in name:  # states of different sizes: the prefixes differ in length
-        assert len({lm.prefix_length(s) for s in states}) == 3
+    if "free" in name:  # states of different sizes: the prefixes differ in length (M+: until window and T are full)
+        assert len({lm.prefix_length(s) for s in states}) >= 2
 
 
 def test_first_step_logits_match_and_elements_stop_on_their_own():

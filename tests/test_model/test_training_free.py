@@ -4,12 +4,12 @@ model's CLI wiring (--memory, the default model, the missing-wheel error). No re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import token_ids
 from typer.testing import CliRunner
 
@@ -20,7 +20,7 @@ from model.chunking import chunked
 from model.memory import new_generator
 from model.presets import build_tiny, random_llama_weights
 from model.registry import TINY_LLAMA, build_training_free
-from model.training_free import ltm_blocks, training_free_config
+from model.training_free import bm25, ltm_blocks, term_table, training_free_config
 from mplus_cli import models as cli_models
 from mplus_cli.app import app
 
@@ -102,26 +102,70 @@ def test_a_block_survives_s_full_pool_injections_with_probability_one_minus_k_ov
 
 
 # -- the M+ flavour ----------------------------------------------------------------------------------
-def test_mplus_flavour_moves_evicted_rows_to_the_ltm_with_keys_and_ages():
+def test_mplus_flavour_keeps_a_window_and_moves_older_rows_to_the_ltm_in_text_order_keyed_by_token():
     lm = build_tiny("mplus", capacity=64, retrieved=32)
     state = lm.new_state(0)
     bos = torch.tensor([lm.cfg.bos_token_id])
-    chunks = [token_ids(24, 10 + i) for i in range(6)]  # 144 tokens, 64 stay in the STM
+    chunks = [token_ids(24, 10 + i) for i in range(6)]  # 144 tokens: the last 64 stay in the STM
     for chunk in chunks:
         lm.inject(state, chunk)
     text = torch.cat([lm.layer_inputs(torch.cat([bos, c]))[:, 1:] for c in chunks], dim=1)  # [L, 144, d]
+    tokens = torch.cat(chunks)
     for layer in range(lm.cfg.num_layers):
         ltm = state.ltm.layers[layer]
-        stm_pos, ltm_pos = 143 - state.memory_ages[layer], 143 - ltm.ages  # text positions from ages
-        assert torch.equal(state.memory[layer], text[layer, stm_pos])
-        assert torch.equal(ltm.rows, text[layer, ltm_pos])
-        assert sorted(torch.cat([stm_pos, ltm_pos]).tolist()) == list(range(144))  # each row in one place
-        assert stm_pos.diff().gt(0).all()  # the STM stays in text order
-        x, norm = ltm.rows, lm.model.layers[layer].input_layernorm
-        stats = torch.stack([torch.rsqrt(x.square().mean(-1) + norm.eps), (x * norm.weight).square().sum(-1)], -1)
-        torch.testing.assert_close(ltm.keys, stats)  # an entry keeps two numbers of its row, not a key
-        keys = norm(ltm.rows)  # the retrieval keys, derived from the rows
-        torch.testing.assert_close(state.ltm.key_sums[layer], keys.double().sum(0), rtol=1e-5, atol=1e-5)
+        assert torch.equal(state.memory[layer], text[layer, 80:])  # a window of the last 64 tokens
+        assert torch.equal(ltm.rows, text[layer, :80])  # everything older, in text order
+        assert torch.equal(143 - ltm.ages, torch.arange(80)) and torch.equal(
+            143 - state.memory_ages[layer], torch.arange(80, 144)
+        )
+        terms = lm.retrieval.token_terms(lm).terms
+        assert torch.equal(ltm.keys[:, 0].long(), terms[tokens[:80]])  # an entry's key is its token's term
+
+
+def test_layer0_rows_give_back_their_tokens_in_any_storage_dtype():
+    lm = build_tiny("mplus")
+    terms = mp_terms(lm)
+    ids = token_ids(50, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rows = lm.model.embed_tokens.weight[ids].to(dtype)
+        assert torch.equal(terms.tokens(rows), ids)
+    assert terms.tokens(torch.randn(4, 64)).tolist() == [-1] * 4  # no token's embedding
+
+
+def mp_terms(lm: mp.MemoryLLM):
+    return lm.retrieval.token_terms(lm)
+
+
+def test_token_terms_fold_case_and_spacing_and_drop_stop_words():
+    class Words:  # a tokenizer of five tokens
+        vocab = ["Paris", " paris", " the", ",", " Lisbon"]
+        all_special_tokens = []
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.vocab[i] for i in ids]
+
+        def convert_tokens_to_string(self, tokens):
+            return "".join(tokens)
+
+    terms = term_table(Words(), 6)
+    assert terms[0] == terms[1] >= 0 and terms[4] >= 0 and terms[4] != terms[0]
+    assert terms[2] == terms[3] == terms[5] == -1  # a stop word, punctuation, beyond the tokenizer
+
+
+def test_bm25_matches_the_formula_by_hand():
+    terms = torch.tensor([5, 7, -1, 5, 9, 9, 9, 7])  # two blocks of four positions
+    blocks = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = bm25(terms, blocks, torch.tensor([5, 9]), k1=1.2, b=0.75)
+    avg = (3 + 4) / 2
+    idf = math.log(1 + (2 - 1 + 0.5) / (1 + 0.5))  # each term is in one of the two blocks
+
+    def part(tf, length):
+        return idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * length / avg))
+
+    torch.testing.assert_close(scores, torch.tensor([part(2, 3), part(3, 4)]))
 
 
 def test_ltm_blocks_are_runs_of_consecutive_tokens_cut_every_block_rows():
@@ -136,27 +180,31 @@ def mplus_state_with_ltm(lm: mp.MemoryLLM, tokens: int) -> mp.MemoryState:
     return state
 
 
-def test_retrieval_takes_the_best_scoring_blocks_oldest_first():
-    lm = build_tiny("mplus", capacity=64, retrieved=32)
-    state = mplus_state_with_ltm(lm, 192)  # 128 LTM rows, T = 32: two blocks of 16
-    layer, h = 1, lm.layer_inputs(token_ids(9, 99))[1]  # question states entering layer 1
-    ltm = state.ltm.layers[layer]
-    retrieval = lm.retrieve(layer, state, h)
-    scores = lm.retrieval.row_scores(lm, layer, state.ltm, h)
-    keys = lm.model.layers[layer].input_layernorm(ltm.rows)  # the scores, computed directly from the keys
-    center = keys.mean(0)
-    k, q = F.normalize(keys - center, dim=-1), F.normalize(lm.model.layers[layer].input_layernorm(h) - center, dim=-1)
-    torch.testing.assert_close(scores, ((q @ k.T) / 0.1).softmax(-1).sum(0), rtol=1e-4, atol=1e-5)
-    block = ltm_blocks(ltm.ages, B)
-    best = [
-        int(b) for b in torch.stack([scores[block == b].max() for b in range(int(block.max()) + 1)]).topk(2).indices
+def test_retrieval_finds_the_block_that_shares_the_questions_rare_words_with_its_neighbours_in_text_order():
+    lm = build_tiny("mplus", capacity=64, retrieved=48)  # T = 48: the found block and one on either side
+    encode = lm.tokenizer.encode
+    letters = "bcdefghklmnoprstuvwy"  # the filler never has q, x, z or j in either case
+    rng = torch.Generator().manual_seed(0)
+    filler = [
+        torch.tensor(encode("".join(letters[i] for i in torch.randint(0, 20, (32,), generator=rng)))) for _ in range(8)
     ]
-    expected = torch.nonzero(torch.isin(block, torch.tensor(best)))[:, 0]
-    expected = expected[ltm.ages[expected].argsort(descending=True)]  # oldest first
-    assert torch.equal(retrieval.indices, expected) and torch.equal(retrieval.rows, ltm.rows[expected])
-    target = 77  # a question whose state is one LTM row's finds that row's block
-    found = lm.retrieve(layer, state, ltm.rows[target : target + 1])
-    assert target in found.indices.tolist()
+    filler[3][10:14] = torch.tensor(encode("QXZJ"))  # text positions 106..109: block 6 of 16 (rows 96..111)
+    state = lm.new_state(0)
+    for chunk in filler:
+        lm.inject(state, chunk)  # 256 tokens: 192 in the LTM
+    question = lm.model.embed_tokens.weight[torch.tensor(encode("x?Bz"))]  # layer-0 states of a question
+    chosen = [lm.retrieve(layer, state, question) for layer in range(lm.cfg.num_layers)]
+    assert chosen[0].indices.tolist() == list(range(80, 128))  # blocks 5, 6, 7, in text order
+    for layer, retrieval in enumerate(chosen):  # the same rows at every layer
+        assert torch.equal(retrieval.indices, chosen[0].indices)
+        assert torch.equal(retrieval.rows, state.ltm.layers[layer].rows[80:128])
+
+
+def test_a_question_that_shares_no_token_reads_the_latest_blocks():
+    lm = build_tiny("mplus", capacity=64, retrieved=32)
+    state = mplus_state_with_ltm(lm, 192)  # 128 LTM rows
+    question = lm.model.embed_tokens.weight[torch.tensor([256, 257])]  # special tokens: no search term
+    assert lm.retrieve(0, state, question).indices.tolist() == list(range(96, 128))
 
 
 def test_mplus_flavour_reads_bos_then_the_retrieved_rows_then_the_stm():
