@@ -41,8 +41,8 @@ from .mplus import MPlus, Retrieval
 TRAINING_FREE_LABEL = "training-free memory, demo"
 DEFAULT_CAPACITY = 1024  # MemoryLLM flavour: short-term rows per layer
 DEFAULT_BLOCK = 16  # MemoryLLM flavour: rows are evicted in blocks of consecutive tokens
-MPLUS_WINDOW = 256  # M+ flavour: the short-term memory, a window of the last tokens
-MPLUS_RETRIEVED = 512  # M+ flavour: long-term rows read back per layer at a question
+MPLUS_WINDOW = 32  # M+ flavour: the short-term memory, a window of the last tokens
+MPLUS_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
 MPLUS_BLOCK = 32  # M+ flavour: the long-term memory is searched in blocks of this many tokens
 DEFAULT_CONTEXT = 1  # M+ flavour: blocks read on either side of a block the question found
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
@@ -219,8 +219,8 @@ class TokenTerms:
 
     A layer-0 row is its token's input embedding, so the text of the memory is known from its rows: a row's
     bits are hashed and looked up among the embedding table's (rounded to the rows' dtype), and checked
-    equal. A token's term is its text lower-cased without spaces and punctuation; stop words, punctuation
-    and unknown rows have none (-1)."""
+    equal. A token's term is the English stem of its text lower-cased without spaces and punctuation; stop
+    words, punctuation and unknown rows have none (-1)."""
 
     def __init__(self, model: MemoryLLM):
         self.embedding = model.model.embed_tokens.weight.detach().cpu()  # [V, d]
@@ -268,10 +268,14 @@ STOP_WORDS = frozenset(
 
 
 def term_table(tokenizer, vocab: int) -> torch.Tensor:
-    """[V] the term id of every token: equal for tokens whose text is the same word in any case or spacing;
-    -1 for stop words, punctuation and special tokens. Without a tokenizer every token is its own term."""
+    """[V] the term id of every token: equal for tokens whose text has the same English stem in any case or
+    spacing (Snowball: "died" and "die"); -1 for stop words, punctuation and special tokens. Without a
+    tokenizer every token is its own term."""
+    import snowballstemmer
+
     if tokenizer is None:
         return torch.arange(vocab)
+    stem = snowballstemmer.stemmer("english").stemWord
     texts = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
     specials = set(getattr(tokenizer, "all_special_tokens", []))
     ids: dict[str, int] = {}
@@ -281,7 +285,7 @@ def term_table(tokenizer, vocab: int) -> torch.Tensor:
             continue
         word = "".join(ch for ch in tokenizer.convert_tokens_to_string([text]).lower() if ch.isalnum())
         if word and word not in STOP_WORDS:
-            terms[token] = ids.setdefault(word, len(ids))
+            terms[token] = ids.setdefault(stem(word), len(ids))
     return terms
 
 
