@@ -162,3 +162,12 @@ def test_bad_options_are_one_line_usage_errors(args, message, monkeypatch):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert json.loads(result.stdout)["exit_code"] == 2
+
+
+@pytest.mark.parametrize("name", ["tiny-free", "tiny-free-mplus"])
+def test_a_training_free_model_reports_its_inject_next_to_a_plain_forward(name):
+    result = runner.invoke(app, ["--model", name, "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    (figure,) = json.loads(result.stdout)["figures"]
+    assert figure["name"].startswith("inject vs a plain forward") and figure["target"] == ">= 0.8"
+    assert figure["optimized"] > 0 and figure["baseline"] > 0 and figure["unit"] == "tok/s"
