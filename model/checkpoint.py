@@ -27,7 +27,7 @@ from .ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from .memory import MemoryState, stm_rows
 from .memoryllm import MemoryLLM
 from .provenance import Origins
-from .registry import MODELS, build_model, build_training_free
+from .registry import MODELS, aligned, build_model, build_training_free
 
 HUB_MODELS = {name: MODELS[name].repo for name in MODELS if MODELS[name].family == "hub"}  # alias -> repo id
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
@@ -210,7 +210,7 @@ def load_checkpoint(
                 if not _shape_fits(tuple(t.shape), expected[key]):
                     wrong_shapes.append(f"{key} {tuple(t.shape)} (expected {expected[key]})")
                 if t.is_floating_point() and not is_state_key(key):
-                    t = t.to(device=device, dtype=dtype)
+                    t = aligned(t.to(device=device, dtype=dtype))
                 tensors[key] = t
     if cfg.kind == "mplus" and not wrong_shapes:
         wrong_shapes = _uneven_ltm(tensors, cfg.num_layers)

@@ -217,6 +217,13 @@ def build_model(cfg: ModelConfig) -> MemoryLLM:
     return MPlus(cfg, **chosen) if cfg.kind == "mplus" else MemoryLLM(cfg, **chosen)
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in storage aligned as the allocator aligns it: safetensors hands out views into the file at any
+    offset, and CPU matmul kernels give results that differ in the last bit on unaligned weights (so a
+    model loaded from its checkpoint would not answer bit for bit like the one that saved it)."""
+    return t if t.device.type != "cpu" or t.data_ptr() % 64 == 0 else t.clone()
+
+
 def build_training_free(
     cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
 ) -> MemoryLLM:
@@ -235,7 +242,7 @@ def build_training_free(
     if problems:
         raise ValueError(f"the weights do not match the Llama config: {', '.join(problems)}")
     computed = {name: torch.zeros(model.get_parameter(name).shape) for name in COMPUTED}
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in (weights | computed).items()}
+    state_dict = {k: aligned(v.to(device=device, dtype=dtype)) for k, v in (weights | computed).items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval().requires_grad_(False)
     model.write.prepare(model)
