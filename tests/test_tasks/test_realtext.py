@@ -113,6 +113,9 @@ def test_niah_samples_cover_needles_lengths_and_depths(tmp_path):
     assert all(needle.answer not in " ".join(realtext.essays(tmp_path)) for needle in realtext.NEEDLES)
     with pytest.raises(DataError, match="at least 64"):
         realtext.niah((10,), None, 0, tmp_path)
+    essays = realtext.essays(tmp_path)
+    longer = realtext.haystack(3 * sum(map(len, essays)) + 1, tmp_path)  # more than the essays hold: they repeat
+    assert longer == [*essays, *essays, *essays, essays[0]]
 
 
 def test_a_haystack_is_cut_around_the_needle_at_its_depth(tokenizer=None):
