@@ -230,10 +230,14 @@ class TokenTerms:
         self.tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.terms = term_table(model.tokenizer, self.embedding.shape[0])  # [V]
 
-    def hash(self, rows: torch.Tensor) -> torch.Tensor:
-        """[n] int64 of rows [n, d] (2- or 4-byte floats), from their bits."""
-        bits = rows.contiguous().view(torch.int16).long()  # [n, d * itemsize / 2]
-        return bits @ self.weights[: bits.shape[1]]
+    def hash(self, rows: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+        """[n] int64 of rows [n, d] (2- or 4-byte floats), from their bits; `batch` rows at a time (the int64
+        copy of the bits is 4 or 8 times the rows)."""
+        out = torch.empty(rows.shape[0], dtype=torch.long)
+        for start in range(0, rows.shape[0], batch):
+            bits = rows[start : start + batch].contiguous().view(torch.int16).long()  # [b, d * itemsize / 2]
+            out[start : start + batch] = bits @ self.weights[: bits.shape[1]]
+        return out
 
     def table(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeddings in dtype [V, d], their hashes sorted [V], the token of each sorted hash [V])."""
