@@ -272,7 +272,7 @@ def checkpoint_state(
 def carried_tensors(state: MemoryState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What a checkpoint carries beside the authors' layout so that its memory continues exactly like the
     state: the drop generator and counters; M+: the short-term ages, the exact recall frequencies (the
-    layout has float32), the dropped-row cache and its step, and a training-free LTM's key sums."""
+    layout has float32), the dropped-row cache and its step."""
     tensors = {"generator_state": state.generator.get_state()}
     if len(state.origins):
         tensors["row_origins"] = state.origins.lookup(state.saved_row_ids()).to(torch.int32)  # [m, 3]
@@ -281,7 +281,6 @@ def carried_tensors(state: MemoryState) -> tuple[dict[str, torch.Tensor], dict[s
         ltm = state.ltm
         tensors |= {"memory_ages": state.memory_ages} | dict(zip(CACHE_KEYS, ltm.cache_tuple(), strict=True))
         tensors |= {f"ltm_recall_frequencies_exact.{i}": x.recall_frequencies for i, x in enumerate(ltm.layers)}
-        tensors |= {} if ltm.key_sums is None else {"ltm_key_sums": ltm.key_sums}
         meta["update_step"] = ltm.update_step
     return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}, meta
 

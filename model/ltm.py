@@ -335,11 +335,7 @@ class LayerLTM:
 
 
 class LongTermMemory:
-    """Every layer's LTM plus the dropped-row cache that the next merge moves into it.
-
-    key_sums [L, w] float64, optional: the sum of every layer's (derived) keys over its LTM rows, kept by
-    models that center their retrieval scores on the mean key (the training-free demo; it never prunes).
-    """
+    """Every layer's LTM plus the dropped-row cache that the next merge moves into it."""
 
     def __init__(
         self,
@@ -347,12 +343,10 @@ class LongTermMemory:
         layers: list[LayerLTM],
         cached_entries: torch.Tensor,
         update_step: int = 0,
-        key_sums: torch.Tensor | None = None,
     ):
         self.bank, self.layers = bank, layers
         self._cached_entries = Growing(cached_entries.to(torch.int64), dim=1)  # [L, C] rows dropped since the merge
         self.update_step = update_step  # tokens written since the last merge (K per injection)
-        self.key_sums = key_sums
 
     cached_entries = property(lambda self: self._cached_entries.value)
 
@@ -384,7 +378,6 @@ class LongTermMemory:
         update_step: int = 0,
         space: RowSpace | None = None,
         key_dtype: torch.dtype | None = None,
-        key_sums: torch.Tensor | None = None,
     ) -> LongTermMemory:
         """An LTM of (rows [n_l, d], keys [n_l, s], recall frequencies [n_l], ages [n_l]) per layer and an
         optional cache (rows [L, C, d], keys [L, C, s], ages [L, C]). The rows join `space` (a new one
@@ -406,7 +399,7 @@ class LongTermMemory:
         parts = [LayerLTM(bank, torch.arange(starts[i], starts[i + 1]), layers[i][2]) for i in range(L)]
         C = 0 if cached is None else cached[1].shape[1]
         entries = int(starts[-1]) + torch.arange(L * C).view(L, C)  # [L, C]: the cache follows the layers
-        return cls(bank, parts, entries, update_step, key_sums)
+        return cls(bank, parts, entries, update_step)
 
     @property
     def cache_size(self) -> int:
@@ -459,8 +452,7 @@ class LongTermMemory:
     def clone(self) -> LongTermMemory:
         bank = self.bank.clone()
         layers = [layer.rebound(bank) for layer in self.layers]
-        key_sums = None if self.key_sums is None else self.key_sums.clone()
-        return LongTermMemory(bank, layers, self.cached_entries.clone(), self.update_step, key_sums)
+        return LongTermMemory(bank, layers, self.cached_entries.clone(), self.update_step)
 
     def layer_tuples(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(rows, keys, recall frequencies, ages) per layer, gathered."""
@@ -477,16 +469,14 @@ class LongTermMemory:
         layers = [(r.to(dtype), cast(k), rf, a) for r, k, rf, a in self.layer_tuples()]
         rows, keys, ages = self.cache_tuple()
         space = space or RowSpace(self.rows.width, dtype)
-        return LongTermMemory.from_rows(
-            layers, (rows.to(dtype), cast(keys), ages), self.update_step, space, key_dtype, self.key_sums
-        )
+        return LongTermMemory.from_rows(layers, (rows.to(dtype), cast(keys), ages), self.update_step, space, key_dtype)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for i, values in enumerate(self.layer_tuples()):
             tensors |= {name: value.contiguous() for name, value in zip(layer_keys(i), values, strict=True)}
         cache = {name: value.contiguous() for name, value in zip(CACHE_KEYS, self.cache_tuple(), strict=True)}
-        return tensors | cache | ({} if self.key_sums is None else {"ltm_key_sums": self.key_sums})
+        return tensors | cache
 
     def to_meta(self) -> dict[str, Any]:
         meta = {"update_step": self.update_step, "sizes": self.sizes(), "cached_rows": self.cache_size}
@@ -505,14 +495,13 @@ class LongTermMemory:
         L = cached[0].shape[0]
         layers = [tuple(tensors[name].cpu() for name in layer_keys(i)) for i in range(L)]
         key_dtype = getattr(torch, meta["key_dtype"]) if "key_dtype" in meta else None
-        key_sums = tensors.get("ltm_key_sums")
-        return cls.from_rows(layers, cached, int(meta["update_step"]), space, key_dtype, key_sums)
+        return cls.from_rows(layers, cached, int(meta["update_step"]), space, key_dtype)
 
     def layout(self) -> dict[str, torch.Tensor]:
         """Everything but the bank, compactly: per layer the runs of its entry ids and its recall
         frequencies run-length encoded, and the runs of the cache's entry ids. O(runs), not O(rows):
         entries come in blocks of consecutive ids and one merge gives its rows one recall frequency."""
-        tensors = {} if self.key_sums is None else {"ltm_key_sums": self.key_sums}
+        tensors = {}
         for i, layer in enumerate(self.layers):
             values, counts = torch.unique_consecutive(layer.recall_frequencies, return_counts=True)
             tensors |= {f"ltm_runs.{i}": runs_of(layer.entries), f"ltm_rf.{i}": values, f"ltm_rf_counts.{i}": counts}
@@ -528,7 +517,7 @@ class LongTermMemory:
             rf = tensors[f"ltm_rf.{i}"].repeat_interleave(tensors[f"ltm_rf_counts.{i}"])
             layers.append(LayerLTM(bank, from_runs(tensors[f"ltm_runs.{i}"]), rf))
         cached = torch.stack([from_runs(tensors[f"cache_runs.{i}"]) for i in range(L)])  # [L, C]
-        return cls(bank, layers, cached, int(meta["update_step"]), tensors.get("ltm_key_sums"))
+        return cls(bank, layers, cached, int(meta["update_step"]))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The LTM in the authors' checkpoint layout: recall frequencies and ages as float32."""
@@ -552,7 +541,7 @@ class LongTermMemory:
         """The LTM of a checkpoint: rows in `dtype`, keys in `key_dtype` (default: `dtype`), recall frequencies
         as float64, ages truncated to int64 (the stored float ages hold integers). The cache starts empty,
         unless the checkpoint `carried` what the authors' layout lacks (see checkpoint.carried_tensors): the
-        exact recall frequencies, the cache, the LTM's key sums."""
+        exact recall frequencies and the cache."""
         carried = carried or {}
         layers = []
         for i in range(num_layers):
@@ -560,4 +549,4 @@ class LongTermMemory:
             rf = carried.get(f"ltm_recall_frequencies_exact.{i}", rf)
             layers.append((rows.to(dtype), keys.to(key_dtype or dtype), rf.to(torch.float64), ages.to(torch.int64)))
         cached = tuple(carried[name] for name in CACHE_KEYS) if CACHE_KEYS[0] in carried else None
-        return cls.from_rows(layers, cached, update_step, space, key_dtype, carried.get("ltm_key_sums"))
+        return cls.from_rows(layers, cached, update_step, space, key_dtype)

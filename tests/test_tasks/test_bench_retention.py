@@ -205,6 +205,11 @@ def test_prompts_per_protocol(tiny):
     assert [len(c) for c in clean.evidence(sample)] == [512, 88]  # all of the evidence, in chunks
 
 
+def test_a_needle_is_answered_in_a_sentence_other_questions_in_a_phrase():
+    assert [protocol_for("clean", name).max_new_tokens for name in ("squad", "news", "niah")] == [16, 16, 32]
+    assert protocol_for("authors", "squad").max_new_tokens == 10
+
+
 def test_chat_asks_the_bare_question_in_the_chat_template(tmp_path):
     tokenizer = mp.load("tiny").tokenizer
     tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
