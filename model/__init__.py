@@ -6,7 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
+from .core.config import ModelConfig, config_from_hf, read_config
+from .core.generate import DecodeSettings, Generation, generate, generate_batch
+from .core.layers import KVCache
+from .core.memoryllm import InjectResult, MemoryLLM
+from .core.mplus import MPlus, Retrieval
+from .memory.state import MemoryState
+from .policies.training_free import TRAINING_FREE_LABEL
+from .text.tokenizer import has_tokenizer, load_tokenizer
+from .zoo.checkpoint import (
     CARRIED_STATE,
     HUB_MODELS,
     CheckpointError,
@@ -14,17 +22,9 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import ModelConfig, config_from_hf, read_config
-from .generate import DecodeSettings, Generation, generate, generate_batch
-from .layers import KVCache
-from .memory import MemoryState
-from .memoryllm import InjectResult, MemoryLLM
-from .mplus import MPlus, Retrieval
-from .presets import PRESETS, UNTRAINED_LABEL, build_preset, build_tiny
-from .registry import MODELS, build_model, from_name, names
-from .smollm2 import load_smollm2
-from .tokenizer import has_tokenizer, load_tokenizer
-from .training_free import TRAINING_FREE_LABEL
+from .zoo.presets import PRESETS, UNTRAINED_LABEL, build_preset, build_tiny
+from .zoo.registry import MODELS, build_model, from_name, names
+from .zoo.smollm2 import load_smollm2
 
 # built-in models that need no checkpoint directory: seeded random presets and the SmolLM2 demo model
 BUILTIN_MODELS = names("preset", "training-free", "demo")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -19,11 +19,12 @@ import torch
 import typer
 
 import model as mp
-from model import catalog
 from model import store as st
-from model.chunking import MIN_CHUNK_TOKENS
-from model.provenance import retrievals
-from model.tokenizer import chat_ids, decode, encode, has_chat_template, wants_chat
+from model.memory.provenance import retrievals
+from model.text.chunking import MIN_CHUNK_TOKENS
+from model.text.sources import plan_source
+from model.text.tokenizer import chat_ids, decode, encode, has_chat_template, wants_chat
+from model.zoo import catalog
 
 from . import inputs
 from .bench import bench_app
@@ -164,156 +165,38 @@ def create_or_join(root: Path, name: str, lm: mp.MemoryLLM, ref: dict, seed: int
         return session
 
 
-def resume_plan(session: st.Session, sources: list[inputs.Source], resume: bool, chunk_tokens: int) -> list[int]:
-    """Chunks to skip per source. With --resume: a source the log records as injected is skipped whole, the
-    source of the session's partial injection continues after its committed chunks. Without it, a source
-    that is the session's partial injection is refused (it would be injected twice)."""
-    partial = session.partial
-    if not resume:
-        if partial and any(s.sha256 == partial["sha256"] for s in sources):
-            raise ConflictError(
-                f"session {session.name!r} holds a partial injection of {partial['source']} "
-                f"({partial['chunks_done']} of {partial['chunks_total']} chunks committed): add --resume to continue it"
-            )
-        return [0] * len(sources)
-    injected = {entry["sha256"] for entry in session.log() if not entry.get("partial")}
-    skips = []
-    for source in sources:
-        if source.sha256 in injected:
-            say(f"mplus: {source.name}: already injected into session {session.name!r}, skipped")
-            skips.append(source.chunks)
-        elif partial and partial["sha256"] == source.sha256:
-            if partial["chunk_tokens"] != chunk_tokens:
-                raise ConflictError(
-                    f"the partial injection of {source.name} was cut into chunks of {partial['chunk_tokens']} "
-                    f"tokens: add --chunk-tokens {partial['chunk_tokens']} to resume it"
-                )
-            say(f"mplus: {source.name}: resuming after chunk {partial['chunks_done']} of {partial['chunks_total']}")
-            skips.append(partial["chunks_done"])
-        else:
-            skips.append(0)
-    return skips
-
-
-@dataclass
-class InjectRun:
-    """What an inject call has done (for its report, and the message if it is interrupted)."""
-
-    root: Path
-    session: str
-    tokens: int = 0
-    chunks: int = 0
-    first_commit: int | None = None  # the session's commit when this call took the writer lock
-    current: inputs.Source | None = None
-    logged: list[dict] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    load_s: float = 0.0  # loading the model and the session's memory
-    inject_s: float = 0.0  # injecting and committing
-    first_commit_s: float | None = None  # from the start to the first committed chunk
-
-    def timing(self) -> dict[str, float | None]:
-        """Seconds and injected tokens per second, for --json."""
-        rate = self.tokens / self.inject_s if self.inject_s > 0 else 0.0
-        return {
-            "load_s": round(self.load_s, 4),
-            "first_commit_s": None if self.first_commit_s is None else round(self.first_commit_s, 4),
-            "inject_s": round(self.inject_s, 4),
-            "total_s": round(time.perf_counter() - self.started, 4),
-            "tokens_per_s": round(rate, 2),
-        }
-
-    def interrupted(self) -> Interrupted:
-        """What the session holds now, read back from its committed manifest (Ctrl-C can come right after a
-        commit, before this call counted it)."""
-        if self.first_commit is None:
-            return Interrupted(f"interrupted; nothing was injected into session {self.session!r}")
-        found = st.Session.open(self.root, self.session)
-        partial, source = found.partial, self.current
-        if partial and source is not None and partial["sha256"] == source.sha256:
-            again = f"{'-' if source.name == '<stdin>' else source.name} --session {self.session} --resume`"
-            again += " with the same input on stdin" if source.name == "<stdin>" else ""
-            return Interrupted(
-                f"interrupted; session {self.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
-                f"chunks of {source.name}: continue with `mplus inject {again}"
-            )
-        new = found.manifest["commit"] - self.first_commit
+def interrupted(run: st.InjectRun) -> Interrupted:
+    """What the session holds now, read back from its committed manifest (Ctrl-C can come right after a
+    commit, before the run counted it)."""
+    if run.first_commit is None:
+        return Interrupted(f"interrupted; nothing was injected into session {run.session!r}")
+    found = st.Session.open(run.root, run.session)
+    partial, source = found.partial, run.current
+    if partial and source is not None and partial["sha256"] == source.sha256:
+        again = f"{'-' if source.name == '<stdin>' else source.name} --session {run.session} --resume`"
+        again += " with the same input on stdin" if source.name == "<stdin>" else ""
         return Interrupted(
-            f"interrupted; session {self.session!r} keeps the {new} chunks this command committed"
-            if new
-            else f"interrupted; session {self.session!r} is unchanged"
+            f"interrupted; session {run.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
+            f"chunks of {source.name}: continue with `mplus inject {again}"
         )
+    new = found.manifest["commit"] - run.first_commit
+    return Interrupted(
+        f"interrupted; session {run.session!r} keeps the {new} chunks this command committed"
+        if new
+        else f"interrupted; session {run.session!r} is unchanged"
+    )
 
 
-def inject_sources(
-    writer: st.Writer, lm: mp.MemoryLLM, sources: list[inputs.Source], skips: list[int], chunk_tokens: int, run
-) -> mp.MemoryState:
-    """Inject every chunk not skipped, committing after each: a crash or Ctrl-C loses at most one chunk."""
-    loading = time.perf_counter()
-    state = writer.load_state(lm.initial_state, lm.device)
-    begun = time.perf_counter()
-    run.load_s += begun - loading
-    run.first_commit, abandoned = writer.session.manifest["commit"], writer.session.partial
+def inject_with_progress(writer: st.Writer, lm: mp.MemoryLLM, sources, skips, chunk_tokens: int, run) -> mp.MemoryState:
+    """st.inject_sources under a progress bar of the chunks to inject."""
     total = sum(s.chunks - skip for s, skip in zip(sources, skips, strict=True))
     with progress_bar(total) as bar:
         task = bar.add_task("injecting", total=total)
-        for source, skip in zip(sources, skips, strict=True):
-            if skip == source.chunks:
-                continue
-            run.current = source
-            bar.update(task, description=f"{Path(source.name).name}")
-            for i, chunk in enumerate(inputs.source_chunks(source, lm.tokenizer, chunk_tokens)):
-                if i < skip:
-                    continue
-                writer.inject(lm, state, torch.tensor(chunk, dtype=torch.long))
-                log, done = [], i + 1
-                if abandoned and abandoned["sha256"] != source.sha256:  # another source stopped part-way before
-                    log.append(abandoned_entry(abandoned))
-                    say(f"mplus: note: the partial injection of {abandoned['source']} stays partial (see the log)")
-                abandoned = None
-                partial = partial_entry(source, chunk_tokens, done, sum(source.chunk_sizes[:done]))
-                if done == source.chunks:
-                    log.append(source_entry(source, chunk_tokens, resumed=skip > 0))
-                    partial = None
-                writer.commit(state, log, partial)
-                run.tokens, run.chunks = run.tokens + len(chunk), run.chunks + 1
-                run.logged += [entry for entry in log if not entry.get("partial")]
-                if run.first_commit_s is None:
-                    run.first_commit_s = time.perf_counter() - run.started
-                bar.advance(task)
-    run.inject_s = time.perf_counter() - begun
-    return state
 
+        def advance(source) -> None:
+            bar.update(task, advance=1, description=Path(source.name).name)
 
-def source_entry(source: inputs.Source, chunk_tokens: int, resumed: bool) -> dict:
-    entry = {"source": source.name, "sha256": source.sha256, "tokens": source.tokens, "chunks": source.chunks}
-    return entry | {"chunk_tokens": chunk_tokens, "at": st.now()} | ({"resumed": True} if resumed else {})
-
-
-def partial_entry(source: inputs.Source, chunk_tokens: int, done: int, tokens_done: int) -> dict:
-    return {
-        "source": source.name,
-        "sha256": source.sha256,
-        "chunk_tokens": chunk_tokens,
-        "chunks_done": done,
-        "chunks_total": source.chunks,
-        "tokens_done": tokens_done,
-        "tokens_total": source.tokens,
-        "at": st.now(),
-    }
-
-
-def abandoned_entry(partial: dict) -> dict:
-    """The log line of a partial injection that another source follows."""
-    return {
-        "source": partial["source"],
-        "sha256": partial["sha256"],
-        "tokens": partial["tokens_done"],
-        "chunks": partial["chunks_done"],
-        "chunks_total": partial["chunks_total"],
-        "chunk_tokens": partial["chunk_tokens"],
-        "partial": True,
-        "at": partial["at"],
-    }
+        return st.inject_sources(writer, lm, sources, skips, chunk_tokens, run, advance, say)
 
 
 def context_window(lm: mp.MemoryLLM) -> int | None:
@@ -383,7 +266,7 @@ def inject(
     Example: mplus inject notes.txt --session s1 --model tiny-mplus
     """
     storage, target = dtype_option(dtype), pick_device(device)
-    run = InjectRun(store_root(store), session)
+    run = st.InjectRun(store_root(store), session)
     try:
         with contextlib.ExitStack() as stack:
             existing, lm = bound_session(run.root, session, model, memory, tokenizer, seed, storage, target)
@@ -394,11 +277,11 @@ def inject(
             if existing is None:
                 existing = new_session(run.root, session, lm, tokenizer, seed, storage)
             with existing.writer() as writer:
-                skips = resume_plan(writer.session, sources, resume, chunk_tokens)
-                state = inject_sources(writer, lm, sources, skips, chunk_tokens, run)
+                skips = st.resume_plan(writer.session, sources, resume, chunk_tokens, say)
+                state = inject_with_progress(writer, lm, sources, skips, chunk_tokens, run)
                 committed = writer.session
     except KeyboardInterrupt:
-        raise run.interrupted() from None
+        raise interrupted(run) from None
     if as_json:
         emit(inject_report(run, committed, state))
     else:
@@ -412,7 +295,7 @@ def plan_sources(stack: contextlib.ExitStack, paths: list[str], lm: mp.MemoryLLM
     """Each path ('-': stdin, spooled) read once, checked and cut into chunks of the model's tokens."""
     files = [stack.enter_context(inputs.spooled_stdin()) if p == "-" else inputs.check_path(p) for p in paths]
     names = ["<stdin>" if p == "-" else p for p in paths]
-    return [inputs.plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
+    return [plan_source(n, f, lm.tokenizer, chunk_tokens) for n, f in zip(names, files, strict=True)]
 
 
 def new_session(
@@ -424,7 +307,7 @@ def new_session(
     return create_or_join(root, name, lm, ref, seed, storage or mp.storage_dtype(lm))
 
 
-def inject_report(run: InjectRun, committed: st.Session, state: mp.MemoryState) -> dict[str, Any]:
+def inject_report(run: st.InjectRun, committed: st.Session, state: mp.MemoryState) -> dict[str, Any]:
     """inject --json."""
     return {
         "session": run.session,
@@ -994,6 +877,6 @@ def parity(
 
     Example: mplus parity tests/fixtures/official/memoryllm
     """
-    from model.parity import main as parity_main
+    from model.testing.parity import main as parity_main
 
     raise typer.Exit(parity_main([str(d) for d in directories]))

@@ -18,7 +18,8 @@ import torch
 import typer
 
 import model as mp
-from model.tokenizer import has_chat_template
+from model import store as st
+from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
 from tasks.launch import SLURM, TORCHRUN, Launch, barrier, detect, process_group
@@ -370,7 +371,7 @@ def bench_retention(
     )
     config = retention_config(plan)
     check_output(plan, resume)
-    with task_errors(), process_group(plan.launch, plan.device):
+    with task_errors(), writing_into(plan.run_dir), process_group(plan.launch, plan.device):
         if resume:
             res.check_resumable(plan.run_dir / "config.json", config, RESUME_KEYS)
         n_samples, warnings, config = run_sweep(plan, config)
@@ -557,6 +558,15 @@ def check_output(plan: RetentionPlan, resume: bool) -> None:
             raise ConflictError(
                 f"{directory} already holds results: pass --resume to continue them or choose another --output"
             )
+
+
+@contextmanager
+def writing_into(directory: Path) -> Iterator[None]:
+    """The run directory, held by this process alone: a second run into it (another --shard given the same
+    --output) is refused instead of writing the same results.csv and cache files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with st.files.exclusive_lock(directory / ".lock", str(directory), timeout_s=0, what="output directory"):
+        yield
 
 
 def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:

@@ -6,7 +6,7 @@ import dataclasses
 
 import typer
 
-from model import catalog
+from model.zoo import catalog
 
 from .common import JsonOpt, columns, emit, handle_errors, human_bytes, human_count
 from .models import requested_model

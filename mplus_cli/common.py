@@ -23,6 +23,7 @@ except ImportError:
 
 import model as mp
 from model import store as st
+from model.text.sources import SourceError
 
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
 from .models import DEFAULT_MODEL
@@ -155,7 +156,7 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:
             code = exit_code(e)
-            expected = isinstance(e, MplusError | st.StoreError | st.DamagedFile)
+            expected = isinstance(e, MplusError | st.StoreError | st.DamagedFile | SourceError)
             message = str(e) if expected else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
             if OPTIONS["debug"]:
                 traceback.print_exc()

@@ -14,12 +14,12 @@ import torch
 
 import model as mp
 from model import store as st
-from model.chunking import chunked, token_stream
-from model.provenance import survival
-from model.tokenizer import decode
+from model.memory.provenance import survival
+from model.text.chunking import chunked, token_stream
+from model.text.sources import text_blocks
+from model.text.tokenizer import decode
 
 from .errors import MplusError
-from .inputs import text_blocks
 
 RECENT = 5  # recent injections whose short-term share is shown
 TOP = 8  # injections named in the total (the rest are summed)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import model as mp
 from model import store as st
-from model.checkpoint import is_saved_checkpoint
+from model.zoo.checkpoint import is_saved_checkpoint
 
 from .common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, emit, handle_errors
 from .errors import ConflictError, NotFoundError, UsageError

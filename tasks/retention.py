@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 import model as mp
-from model.chunking import MIN_CHUNK_TOKENS, chunk_sizes
-from model.provenance import retrievals_by_state, share, survival
-from model.rows import FileArray
-from model.tokenizer import chat_ids, decode, encode
+from model.memory.provenance import retrievals_by_state, share, survival
+from model.memory.rows import FileArray
+from model.text.chunking import MIN_CHUNK_TOKENS, chunk_sizes
+from model.text.tokenizer import chat_ids, decode, encode
 
 from .data import DataError, QAData, Sample
 from .metrics import score

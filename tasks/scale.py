@@ -37,11 +37,11 @@ import torch
 
 import model as mp
 from model import store as st
-from model.config import ModelConfig, config_from_hf
-from model.ltm import EntryBank, LayerLTM, LongTermMemory
-from model.memory import draw_permutations, drop_and_append
-from model.rows import SUM_BLOCK_BYTES, FileArray, RowSpace, block_sums
-from model.tokenizer import decode, encode
+from model.core.config import ModelConfig, config_from_hf
+from model.memory.ltm import EntryBank, LayerLTM, LongTermMemory
+from model.memory.rows import SUM_BLOCK_BYTES, FileArray, RowSpace, block_sums
+from model.memory.state import draw_permutations, drop_and_append
+from model.text.tokenizer import decode, encode
 
 from .baselines import authors_cold_ask, load_snapshot
 from .data import prose_passage

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 import model as mp
-from model.ltm import LongTermMemory
-from model.registry import MODELS
+from model.memory.ltm import LongTermMemory
+from model.zoo.registry import MODELS
 
 from .baselines import authors_ask, authors_delta, authors_retrieve
 from .figures import Figure, Report

@@ -11,7 +11,7 @@ import torch
 
 import model as mp
 from model import store as st
-from model.ltm import LongTermMemory
+from model.memory.ltm import LongTermMemory
 
 from .baselines import load_snapshot, save_snapshot
 from .figures import Figure

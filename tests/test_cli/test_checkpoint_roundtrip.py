@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
-from model.checkpoint import CARRIED_STATE
+from model.zoo.checkpoint import CARRIED_STATE
 from mplus_cli.app import app
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import model as mp
-from model.tokenizer import chat_ids, chat_text, encode
+from model.text.tokenizer import chat_ids, chat_text, encode
 from mplus_cli import app as cli
 from mplus_cli.app import app
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
-from model.checkpoint import resolve_checkpoint
+from model.zoo.checkpoint import resolve_checkpoint
 from mplus_cli.app import app
 from mplus_cli.common import human_bytes, human_count, plural
 

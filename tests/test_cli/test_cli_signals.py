@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from model import store as st
-from model.chunking import chunk_sizes
+from model.text.chunking import chunk_sizes
 from mplus_cli.app import app
 
 TEXT = "Alice keeps the spare key under the blue flowerpot by the back door. " * 12  # 828 byte tokens
@@ -137,7 +137,7 @@ def test_ctrl_c_while_reading_the_input_creates_no_session(tmp_path, store, text
 def test_ctrl_c_during_the_model_compute_leaves_the_session_unchanged(tmp_path, store, session, text_file):
     before = committed(store, session)
     args = ["inject", text_file, "-s", session, "--store", store]
-    proc, _ = interrupted(tmp_path, "model.memoryllm:MemoryLLM.inject", *args)
+    proc, _ = interrupted(tmp_path, "model.core.memoryllm:MemoryLLM.inject", *args)
     assert only_line(proc) == f"mplus: error: interrupted; session {session!r} is unchanged"
     assert committed(store, session) == before
 
@@ -148,7 +148,7 @@ def test_ctrl_c_during_a_commit_finishes_it_and_says_so(tmp_path, store, session
     other = tmp_path / "other.txt"
     other.write_text(TEXT.upper())  # a new source of len(sizes) chunks
     args = ["inject", other, "-s", session, "--store", store, "--chunk-tokens", 256]
-    proc, _ = interrupted(tmp_path, "model.store:append_after", *args)
+    proc, _ = interrupted(tmp_path, "model.store.session:append_after", *args)
     line = only_line(proc)
     assert f"session {session!r} keeps 1 of {len(sizes)} chunks of {other}" in line and "--resume" in line
     assert committed(store, session) == (commit + 1, tokens + sizes[0])
@@ -158,7 +158,7 @@ def test_ctrl_c_during_a_commit_finishes_it_and_says_so(tmp_path, store, session
 def test_ctrl_c_during_an_answer_changes_nothing(tmp_path, store, session):
     before = committed(store, session)
     args = ["ask", "Where is the key?", "-s", session, "--store", store, "--max-new-tokens", 8]
-    proc, _ = interrupted(tmp_path, "model.generate:pick_token", *args)
+    proc, _ = interrupted(tmp_path, "model.core.generate:pick_token", *args)
     assert only_line(proc) == "mplus: interrupted; every session keeps its last committed state"
     assert committed(store, session) == before
 

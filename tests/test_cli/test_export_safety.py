@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import model as mp
-import model.checkpoint as ckpt
+import model.zoo.checkpoint as ckpt
 from model import store as st
 from mplus_cli.app import app
 from mplus_cli.export import load_exported_memory

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
+from model.text.sources import plan_source
 from mplus_cli.app import app, load_exported_memory
 
 runner = CliRunner()
@@ -312,3 +313,39 @@ def test_the_storage_dtype_is_chosen_for_a_new_session_and_kept(store, text_file
     assert mplus("inject", text_file, *args, "--dtype", "int8").exit_code == 2
     assert mplus("inject", text_file, *args, "--seed", "5").exit_code == 4  # another seed is not silently dropped
     assert mplus("ask", "Where?", *args, "--max-new-tokens", 2).exit_code == 0
+
+
+def test_a_session_injected_from_python_resumes_and_explains_like_one_injected_by_the_cli(store, tmp_path):
+    """The library's inject (what `mplus inject` calls) writes the same log: a Python run stopped part-way
+    is finished by `mplus inject --resume`, which skips what Python injected whole; the memory equals one
+    `mplus inject` of both files, and --explain names the sources."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(TEXT)
+    second.write_text(TEXT.replace("Alice", "Bob") * 4)
+    lm = mp.load("tiny")
+    sources = [plan_source(str(p), p, lm.tokenizer, 32) for p in (first, second)]
+    session = st.Session.create(store, "py", lm.initial_state, st.binding(lm, "tiny"), 0, torch.float32)
+    run, done = st.InjectRun(store, "py"), []
+
+    def stop_in_the_second(source) -> None:
+        done.append(source.name)
+        if done.count(str(second)) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), session.writer() as writer:
+        skips = st.resume_plan(writer.session, sources, False, 32)
+        st.inject_sources(writer, lm, sources, skips, 32, run, stop_in_the_second)
+    assert st.Session.open(store, "py").partial["chunks_done"] == 2
+
+    resumed = mplus("inject", first, second, "-s", "py", "--store", store, "--chunk-tokens", 32, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert "first.txt: already injected" in resumed.stderr and "second.txt: resuming after chunk 2" in resumed.stderr
+    whole = mplus("inject", first, second, "-s", "cli", "--store", store, "--model", "tiny", "--chunk-tokens", 32)
+    assert whole.exit_code == 0, whole.output
+    a, b = (st.Session.open(store, name).load_state(lm.initial_state) for name in ("py", "cli"))
+    assert torch.equal(a.memory, b.memory) and a.tokens_injected == b.tokens_injected
+    log = json.loads(mplus("session", "show", "py", "--store", store, "--json").stdout)["log"]
+    assert [Path(entry["source"]).name for entry in log] == ["first.txt", "second.txt"] and log[1]["resumed"]
+    explained = mplus("ask", "Where is the key?", "-s", "py", "--store", store, "--explain", "--max-new-tokens", 2)
+    assert explained.exit_code == 0, explained.output
+    assert "second.txt" in explained.stdout + explained.stderr

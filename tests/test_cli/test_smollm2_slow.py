@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import model as mp
-from model import smollm2
-from model.tokenizer import decode, encode
+from model.text.tokenizer import decode, encode
+from model.zoo import smollm2
 from mplus_cli.app import app
 
 pytestmark = [

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import layers
-from model.layers import attend
+from model.core import layers
+from model.core.layers import attend
 
 CASES = [  # (H, H_kv, q_len, k_len)
     (8, 8, 128, 128),  # q_len == k_len: plain causal

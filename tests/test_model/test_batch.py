@@ -7,7 +7,7 @@ import torch
 from conftest import token_ids
 
 import model as mp
-from model.generate import BatchLayout, generate_batch
+from model.core.generate import BatchLayout, generate_batch
 
 MODELS = ["tiny", "tiny-mplus", "tiny-free", "tiny-free-mplus"]
 

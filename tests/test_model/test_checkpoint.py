@@ -10,9 +10,9 @@ from conftest import FIXTURES, token_ids
 from safetensors.torch import load_file, save_file
 
 import model as mp
-import model.checkpoint as ckpt
-from model import hub
-from model.layers import DECODER, ENCODER
+import model.zoo.checkpoint as ckpt
+from model.core.layers import DECODER, ENCODER
+from model.zoo import hub
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from model.config import ModelConfig, RopeConfig, config_from_hf, read_config, rope_from_hf
-from model.registry import TINY_CONFIG as TINY
-from model.registry import TINY_MPLUS_CONFIG as TINY_MPLUS
+from model.core.config import ModelConfig, RopeConfig, config_from_hf, read_config, rope_from_hf
+from model.zoo.registry import TINY_CONFIG as TINY
+from model.zoo.registry import TINY_MPLUS_CONFIG as TINY_MPLUS
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "official"
 

@@ -1,4 +1,4 @@
-"""model/layers.py: RMSNorm, LoRA Linear, attend, KVCache, Attention/Block against explicit formulas."""
+"""model/core/layers.py: RMSNorm, LoRA Linear, attend, KVCache, Attention/Block against explicit formulas."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from model.config import config_from_hf
-from model.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, RMSNorm, attend, make_linear
-from model.registry import TINY_CONFIG as TINY
-from model.rope import apply_rope, cos_sin, inverse_frequencies
+from model.core.config import config_from_hf
+from model.core.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, RMSNorm, attend, make_linear
+from model.core.rope import apply_rope, cos_sin, inverse_frequencies
+from model.zoo.registry import TINY_CONFIG as TINY
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,8 @@ import torch
 from conftest import token_ids
 
 import model as mp
-from model.layers import DECODER, ENCODER, Linear
-from model.memory import split_permutation
+from model.core.layers import DECODER, ENCODER, Linear
+from model.memory.state import split_permutation
 
 
 def test_pool_size_constant_over_many_injections(tiny, state):

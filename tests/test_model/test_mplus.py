@@ -8,9 +8,9 @@ from conftest import FIXTURES, token_ids
 from safetensors.torch import load_file, save_file
 
 import model as mp
-from model.ltm import LongTermMemory
-from model.mplus import order_oldest_first
-from model.parity import replay
+from model.core.mplus import order_oldest_first
+from model.memory.ltm import LongTermMemory
+from model.testing.parity import replay
 
 MPLUS_SCENARIOS = ["mplus", "mplus_lora_llama3rope"]
 

@@ -11,7 +11,7 @@ import torch
 from conftest import FIXTURES, MEMORYLLM_SCENARIOS
 from safetensors.torch import load_file, save_file
 
-from model.parity import main, replay
+from model.testing.parity import main, replay
 
 
 @pytest.mark.parametrize("scenario", MEMORYLLM_SCENARIOS)
@@ -54,7 +54,7 @@ def test_unknown_reference_tensors_are_not_silently_ignored(tmp_path):
 
 def test_command_line_replayer_exit_code():
     result = subprocess.run(
-        [sys.executable, "-m", "model.parity", str(FIXTURES / "memoryllm7b")], capture_output=True, text=True
+        [sys.executable, "-m", "model.testing.parity", str(FIXTURES / "memoryllm7b")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "generate.ids" in result.stdout

@@ -10,8 +10,8 @@ import torch
 
 import model as mp
 from model import store as st
-from model.provenance import Origins, retrievals, share, survival
-from model.tokenizer import encode
+from model.memory.provenance import Origins, retrievals, share, survival
+from model.text.tokenizer import encode
 
 PRESETS = ["tiny", "tiny-mplus", "tiny-free", "tiny-free-mplus"]
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import model as mp
-from model import catalog
-from model.memoryllm import RandomRows
-from model.mplus import Selectors
-from model.registry import MODELS, build_model, from_name, names
-from model.training_free import LayerInputs, LexicalBlocks, OldestOut, RandomBlocks
+from model.core.memoryllm import RandomRows
+from model.core.mplus import Selectors
+from model.policies.training_free import LayerInputs, LexicalBlocks, OldestOut, RandomBlocks
+from model.zoo import catalog
+from model.zoo.registry import MODELS, build_model, from_name, names
 
 # Recorded with the code before the registry and the policies existed: sessions are bound to these, so a
 # refactor that changes one would orphan every session made with that model. The training-free M+ flavour's

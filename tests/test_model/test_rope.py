@@ -1,4 +1,4 @@
-"""model/rope.py against independently written formulas (float64 references)."""
+"""model/core/rope.py against independently written formulas (float64 references)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from model.config import RopeConfig
-from model.rope import apply_rope, cos_sin, inverse_frequencies, rope_angles, rope_into
+from model.core.config import RopeConfig
+from model.core.rope import apply_rope, cos_sin, inverse_frequencies, rope_angles, rope_into
 
 LLAMA31 = RopeConfig(  # the published Llama-3.1 values
     kind="llama3",

@@ -1,4 +1,4 @@
-"""Rows by id (model/rows.py) and text to chunks (model/chunking.py): exact reads in bounded batches, and
+"""Rows by id (model/memory/rows.py) and text to chunks (model/text/chunking.py): exact reads in bounded batches, and
 streamed tokenization that equals tokenizing the whole text."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import model as mp
-from model import rows as rows_module
-from model.chunking import chunk_sizes, chunked, token_stream
-from model.rows import FileArray, RowSpace, coalesce
-from model.tokenizer import encode
+from model.memory import rows as rows_module
+from model.memory.rows import FileArray, RowSpace, coalesce
+from model.text.chunking import chunk_sizes, chunked, token_stream
+from model.text.tokenizer import encode
 
 
 def file_of(tmp_path, values: torch.Tensor) -> FileArray:

@@ -9,8 +9,8 @@ import torch
 from conftest import token_ids
 
 import model as mp
-from model.generate import pick_token
-from model.tokenizer import chat_ids
+from model.core.generate import pick_token
+from model.text.tokenizer import chat_ids
 
 
 def test_state_round_trips_bit_exactly(tiny, state, tmp_path):

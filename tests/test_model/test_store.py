@@ -17,7 +17,7 @@ import torch
 
 import model as mp
 from model import store as st
-from model.rows import FileArray
+from model.memory.rows import FileArray
 from mplus_cli.app import summary
 
 PRESETS = ["tiny", "tiny-mplus", "tiny-free-mplus"]

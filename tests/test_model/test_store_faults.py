@@ -328,7 +328,7 @@ def test_ctrl_c_while_a_session_is_built_leaves_nothing_behind(tmp_path, models,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(st, "write_manifest", interrupted)
+    monkeypatch.setattr(st.session, "write_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
         if operation == "create":
             st.Session.create(root, "s", lm.initial_state, st.binding(lm, "tiny-mplus"), 0, torch.float32)

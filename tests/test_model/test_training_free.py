@@ -14,13 +14,13 @@ from conftest import token_ids
 from typer.testing import CliRunner
 
 import model as mp
-from model import smollm2
 from model import store as st
-from model.chunking import chunked
-from model.memory import new_generator
-from model.presets import build_tiny, random_llama_weights
-from model.registry import TINY_LLAMA, build_training_free
-from model.training_free import bm25, ltm_blocks, term_table, training_free_config
+from model.memory.state import new_generator
+from model.policies.training_free import bm25, ltm_blocks, term_table, training_free_config
+from model.text.chunking import chunked
+from model.zoo import smollm2
+from model.zoo.presets import build_tiny, random_llama_weights
+from model.zoo.registry import TINY_LLAMA, build_training_free
 from mplus_cli import models as cli_models
 from mplus_cli.app import app
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from model.config import config_from_hf
-from model.memory import MemoryState
-from model.memoryllm import MemoryLLM
-from model.registry import TINY_CONFIG as TINY
+from model.core.config import config_from_hf
+from model.core.memoryllm import MemoryLLM
+from model.memory.state import MemoryState
+from model.zoo.registry import TINY_CONFIG as TINY
 
 transformers = pytest.importorskip("transformers")
 

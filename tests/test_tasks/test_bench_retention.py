@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import importlib
 import json
 import os
@@ -44,7 +45,7 @@ from tasks.retention import (
 from tasks.sizes import parse_size
 
 runner = CliRunner()
-DECODING = importlib.import_module("model.generate")  # the module: model.generate is also the function
+DECODING = importlib.import_module("model.core.generate")  # the module: model.generate is the function
 
 SYNTHETIC = ["bench", "retention", "--dataset", "synthetic", "--model", "tiny"]
 
@@ -568,3 +569,16 @@ def test_the_empty_prediction_warning_needs_more_than_half():
     assert bench.empty_warning("m", ["a", "b", "c"], chat=True, has_template=True) is None
     warning = bench.empty_warning("m", ["", " \n", "a"], chat=True, has_template=True)
     assert warning.startswith("mplus: warning: 2 of 3 predictions of m are empty: try --no-chat")
+
+
+def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
+    """Two processes (say --shard 1/2 and 2/2 given one --output) never write one results.csv: the one that
+    finds the directory held stops with exit 4 and writes nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result = mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", "1", "-o", out)
+    assert result.exit_code == 4 and "busy" in result.stderr, result.output
+    assert not (out / "results.csv").exists()
+    assert mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", "1", "-o", out).exit_code == 0  # free again

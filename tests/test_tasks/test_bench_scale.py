@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
-from model.tokenizer import byte_tokenizer
+from model.text.tokenizer import byte_tokenizer
 from mplus_cli.speed import speed, table
 from tasks import scale as sc
 from tasks import speed as sp

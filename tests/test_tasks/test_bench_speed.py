@@ -12,8 +12,8 @@ from conftest import token_ids
 from typer.testing import CliRunner
 
 import model as mp
-from model.presets import build_preset, random_model
-from model.registry import TINY_CONFIG
+from model.zoo.presets import build_preset, random_model
+from model.zoo.registry import TINY_CONFIG
 from mplus_cli.speed import speed
 from tasks.baselines import authors_delta, authors_retrieve
 from tasks.random_models import first_rows, random_ltm, with_ltm

@@ -119,7 +119,7 @@ def test_niah_samples_cover_needles_lengths_and_depths(tmp_path):
 
 
 def test_a_haystack_is_cut_around_the_needle_at_its_depth(tokenizer=None):
-    from model.tokenizer import byte_tokenizer
+    from model.text.tokenizer import byte_tokenizer
 
     haystack = QAData("niah", [], ["word " * 2000], "test")
     planner = Planner(Sweep(haystack, CLEAN, [1000]), byte_tokenizer())

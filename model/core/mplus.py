@@ -10,9 +10,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..memory.ltm import LongTermMemory
+from ..memory.state import MemoryState, stm_rows
 from .config import ModelConfig
-from .ltm import LongTermMemory
-from .memory import MemoryState, stm_rows
 from .memoryllm import EvictionPolicy, InjectResult, MemoryLLM, WritePolicy
 
 SCORE_ROWS = 1 << 16  # candidates scored per batch on a device: a [65536, s] float32 copy of their keys

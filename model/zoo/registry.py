@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import torch
 
-from .config import MemoryKind, ModelConfig, config_from_hf
-from .memoryllm import MemoryLLM
-from .mplus import MPlus
-from .training_free import COMPUTED, default_memory, policies, training_free_config
+from ..core.config import MemoryKind, ModelConfig, config_from_hf
+from ..core.memoryllm import MemoryLLM
+from ..core.mplus import MPlus
+from ..policies.training_free import COMPUTED, default_memory, policies, training_free_config
 
 Family = Literal["preset", "training-free", "demo", "bench", "hub"]
 

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import MemoryKind, ModelConfig, TrainingFreeConfig, rope_from_hf
-from .ltm import LongTermMemory
-from .memory import MemoryState, draw_permutations, stm_rows
-from .memoryllm import InjectResult, MemoryLLM
-from .mplus import MPlus, Retrieval
+from ..core.config import MemoryKind, ModelConfig, TrainingFreeConfig, rope_from_hf
+from ..core.memoryllm import InjectResult, MemoryLLM
+from ..core.mplus import MPlus, Retrieval
+from ..memory.ltm import LongTermMemory
+from ..memory.state import MemoryState, draw_permutations, stm_rows
 
 TRAINING_FREE_LABEL = "training-free memory, demo"
 DEFAULT_CAPACITY = 1024  # MemoryLLM flavour: short-term rows per layer

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..core.config import ModelConfig, read_config
+from ..policies.training_free import TRAINING_FREE_LABEL, config_of_export
 from . import smollm2
 from .checkpoint import HUB_MODELS, checkpoint_files, is_state_key
-from .config import ModelConfig, read_config
 from .presets import UNTRAINED_LABEL
 from .registry import MODELS, build_model, from_name
 from .registry import names as registered
-from .training_free import TRAINING_FREE_LABEL, config_of_export
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, read_config
-from .layers import DECODER, ENCODER
-from .ltm import CACHE_KEYS, LongTermMemory, layer_keys
-from .memory import MemoryState, stm_rows
-from .memoryllm import MemoryLLM
-from .provenance import Origins
+from ..core.config import ModelConfig, read_config
+from ..core.layers import DECODER, ENCODER
+from ..core.memoryllm import MemoryLLM
+from ..memory.ltm import CACHE_KEYS, LongTermMemory, layer_keys
+from ..memory.provenance import Origins
+from ..memory.state import MemoryState, stm_rows
 from .registry import MODELS, aligned, build_model, build_training_free
 
 HUB_MODELS = {name: MODELS[name].repo for name in MODELS if MODELS[name].family == "hub"}  # alias -> repo id
@@ -226,7 +226,7 @@ def load_checkpoint(
 
 def load_training_free(directory: Path, raw: dict, dtype: torch.dtype, device: torch.device | str) -> MemoryLLM:
     """A training-free model that save_checkpoint exported (config.json: a Llama config + its memory settings)."""
-    from .training_free import COMPUTED, config_of_export
+    from ..policies.training_free import COMPUTED, config_of_export
 
     cfg = config_of_export(raw)
     tensors = {}

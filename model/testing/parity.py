@@ -1,6 +1,6 @@
 """Replay a reference-output directory (the format of shared/fixtures/official) and compare every tensor.
 
-Usage: python -m model.parity DIR [DIR ...]   exit 0 only when every comparison is within tolerance.
+Usage: python -m model.testing.parity DIR [DIR ...]   exit 0 only when every comparison is within tolerance.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import load
-from .generate import DecodeSettings, generate
-from .memory import MemoryState, new_generator
-from .memoryllm import MemoryLLM
-from .mplus import MPlus, Retrieval, tiled_indices
+from .. import load
+from ..core.generate import DecodeSettings, generate
+from ..core.memoryllm import MemoryLLM
+from ..core.mplus import MPlus, Retrieval, tiled_indices
+from ..memory.state import MemoryState, new_generator
 
 # README §5 of the fixtures: what is compared exactly and with which absolute tolerance
 REQUIRED_FILES = ("meta.json", "tensors.safetensors", "model/config.json")
@@ -209,7 +209,7 @@ def replay(directory: Path) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.parity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m model.testing.parity", description=__doc__.splitlines()[0])
     parser.add_argument("directories", nargs="+", type=Path, help="reference-output directories")
     args = parser.parse_args(argv)
     for directory in args.directories:

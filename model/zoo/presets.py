@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
-from .config import MemoryKind, ModelConfig, config_from_hf
-from .ltm import LongTermMemory
-from .memory import MemoryState, stm_rows
-from .memoryllm import MemoryLLM
-from .mplus import MPlus
+from ..core.config import MemoryKind, ModelConfig, config_from_hf
+from ..core.memoryllm import MemoryLLM
+from ..core.mplus import MPlus
+from ..memory.ltm import LongTermMemory
+from ..memory.state import MemoryState, stm_rows
+from ..policies.training_free import COMPUTED, training_free_config
+from ..text.tokenizer import byte_tokenizer
 from .registry import (
     MODELS,
     TINY_LLAMA,
@@ -23,8 +25,6 @@ from .registry import (
     from_name,
     names,
 )
-from .tokenizer import byte_tokenizer
-from .training_free import COMPUTED, training_free_config
 
 UNTRAINED_LABEL = "untrained: seeded random weights, answers are noise"
 

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
-from .memory import (
+from ..memory.rows import populated_empty
+from ..memory.state import (
     MemoryState,
     append_sources,
     draw_permutations,
@@ -25,8 +24,9 @@ from .memory import (
     new_generator,
     tile_first_delta,
 )
+from .config import ModelConfig
+from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
-from .rows import populated_empty
 
 
 @dataclass

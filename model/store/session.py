@@ -1,59 +1,14 @@
-"""Sessions: named, durable memory states that many injections and questions build on.
-
-A session is a directory under the store root (format 4):
-
-    manifest.json             the committed state: model binding, storage dtype, seed, counters, the
-                              committed lengths of the files below, their checksums' count and crc32, the
-                              index file's blake2b, a partial injection in progress, and its own blake2b
-                              (replaced atomically at each commit)
-    commit-NNNNNN.json        copies of the manifests of the last KEEP_COMMITS commits: what
-                              `session check --rollback` returns to
-    rows.bin                  append-only: every row the session's injections wrote, [R, d] raw values of
-                              the storage dtype in row-id order. Row id `base + r` is record r; ids below
-                              `base` are the model's own initial rows (short-term, then long-term), never
-                              copied here
-    log.jsonl                 append-only: one JSON line per injected source (or a partial one, abandoned)
-    origins.bin               append-only: where the rows came from, a record per run of row ids
-                              (first id, rows, injection, layer, first position: see model.provenance)
-    index-NNNNNN.safetensors  commit NNNNNN: `memory_ids` [L, N] (the short-term rows), the drop generator;
-                              M+: the short-term rows' ages and the LTM's layout (runs of entry ids, run-
-                              length recall frequencies: see LongTermMemory.layout)
-    ltm_row_ids.bin, ltm_births.bin, ltm_keys.bin
-                              M+ only, append-only: one record per LTM entry past the model's initial ones:
-                              the id of its row (in rows.bin or the model), its birth and its key
-    sums.bin                  append-only: (file, end, crc32) of each block of at most SUM_BLOCK_BYTES
-                              appended to the files above; a read checks the blocks it touches
-    lock                      flock'ed by the one writer
-
-Each row is stored once, in the storage dtype (bfloat16 for real and demo models, float32 for the tiny
-presets): an entry of the long-term memory refers to its row by id. An inject commits after every chunk:
-it appends the chunk's rows, the LTM entries it made and its log line (fsync), writes the new index
-(fsync, rename), then replaces the manifest (temp file, fsync, os.replace): a crash loses at most the chunk
-in flight. Bytes past the committed lengths belong to an interrupted commit: they are ignored and
-truncated before the next append. Readers only follow the committed manifest. Opening reads the manifest,
-the index and the short-term rows; long-term rows and keys stay in the files and are read, a batch at a
-time, only when a question scores or retrieves them. Every byte read is checked against its checksum
-(small files when opened, rows and keys when read): damage is an error that names the file, never a
-different memory. The store never follows a symbolic link.
-"""
+"""Sessions: open one as committed, load its memory, write injections to it as atomic commits."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import functools
-import hashlib
 import json
 import os
-import re
 import shutil
-import signal
-import threading
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,270 +16,48 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
-from .ltm import EntryBank, LongTermMemory
-from .memory import MemoryState, new_generator, stm_rows
-from .memoryllm import InjectResult, MemoryLLM
-from .paths import cache_dir
-from .provenance import FIELDS, Origins
-from .rows import SUM_BLOCK_BYTES, BlockSums, DamagedFile, FileArray, RowSpace, block_sums, populated_empty
-
-STORE_FORMAT = 4
-READABLE_FORMATS = (3, 4)  # format 3 (no checksums) is read as is and upgraded by its next writer
-SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-MANIFEST, ROWS, LOG, LOCK, SUMS = "manifest.json", "rows.bin", "log.jsonl", "lock", "sums.bin"
-ORIGINS = "origins.bin"
-LTM_FILES = ("ltm_row_ids.bin", "ltm_births.bin", "ltm_keys.bin")  # M+: entries' row id, birth, key
-APPENDED = (ROWS, LOG, *LTM_FILES, ORIGINS)  # the append-only files, numbered in sums.bin by their place here
-SUM_RECORD = 3  # int64s per sums.bin record: file number, end, crc32
-LOCK_TIMEOUT_S = 5.0
-INDEX_RETRIES = 5  # a reader retries when a writer retired the index it was about to read
-KEEP_COMMITS = 3  # commits (manifest copy + index) kept for rollback
-MANIFEST_KEYS = ("model", "dtype", "rows", "log", "index", "state", "commit")
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-# -- errors -------------------------------------------------------------------------------------------
-class StoreError(Exception):
-    """A session cannot be used as asked; the message says what to do."""
-
-
-class InvalidName(StoreError, ValueError):
-    """A session name that could escape the store or is not portable."""
-
-
-class SessionNotFound(StoreError):
-    pass
-
-
-class SessionExists(StoreError):
-    pass
-
-
-class SessionBusy(StoreError):
-    """Another process holds the session's writer lock."""
-
-
-class SessionMismatch(StoreError):
-    """The session was made for other settings (model, memory, dtype, source)."""
-
-
-class SessionDamaged(StoreError):
-    """The session's files cannot be read as a memory state (damaged, or not what the store wrote)."""
-
-
-def rollback_hint(name: str) -> str:
-    return f"; `mplus session check {name} --rollback` returns session {name!r} to its last commit that verifies"
-
-
-# -- names, places, time ------------------------------------------------------------------------------
-def default_root() -> Path:
-    """$MPLUS_HOME, else the user cache directory's mplus/sessions."""
-    return cache_dir("sessions", "MPLUS_HOME")
-
-
-def check_name(name: str) -> str:
-    if not SESSION_NAME.fullmatch(name) or name in (".", ".."):
-        raise InvalidName(
-            f"invalid session name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-# -- durable file primitives ------------------------------------------------------------------------
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (its entries: a rename in it) by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temp file (`mode`, under the umask), fsync it, and rename it over `path`: readers
-    see the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def append_after(path: Path, committed: int, data: bytes | memoryview) -> int:
-    """Drop whatever follows the first `committed` bytes of `path`, append `data`, fsync; the new length."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, committed)
-        view, done = memoryview(data).cast("B") if len(data) else memoryview(b""), 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], committed + done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return committed + len(data)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
-    if tensor.numel() == 0:
-        return b""
-    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
-
-
-def read_prefix(path: Path, length: int | None = None) -> bytes:
-    """The first `length` bytes of `path` (all of it by default), without following a link."""
-    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as f:
-        data = f.read(length if length is not None else -1)
-    if length is not None and len(data) < length:
-        raise DamagedFile(f"{path} is shorter than its committed {length} bytes")
-    return data
-
-
-def copy_prefix(source: Path, target: Path, length: int) -> None:
-    """The first `length` bytes of `source` into a new file `target` (copied in the kernel where it can)."""
-    src_fd = os.open(source, os.O_RDONLY | NOFOLLOW)
-    dst_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
-    with os.fdopen(src_fd, "rb") as src, os.fdopen(dst_fd, "wb") as dst:
-        done = 0
-        while done < length:
-            try:
-                moved = os.copy_file_range(src.fileno(), dst.fileno(), length - done, done, done)
-            except OSError:  # not supported between these files: copy through user space
-                moved = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(length - done, 1 << 24), done), done)
-            if moved == 0:
-                raise SessionDamaged(f"{source} is shorter than its committed {length} bytes")
-            done += moved
-        os.fsync(dst.fileno())
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path, name: str, timeout_s: float | None = None) -> Iterator[None]:
-    """Hold an flock on `path`; wait up to `timeout_s` (default LOCK_TIMEOUT_S), then raise SessionBusy."""
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600), "r+b") as f:
-        deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise SessionBusy(
-                        f"session {name!r} is busy: another mplus command is writing to it; retry when it finishes"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back for the duration and raise it afterwards: a commit is never cut half-way.
-    (Only the main thread can install signal handlers; elsewhere this does nothing.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
-# -- checksums and links ------------------------------------------------------------------------------
-def digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def canonical(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-
-
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """The manifest as written: its fields, then the blake2b of them."""
-    body = {key: value for key, value in manifest.items() if key != "checksum"}
-    return json.dumps(body | {"checksum": digest(canonical(body))}, indent=1).encode()
-
-
-def parse_manifest(data: bytes, path: Path, name: str) -> dict[str, Any]:
-    """The manifest in `data` (read from `path`); SessionDamaged if it is not one this store wrote whole."""
-    try:
-        manifest = json.loads(data)
-        body = {key: value for key, value in manifest.items() if key != "checksum"}
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise SessionDamaged(f"{path} is damaged ({type(e).__name__}: {e})" + rollback_hint(name)) from e
-    if "checksum" in manifest and manifest["checksum"] != digest(canonical(body)):
-        raise SessionDamaged(f"{path} is damaged (its checksum does not match)" + rollback_hint(name))
-    found = manifest.get("format")
-    if found not in READABLE_FORMATS or (found >= 4 and "checksum" not in manifest):
-        raise SessionDamaged(
-            f"session {name!r} was written in store format {found!r}, this mplus reads formats "
-            f"{READABLE_FORMATS[0]}-{READABLE_FORMATS[-1]}: inject its sources into a new session"
-        )
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise SessionDamaged(f"{path} is damaged (missing {', '.join(missing)})" + rollback_hint(name))
-    return manifest
-
-
-def refuse_links(directory: Path, name: str) -> None:
-    """SessionDamaged if the session directory or any file in it is a symbolic link."""
-    if directory.is_symlink():
-        raise SessionDamaged(
-            f"session {name!r} is a symbolic link ({directory}); the store never follows links: "
-            "move the session directory itself into the store"
-        )
-    for entry in os.scandir(directory):
-        if entry.is_symlink():
-            raise SessionDamaged(
-                f"{entry.path} is a symbolic link; the store never follows links: put the file itself there, "
-                f"or remove session {name!r}"
-            )
-
-
-def file_sums(path: Path, start: int, length: int) -> list[tuple[int, int]]:
-    """(end, crc32) blocks of bytes start..start+length-1 of `path`, read a block at a time."""
-    fd, records = os.open(path, os.O_RDONLY | NOFOLLOW), []
-    try:
-        for at in range(start, start + length, SUM_BLOCK_BYTES):
-            data = os.pread(fd, min(SUM_BLOCK_BYTES, start + length - at), at)
-            records += block_sums(data, at)
-    finally:
-        os.close(fd)
-    return records
-
-
-def sum_records(records: list[tuple[str, int, int]]) -> bytes:
-    """sums.bin records (file number, end, crc32) of (file name, end, crc32)."""
-    flat = [value for name, end, crc in records for value in (APPENDED.index(name), end, crc)]
-    return tensor_bytes(torch.tensor(flat, dtype=torch.int64)) if flat else b""
-
-
-@contextlib.contextmanager
-def staged_directory(tmp: Path) -> Iterator[Path]:
-    """A fresh private directory to build a session in and rename into place; removed if anything (Ctrl-C
-    included) stops it first."""
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from ..core.memoryllm import InjectResult, MemoryLLM
+from ..memory.ltm import EntryBank, LongTermMemory
+from ..memory.provenance import FIELDS, Origins
+from ..memory.rows import BlockSums, FileArray, RowSpace, block_sums, populated_empty
+from ..memory.state import MemoryState, new_generator, stm_rows
+from .errors import SessionBusy, SessionDamaged, SessionExists, SessionMismatch, SessionNotFound, rollback_hint
+from .files import (
+    NOFOLLOW,
+    append_after,
+    copy_prefix,
+    digest,
+    exclusive_lock,
+    file_sums,
+    fsync_path,
+    read_prefix,
+    refuse_links,
+    staged_directory,
+    tensor_bytes,
+    uninterrupted,
+    write_atomic,
+)
+from .format import (
+    APPENDED,
+    INDEX_RETRIES,
+    KEEP_COMMITS,
+    LOCK,
+    LOG,
+    LTM_FILES,
+    MANIFEST,
+    ORIGINS,
+    ROWS,
+    SESSION_NAME,
+    STORE_FORMAT,
+    SUM_RECORD,
+    SUMS,
+    check_name,
+    dtype_name,
+    manifest_bytes,
+    now,
+    parse_manifest,
+    sum_records,
+)
 
 
 # -- the model's part of a session --------------------------------------------------------------------
@@ -820,71 +553,3 @@ def remove_session(root: Path, name: str) -> None:
     with exclusive_lock(directory / LOCK, name):
         os.rename(directory, trash)
     shutil.rmtree(trash)
-
-
-# -- verification and rollback ----------------------------------------------------------------------
-@dataclass
-class Verdict:
-    """What checking one commit found: its number (None if its manifest is unreadable) and the problems."""
-
-    manifest: str
-    commit: int | None
-    problems: list[str]
-    checked_bytes: int = 0
-
-
-def problem(error: Exception) -> str:
-    return str(error).split("; `mplus session check")[0]
-
-
-def verify_commit(directory: Path, manifest_path: Path) -> Verdict:
-    """Check one commit: its manifest, index, checksums, every committed byte of the append-only files
-    (against their block checksums) and the log."""
-    damage = (SessionDamaged, DamagedFile, OSError)
-    try:
-        session = Session(directory, parse_manifest(read_prefix(manifest_path), manifest_path, directory.name))
-        sums = session.sums()
-    except damage as e:
-        return Verdict(manifest_path.name, None, [problem(e)])
-    verdict = Verdict(manifest_path.name, session.manifest["commit"], [])
-    lengths = [(name, nbytes) for name, nbytes in session.committed_lengths() if sums[name] is not None]
-    checks = [session.index, session.log, *(functools.partial(sums[name].verify_all, n) for name, n in lengths)]
-    for check in checks:
-        try:
-            check()
-        except damage as e:
-            verdict.problems.append(problem(e))
-    verdict.checked_bytes = sum(nbytes for _, nbytes in lengths)
-    return verdict
-
-
-def check_session(root: Path, name: str) -> list[Verdict]:
-    """Verdicts of the committed manifest, then of each kept commit, newest first."""
-    directory = Path(root) / check_name(name)
-    if not session_exists(root, name):
-        raise SessionNotFound(f"no session {name!r} in {root}: list them with `mplus session ls`")
-    refuse_links(directory, name)
-    return [verify_commit(directory, path) for path in [directory / MANIFEST, *kept_commits(directory)]]
-
-
-def rollback_session(root: Path, name: str) -> tuple[int | None, int]:
-    """Return the session to its newest kept commit that verifies, under the writer lock: (commit it was
-    at, None if its manifest was unreadable; commit it is at now). Newer commits' files are removed."""
-    directory = Path(root) / check_name(name)
-    check_session(root, name)  # found, and no links
-    with exclusive_lock(directory / LOCK, name):
-        current, *kept = check_session(root, name)
-        if not current.problems:
-            return current.commit, current.commit
-        good = next((verdict for verdict in kept if not verdict.problems), None)
-        if good is None:
-            raise SessionDamaged(
-                f"no kept commit of session {name!r} verifies ({current.problems[0]}): the damage is in data "
-                f"every kept commit shares; remove the session with `mplus session rm {name}`"
-            )
-        write_atomic(directory / MANIFEST, read_prefix(directory / good.manifest))
-        for path in [*directory.glob("commit-[0-9]*.json"), *directory.glob("index-[0-9]*.safetensors")]:
-            if commit_number(path) > good.commit:
-                path.unlink()
-        fsync_path(directory)
-        return current.commit, good.commit

@@ -1,0 +1,75 @@
+"""Sessions on disk. Floors, lowest first: errors, files (durable primitives), format (names, manifest),
+session (open, load, write), inject (texts in, resumable), verify (check and roll back)."""
+
+from ..memory.rows import DamagedFile
+from .errors import (
+    InvalidName,
+    SessionBusy,
+    SessionDamaged,
+    SessionExists,
+    SessionMismatch,
+    SessionNotFound,
+    StoreError,
+)
+from .files import append_after, fsync_path, tensor_bytes, write_atomic
+from .format import (
+    LOCK,
+    LOG,
+    LTM_FILES,
+    MANIFEST,
+    ORIGINS,
+    ROWS,
+    STORE_FORMAT,
+    SUM_RECORD,
+    SUMS,
+    check_name,
+    default_root,
+    dtype_name,
+    now,
+    sum_records,
+)
+from .inject import InjectRun, inject_sources, resume_plan
+from .session import Session, Writer, binding, initial_rows, kept_commits, list_sessions, remove_session, session_exists
+from .verify import check_session, rollback_session
+
+__all__ = [
+    "InjectRun",
+    "inject_sources",
+    "resume_plan",
+    "DamagedFile",
+    "InvalidName",
+    "LOCK",
+    "LOG",
+    "LTM_FILES",
+    "MANIFEST",
+    "ORIGINS",
+    "ROWS",
+    "STORE_FORMAT",
+    "SUMS",
+    "SUM_RECORD",
+    "Session",
+    "SessionBusy",
+    "SessionDamaged",
+    "SessionExists",
+    "SessionMismatch",
+    "SessionNotFound",
+    "StoreError",
+    "Writer",
+    "append_after",
+    "binding",
+    "check_name",
+    "check_session",
+    "default_root",
+    "dtype_name",
+    "fsync_path",
+    "initial_rows",
+    "kept_commits",
+    "list_sessions",
+    "now",
+    "remove_session",
+    "rollback_session",
+    "session_exists",
+    "sum_records",
+    "tensor_bytes",
+    "write_atomic",
+]

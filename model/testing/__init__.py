@@ -1,0 +1,1 @@
+"""Parity with the authors' implementation: replay of their reference outputs."""
