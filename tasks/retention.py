@@ -338,11 +338,10 @@ def no_memory(lm: mp.MemoryLLM) -> mp.MemoryState:
 
 
 def context_window(lm: mp.MemoryLLM) -> int:
-    """The base model's context window (config.json max_position_embeddings)."""
-    window = lm.cfg.raw.get("max_position_embeddings")
-    if window is None:
+    """The model's context window (ModelConfig.context_window), which full-context needs."""
+    if lm.cfg.context_window is None:
         raise DataError("the model's config.json has no max_position_embeddings: cannot run full-context")
-    return int(window)
+    return lm.cfg.context_window
 
 
 class Runner:

@@ -100,6 +100,16 @@ class ModelConfig:
             return self.training_free.retrieved
         return self.num_ltm_blocks * self.num_tokens
 
+    @property
+    def context_window(self) -> int | None:
+        """The positions the model attends over: config.json's max_position_embeddings, stretched by a linear
+        RoPE factor or MemoryLLM-7B's position interpolation; None if the config does not say."""
+        window = self.raw.get("max_position_embeddings")
+        if window is None:
+            return None
+        rope = self.rope
+        return round(int(window) * (rope.factor if rope.kind == "linear" else 1.0) / rope.position_scale)
+
     def fingerprint(self) -> str:
         """A short stable hash of the architecture (sessions are bound to it). A training-free config hashes
         as the fields that described it before it had its own, so sessions made then still open; the M+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +27,9 @@ class Retrieval:
     scores: torch.Tensor | None  # [n + C] CPU float32 score of every candidate; None on the tiled path
     num_ltm: int  # n: candidates that are LTM rows (the rest are cached dropped rows)
     row_ids: torch.Tensor  # [T] the rows' ids (see MemoryState), same order
+
+
+RetrievalObserver = Callable[[int, MemoryState, Retrieval], None]  # (layer, state, what it read)
 
 
 def selector(cfg: ModelConfig) -> nn.Module:
@@ -198,7 +201,7 @@ class MPlus(MemoryLLM):
         super().__init__(cfg, write, eviction)
         self.retrieval = retrieval or Selectors()
         self.retrieval.attach(self)
-        self._retrieval_log: list[tuple[int, Retrieval]] | None = None
+        self.retrieval_observers: list[RetrievalObserver] = []
 
     @property
     def retrieved_rows(self) -> int:
@@ -217,17 +220,28 @@ class MPlus(MemoryLLM):
 
     # -- reading -------------------------------------------------------------------------------
     def retrieve(self, layer: int, state: MemoryState, h: torch.Tensor) -> Retrieval:
-        """The LTM rows for a question whose states entering `layer` are h [n, d], oldest first."""
-        return self.retrieval.retrieve(self, layer, state, h)
+        """The LTM rows for a question whose states entering `layer` are h [n, d], oldest first; every
+        observer sees them."""
+        found = self.retrieval.retrieve(self, layer, state, h)
+        for observe in self.retrieval_observers:
+            observe(layer, state, found)
+        return found
+
+    @contextmanager
+    def observing_retrievals(self, observe: RetrievalObserver) -> Iterator[None]:
+        """observe(layer, state, retrieval) after every retrieval inside the block (blocks nest: each sees all)."""
+        self.retrieval_observers.append(observe)
+        try:
+            yield
+        finally:
+            self.retrieval_observers.remove(observe)
 
     @contextmanager
     def recording_retrievals(self) -> Iterator[list[tuple[int, Retrieval]]]:
         """Collect (layer, Retrieval) for every retrieval made inside the block (for inspection)."""
-        self._retrieval_log = log = []
-        try:
+        log: list[tuple[int, Retrieval]] = []
+        with self.observing_retrievals(lambda layer, state, found: log.append((layer, found))):
             yield log
-        finally:
-            self._retrieval_log = None
 
     def prefix_length(self, state: MemoryState) -> int:
         if not state.initialized:
@@ -242,10 +256,7 @@ class MPlus(MemoryLLM):
             )
         if self.retrieval.rows_read(self, state) == 0:
             return None
-        retrieval = self.retrieve(layer, state, x[0])
-        if self._retrieval_log is not None:
-            self._retrieval_log.append((layer, retrieval))
-        return retrieval.rows
+        return self.retrieve(layer, state, x[0]).rows
 
     # -- writing -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -91,18 +91,12 @@ def retrievals_by_state(model) -> Iterator[dict[int, dict[int, torch.Tensor]]]:
     """{id(state): {layer: row ids [T]}} of what each layer's M+ retrieval reads inside the block, for every
     state a question reads (the latest question's of each: a batch reads several states at once)."""
     read: dict[int, dict[int, torch.Tensor]] = {}
-    retrieve = model.retrieve
 
-    def recorded(layer, state, h):
-        found = retrieve(layer, state, h)
+    def record(layer, state, found) -> None:
         read.setdefault(id(state), {})[layer] = found.row_ids
-        return found
 
-    model.retrieve = recorded
-    try:
+    with model.observing_retrievals(record):
         yield read
-    finally:
-        del model.retrieve
 
 
 @contextlib.contextmanager

@@ -93,9 +93,8 @@ def copy_prefix(source: Path, target: Path, length: int) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, name: str, timeout_s: float | None = None, what: str = "session") -> Iterator[None]:
-    """Hold an flock on `path`; wait up to `timeout_s` (default LOCK_TIMEOUT_S), then raise SessionBusy
-    (`what` `name` is busy)."""
+def exclusive_lock(path: Path, name: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an flock on `path`; wait up to `timeout_s` (default LOCK_TIMEOUT_S), then raise SessionBusy."""
     with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600), "r+b") as f:
         deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
         while True:
@@ -105,7 +104,7 @@ def exclusive_lock(path: Path, name: str, timeout_s: float | None = None, what: 
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise SessionBusy(
-                        f"{what} {name!r} is busy: another mplus command is writing to it; retry when it finishes"
+                        f"session {name!r} is busy: another mplus command is writing to it; retry when it finishes"
                     ) from None
                 time.sleep(0.05)
         try:

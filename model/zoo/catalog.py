@@ -4,7 +4,6 @@ the network or loads weights."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -40,16 +39,6 @@ class Entry:
 def names() -> list[str]:
     """Every name `--model` takes: the presets, the demo models, the authors' checkpoint aliases."""
     return list(registered("preset", "training-free", "demo", "hub"))
-
-
-def unknown_model(name: str) -> str:
-    """The error for a name that is no model: a close name, and all of them."""
-    close = difflib.get_close_matches(name, names(), n=1, cutoff=0.6)
-    guess = f"did you mean {close[0]}? " if close else ""
-    return (
-        f"no model {name!r}: {guess}the models are {', '.join(names())} (see `mplus models`); "
-        "or give a checkpoint directory or a hub id (owner/name)"
-    )
 
 
 def flavour(label: str) -> str:

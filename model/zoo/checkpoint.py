@@ -27,7 +27,7 @@ from ..core.memoryllm import MemoryLLM
 from ..memory.ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from ..memory.provenance import Origins
 from ..memory.state import MemoryState, stm_rows
-from .registry import MODELS, aligned, build_model, build_training_free
+from .registry import MODELS, aligned, build_model, build_training_free, unknown_model
 
 HUB_MODELS = {name: MODELS[name].repo for name in MODELS if MODELS[name].family == "hub"}  # alias -> repo id
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
@@ -154,7 +154,6 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory, or a hub id (aliases: memoryllm-7b, memoryllm-8b, ...) from the HF cache, downloaded
     there first when the hub is reachable (see model.hub: offline, or unreachable, it is one line that says how
     to proceed). An unknown name's error lists the models, with the closest one."""
-    from .catalog import unknown_model
     from .hub import HUB_ID, snapshot
 
     path = Path(name_or_path).expanduser()

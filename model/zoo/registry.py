@@ -6,6 +6,7 @@ the SmolLM2 demo in both memory flavours, the bench shapes and the authors' chec
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -248,3 +249,13 @@ def build_training_free(
     model.write.prepare(model)
     model.initial_state = model.empty_state()
     return model
+
+
+def unknown_model(name: str) -> str:
+    """The error for a name that is no model: a close name, and all of them."""
+    close = difflib.get_close_matches(name, names(), n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]}? " if close else ""
+    return (
+        f"no model {name!r}: {guess}the models are {', '.join(names())} (see `mplus models`); "
+        "or give a checkpoint directory or a hub id (owner/name)"
+    )

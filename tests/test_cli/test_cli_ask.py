@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import model as mp
 from model.text.tokenizer import chat_ids, chat_text, encode
-from mplus_cli import app as cli
 from mplus_cli.app import app
+from mplus_cli.commands import ask as cli
 
 runner = CliRunner()
 TEXT = "Alice keeps the spare key under the blue flowerpot by the back door. " * 4

@@ -129,7 +129,9 @@ def test_ctrl_c_while_importing_at_startup(tmp_path, store):
 
 
 def test_ctrl_c_while_reading_the_input_creates_no_session(tmp_path, store, text_file):
-    proc, _ = interrupted(tmp_path, "mplus_cli.inputs:plan_source", "inject", text_file, "-s", "new", "--store", store)
+    proc, _ = interrupted(
+        tmp_path, "mplus_cli.commands.inject:plan_source", "inject", text_file, "-s", "new", "--store", store
+    )
     assert only_line(proc) == "mplus: error: interrupted; nothing was injected into session 'new'"
     assert not st.session_exists(store, "new")
 
@@ -174,7 +176,7 @@ def test_ctrl_c_cuts_a_large_read_short(tmp_path, store):
     big = tmp_path / "big.txt"
     big.write_text((TEXT + "\n") * 25_000)  # 20 MB: reading and tokenizing it takes seconds
     args = ["inject", big, "-s", "big", "--store", store]
-    proc, after_signal = interrupted(tmp_path, "mplus_cli.inputs:text_blocks", *args, how="thread")
+    proc, after_signal = interrupted(tmp_path, "model.text.sources:text_blocks", *args, how="thread")
     assert only_line(proc) == "mplus: error: interrupted; nothing was injected into session 'big'"
     assert after_signal < 2.0
     assert not st.session_exists(store, "big")

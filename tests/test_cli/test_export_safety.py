@@ -20,7 +20,7 @@ import model as mp
 import model.zoo.checkpoint as ckpt
 from model import store as st
 from mplus_cli.app import app
-from mplus_cli.export import load_exported_memory
+from mplus_cli.commands.export import load_exported_memory
 
 runner = CliRunner()
 TEXTS = {
@@ -65,7 +65,7 @@ def store(tmp_path_factory) -> Path:
 
 def forbid_model_load(monkeypatch) -> None:
     """From here on loading the model fails the test: a refused export is refused before it loads one."""
-    monkeypatch.setattr("mplus_cli.export.load_bound_model", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("mplus_cli.commands.export.load_bound_model", lambda *args: pytest.fail("the model was loaded"))
 
 
 @pytest.fixture

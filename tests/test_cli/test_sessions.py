@@ -223,7 +223,7 @@ def test_a_corrupted_manifest_is_reported_and_removable(store, session, text_fil
 
 
 def test_a_busy_session_exits_4(store, session, text_file, monkeypatch):
-    monkeypatch.setattr(st, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(st.files, "LOCK_TIMEOUT_S", 0.2)
     with st.Session.open(store, session).writer():
         result = mplus("inject", text_file, "-s", session, "--store", store)
     assert result.exit_code == 4 and "busy" in result.stderr

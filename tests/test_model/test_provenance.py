@@ -119,6 +119,25 @@ def test_retrievals_name_the_rows_a_question_read(models, preset):
         assert share(state.origins, ids, injections[:1]) == float((injections == injections[0]).float().mean())
 
 
+def test_nested_observers_each_see_every_retrieval(models):
+    """Provenance and parity both observe retrievals: an inner recording never hides them from an outer one,
+    and the model is as before once both blocks end."""
+    lm = models["tiny-mplus"]
+    state = lm.new_state()
+    for i in range(14):
+        lm.inject(state, chunk(40, i))
+    L = lm.cfg.num_layers
+    with retrievals(lm) as outer, lm.recording_retrievals() as log:
+        with retrievals(lm) as inner:
+            lm(chunk(6, 99)[None], state)
+        lm(chunk(6, 98)[None], state)  # the inner block has ended: the outer ones still see this question
+    assert [layer for layer, _ in log] == [*range(L), *range(L)]
+    assert sorted(inner) == sorted(outer) == list(range(L))
+    assert all(torch.equal(inner[layer], found.row_ids) for layer, found in log[:L])
+    assert all(torch.equal(outer[layer], found.row_ids) for layer, found in log[L:])
+    assert lm.retrieval_observers == [] and "retrieve" not in vars(lm)
+
+
 def test_of_rows_merges_consecutive_rows_into_runs():
     origins = torch.tensor([[3, 0, 0], [3, 0, 1], [3, 0, 2], [3, 1, 0], [0, -1, -1], [5, 0, 7]])
     runs = Origins.of_rows(torch.tensor([10, 11, 12, 13, 14, 20]), origins)

@@ -18,7 +18,7 @@ import torch
 import model as mp
 from model import store as st
 from model.memory.rows import FileArray
-from mplus_cli.app import summary
+from mplus_cli.commands.session import summary
 
 PRESETS = ["tiny", "tiny-mplus", "tiny-free-mplus"]
 

@@ -22,8 +22,8 @@ import torch
 from typer.testing import CliRunner
 
 import model as mp
-from mplus_cli import bench
 from mplus_cli.app import app
+from mplus_cli.commands import bench
 from tasks import data as qa
 from tasks import results as res
 from tasks.results import COLUMNS, ResultsLog
@@ -576,9 +576,12 @@ def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
     finds the directory held stops with exit 4 and writes nothing."""
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".lock", "w") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
         result = mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", "1", "-o", out)
+    finally:
+        os.close(held)
     assert result.exit_code == 4 and "busy" in result.stderr, result.output
     assert not (out / "results.csv").exists()
     assert mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", "1", "-o", out).exit_code == 0  # free again

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import model as mp
 from model import store as st
 from model.text.tokenizer import byte_tokenizer
-from mplus_cli.speed import speed, table
+from mplus_cli.commands.speed import speed, table
 from tasks import scale as sc
 from tasks import speed as sp
 from tasks.figures import Figure, Report

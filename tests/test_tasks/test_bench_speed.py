@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import model as mp
 from model.zoo.presets import build_preset, random_model
 from model.zoo.registry import TINY_CONFIG
-from mplus_cli.speed import speed
+from mplus_cli.commands.speed import speed
 from tasks.baselines import authors_delta, authors_retrieve
 from tasks.random_models import first_rows, random_ltm, with_ltm
 from tasks.speed_store import bytes_written, file_table

@@ -8,8 +8,8 @@ import typer
 
 from model.zoo import catalog
 
-from .common import JsonOpt, columns, emit, handle_errors, human_bytes, human_count
-from .models import requested_model
+from ..common import JsonOpt, columns, emit, handle_errors, human_bytes, human_count
+from ..models import requested_model
 
 
 def models_table(entries: list[catalog.Entry]) -> list[str]:

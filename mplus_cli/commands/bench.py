@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -18,7 +20,6 @@ import torch
 import typer
 
 import model as mp
-from model import store as st
 from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
@@ -40,7 +41,7 @@ from tasks.retention import (
 )
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from .common import (
+from ..common import (
     SEED_MAX,
     DeviceOpt,
     DtypeOpt,
@@ -52,9 +53,9 @@ from .common import (
     say,
     stop_ids,
 )
-from .devices import describe, pick_device, pick_dtype
-from .errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
-from .models import load_model, model_id, requested_model
+from ..devices import describe, pick_device, pick_dtype
+from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from ..models import load_model, model_id, requested_model
 from .speed import speed
 
 if TYPE_CHECKING:
@@ -562,11 +563,26 @@ def check_output(plan: RetentionPlan, resume: bool) -> None:
 
 @contextmanager
 def writing_into(directory: Path) -> Iterator[None]:
-    """The run directory, held by this process alone: a second run into it (another --shard given the same
-    --output) is refused instead of writing the same results.csv and cache files."""
+    """The run directory, held by this process alone (an flock on the directory itself, which leaves no file):
+    a second run into it (another --shard given the same --output) is refused instead of writing the same
+    results.csv and cache files. A directory this run created and left empty is removed when it fails."""
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    with st.files.exclusive_lock(directory / ".lock", str(directory), timeout_s=0, what="output directory"):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(
+                f"{directory} is busy: another run is writing into it; wait for it or choose another --output"
+            ) from None
         yield
+    except BaseException:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+    finally:
+        os.close(fd)
 
 
 def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:
