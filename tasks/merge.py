@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import results as res
-from .retention import parse_shard
+from .plan import parse_shard
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import model as mp
+from tasks import children, scale_store
 from tasks import scale as sc
 from tasks import speed as sp
 from tasks.figures import Figure, Report, show
@@ -180,7 +181,7 @@ def speed(
     report.setup["groups"] = options.groups
     try:
         report.figures += scale_figures(options, report.setup, repeats, threads, session_model, log)
-    except sc.ChildFailed as e:
+    except children.ChildFailed as e:
         raise MplusError(str(e)) from e
     report.elapsed_s = time.perf_counter() - start
     print_report(report, as_json)
@@ -242,7 +243,7 @@ def scale_figures(
     if "store" in options.groups:
         store_rows = options.ltm_rows or shape.ltm_rows
         setup["store"] = {"shape": shape.name, "ltm_rows": store_rows, "processes": repeats}
-        figures += sc.store_figures(shape, store_rows, repeats, threads=threads, log=log)
+        figures += scale_store.store_figures(shape, store_rows, repeats, threads=threads, log=log)
     return figures
 
 

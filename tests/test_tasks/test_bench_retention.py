@@ -23,15 +23,13 @@ from typer.testing import CliRunner
 
 import model as mp
 from mplus_cli.app import app
-from mplus_cli.commands import bench
+from mplus_cli.commands import sweep as bench
 from tasks import data as qa
 from tasks import results as res
-from tasks.results import COLUMNS, ResultsLog
-from tasks.retention import (
+from tasks.plan import (
     AUTHORS,
     CLEAN,
     Planner,
-    Runner,
     Sweep,
     authors_unrelated,
     check_points,
@@ -42,6 +40,8 @@ from tasks.retention import (
     shard_slice,
     split_evidence,
 )
+from tasks.results import COLUMNS, ResultsLog
+from tasks.retention import Runner
 from tasks.sizes import parse_size
 
 runner = CliRunner()

@@ -18,7 +18,9 @@ import model as mp
 from model import store as st
 from model.text.tokenizer import byte_tokenizer
 from mplus_cli.commands.speed import speed, table
+from tasks import children as ch
 from tasks import scale as sc
+from tasks import scale_store as scs
 from tasks import speed as sp
 from tasks.figures import Figure, Report
 from tasks.random_models import random_model_with_memory
@@ -68,7 +70,7 @@ def test_the_table_shows_an_increase_as_such():
 def test_a_child_reports_its_own_peak_rss_not_its_parents():
     held = torch.ones(96 << 20, dtype=torch.float32)  # 384 MB in this process: a child's ru_maxrss starts there
     parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    child = sc.mplus(["session", "ls", "--store", "/nonexistent-store", "--json"], sc.child_env(1)).check("ls")
+    child = ch.mplus(["session", "ls", "--store", "/nonexistent-store", "--json"], ch.child_env(1)).check("ls")
     assert json.loads(child.stdout)["sessions"] == []
     assert 0 < child.peak_rss < parent_peak - 256e6 and held.sum() > 0
 
@@ -86,17 +88,17 @@ except KeyboardInterrupt:
 
 def test_a_child_is_interrupted_once_asked_and_its_failure_is_one_line(tmp_path):
     ready = tmp_path / "ready"
-    child = sc.run_child([sys.executable, "-c", SLEEPER, str(ready)], interrupt=ready.exists)
+    child = ch.run_child([sys.executable, "-c", SLEEPER, str(ready)], interrupt=ready.exists)
     assert child.returncode == 1 and child.stderr == "interrupted\n"
-    with pytest.raises(sc.ChildFailed, match="^sleeper exited with 1: interrupted$"):
+    with pytest.raises(ch.ChildFailed, match="^sleeper exited with 1: interrupted$"):
         child.check("sleeper")
 
 
 def test_an_interrupted_inject_exits_130_and_keeps_its_commits(tmp_path):
     text = sc.write_prose(tmp_path / "text.txt", 16_000)
     assert text.stat().st_size == 16_000 and text.read_text().isascii()
-    child = sc.interrupted_inject(tmp_path, "cut", "tiny-free-mplus", text, sc.child_env(1))
-    assert child.returncode == sc.INTERRUPTED and child.peak_rss > 0
+    child = sc.interrupted_inject(tmp_path, "cut", "tiny-free-mplus", text, ch.child_env(1))
+    assert child.returncode == ch.INTERRUPTED and child.peak_rss > 0
     partial = st.Session.open(tmp_path, "cut").partial
     assert partial["chunks_done"] >= sc.INTERRUPT_AFTER_COMMITS and partial["chunks_total"] == 32
 
@@ -120,12 +122,12 @@ def test_the_cold_session_and_the_saved_state_hold_the_same_memory(tmp_path):
 
 # -- the store at a model's shapes ------------------------------------------------------------------
 def test_a_stand_in_session_opens_as_the_state_its_commits_describe(tmp_path):
-    cfg = sc.store_config(sp.SHAPES["tiny"])
+    cfg = scs.store_config(sp.SHAPES["tiny"])
     L, N, K, freq = cfg.num_layers, cfg.memory_rows, cfg.num_tokens, cfg.update_ltm_frequency
-    initial = sc.stand_in_initial(cfg, sc.model_rows(cfg, tmp_path, create=True))
-    written = sc.store_commits(tmp_path, "s", cfg, initial, ltm_rows=64)
-    new_rows = L * K * cfg.hidden_size * sc.STORE_DTYPE.itemsize
-    assert len(written) == sc.STORE_INJECTS and all(b >= new_rows for b in written)  # the rows, once, and more
+    initial = scs.stand_in_initial(cfg, scs.model_rows(cfg, tmp_path, create=True))
+    written = scs.store_commits(tmp_path, "s", cfg, initial, ltm_rows=64)
+    new_rows = L * K * cfg.hidden_size * scs.STORE_DTYPE.itemsize
+    assert len(written) == scs.STORE_INJECTS and all(b >= new_rows for b in written)  # the rows, once, and more
 
     session = st.Session.open(tmp_path, "s")
     state = session.load_state(initial)
@@ -135,7 +137,7 @@ def test_a_stand_in_session_opens_as_the_state_its_commits_describe(tmp_path):
     assert all(bool((ids.diff() > 0).all()) for ids in state.memory_ids)  # a layer's rows keep their order
     assert int(state.memory_ids.max()) < state.next_row_id == session.base + session.manifest["rows"]["count"]
     assert int(ltm.bank.row_ids(torch.arange(len(ltm.bank))).max()) < state.next_row_id
-    alone = sc.session_ltm(session, initial)
+    alone = scs.session_ltm(session, initial)
     assert all(torch.equal(a.entries, b.entries) for a, b in zip(alone.layers, ltm.layers, strict=True))
     files = session.directory / st.ROWS
     assert files.stat().st_blocks * 512 < files.stat().st_size  # the history's rows were never written
@@ -178,7 +180,7 @@ def test_session_figures_count_the_files_the_rows_and_the_processes(report):
     assert figure(report, "inject 2k tokens into a 2k-token session vs a new one")["unit"] == "s"
     assert figure(report, "ask a 4k-token session vs a 2k-token one")["unit"] == "s"
     cut = figure(report, "interrupted inject peak RSS: 64.00 kB text vs 16.00 kB")
-    assert f"exited {sc.INTERRUPTED}" in cut["detail"] and cut["optimized"] > 50e6
+    assert f"exited {ch.INTERRUPTED}" in cut["detail"] and cut["optimized"] > 50e6
 
 
 def test_cold_and_store_figures_are_there(report):
@@ -210,7 +212,7 @@ def test_bad_options_are_one_line_usage_errors(args, message):
 
 def test_the_store_group_runs_at_8b_shapes_on_a_cpu_without_a_model(monkeypatch):
     figures = []
-    monkeypatch.setattr(sc, "store_figures", lambda shape, rows, *args, **kwargs: figures.append((shape, rows)) or [])
+    monkeypatch.setattr(scs, "store_figures", lambda shape, rows, *args, **kwargs: figures.append((shape, rows)) or [])
     result = runner.invoke(app, ["--groups", "store", "--shape", "8b", "--json"])
     assert result.exit_code == 0, result.output
     assert figures == [(sp.SHAPES["8b"], (10_000, 40_000, 150_000))]

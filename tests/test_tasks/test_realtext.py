@@ -13,7 +13,7 @@ from mplus_cli.app import app
 from tasks import data as qa
 from tasks import realtext
 from tasks.data import DataError, QAData, Sample
-from tasks.retention import CLEAN, Planner, Sweep
+from tasks.plan import CLEAN, Planner, Sweep
 
 runner = CliRunner()
 

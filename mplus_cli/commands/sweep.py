@@ -1,0 +1,576 @@
+"""A retention run as bench retention's options describe it: planned, checked, run over the models, finished."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import platform
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import typer
+
+import model as mp
+from model.text.tokenizer import has_chat_template
+from tasks import data as qa
+from tasks import results as res
+from tasks.launch import SLURM, TORCHRUN, Launch, barrier, detect
+from tasks.merge import MergeConflict, MergeError, merge_runs
+from tasks.plan import (
+    CHUNK_TOKENS,
+    CLOSED_BOOK,
+    CONTROLS,
+    FULL_CONTEXT,
+    MEMORY,
+    Protocol,
+    Sweep,
+    check_points,
+    parse_shard,
+    protocol_for,
+    shard_slice,
+)
+from tasks.retention import Runner
+from tasks.sizes import default_points, format_size, parse_points, parse_size
+
+from ..common import (
+    emit,
+    note_label,
+    say,
+    stop_ids,
+)
+from ..devices import describe, pick_device, pick_dtype
+from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from ..models import load_model, model_id, requested_model
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "distractors", "decoding")
+DISTRACTORS = "pool of chunk_tokens chunks in source order, taken in a per-sample order; a gap's last chunk is cut"
+PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
+MAX_DISTANCE = 10_000_000  # tokens: the distractor text alone is about 8 characters per token
+
+
+@contextmanager
+def task_errors() -> Iterator[None]:
+    """The library's errors as the CLI's one-line errors and exit codes."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise NotFoundError(str(e)) from e
+    except qa.DataError as e:
+        raise MplusError(str(e)) from e
+    except res.ResumeError as e:
+        raise ConflictError(f"{e}: choose another --output") from e
+    except MergeConflict as e:
+        raise ConflictError(str(e)) from e
+    except MergeError as e:
+        raise UsageError(str(e)) from e
+
+
+def parse_controls(text: str) -> list[str]:
+    controls = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise ValueError(f"unknown control {unknown[0]!r}: use {' and/or '.join(CONTROLS)}")
+    return [c for c in CONTROLS if c in controls]
+
+
+def versions() -> dict[str, str | None]:
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """This run's config; on resume it keeps the creation time and the models and controls run before."""
+    if not path.exists():
+        return config
+    old = json.loads(path.read_text())
+    union = {k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in ("models", "controls")}
+    return (
+        config
+        | union
+        | {"created": old.get("created", config["created"]), "model_details": old.get("model_details", {})}
+    )
+
+
+def data_origin(dataset: str, data_dir: Path | None, split: str = "test") -> str:
+    """What identifies the data before it is loaded (compared on --resume)."""
+    if dataset == "synthetic":
+        return "synthetic"
+    if dataset in qa.OFFLINE:
+        where = str(data_dir.resolve()) if data_dir else "the installed packages"
+        return f"{dataset} ({split} split) from {where}" if dataset == "news" else f"{dataset} from {where}"
+    return str(data_dir.resolve()) if data_dir else f"hub {qa.HUB_IDS[dataset]}"
+
+
+def approx(n: float) -> str:
+    """A count to three digits: 512, 1.23k, 160k, 3.2M."""
+    for suffix, unit in (("M", 1e6), ("k", 1e3)):
+        if n >= unit:
+            return f"{n / unit:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float) -> str:
+    """0.4 s, 41 s, 13 min, 2 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def plan_line(
+    n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str], niah: bool = False
+) -> str:
+    """The run's size: samples x distances x models x conditions, its questions and distractor tokens (niah:
+    each sample is one haystack, asked once)."""
+    conditions = [MEMORY, *controls]
+    if niah:
+        return (
+            f"plan: {plural(n_samples, 'haystack')} (needles x lengths {', '.join(map(format_size, points))} x "
+            f"depths) x {plural(len(names), 'model')} x {plural(len(conditions), 'condition')} "
+            f"({', '.join(conditions)}) = {plural(n_samples * len(names) * len(conditions), 'question')}"
+        )
+    per_sample = len(points) * (1 + (FULL_CONTEXT in controls)) + (CLOSED_BOOK in controls)
+    span = f"{format_size(points[0])} to {format_size(points[-1])}"
+    return (
+        f"plan: {plural(n_samples, 'sample')} x {plural(len(points), 'distance')} ({span}) x "
+        f"{plural(len(names), 'model')} x {plural(len(conditions), 'condition')} ({', '.join(conditions)}) = "
+        f"{plural(n_samples * len(names) * per_sample, 'question')}, "
+        f"{format_size(n_samples * points[-1] * len(names))} distractor tokens to inject"
+    )
+
+
+def progress_bar(show: bool = True):
+    """Distractor tokens injected of those planned, tokens/s, the current model, sample and distance, ETA (shown
+    on a terminal, when `show`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Tokens(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = approx(task.speed) if task.speed else "-"
+            return Text(f"{approx(task.completed)}/{approx(task.total or 0)} tokens, {speed} tokens/s")
+
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), Tokens(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    disable = not (show and console.is_terminal)  # off a terminal it would leave a blank line
+    return Progress(*columns, console=console, transient=True, disable=disable)
+
+
+class Pace:
+    """One model's progress: advances the bar by the tokens it injects and, after its first sample, says how
+    long the rest will take at the pace measured on it."""
+
+    def __init__(self, bar, task, name: str, n_samples: int):
+        self.bar, self.task, self.name, self.n_samples = bar, task, name, n_samples
+        self.tokens, self.samples = 0, 0
+
+    def on_tokens(self, n: int) -> None:
+        self.tokens += n
+        self.bar.advance(self.task, n)
+
+    def on_sample(self, seconds: float) -> None:
+        self.samples += 1
+        left = self.n_samples - self.samples
+        if self.samples == 1 and left:
+            rate = f" ({approx(self.tokens / seconds)} tokens/s)" if self.tokens else ""
+            say(
+                f"{self.name}: first sample in {duration(seconds)}{rate}: "
+                f"about {duration(seconds * left)} for the other {plural(left, 'sample')}"
+            )
+
+
+def empty_warning(name: str, predictions: Sequence[str], chat: bool, has_template: bool) -> str | None:
+    """A one-line warning when more than half of a model's predictions are empty, with what to try."""
+    empty = sum(not p.strip() for p in predictions)
+    if 2 * empty <= len(predictions):
+        return None
+    hint = (
+        "try --no-chat (the model ends its chat turn at once)"
+        if chat
+        else "try without --no-chat (an instruct model answers in its chat template)"
+        if has_template
+        else "check the model and its --tokenizer (it stops at once)"
+    )
+    return f"mplus: warning: {empty} of {len(predictions)} predictions of {name} are empty: {hint}"
+
+
+def summary_table(summary) -> list[str]:
+    """One line per model/control: exact-hit rate at each distance (niah: at each haystack length, the mean
+    over depths)."""
+    column = "haystack_tokens" if "haystack_tokens" in summary else "distance_tokens"
+    distances = sorted(summary[column].unique())
+    rows = [["model", "control", *(format_size(int(d)) for d in distances)]]
+    for (model, control), group in summary.groupby(["model", "control"], sort=False):
+        rate = group.groupby(column).exact_hit.mean().to_dict()
+        rows.append([model, control, *(f"{rate[d]:.2f}" if d in rate else "-" for d in distances)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def json_records(summary) -> list[dict[str, Any]]:
+    """Summary rows for --json (NaN intervals become null)."""
+    return [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        for row in summary.to_dict("records")
+    ]
+
+
+LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """A retention run as its options give it, checked."""
+
+    dataset: str
+    protocol: str
+    proto: Protocol
+    max_distance: int
+    points: list[int]
+    controls: list[str]
+    models: list[str]
+    limit: int
+    seed: int
+    launch: Launch
+    shard: tuple[int, int]  # this process's slice of the samples
+    out: Path  # the run's directory (under torchrun, the one the shards merge into)
+    device: torch.device
+    dtype: torch.dtype
+    data_dir: Path | None
+    chat: bool | None
+    tokenizer: str | None
+    batch_size: int = 1
+    split: str = "test"
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this process writes: the output directory, or its shard's directory under a launcher."""
+        return self.launch.directory(self.out)
+
+    @property
+    def shard_text(self) -> str:
+        return f"{self.shard[0]}/{self.shard[1]}"
+
+
+def plan_retention(
+    *,
+    dataset: str,
+    protocol: str,
+    max_distance: str,
+    points: str | None,
+    controls: str,
+    models: list[str],
+    limit: int,
+    seed: int,
+    shard: str | None,
+    output_path: Path | None,
+    device: str,
+    dtype: str | None,
+    data_dir: Path | None,
+    chat: bool | None,
+    tokenizer: str | None,
+    batch_size: int = 1,
+    split: str = "test",
+) -> RetentionPlan:
+    """The run that bench retention's options describe, in the launch that started this process; one-line
+    usage errors for options that do not make one."""
+    try:
+        if dataset not in qa.DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
+        proto = protocol_for(protocol, dataset)
+        if split not in ("dev", "test"):
+            raise ValueError(f"unknown split {split!r}: use dev or test")
+        largest, distances = parse_distances(max_distance, points)
+        if dataset == "niah":  # haystack lengths, not distances
+            distances = [d for d in distances if d > 0]
+            if distances[0] < 64:
+                raise ValueError("--points of niah are haystack lengths of at least 64 tokens")
+            if protocol != "clean" or batch_size > 1:
+                raise ValueError("niah runs one haystack at a time: use --protocol clean and --batch-size 1")
+        launch, shard_i, shard_n = pick_shard(shard)
+        control_list = parse_controls(controls)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if proto.carry_memory and shard_n > 1:
+        how = f"sharding over {shard_n} {LAUNCHERS[launch.launcher]}" if launch.launcher else "--shard"
+        raise UsageError(f"{how} needs --protocol clean: the authors protocol carries memory from sample to sample")
+    if len(set(models)) < len(models):
+        raise UsageError("a --model is given twice")
+    if proto.carry_memory and batch_size > 1:
+        raise UsageError(
+            "--batch-size needs --protocol clean: the authors protocol carries memory from sample to sample"
+        )
+    target = pick_device(device, launch.local_rank)
+    suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 and not launch.launcher else ""
+    return RetentionPlan(
+        dataset=dataset,
+        protocol=protocol,
+        proto=proto,
+        max_distance=largest,
+        points=distances,
+        controls=control_list,
+        models=models,
+        limit=limit,
+        seed=seed,
+        launch=launch,
+        shard=(shard_i, shard_n),
+        out=output_path or Path(f"retention-{dataset}-{protocol}{suffix}"),
+        device=target,
+        dtype=pick_dtype(dtype, target),
+        data_dir=data_dir,
+        chat=chat,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        split=split,
+    )
+
+
+def parse_distances(max_distance: str, points: str | None) -> tuple[int, list[int]]:
+    """--max-distance and --points: (the largest distance, the sorted distances)."""
+    largest = parse_size(max_distance)
+    if largest > MAX_DISTANCE:
+        raise ValueError(f"--max-distance {max_distance} is beyond the limit of {format_size(MAX_DISTANCE)} tokens")
+    distances = parse_points(points) if points else default_points(largest)
+    check_points(distances)
+    if distances[-1] > largest:
+        raise ValueError(f"--points reach {format_size(distances[-1])}, beyond --max-distance {max_distance}")
+    return largest, distances
+
+
+def pick_shard(shard: str | None) -> tuple[Launch, int, int]:
+    """The launch and this process's shard: the launcher's (torchrun, a Slurm array), else --shard's, else 1/1."""
+    launch = detect()
+    if not launch.launcher:
+        return (launch, *parse_shard(shard or "1/1"))
+    if shard is not None:
+        raise ValueError(f"--shard conflicts with {LAUNCHERS[launch.launcher]}, which shard the run: drop --shard")
+    return launch, launch.index, launch.count
+
+
+def retention_config(plan: RetentionPlan) -> dict[str, Any]:
+    """config.json of the run before its data is loaded and its models run."""
+    proto = plan.proto
+    return {
+        "command": "mplus bench retention",
+        "dataset": plan.dataset,
+        "data": data_origin(plan.dataset, plan.data_dir, plan.split),
+        "protocol": plan.protocol,
+        "max_distance": plan.max_distance,
+        "points": plan.points,
+        "limit": plan.limit,
+        "seed": plan.seed,
+        "shard": plan.shard_text,
+        "models": plan.models,
+        "controls": plan.controls,
+        "chunk_tokens": CHUNK_TOKENS,
+        "distractors": DISTRACTORS if not proto.carry_memory else "the authors' list",
+        "decoding": {
+            "greedy": True,
+            "max_new_tokens": proto.max_new_tokens,
+            "context_template": proto.context_template,
+            "question_template": proto.question_template,  # a model with "chat" in model_details: the question alone
+            "truncate_tokens": proto.truncate_tokens,
+            "chat": "auto" if plan.chat is None else plan.chat,  # as given; model_details: each model's choice
+        },
+        "output_path": str(plan.run_dir),
+        "batch_size": plan.batch_size,
+        "launcher": plan.launch.launcher or None,
+        "device": describe(plan.device),
+        "versions": versions(),
+        "created": res.now(),
+        "model_details": {},
+    }
+
+
+def check_output(plan: RetentionPlan, resume: bool) -> None:
+    """Refuse to write over results without --resume (under torchrun: the shard's and the merged ones)."""
+    for directory in dict.fromkeys([plan.run_dir, *([plan.out] if plan.launch.group else [])]):
+        if res.holds_results(directory / "results.csv") and not resume:
+            raise ConflictError(
+                f"{directory} already holds results: pass --resume to continue them or choose another --output"
+            )
+
+
+@contextmanager
+def writing_into(directory: Path) -> Iterator[None]:
+    """The run directory, held by this process alone (an flock on the directory itself, which leaves no file):
+    a second run into it (another --shard given the same --output) is refused instead of writing the same
+    results.csv and cache files. A directory this run created and left empty is removed when it fails."""
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(
+                f"{directory} is busy: another run is writing into it; wait for it or choose another --output"
+            ) from None
+        yield
+    except BaseException:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
+def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:
+    """Load the data, run every model over this process's samples into results.csv; returns (the number of
+    samples, the warnings about mostly empty predictions, the config with each model's details)."""
+    data_dir = None if plan.dataset == "synthetic" else plan.data_dir
+    chars, authors = 8 * plan.max_distance + 8 * CHUNK_TOKENS, plan.proto.carry_memory
+    data = qa.load(
+        plan.dataset,
+        limit=plan.limit,
+        data_dir=data_dir,
+        distractor_chars=chars,
+        authors=authors,
+        split=plan.split,
+        lengths=tuple(plan.points),
+    )
+    samples = shard_slice(data.samples, *plan.shard)
+    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.seed)
+    out = plan.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    config = merged_config(out / "config.json", config | {"data_source": data.source})
+    res.write_config(out / "config.json", config)
+    log = res.ResultsLog(out / "results.csv")
+    say(plan_line(len(samples), plan.points, plan.models, plan.controls, plan.dataset == "niah"))
+    try:
+        warnings = run_models(plan, samples, sweep, log, config)
+    except KeyboardInterrupt:
+        say(f"mplus: interrupted; finished samples are kept in {out}: rerun with --resume to continue")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    shutil.rmtree(out / "cache", ignore_errors=True)  # encoded distractors: kept only for a --resume
+    return len(samples), warnings, config
+
+
+def finish_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """summary.csv, retention.png and the finished config.json: (results, summary). Under torchrun every rank
+    marks its shard finished and waits at the barrier; rank 0 then merges the shards into the output directory
+    and the other ranks return None."""
+    finished = config | {"finished": res.now()}
+    if not plan.launch.group:
+        return res.finish(plan.run_dir, finished)
+    res.write_config(plan.run_dir / "config.json", finished)
+    barrier(plan.launch, plan.device)
+    if not plan.launch.merges:
+        return None
+    results, summary, _ = merge_runs(plan.launch.directories(plan.out), plan.out, force=True)
+    return results, summary
+
+
+def report_run(
+    out: Path,
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    n_samples: int,
+    title: str,
+    warnings: Sequence[str],
+    as_json: bool,
+) -> None:
+    """What a finished (or merged) run wrote, its warnings, and the exact-hit table or the --json summary."""
+    niah = "haystack_tokens" in summary
+    figure = "niah.png" if niah else "retention.png"
+    say(f"wrote {out}/results.csv ({plural(len(results), 'row')}), summary.csv, config.json, {figure}")
+    for warning in warnings:
+        say(warning)
+    if as_json:
+        emit({"output_path": str(out), "rows": len(results), "summary": json_records(summary)})
+    else:
+        by = "haystack length, mean over depths" if niah else "distance"
+        typer.echo(f"exact hit by {by} ({plural(n_samples, 'sample')}, {title})")
+        typer.echo("\n".join(summary_table(summary)))
+
+
+def drop_rate(lm: mp.MemoryLLM) -> list[float | int]:
+    """[K/N, tokens per injection, tokens before the first drop] of a MemoryLLM model in this bench: each
+    distractor chunk of CHUNK_TOKENS tokens writes K rows per layer into N and drops as many, once the
+    memory is full (the training-free demo: one row per token, and its memory starts empty)."""
+    training_free = lm.cfg.training_free is not None
+    rows = CHUNK_TOKENS if training_free else lm.cfg.num_tokens
+    return [min(1.0, rows / lm.cfg.memory_rows), CHUNK_TOKENS, lm.cfg.memory_rows if training_free else 0]
+
+
+def run_models(
+    plan: RetentionPlan, samples: list[qa.Sample], sweep: Sweep, log: res.ResultsLog, config: dict[str, Any]
+) -> list[str]:
+    """Each model in turn over the samples, with a rough estimate of its time once loaded; config.json records
+    each model once loaded. Returns a warning for each model whose predictions are mostly empty."""
+    out, planned = plan.run_dir, {s.id for s in samples}
+    done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
+    conditions = (MEMORY, *sweep.controls)
+    memory_left = sum((name, s.id, MEMORY) not in done for name in plan.models for s in samples)
+    warnings = []
+    with progress_bar(show=plan.launch.merges or not plan.launch.group) as bar:  # torchrun: rank 0's bar alone
+        task = bar.add_task("loading", total=memory_left * sweep.points[-1])
+        for name in plan.models:
+            bar.update(task, description=f"loading {name}")
+            lm, with_chat = load_for_sweep(plan, name, config)
+            memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
+            runner = Runner(lm, name, model_sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
+            todo = [s for s in samples if any((name, s.id, c) not in done for c in conditions)]
+            if todo:
+                bar.update(task, description=f"timing {name}")
+                seconds = runner.rough_seconds(todo)
+                say(f"{name}: about {duration(seconds)} (timed on one chunk and one question; firmer after a sample)")
+            pace = Pace(bar, task, name, len(todo))
+            runner.run(
+                samples,
+                on_status=lambda text: bar.update(task, description=text),
+                on_tokens=pace.on_tokens,
+                on_sample=pace.on_sample,
+                batch_size=plan.batch_size,
+            )
+            predictions = [r["prediction"] for r in log.rows if r["model"] == name and r["sample_id"] in planned]
+            warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
+            warnings += [warning] if warning else []
+    return warnings
+
+
+def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tuple[mp.MemoryLLM, bool]:
+    """Model `name` on the run's device and whether it is asked in its chat template; its details go into
+    config.json, refusing a model other than the one whose results the directory holds."""
+    lm = load_model(requested_model(name), plan.dtype, plan.tokenizer, device=plan.device)
+    with_chat = has_chat_template(lm.tokenizer) if plan.chat is None else plan.chat
+    if with_chat and not has_chat_template(lm.tokenizer):
+        raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
+    note_label(lm)
+    details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
+    details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
+    details |= {"dtype": str(lm.dtype).removeprefix("torch.")}
+    details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
+    details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
+    before, out = config["model_details"].get(name), plan.run_dir
+    if before and before["fingerprint"] != details["fingerprint"]:
+        raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
+    if before and before.get("chat", with_chat) != with_chat:
+        asked = "with" if before["chat"] else "without"
+        raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")
+    config["model_details"][name] = details
+    res.write_config(out / "config.json", config)
+    return lm, with_chat
