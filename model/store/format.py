@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,6 @@ APPENDED = (ROWS, LOG, *LTM_FILES, ORIGINS)  # the append-only files, numbered i
 SUM_RECORD = 3  # int64s per sums.bin record: file number, end, crc32
 INDEX_RETRIES = 5  # a reader retries when a writer retired the index it was about to read
 KEEP_COMMITS = 3  # commits (manifest copy + index) kept for rollback
-MANIFEST_KEYS = ("model", "dtype", "rows", "log", "index", "state", "commit")
 
 
 # -- names, places, time ------------------------------------------------------------------------------
@@ -112,9 +112,9 @@ def parse_manifest(data: bytes, path: Path, name: str) -> dict[str, Any]:
             f"session {name!r} was written in store format {found!r}, this mplus reads formats "
             f"{READABLE_FORMATS[0]}-{READABLE_FORMATS[-1]}: inject its sources into a new session"
         )
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise SessionDamaged(f"{path} is damaged (missing {', '.join(missing)})" + rollback_hint(name))
+    found = schema_problem(manifest, SCHEMA)
+    if found is not None:
+        raise SessionDamaged(f"{path} is damaged ({found})" + rollback_hint(name))
     return manifest
 
 
@@ -122,3 +122,92 @@ def sum_records(records: list[tuple[str, int, int]]) -> bytes:
     """sums.bin records (file number, end, crc32) of (file name, end, crc32)."""
     flat = [value for name, end, crc in records for value in (APPENDED.index(name), end, crc)]
     return tensor_bytes(torch.tensor(flat, dtype=torch.int64)) if flat else b""
+
+
+# -- the manifest's schema -------------------------------------------------------------------------------------
+Check = Callable[[Any], bool]
+FLOATS = ("float32", "bfloat16", "float16")
+INDEX_NAME = re.compile(r"index-[0-9]{6}\.safetensors")  # a plain name inside the session, never a path
+
+
+def count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def positive(value: Any) -> bool:
+    return count(value) and value > 0
+
+
+def text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def floats(value: Any) -> bool:
+    return value in FLOATS
+
+
+def optional(check: Check) -> Check:
+    return lambda value: value is None or check(value)
+
+
+def counts(value: Any) -> bool:
+    return isinstance(value, list) and all(map(count, value))
+
+
+MODEL = {"id": text, "fingerprint": text, "kind": lambda v: v in ("memoryllm", "mplus"), "dtype": floats}
+LTM_LAYOUT = {"update_step": count, "sizes": counts, "cached_rows": count, "aged": count, "entries": count}
+STATE = {
+    "format": count,
+    "initialized": lambda v: isinstance(v, bool),
+    "injections": count,
+    "tokens_injected": count,
+    "memory_shape": lambda v: counts(v) and len(v) == 3,
+    "dtype": floats,
+    "ltm": (LTM_LAYOUT, "optional"),
+}
+PARTIAL = {
+    "source": text,
+    "sha256": text,
+    "chunk_tokens": positive,
+    "chunks_done": count,
+    "chunks_total": positive,
+    "tokens_done": count,
+    "tokens_total": count,
+}
+SCHEMA: dict[str, Any] = {
+    "model": MODEL,
+    "dtype": floats,
+    "seed": optional(count),
+    "commit": count,
+    "chunks": count,
+    "rows": {"base": count, "count": count, "width": positive},
+    "log": {"bytes": count, "entries": count},
+    "index": lambda v: text(v) and INDEX_NAME.fullmatch(v) is not None,
+    "state": STATE,
+    "index_sum": (text, "optional"),  # format 3 lacks the checksums, MemoryLLM the LTM
+    "sums": ({"records": count, "crc": count}, "optional"),
+    "origins": ({"initial": count, "runs": count}, "optional"),
+    "partial": (PARTIAL, "optional"),
+    "ltm": ({"initial_entries": count, "entries": count, "key_width": positive, "key_dtype": floats}, "optional"),
+}
+
+
+def schema_problem(document: Any, schema: dict[str, Any], where: str = "") -> str | None:
+    """The first field of `document` that `schema` refuses, as "rows.count is -5"; None if it passes. A
+    schema maps each key to a check or a nested schema; `(spec, "optional")` may be missing or null."""
+    if not isinstance(document, dict):
+        return f"{where.rstrip('.') or 'the manifest'} is {json.dumps(document)[:40]}, not an object"
+    for key, spec in schema.items():
+        spec, required = (spec[0], False) if isinstance(spec, tuple) else (spec, True)
+        if document.get(key) is None and (not required or key not in document):
+            if required:
+                return f"{where}{key} is missing"
+            continue
+        value = document[key]
+        if isinstance(spec, dict):
+            found = schema_problem(value, spec, f"{where}{key}.")
+        else:
+            found = None if spec(value) else f"{where}{key} is {json.dumps(value)[:40]}"
+        if found is not None:
+            return found
+    return None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..core.memoryllm import InjectResult, MemoryLLM
 from ..memory.ltm import EntryBank, LongTermMemory
 from ..memory.provenance import FIELDS, Origins
-from ..memory.rows import BlockSums, FileArray, RowSpace, block_sums, populated_empty
+from ..memory.rows import BlockSums, DamagedFile, FileArray, RowSpace, block_sums, populated_empty
 from ..memory.state import MemoryState, new_generator, stm_rows
 from .errors import SessionBusy, SessionDamaged, SessionExists, SessionMismatch, SessionNotFound, rollback_hint
 from .files import (
@@ -275,12 +276,13 @@ class Session:
     @contextlib.contextmanager
     def writer(self, timeout_s: float | None = None) -> Iterator[Writer]:
         """The one writer: holds the session lock and starts from the manifest committed under it, after
-        checking its log (a damaged session is never written to). A format-3 session is upgraded first."""
+        checking every byte it builds on (a damaged session is never written to: no byte changes, and the
+        error points at `session check`). A format-3 session is upgraded first."""
         with exclusive_lock(self.directory / LOCK, self.name, timeout_s):
             session = self.reopen()
             if "sums" not in session.manifest:
                 session = session.upgraded()
-            session.log()
+            session.verify()
             yield Writer(session)
 
     def upgraded(self) -> Session:
@@ -385,6 +387,26 @@ class Session:
                 ) from None
         fsync_path(root)
         return Session.open(root, new_name)
+
+    def integrity_checks(self) -> list[tuple[str, Callable[[], object]]]:
+        """(what, check) for everything this commit is built from: its index, its log, and every committed
+        byte of the append-only files against their block checksums. A check raises SessionDamaged or
+        DamagedFile naming the file; `session check` and every writer run them all."""
+        sums = self.sums()
+        checks: list[tuple[str, Callable[[], object]]] = [(self.manifest["index"], self.index), (LOG, self.log)]
+        for name, nbytes in self.committed_lengths():
+            if sums[name] is not None:
+                checks.append((name, functools.partial(sums[name].verify_all, nbytes)))
+        return checks
+
+    def verify(self) -> None:
+        """Run every integrity check; the first failure as SessionDamaged, pointing at `session check`."""
+        try:
+            for _, check in self.integrity_checks():
+                check()
+        except (DamagedFile, OSError) as e:
+            message = str(e) if "session check" in str(e) else str(e) + self.hint
+            raise SessionDamaged(message) from e
 
     def committed_lengths(self) -> list[tuple[str, int]]:
         """(file, committed bytes) of the append-only files."""

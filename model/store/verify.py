@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,18 +33,16 @@ def verify_commit(directory: Path, manifest_path: Path) -> Verdict:
     damage = (SessionDamaged, DamagedFile, OSError)
     try:
         session = Session(directory, parse_manifest(read_prefix(manifest_path), manifest_path, directory.name))
-        sums = session.sums()
+        checks = session.integrity_checks()
     except damage as e:
         return Verdict(manifest_path.name, None, [problem(e)])
     verdict = Verdict(manifest_path.name, session.manifest["commit"], [])
-    lengths = [(name, nbytes) for name, nbytes in session.committed_lengths() if sums[name] is not None]
-    checks = [session.index, session.log, *(functools.partial(sums[name].verify_all, n) for name, n in lengths)]
-    for check in checks:
+    for _, check in checks:
         try:
             check()
         except damage as e:
             verdict.problems.append(problem(e))
-    verdict.checked_bytes = sum(nbytes for _, nbytes in lengths)
+    verdict.checked_bytes = sum(nbytes for name, nbytes in session.committed_lengths() if name in dict(checks))
     return verdict
 
 

@@ -39,6 +39,12 @@ def new_session(
     return st.Session.create(root, name, lm.initial_state, st.binding(lm, lm.info["source"]), seed, dtype)
 
 
+def partial_record(done: int, total: int) -> dict:
+    """The manifest's record of a test source injected `done` chunks of `total` (of 200 tokens) far."""
+    counts = {"chunks_done": done, "chunks_total": total, "tokens_done": 200 * done, "tokens_total": 200 * total}
+    return {"source": "test", "sha256": "", "chunk_tokens": 200} | counts | {"at": ""}
+
+
 def inject(session: st.Session, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) -> st.Session:
     """`chunks` committed one by one, as `mplus inject` does."""
     with session.writer() as writer:
@@ -47,7 +53,7 @@ def inject(session: st.Session, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) ->
             writer.inject(lm, state, ids)
             last = i == len(chunks) - 1
             log = [{"source": "test", "sha256": "", "tokens": sum(map(len, chunks)), "chunks": len(chunks)}]
-            writer.commit(state, log if last else [], None if last else {"source": "test", "chunks_done": i + 1})
+            writer.commit(state, log if last else [], None if last else partial_record(i + 1, len(chunks)))
         return writer.session
 
 
@@ -310,7 +316,7 @@ def test_sigkill_at_any_moment_leaves_a_committed_chunk(tmp_path, models, preset
         done = [i for i, s in enumerate(chain) if torch.equal(state.memory, s.memory)]
         assert done, "the session is at no committed chunk"
         assert_same_state(state, chain[done[0]])
-        partial = [current.partial, {"source": "test", "chunks_done": 1}, {"source": "test", "chunks_done": 2}, None]
+        partial = [current.partial, partial_record(1, 3), partial_record(2, 3), None]
         assert reopened.partial == partial[done[0]]
         outcomes.add(done[0])
     print(f"\nchunks committed at the kills: {sorted(outcomes)}; kills that left uncommitted rows: {torn}")

@@ -46,6 +46,12 @@ def chunk(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def partial_record(done: int, total: int) -> dict:
+    """The manifest's record of a source `t` injected `done` chunks of `total` far."""
+    counts = {"chunks_done": done, "chunks_total": total, "tokens_done": done, "tokens_total": total}
+    return {"source": "t", "sha256": str(total), "chunk_tokens": 16} | counts | {"at": ""}
+
+
 def inject(session: st.Session, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) -> None:
     """`chunks` committed one by one (the last with its log line), as `mplus inject` does."""
     with session.writer() as writer:
@@ -54,7 +60,7 @@ def inject(session: st.Session, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) ->
             writer.inject(lm, state, ids)
             last = i == len(chunks) - 1
             log = [{"source": "t", "sha256": str(len(chunks)), "tokens": 0, "chunks": len(chunks)}] if last else []
-            writer.commit(state, log, None if last else {"source": "t", "chunks_done": i + 1})
+            writer.commit(state, log, None if last else partial_record(i + 1, len(chunks)))
 
 
 def killed_at(event: int, root: Path, lm: mp.MemoryLLM, chunks: list[torch.Tensor]) -> int:
@@ -157,8 +163,7 @@ def ask(root: Path):
 
 def test_a_byte_flip_in_any_file_is_detected_and_named_never_a_different_memory(grown):
     """16 flipped bytes in the middle of each file of the current commit: `session check` exits 1 naming it;
-    `ask` either exits 1 naming it or (damage in bytes it does not read) answers as before; inject refuses a
-    damaged manifest, index, checksum file or log before writing anything."""
+    `ask` either exits 1 naming it or (damage in bytes it does not read) answers as before."""
     answer = ask(grown)
     assert answer.exit_code == 0
     session = st.Session.open(grown, "s")
@@ -176,18 +181,53 @@ def test_a_byte_flip_in_any_file_is_detected_and_named_never_a_different_memory(
             assert asked.stdout == answer.stdout, name
         else:
             assert asked.exit_code == 1 and name in asked.stderr and len(error_lines(asked.stderr)) == 1
-        before = {p.name: p.read_bytes() for p in (grown / "s").iterdir()}
-        text = grown.parent / "more.txt"
-        text.write_text("more text " * 20)
-        injected = mplus("inject", text, "-s", "s", "--store", grown)
-        if name in small_files(session):  # checked before any write: refused, nothing changed
-            assert injected.exit_code == 1 and name in injected.stderr, name
-            assert {p.name: p.read_bytes() for p in (grown / "s").iterdir()} == before, name
-        else:  # rows and keys are checked when read: an inject that reads none commits, the damage stays named
-            assert injected.exit_code in (0, 1), name
-            assert name in mplus("session", "check", "s", "--store", grown).stderr
         detected.append(name)
     print(f"\nflips detected by `session check`: {len(detected)} of {len(committed(session))} files")
+
+
+def damage(path: Path, how: str) -> None:
+    """cut: the file halved; flip: 16 bytes inverted in its middle; zero: the first 16 bytes from its middle
+    that are not all zeros set to zero."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    if how == "cut":
+        data = data[:middle]
+    elif how == "flip":
+        data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    else:
+        at = next(i for i in range(middle, len(data)) if any(data[i : i + 16]))
+        data[at : at + 16] = bytes(len(data[at : at + 16]))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mplus"])
+def test_an_inject_never_builds_on_damage_and_changes_no_byte(tmp_path, preset):
+    """Every file of the current commit cut, flipped or zeroed, in both flavours: `mplus inject` refuses with
+    exit 1 (damaged) in one line that names the file and points at `session check`; every file of the session
+    stays byte-identical."""
+    root, text, more = tmp_path / "store", tmp_path / "notes.txt", tmp_path / "more.txt"
+    text.write_text(TEXT)
+    more.write_text("more text " * 20)
+    result = mplus("inject", text, "-s", "s", "--store", root, "--model", preset, "--chunk-tokens", "64")
+    assert result.exit_code == 0, result.output
+    pristine = tmp_path / "pristine"
+    shutil.copytree(root, pristine)
+    files = committed(st.Session.open(root, "s"))
+    tried = 0
+    for name in files:
+        for how in ("cut", "flip", "zero"):
+            shutil.rmtree(root)
+            shutil.copytree(pristine, root)
+            damage(root / "s" / name, how)
+            before = {p.name: p.read_bytes() for p in (root / "s").iterdir()}
+            injected = mplus("inject", more, "-s", "s", "--store", root)
+            assert injected.exit_code == 1, (name, how, injected.output)
+            [line] = error_lines(injected.stderr)
+            assert name in line and "session check" in line, (name, how, line)
+            assert {p.name: p.read_bytes() for p in (root / "s").iterdir()} == before, (name, how)
+            tried += 1
+    assert tried == 3 * len(files) and (preset == "tiny") == (st.LTM_FILES[0] not in files)
+    print(f"\n{preset}: {tried} damaged files, every inject refused")
 
 
 def test_rollback_returns_a_session_damaged_in_its_last_commit_to_the_commit_before(grown):
