@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..memory.rows import SUM_BLOCK_BYTES, DamagedFile, block_sums
-from .errors import SessionBusy, SessionDamaged
+from .errors import SessionBusy, SessionDamaged, SessionNotFound
 
 LOCK_TIMEOUT_S = 5.0
 
@@ -94,8 +94,14 @@ def copy_prefix(source: Path, target: Path, length: int) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, name: str, timeout_s: float | None = None) -> Iterator[None]:
-    """Hold an flock on `path`; wait up to `timeout_s` (default LOCK_TIMEOUT_S), then raise SessionBusy."""
-    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600), "r+b") as f:
+    """Hold an flock on `path`; wait up to `timeout_s` (default LOCK_TIMEOUT_S), then raise SessionBusy. Once
+    held, `path` must still be the file locked: a session removed or moved meanwhile raises SessionNotFound."""
+    gone = SessionNotFound(f"session {name!r} was removed or moved while this command waited for it")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+    except FileNotFoundError:
+        raise gone from None
+    with os.fdopen(fd, "r+b") as f:
         deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
         while True:
             try:
@@ -108,9 +114,19 @@ def exclusive_lock(path: Path, name: str, timeout_s: float | None = None) -> Ite
                     ) from None
                 time.sleep(0.05)
         try:
+            if not still_there(path, f.fileno()):
+                raise gone
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def still_there(path: Path, fd: int) -> bool:
+    """Whether `path` still names the open file `fd` (not removed, renamed away or replaced)."""
+    try:
+        return os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager

@@ -41,18 +41,21 @@ def verify_commit(directory: Path, manifest_path: Path) -> Verdict:
         try:
             check()
         except damage as e:
-            verdict.problems.append(problem(e))
+            if problem(e) not in verdict.problems:
+                verdict.problems.append(problem(e))
     verdict.checked_bytes = sum(nbytes for name, nbytes in session.committed_lengths() if name in dict(checks))
     return verdict
 
 
-def check_session(root: Path, name: str) -> list[Verdict]:
-    """Verdicts of the committed manifest, then of each kept commit, newest first."""
+def check_session(root: Path, name: str, quick: bool = False) -> list[Verdict]:
+    """Verdicts of the committed manifest, then (unless `quick`) of each kept commit a rollback may need,
+    newest first."""
     directory = Path(root) / check_name(name)
     if not session_exists(root, name):
         raise SessionNotFound(f"no session {name!r} in {root}: list them with `mplus session ls`")
     refuse_links(directory, name)
-    return [verify_commit(directory, path) for path in [directory / MANIFEST, *kept_commits(directory)]]
+    kept = [] if quick else kept_commits(directory)
+    return [verify_commit(directory, path) for path in [directory / MANIFEST, *kept]]
 
 
 def rollback_session(root: Path, name: str) -> tuple[int | None, int]:

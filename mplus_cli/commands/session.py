@@ -254,21 +254,27 @@ def session_check(
     rollback: Annotated[
         bool, typer.Option(help="If the committed state is damaged, return to the newest kept commit that verifies.")
     ] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Check the committed state only, not the kept commits a rollback may need.")
+    ] = False,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify every file of a session against its checksums (exit 1 if the committed state is damaged).
+    """Verify every file of a session against its checksums (exit 1 if anything a session or its rollback
+    needs is damaged).
 
-    The last few commits are kept: with --rollback a damaged session returns to the newest of them that
-    verifies (what later commits added is lost; the command says which commit it returned to).
+    The last few commits are kept, and checked too (unless --quick): with --rollback a damaged session
+    returns to the newest of them that verifies (what later commits added is lost; the command says which
+    commit it returned to).
 
     Example: mplus session check s1 --rollback
     """
     root = store_root(store)
-    verdicts = st.check_session(root, name)
-    current = verdicts[0]
-    report: dict[str, Any] = {"session": name, "ok": not current.problems, "commit": current.commit}
-    report["commits"] = [vars(verdict) for verdict in verdicts]
+    verdicts = st.check_session(root, name, quick and not rollback)
+    current, kept = verdicts[0], verdicts[1:]
+    damaged_kept = [verdict for verdict in kept if verdict.problems]
+    report: dict[str, Any] = {"session": name, "ok": not current.problems and not damaged_kept}
+    report |= {"commit": current.commit, "quick": quick, "commits": [vars(verdict) for verdict in verdicts]}
     if rollback and current.problems:
         report["rolled_back_from"], report["commit"] = st.rollback_session(root, name)
         report["ok"] = True
@@ -277,6 +283,8 @@ def session_check(
     else:
         for problem in current.problems:
             say(f"mplus: damaged: {problem}")
+        for verdict in damaged_kept:
+            say(f"mplus: damaged: kept commit {verdict.commit or verdict.manifest}: {verdict.problems[0]}")
         if "rolled_back_from" in report:
             was = report["rolled_back_from"]
             typer.echo(
@@ -284,8 +292,18 @@ def session_check(
                 f"{report['commit']}, which verifies"
             )
         elif not current.problems:
-            typer.echo(f"session {name!r}: commit {current.commit} verifies ({current.checked_bytes} bytes checked)")
-    if not report["ok"]:
-        good = next((v.commit for v in verdicts[1:] if not v.problems), None)
+            checked = f"{current.checked_bytes} bytes checked" + (
+                ", kept commits not checked (--quick)" if quick else ""
+            )
+            typer.echo(f"session {name!r}: commit {current.commit} verifies ({checked})")
+    if report["ok"]:
+        return
+    if current.problems:
+        good = next((v.commit for v in kept if not v.problems), None)
         advice = f"`--rollback` returns to commit {good}" if good is not None else "no kept commit verifies"
         raise st.SessionDamaged(f"session {name!r} is damaged: {advice}")
+    raise st.SessionDamaged(
+        f"session {name!r} is sound at commit {current.commit}, but a rollback could not return to kept commit "
+        f"{damaged_kept[0].commit or damaged_kept[0].manifest}: later commits retire it; fork the session to keep a "
+        "sound copy"
+    )

@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -375,3 +377,66 @@ def test_ctrl_c_while_a_session_is_built_leaves_nothing_behind(tmp_path, models,
         else:
             st.Session.open(root, "s").fork("t")
     assert sorted(p.name for p in root.iterdir()) == ([] if operation == "create" else ["s"])
+
+
+@pytest.mark.parametrize("order", ["rm-between-open-and-lock", "rm-holds-the-lock", "inject-first", "rm-first"])
+def test_rm_and_inject_in_every_order_never_report_a_write_to_a_removed_session(grown, order):
+    """`session rm` against an inject that opened the session before it locked it: the inject is refused
+    (SessionNotFound) or both succeed one after the other; never a commit reported on a removed session."""
+    lm = mp.load("tiny-mplus")
+    opened = st.Session.open(grown, "s")
+    outcome: list[object] = []
+
+    def write() -> None:
+        try:
+            inject(opened, lm, [chunk(40, 7)])
+            outcome.append("committed")
+        except st.StoreError as e:
+            outcome.append(e)
+
+    if order == "rm-between-open-and-lock":
+        st.remove_session(grown, "s")
+        write()
+    elif order == "rm-holds-the-lock":  # the inject opens the lock file, then waits while rm renames the folder
+        directory = grown / "s"
+        with st.files.exclusive_lock(directory / st.LOCK, "s"):
+            writer = threading.Thread(target=write)
+            writer.start()
+            time.sleep(0.3)
+            os.rename(directory, grown / ".s.rm")
+        writer.join()
+        shutil.rmtree(grown / ".s.rm")
+    elif order == "inject-first":
+        write()
+        st.remove_session(grown, "s")
+    else:
+        st.remove_session(grown, "s")
+        with pytest.raises(st.SessionNotFound):
+            st.Session.open(grown, "s")
+        outcome.append(st.SessionNotFound())
+    [result] = outcome
+    if order == "inject-first":
+        assert result == "committed"
+    else:
+        assert isinstance(result, st.SessionNotFound), result
+    assert not st.session_exists(grown, "s") and not (grown / "s").exists()
+
+
+@pytest.mark.parametrize("how", ["cut", "flip"])
+def test_check_checks_every_kept_commit_a_rollback_may_need(grown, how):
+    """A damaged copy of an older commit (its manifest copy or its index) fails `session check` by name,
+    though the session itself is sound; `--quick` checks the committed state alone and says so."""
+    directory = grown / "s"
+    oldest = min(st.kept_commits(directory), key=lambda path: path.name)
+    index = json.loads(oldest.read_text())["index"]
+    for name in (oldest.name, index):
+        kept = directory / name
+        pristine = kept.read_bytes()
+        damage(kept, how)
+        check = mplus("session", "check", "s", "--store", grown)
+        assert check.exit_code == 1 and "kept commit" in check.stderr and "sound" in check.stderr, check.output
+        quick = mplus("session", "check", "s", "--store", grown, "--quick")
+        assert quick.exit_code == 0 and "kept commits not checked (--quick)" in quick.stdout, quick.output
+        assert ask(grown).exit_code == 0  # the session itself is sound
+        kept.write_bytes(pristine)
+    assert mplus("session", "check", "s", "--store", grown).exit_code == 0
