@@ -136,6 +136,15 @@ def exit_code(error: Exception) -> int:
     return next((code for kind, code in STORE_EXIT_CODES.items() if isinstance(error, kind)), EXIT_FAILURE)
 
 
+def unexpected(error: Exception) -> str:
+    """One line for an error no command expected: an OS error as what the system said and the file it was
+    about, anything else with its type; `mplus --debug` shows where."""
+    if isinstance(error, OSError) and error.strerror:
+        about = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{about} (mplus --debug shows where)"
+    return f"{type(error).__name__}: {error} (traceback: mplus --debug)"
+
+
 def handle_errors(command: Callable) -> Callable:
     """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
 
@@ -157,7 +166,7 @@ def handle_errors(command: Callable) -> Callable:
         except Exception as e:
             code = exit_code(e)
             expected = isinstance(e, MplusError | st.StoreError | st.DamagedFile | SourceError)
-            message = str(e) if expected else f"{type(e).__name__}: {e} (traceback: mplus --debug)"
+            message = str(e) if expected else unexpected(e)
             if OPTIONS["debug"]:
                 traceback.print_exc()
             say(f"mplus: error: {message}")
@@ -234,7 +243,12 @@ def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:
 
 
 def store_root(option: Path | None) -> Path:
-    return option or st.default_root()
+    """--store, else the default store; refused when it names something that is not a directory."""
+    root = option or st.default_root()
+    if root.exists() and not root.is_dir():
+        where = f"--store {option}" if option else f"the store {root} ($MPLUS_HOME)"
+        raise UsageError(f"{where} is a file, not a directory: give the folder that holds the sessions")
+    return root
 
 
 def open_session(store: Path | None, name: str) -> st.Session:

@@ -154,7 +154,7 @@ def counts(value: Any) -> bool:
     return isinstance(value, list) and all(map(count, value))
 
 
-MODEL = {"id": text, "fingerprint": text, "kind": lambda v: v in ("memoryllm", "mplus"), "dtype": floats}
+MODEL = {"id": text, "fingerprint": text, "kind": lambda v: v in ("memoryllm", "mplus"), "dtype": (floats, "optional")}
 LTM_LAYOUT = {"update_step": count, "sizes": counts, "cached_rows": count, "aged": count, "entries": count}
 STATE = {
     "format": count,

@@ -39,7 +39,7 @@ def text_blocks(path: Path, name: str, digest=None) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
-        while block := f.read(READ_BYTES):
+        while block := read_block(f, name):
             if digest is not None:
                 digest.update(block)
             if b"\0" in block:
@@ -55,6 +55,13 @@ def text_blocks(path: Path, name: str, digest=None) -> Iterator[str]:
         yield decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
         raise SourceError(f"{name} is not valid UTF-8 (it ends inside a character): convert it to UTF-8 first") from e
+
+
+def read_block(file, name: str) -> bytes:
+    try:
+        return file.read(READ_BYTES)
+    except OSError as e:
+        raise SourceError(f"cannot read {name} ({e.strerror}): inject regular text files") from None
 
 
 def plan_source(name: str, path: Path, tokenizer, chunk_tokens: int) -> Source:

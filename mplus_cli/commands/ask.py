@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from ..common import (
     stop_ids,
 )
 from ..devices import pick_device, pick_dtype
-from ..errors import NotFoundError, UsageError
+from ..errors import MplusError, NotFoundError, UsageError
 from ..explain import explanation, explanation_lines
 from ..models import (
     check_requested,
@@ -141,12 +142,33 @@ def gather_questions(questions: list[str] | None, questions_file: Path | None) -
             raise UsageError('give a question: mplus ask "..." (or --questions FILE, or lines on stdin)')
         given = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if questions_file is not None:
-        if not questions_file.is_file():
-            raise NotFoundError(f"no such file: {questions_file}")
-        given += [line.rstrip("\n") for line in questions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        given += [line for line in question_lines(questions_file) if line.strip()]
     if not given:
         raise UsageError("no question given (the input holds no non-empty line)")
     return given
+
+
+def temperature_range(value: float) -> float:
+    """--temperature from 0 to 10 (nan, which no range check catches, is refused as not a number)."""
+    if math.isnan(value):
+        raise typer.BadParameter("nan is not a number: give one from 0 to 10")
+    if not 0.0 <= value <= 10.0:
+        raise typer.BadParameter(f"{value} is not from 0 to 10")
+    return value
+
+
+def question_lines(path: Path) -> list[str]:
+    """The lines of a --questions file: UTF-8 text, one question per line."""
+    if path.is_dir():
+        raise UsageError(f"--questions {path} is a directory: give a text file with one question per line")
+    if not path.exists():
+        raise NotFoundError(f"no such file: {path}")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise MplusError(f"--questions {path} is not UTF-8 text (byte {e.start}): give a text file") from None
+    except OSError as e:
+        raise MplusError(f"cannot read --questions {path} ({e.strerror}): give a readable text file") from None
 
 
 @handle_errors
@@ -164,7 +186,7 @@ def ask(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer (max: the model's context).", min=1)] = 64,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(min=0.0, max=10.0)] = 1.0,
+    temperature: Annotated[float, typer.Option(callback=temperature_range, help="From 0 to 10.")] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.", min=0, max=SEED_MAX)] = 0,
     chat: Annotated[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ from ..common import (
     store_root,
 )
 from ..devices import dtype_option, pick_device
-from ..errors import ConflictError, Interrupted, UsageError
+from ..errors import ConflictError, Interrupted, MplusError, UsageError
 from ..models import (
     binding,
     check_memory,
@@ -99,25 +100,28 @@ def create_or_join(root: Path, name: str, lm: mp.MemoryLLM, ref: dict, seed: int
         return session
 
 
-def interrupted(run: st.InjectRun) -> Interrupted:
-    """What the session holds now, read back from its committed manifest (Ctrl-C can come right after a
-    commit, before the run counted it)."""
+OUT_OF_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # disk full, file-size limit, quota
+
+
+def kept(run: st.InjectRun) -> str:
+    """What the session holds after a cut inject, read back from its committed manifest (the cut can come
+    right after a commit, before the run counted it), and how to continue."""
     if run.first_commit is None:
-        return Interrupted(f"interrupted; nothing was injected into session {run.session!r}")
+        return f"nothing was injected into session {run.session!r}"
     found = st.Session.open(run.root, run.session)
     partial, source = found.partial, run.current
     if partial and source is not None and partial["sha256"] == source.sha256:
         again = f"{'-' if source.name == '<stdin>' else source.name} --session {run.session} --resume`"
         again += " with the same input on stdin" if source.name == "<stdin>" else ""
-        return Interrupted(
-            f"interrupted; session {run.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
+        return (
+            f"session {run.session!r} keeps {partial['chunks_done']} of {partial['chunks_total']} "
             f"chunks of {source.name}: continue with `mplus inject {again}"
         )
     new = found.manifest["commit"] - run.first_commit
-    return Interrupted(
-        f"interrupted; session {run.session!r} keeps the {new} chunks this command committed"
+    return (
+        f"session {run.session!r} keeps the {new} chunks this command committed"
         if new
-        else f"interrupted; session {run.session!r} is unchanged"
+        else (f"session {run.session!r} is unchanged")
     )
 
 
@@ -204,7 +208,12 @@ def inject(
                 state = inject_with_progress(writer, lm, sources, skips, chunk_tokens, run)
                 committed = writer.session
     except KeyboardInterrupt:
-        raise interrupted(run) from None
+        raise Interrupted(f"interrupted; {kept(run)}") from None
+    except OSError as e:
+        if e.errno not in OUT_OF_SPACE:
+            raise
+        again = "" if "--resume" in (held := kept(run)) else ": run the command again"
+        raise MplusError(f"{e.strerror} while writing session {session!r}; {held}{again} once there is room") from None
     if as_json:
         emit(inject_report(run, committed, state))
     else:
