@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .core.config import ModelConfig, config_from_hf, read_config
+from .core.config import ModelConfig, ModelInfo, config_from_hf, read_config
 from .core.generate import DecodeSettings, Generation, generate, generate_batch
 from .core.layers import KVCache
 from .core.memoryllm import InjectResult, MemoryLLM
@@ -69,7 +69,7 @@ def storage_dtype(model: MemoryLLM) -> torch.dtype:
     """The dtype a session of `model` keeps its rows in unless told otherwise: float32 for the tiny
     presets (exactness is their point), else the checkpoint's own (config.json torch_dtype), else bfloat16
     (the demo model; the authors keep their LTM in bfloat16)."""
-    return FLOAT_DTYPES.get(model.info.get("storage_dtype"), torch.bfloat16)
+    return FLOAT_DTYPES.get(model.info.storage_dtype, torch.bfloat16)
 
 
 def load(
@@ -102,12 +102,12 @@ def load(
         return load_smollm2(MODELS[name].kind, dtype=dtype, device=device)
     if family == "training-free":
         model = build_tiny(MODELS[name].kind, dtype=dtype, device=device)
-        model.info = {"source": name, "label": f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}", "storage_dtype": "float32"}
+        model.info = ModelInfo(name, f"{UNTRAINED_LABEL}; {TRAINING_FREE_LABEL}", storage_dtype="float32")
         return model
     if family == "preset":
         model = build_preset(name).to(device=device, dtype=dtype)
         model.initial_state = model.initial_state.to(device, dtype)
-        model.info = {"source": name, "label": UNTRAINED_LABEL, "storage_dtype": "float32"}
+        model.info = ModelInfo(name, UNTRAINED_LABEL, storage_dtype="float32")
         return model
     directory = resolve_checkpoint(name, revision)
     model = load_checkpoint(directory, dtype, device, rope_inv_freq_dtype)
@@ -117,9 +117,14 @@ def load(
         model.tokenizer = load_tokenizer(tokenizer)
     label = UNTRAINED_LABEL if model.cfg.raw.get("mplus_preset") else ""
     label = TRAINING_FREE_LABEL if model.cfg.training_free is not None else label
-    model.info = {"source": name, "path": str(directory), "revision": revision, "label": label}
-    model.info["carried_state"] = (directory / CARRIED_STATE).is_file()  # its drop generator continues
-    model.info["storage_dtype"] = model.cfg.raw.get("torch_dtype", "bfloat16")
+    model.info = ModelInfo(
+        name,
+        label,
+        str(directory),
+        revision,
+        carried_state=(directory / CARRIED_STATE).is_file(),  # its drop generator continues
+        storage_dtype=model.cfg.raw.get("torch_dtype", "bfloat16"),
+    )
     return model
 
 

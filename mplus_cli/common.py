@@ -230,8 +230,8 @@ def usage_line(error: click_errors.UsageError) -> str:
 
 
 def note_label(model: mp.MemoryLLM) -> None:
-    if model.info.get("label"):
-        say(f"note: model is {model.info['label']}")
+    if model.info.label:
+        say(f"note: model is {model.info.label}")
 
 
 def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:

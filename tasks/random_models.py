@@ -10,6 +10,7 @@ import torch
 
 import model as mp
 from model import store as st
+from model.core.config import ModelInfo
 from model.memory.ltm import EntryBank, LayerLTM, LongTermMemory
 from model.memory.rows import FileArray
 from model.memory.state import new_generator
@@ -32,7 +33,7 @@ def random_model_with_memory(
     model.initial_state = mp.MemoryState(memory=memory.normal_(generator=generator))  # [L, N, d]
     if isinstance(model, mp.MPlus):
         model.initial_state.memory_ages = torch.zeros(cfg.num_layers, cfg.memory_rows, dtype=torch.int64)
-    model.info = {"source": f"random {cfg.kind}", "label": UNTRAINED_LABEL}
+    model.info = ModelInfo(f"random {cfg.kind}", UNTRAINED_LABEL)
     return model
 
 

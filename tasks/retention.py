@@ -48,7 +48,7 @@ def pool_file(lm: mp.MemoryLLM, dtype: torch.dtype) -> str:
     """The file name of a model's encoded pool: models with the same weights and encoder share it (the demo
     model's two memory flavours encode a chunk alike)."""
     encoder = {k: v for k, v in lm.cfg.raw.items() if k != "mplus_training_free"}
-    key = json.dumps([encoder, lm.info.get("path"), lm.info.get("source") if not lm.info.get("path") else None])
+    key = json.dumps([encoder, lm.info.path, lm.info.source if not lm.info.path else None])
     return f"distractors-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{str(dtype)[6:]}.bin"
 
 

@@ -212,7 +212,7 @@ def cold_session(model: mp.MemoryLLM, root: Path, injects: int, tokens: int, see
     """Session COLD_SESSION after `injects` injects of `tokens` random tokens (committed one by one) and the
     same state saved by MemoryState.save in COLD_STATE; returns the share of the short-term rows the
     session wrote (the others are the model's initial rows, read from the model)."""
-    ref = st.binding(model, model.info.get("source", "bench"))
+    ref = st.binding(model, model.info.source or "bench")
     session = st.Session.create(root, COLD_SESSION, model.initial_state, ref, seed, model.dtype)
     with session.writer() as writer:
         state = writer.load_state(model.initial_state, model.device)

@@ -204,7 +204,7 @@ def shape_models(shape: Shape, device: torch.device, dtype: torch.dtype) -> list
 def describe(model: mp.MemoryLLM) -> dict[str, Any]:
     cfg = model.cfg
     sizes = {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
-    return {"source": model.info.get("source"), "kind": cfg.kind} | sizes | {"memory_rows": cfg.memory_rows}
+    return {"source": model.info.source, "kind": cfg.kind} | sizes | {"memory_rows": cfg.memory_rows}
 
 
 def run(

@@ -49,7 +49,7 @@ def session_commits(
 ) -> list[Commit]:
     """Create session `name` and commit `count` injects of `ids` one by one; after the i-th (1-based) for i
     in `snapshot_at`, also time saving the whole state instead (to `root/name.snapshot`)."""
-    ref = st.binding(model, model.info.get("source", "bench"))
+    ref = st.binding(model, model.info.source or "bench")
     session = st.Session.create(root, name, model.initial_state, ref, 0, model.dtype)
     snapshot, commits = root / f"{name}.snapshot", []
     with session.writer() as writer:

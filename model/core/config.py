@@ -13,6 +13,20 @@ MemoryKind = Literal["memoryllm", "mplus"]
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """Where a loaded model came from, as the zoo filled it in: the name or path it was loaded by (`source`),
+    its checkpoint directory and revision, a label for the user ("untrained: ..."), whether its checkpoint
+    carries a drop generator, and the dtype its sessions keep rows in unless told otherwise."""
+
+    source: str = ""
+    label: str = ""
+    path: str | None = None
+    revision: str | None = None
+    carried_state: bool = False
+    storage_dtype: str = "bfloat16"
+
+
+@dataclass(frozen=True)
 class RopeConfig:
     """Which rotary-embedding variant a checkpoint needs (docs/algorithm.md §4.4).
 

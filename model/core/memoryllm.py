@@ -24,7 +24,7 @@ from ..memory.state import (
     new_generator,
     tile_first_delta,
 )
-from .config import ModelConfig
+from .config import ModelConfig, ModelInfo
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
 
@@ -185,7 +185,7 @@ class MemoryLLM(nn.Module):
         self.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)  # float32, never cast with the weights
         self.initial_state: MemoryState | None = None  # the checkpoint's memory, set by the loader
         self.tokenizer = None
-        self.info: dict = {}
+        self.info = ModelInfo()
 
     # -- basics --------------------------------------------------------------------------------
     @property

@@ -77,7 +77,7 @@ def binding(model: MemoryLLM, model_id: str, tokenizer: str | None = None, revis
         "dtype": dtype_name(model.dtype),
         "kind": model.cfg.kind,
         "tokenizer": tokenizer,
-        "label": model.info.get("label", ""),
+        "label": model.info.label,
     }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.config import MemoryKind
+from ..core.config import MemoryKind, ModelInfo
 from ..core.memoryllm import MemoryLLM
 from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
 from .paths import cache_dir
@@ -196,5 +196,5 @@ def load_smollm2(
     model = build_training_free(cfg, load_file(directory / "model.safetensors"), dtype, device)
     model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
     name = next(name for name, kind in MODELS.items() if kind == memory)
-    model.info = {"source": name, "path": str(directory), "label": TRAINING_FREE_LABEL}
+    model.info = ModelInfo(name, TRAINING_FREE_LABEL, str(directory))
     return model

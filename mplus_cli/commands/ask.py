@@ -257,7 +257,7 @@ def asking_model(
     if session is None:
         name = requested_model(model)
         lm = load_model(name, dtype, tokenizer, device=device)
-        return None, lm, {"session": None, "model": model_id(name), "label": lm.info.get("label", "")}
+        return None, lm, {"session": None, "model": model_id(name), "label": lm.info.label}
     found = open_session(store, session)
     check_requested(session, found.model_ref, model)
     lm = load_bound_model(session, found.model_ref, tokenizer, device, dtype)

@@ -68,7 +68,7 @@ def bound_session(
         lm = load_model(with_memory(requested_model(model), memory), compute, tokenizer, device=device)
         if memory is not None and lm.cfg.kind != memory:
             raise UsageError(
-                f"model {lm.info['source']!r} has {lm.cfg.kind} memory: --memory {memory} needs another model"
+                f"model {lm.info.source!r} has {lm.cfg.kind} memory: --memory {memory} needs another model"
             )
         return None, lm
     session = st.Session.open(root, name)
@@ -234,8 +234,8 @@ def new_session(
     root: Path, name: str, lm: mp.MemoryLLM, tokenizer: str | None, seed: int | None, storage: torch.dtype | None
 ) -> st.Session:
     """The session, created for `lm` (seed 0 unless the checkpoint carries its drop generator)."""
-    ref = binding(lm.info["source"], lm, tokenizer, None)
-    seed = seed if seed is not None else None if lm.info.get("carried_state") else 0
+    ref = binding(lm.info.source, lm, tokenizer, None)
+    seed = seed if seed is not None else None if lm.info.carried_state else 0
     return create_or_join(root, name, lm, ref, seed, storage or mp.storage_dtype(lm))
 
 

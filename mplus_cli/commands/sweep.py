@@ -561,7 +561,7 @@ def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tu
         raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
     note_label(lm)
     details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
-    details |= {"label": lm.info.get("label", ""), "stop_token_ids": list(stop_ids(lm))}
+    details |= {"label": lm.info.label, "stop_token_ids": list(stop_ids(lm))}
     details |= {"dtype": str(lm.dtype).removeprefix("torch.")}
     details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
     details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}

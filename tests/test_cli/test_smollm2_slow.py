@@ -71,7 +71,7 @@ def test_the_gguf_is_converted_once_into_an_atomic_cache_that_reloads_fast(tmp_p
     assert warm_s < 5  # well under a second on an idle machine
     for name, tensor in cold.state_dict().items():
         assert torch.equal(tensor, warm.state_dict()[name]), name
-    assert warm.info["label"] == "training-free memory, demo"
+    assert warm.info.label == "training-free memory, demo"
     cfg = warm.cfg
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 576, 9, 3, 64)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.rope.theta, cfg.tie_word_embeddings) == (1536, 49152, 1e5, True)
@@ -137,11 +137,7 @@ def test_a_demo_session_exported_as_a_checkpoint_loads_back_and_answers_alike(tm
     lm.inject(state, torch.tensor(encode(lm.tokenizer, FACTS)))
     mp.save_checkpoint(lm, state, tmp_path / "checkpoint")
     loaded = mp.load(str(tmp_path / "checkpoint"))
-    assert (
-        isinstance(loaded, mp.MPlus)
-        and loaded.cfg.training_free is not None
-        and loaded.info["label"] == lm.info["label"]
-    )
+    assert isinstance(loaded, mp.MPlus) and loaded.cfg.training_free is not None and loaded.info.label == lm.info.label
     assert answers(loaded, loaded.new_state()) == answers(lm, state)
 
 

@@ -128,7 +128,7 @@ def test_hub_alias_downloads_through_huggingface_hub(saved_tiny, monkeypatch):
     model = mp.load("memoryllm-8b", revision="abc123")
     assert calls[0][:2] == ("YuWangX/memoryllm-8b", "abc123")
     assert "*.safetensors" in calls[0][2] and not any(p.endswith(".bin") for p in calls[0][2])
-    assert model.info["revision"] == "abc123"
+    assert model.info.revision == "abc123"
 
 
 def test_unknown_model_name_says_what_to_pass():
@@ -144,4 +144,4 @@ def test_rope_variant_is_taken_from_the_config():
 
 
 def test_tiny_preset_is_labelled_untrained(tiny):
-    assert "untrained" in tiny.info["label"]
+    assert "untrained" in tiny.info.label

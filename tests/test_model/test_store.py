@@ -36,7 +36,7 @@ def chunk(n: int = 32, seed: int = 0) -> torch.Tensor:
 def new_session(
     root: Path, lm: mp.MemoryLLM, name: str = "s", seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> st.Session:
-    return st.Session.create(root, name, lm.initial_state, st.binding(lm, lm.info["source"]), seed, dtype)
+    return st.Session.create(root, name, lm.initial_state, st.binding(lm, lm.info.source), seed, dtype)
 
 
 def partial_record(done: int, total: int) -> dict:

@@ -101,7 +101,7 @@ def test_a_kill_at_every_commit_point_leaves_a_committed_state_that_verifies(tmp
     before the inject or after one of its chunks, every file verifies, and the next inject commits."""
     lm = models[preset]
     pristine, root = tmp_path / "pristine", tmp_path / "store"
-    st.Session.create(pristine, "s", lm.initial_state, st.binding(lm, lm.info["source"]), 0, torch.float32)
+    st.Session.create(pristine, "s", lm.initial_state, st.binding(lm, lm.info.source), 0, torch.float32)
     inject(st.Session.open(pristine, "s"), lm, [chunk(80, 1)])
     chunks = [chunk(80, 2), chunk(80, 3)]
     chain = [st.Session.open(pristine, "s").load_state(lm.initial_state)]
