@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import model as mp
-from model.core.mplus import order_oldest_first
+from model.policies.authors import order_oldest_first
 
 
 # -- the authors' procedures ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ What a model writes and how it evicts are policies it is built with: the authors
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,11 +18,7 @@ from torch import nn
 from ..memory.rows import populated_empty
 from ..memory.state import (
     MemoryState,
-    append_sources,
-    draw_permutations,
-    drop_and_append,
     new_generator,
-    tile_first_delta,
 )
 from .config import ModelConfig, ModelInfo
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
@@ -80,85 +76,6 @@ class EvictionPolicy(Protocol):
     ) -> InjectResult: ...
 
 
-class TrainedDelta:
-    """The authors' write: per layer the input is [bos, last K memory rows, context], with
-    `new_memory_positional_emb` added to its last K rows; the last K outputs are the new rows."""
-
-    reads_memory = True
-
-    def prepare(self, model: MemoryLLM) -> None:
-        pass
-
-    @torch.no_grad()
-    def delta(
-        self, model: MemoryLLM, ids: torch.Tensor, states: Sequence[MemoryState], like_authors: bool = False
-    ) -> torch.Tensor:
-        """New rows [B, L, k, d] for contexts ids [B, n], context i written into states[i] (k = K, or min(n, K)
-        before initialization). The last max(n, K) rows are queries (P = bos + min(n, K)). The last layer
-        computes only the K delta rows and nothing is cached, unless `like_authors`: then every layer
-        computes all its query rows, a KV cache is filled and the logits of the n tokens are computed and
-        thrown away, as the authors' injection does."""
-        initialized = {state.initialized for state in states}
-        if len(initialized) > 1:
-            raise ValueError("a batch of contexts is written into memories that are all initialized, or none")
-        initialized = initialized.pop()
-        K = model.cfg.num_tokens
-        x = model.model.embed_tokens(ids.to(model.device))  # [B, n, d]
-        B, n = ids.shape
-        memory_block = K if initialized else 0
-        length = model.n_bos * (memory_block > 0) + memory_block + n
-        cos, sin = model.cos_sin(torch.arange(length))
-        n_query = max(n, K) if initialized else n
-        last, positions = model.cfg.num_layers - 1, torch.arange(length) if like_authors else None
-        deltas = []
-        with model.caches(B, length) if like_authors else nullcontext():
-            for layer, block in enumerate(model.model.layers):
-                device = model.layer_device(layer)
-                parts = [x.to(device)]
-                if initialized:
-                    memory = [model.with_bos(layer, s.memory[layer, -K:].to(device)) for s in states]
-                    parts.insert(0, torch.stack(memory))
-                h = torch.cat(parts, dim=1)  # [B, bos + K + n, d] (a fresh tensor: safe to add into)
-                h[:, -K:] += model.new_memory_positional_emb.to(device)
-                queries = min(n_query, K) if layer == last and not like_authors else n_query
-                out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [B, queries, d]
-                deltas.append(out[:, -K:].to(model.device))
-                x = out[:, -n:]
-        if like_authors:
-            model.logits(model.model.norm(x))  # [B, n, V], unused
-        return torch.stack(deltas, dim=1)  # [B, L, k, d]
-
-
-class RandomRows:
-    """The authors' eviction: the first injection tiles its rows over the whole memory; later ones drop k
-    random rows per layer (one permutation per layer, or one for all with `drop_memory_per_layer` False)
-    and append the k new rows."""
-
-    def update(
-        self,
-        model: MemoryLLM,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None,
-        row_ids: torch.Tensor,
-    ) -> InjectResult:
-        N, k = state.rows_per_layer, delta.shape[1]
-        if not state.initialized:
-            state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
-            state.initialized = True
-            sources = N + tile_first_delta(torch.arange(k).expand(delta.shape[:2])[..., None], N)[..., 0]
-            nothing = torch.empty(state.num_layers, 0, dtype=torch.long)
-            return InjectResult(delta, torch.empty(0, N, dtype=torch.long), None, sources, row_ids, nothing)
-        draws = model.cfg.num_layers if model.cfg.drop_memory_per_layer else 1
-        if perms is None:
-            perms = draw_permutations(state.generator, draws, N)
-        elif tuple(perms.shape) != (draws, N):
-            raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
-        dropped = drop_and_append(state.memory, delta, perms)
-        sources, dropped_sources = append_sources(perms, state.num_layers, N, k)
-        return InjectResult(delta, perms, dropped, sources, row_ids, dropped_sources)
-
-
 class Decoder(nn.Module):
     """Holds the Llama trunk under the authors' `model.` parameter prefix."""
 
@@ -170,13 +87,13 @@ class Decoder(nn.Module):
 
 
 class MemoryLLM(nn.Module):
-    """The model; memory lives in a separate MemoryState that `forward` reads and `inject` updates."""
+    """The model; memory lives in a separate MemoryState that `forward` reads and `inject` updates, with the
+    write and eviction policies it is built with (model.policies; the registry picks them)."""
 
-    def __init__(self, cfg: ModelConfig, write: WritePolicy | None = None, eviction: EvictionPolicy | None = None):
+    def __init__(self, cfg: ModelConfig, write: WritePolicy, eviction: EvictionPolicy):
         super().__init__()
         self.cfg = cfg
-        self.write = write or TrainedDelta()
-        self.eviction = eviction or RandomRows()
+        self.write, self.eviction = write, eviction
         d = cfg.hidden_size
         self.model = Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from .. import load
 from ..core.generate import DecodeSettings, generate
 from ..core.memoryllm import MemoryLLM
-from ..core.mplus import MPlus, Retrieval, tiled_indices
+from ..core.mplus import MPlus, Retrieval
 from ..memory.state import MemoryState, new_generator
+from ..policies.authors import tiled_indices
 
 # README §5 of the fixtures: what is compared exactly and with which absolute tolerance
 REQUIRED_FILES = ("meta.json", "tensors.safetensors", "model/config.json")

@@ -15,6 +15,7 @@ import torch
 from ..core.config import MemoryKind, ModelConfig, config_from_hf
 from ..core.memoryllm import MemoryLLM
 from ..core.mplus import MPlus
+from ..policies.authors import authors_policies
 from ..policies.training_free import COMPUTED, default_memory, policies, training_free_config
 
 Family = Literal["preset", "training-free", "demo", "bench", "hub"]
@@ -214,7 +215,7 @@ def from_name(name: str, llama: dict[str, Any] | None = None) -> ModelConfig:
 def build_model(cfg: ModelConfig) -> MemoryLLM:
     """The model of `cfg` with uninitialised weights (on the default device): M+ or MemoryLLM, built with
     the config's policies (the authors' by default, the training-free demo's for `cfg.training_free`)."""
-    chosen = policies(cfg) if cfg.training_free is not None else {}
+    chosen = policies(cfg) if cfg.training_free is not None else authors_policies(cfg)
     return MPlus(cfg, **chosen) if cfg.kind == "mplus" else MemoryLLM(cfg, **chosen)
 
 

@@ -185,7 +185,7 @@ def load_smollm2(
     retrieved: int | None = None,
     block: int | None = None,
 ) -> MemoryLLM:
-    """SmolLM2-135M with training-free memory (see model.training_free; the flavour's defaults unless given):
+    """SmolLM2-135M with training-free memory (see model.policies.training_free; the flavour's defaults unless given):
     `capacity` short-term rows per layer; the M+ flavour reads back `retrieved` long-term rows per layer at
     every question, found in blocks of `block` tokens."""
     from transformers import AutoTokenizer

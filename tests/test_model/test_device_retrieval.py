@@ -13,10 +13,10 @@ import torch
 from conftest import token_ids
 
 import model as mp
-from model.core.mplus import device_scores
 from model.memory.ltm import EntryBank, LongTermMemory
 from model.memory.rows import FileArray, RowSpace
 from model.memory.state import new_generator
+from model.policies.authors import device_scores
 
 CPU, F32 = torch.device("cpu"), torch.float32
 

@@ -74,7 +74,7 @@ def test_per_layer_drop_uses_one_permutation_per_layer(tiny, state):
 
 def test_shared_drop_uses_one_permutation_for_all_layers():
     cfg = dataclasses.replace(mp.load("tiny").cfg, drop_memory_per_layer=False)
-    model = mp.MemoryLLM(cfg)
+    model = mp.build_model(cfg)
     base = mp.load("tiny")
     model.load_state_dict(base.state_dict())
     model.initial_state = base.initial_state

@@ -8,8 +8,8 @@ from conftest import FIXTURES, token_ids
 from safetensors.torch import load_file, save_file
 
 import model as mp
-from model.core.mplus import order_oldest_first
 from model.memory.ltm import LongTermMemory
+from model.policies.authors import order_oldest_first
 from model.testing.parity import replay
 
 MPLUS_SCENARIOS = ["mplus", "mplus_lora_llama3rope"]

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import model as mp
-from model.core.memoryllm import RandomRows
-from model.core.mplus import Selectors
+from model.policies.authors import RandomRows, Selectors
 from model.policies.training_free import LayerInputs, LexicalBlocks, OldestOut, RandomBlocks
 from model.zoo import catalog
 from model.zoo.registry import MODELS, build_model, from_name, names

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import model as mp
 from model.core.config import config_from_hf
 from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
@@ -77,7 +78,7 @@ def seeded_hf_model(cfg: dict[str, Any], seed: int) -> Any:
 def twin_models(rope_scaling: dict[str, Any] | None = None, seed: int = 0) -> tuple[MemoryLLM, Any]:
     """Our model and HF's with the same weights, copied by name; every HF parameter must have a twin."""
     cfg = plain_config(rope_scaling)
-    ours = MemoryLLM(config_from_hf(cfg)).eval()
+    ours = mp.build_model(config_from_hf(cfg)).eval()
     hf = seeded_hf_model(cfg, seed)
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
