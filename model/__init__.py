@@ -11,6 +11,7 @@ from .core.generate import DecodeSettings, Generation, generate, generate_batch
 from .core.layers import KVCache
 from .core.memoryllm import InjectResult, MemoryLLM
 from .core.mplus import MPlus, Retrieval
+from .memory.dtypes import FLOAT_DTYPES
 from .memory.state import MemoryState
 from .policies.training_free import TRAINING_FREE_LABEL
 from .text.tokenizer import has_tokenizer, load_tokenizer
@@ -60,9 +61,6 @@ __all__ = [
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def storage_dtype(model: MemoryLLM) -> torch.dtype:

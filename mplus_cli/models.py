@@ -10,6 +10,7 @@ import torch
 
 import model as mp
 from model import store as st
+from model.memory.dtypes import dtype_of
 
 from .errors import ConflictError, MplusError, NotFoundError, UsageError
 
@@ -52,7 +53,7 @@ def load_model(
     device: torch.device | str = "cpu",
 ) -> mp.MemoryLLM:
     """mp.load on `device` in `dtype`, with its failures turned into one-line errors."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype_of(dtype) if isinstance(dtype, str) else dtype
     try:
         model = mp.load(name, dtype=dtype, device=device, revision=revision, tokenizer=tokenizer or True)
     except FileNotFoundError as e:

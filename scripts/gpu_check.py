@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing it
 
 import model as mp  # noqa: E402
+from model.memory.dtypes import dtype_name  # noqa: E402
 from model.testing import parity as par  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "official"
@@ -97,7 +98,7 @@ def parity(directories: list[Path], device: torch.device) -> dict[str, Any]:
     """Every fixture replayed in float32 and bfloat16 on `device`."""
     out: dict[str, Any] = {"bf16_tolerance": f"max|diff| <= {BF16_TOL} * max(1, max|ref|) per tensor"}
     for dtype in (torch.float32, torch.bfloat16):
-        name, results = str(dtype).removeprefix("torch."), {}
+        name, results = dtype_name(dtype), {}
         with replaying_on(device, dtype):
             for directory in directories:
                 try:
@@ -200,7 +201,7 @@ def retrieval_speed(shape_name: str, device: torch.device, sizes: list[int], rep
         dtype = model.retrieval.device_key_dtype(model)
         build = seconds_per_call(lambda: ltm.bank.device_keys(model.device, dtype), device, repeats=1, warmup=0)
         mib = len(ltm.bank) * cfg.selector_hidden_dim * dtype.itemsize / 2**20
-        out["mirror"] = {"entries": len(ltm.bank), "dtype": str(dtype)[6:], "mib": round(mib, 1), "build_s": build}
+        out["mirror"] = {"entries": len(ltm.bank), "dtype": dtype_name(dtype), "mib": round(mib, 1), "build_s": build}
         out["sizes"] = []
         for n in sizes:
             state = replace(model.initial_state, ltm=first_rows(ltm, n, cache=True))  # the same bank and mirror

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import model as mp
+from model.memory.dtypes import dtype_name
 from model.memory.provenance import retrievals_by_state, share, survival
 from model.memory.rows import FileArray
 from model.text.tokenizer import decode
@@ -49,7 +50,7 @@ def pool_file(lm: mp.MemoryLLM, dtype: torch.dtype) -> str:
     model's two memory flavours encode a chunk alike)."""
     encoder = {k: v for k, v in lm.cfg.raw.items() if k != "mplus_training_free"}
     key = json.dumps([encoder, lm.info.path, lm.info.source if not lm.info.path else None])
-    return f"distractors-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{str(dtype)[6:]}.bin"
+    return f"distractors-{hashlib.sha256(key.encode()).hexdigest()[:16]}-{dtype_name(dtype)}.bin"
 
 
 class EncodedPool:

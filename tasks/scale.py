@@ -30,6 +30,7 @@ import torch
 
 import model as mp
 from model import store as st
+from model.memory.dtypes import dtype_of
 from model.text.tokenizer import decode, encode
 
 from .baselines import authors_cold_ask, load_snapshot
@@ -283,7 +284,7 @@ def cold_figures(
 
 def cold_child(args: argparse.Namespace) -> dict[str, float]:
     """One fresh process of `cold_figures`: the model is built first, then the timed open and first token."""
-    shape, device, dtype = SHAPES[args.shape], torch.device(args.device), getattr(torch, args.dtype)
+    shape, device, dtype = SHAPES[args.shape], torch.device(args.device), dtype_of(args.dtype)
     model = random_model_with_memory(shape.memoryllm, device, dtype, args.seed)
     ids, settings, root = cold_prompt(model, shape), mp.DecodeSettings(max_new_tokens=1), Path(args.root)
     if args.way == "session":

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from model.memory.dtypes import dtype_name
+
 
 def sync(device: torch.device) -> None:
     """Wait for the work queued on `device` (a no-op on the CPU)."""
@@ -48,5 +50,5 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import dtype_name, dtype_of
 from .rows import SCAN_ROWS, FileArray, RowSpace, Source
 
 PRUNE_AT_OR_BELOW = 0.01  # rows whose recall frequency decays to this are pruned at a merge
@@ -480,7 +481,7 @@ class LongTermMemory:
 
     def to_meta(self) -> dict[str, Any]:
         meta = {"update_step": self.update_step, "sizes": self.sizes(), "cached_rows": self.cache_size}
-        return meta | ({} if self.bank.key_dtype is None else {"key_dtype": str(self.bank.key_dtype)[6:]})
+        return meta | ({} if self.bank.key_dtype is None else {"key_dtype": dtype_name(self.bank.key_dtype)})
 
     def layout_meta(self) -> dict[str, Any]:
         """to_meta() plus the bank's clock and size, which `layout()` needs to be read back."""
@@ -494,7 +495,7 @@ class LongTermMemory:
         cached = tuple(tensors[name].cpu() for name in CACHE_KEYS)
         L = cached[0].shape[0]
         layers = [tuple(tensors[name].cpu() for name in layer_keys(i)) for i in range(L)]
-        key_dtype = getattr(torch, meta["key_dtype"]) if "key_dtype" in meta else None
+        key_dtype = dtype_of(meta["key_dtype"]) if "key_dtype" in meta else None
         return cls.from_rows(layers, cached, int(meta["update_step"]), space, key_dtype)
 
     def layout(self) -> dict[str, torch.Tensor]:

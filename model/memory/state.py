@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .dtypes import dtype_name
 from .ltm import LongTermMemory
 from .provenance import Origins
 from .rows import RowSpace, Source
@@ -171,7 +172,7 @@ class MemoryState:
             "injections": self.injections,
             "tokens_injected": self.tokens_injected,
             "memory_shape": list(self.memory.shape),
-            "dtype": str(self.memory.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.memory.dtype),
         }
         if self.ltm is not None:
             meta["ltm"] = self.ltm.to_meta()

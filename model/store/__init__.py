@@ -1,6 +1,7 @@
 """Sessions on disk. Floors, lowest first: errors, files (durable primitives), format (names, manifest),
 session (open, load, write), inject (texts in, resumable), verify (check and roll back)."""
 
+from ..memory.dtypes import dtype_name
 from ..memory.rows import DamagedFile
 from .errors import (
     InvalidName,
@@ -24,7 +25,6 @@ from .format import (
     SUMS,
     check_name,
     default_root,
-    dtype_name,
     now,
     sum_records,
 )

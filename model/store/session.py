@@ -18,6 +18,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.memoryllm import InjectResult, MemoryLLM
+from ..memory.dtypes import dtype_name, dtype_of
 from ..memory.ltm import EntryBank, LongTermMemory
 from ..memory.provenance import FIELDS, Origins
 from ..memory.rows import BlockSums, DamagedFile, FileArray, RowSpace, block_sums, populated_empty
@@ -53,7 +54,6 @@ from .format import (
     SUM_RECORD,
     SUMS,
     check_name,
-    dtype_name,
     manifest_bytes,
     now,
     parse_manifest,
@@ -106,7 +106,7 @@ class Session:
     @property
     def dtype(self) -> torch.dtype:
         """The storage dtype of the session's rows (and M+ keys)."""
-        return getattr(torch, self.manifest["dtype"])
+        return dtype_of(self.manifest["dtype"])
 
     @property
     def partial(self) -> dict[str, Any] | None:
@@ -169,7 +169,7 @@ class Session:
         """The committed M+ entries: row ids [E], births [E], keys [E, s] (read on demand, checked as read)."""
         info, sums = self.manifest["ltm"], self.sums()
         count, names = info["entries"], [self.directory / name for name in LTM_FILES]
-        key_dtype = getattr(torch, info["key_dtype"])
+        key_dtype = dtype_of(info["key_dtype"])
         return (
             FileArray(names[0], count, 0, torch.int64, sums=sums[LTM_FILES[0]]),
             FileArray(names[1], count, 0, torch.int64, sums=sums[LTM_FILES[1]]),
@@ -257,7 +257,7 @@ class Session:
                 f"session {self.name!r} was created with {info['initial_entries']} initial LTM rows, the model has "
                 f"{len(bank)}: use the model it was created with"
             )
-        key_dtype = None if info.get("keys_follow_rows", True) else getattr(torch, info["key_dtype"])
+        key_dtype = None if info.get("keys_follow_rows", True) else dtype_of(info["key_dtype"])
         parts = [*bank.frozen(), self.entry_files()]
         return EntryBank(space, info["key_width"], key_dtype, parts, aged=self.manifest["state"]["ltm"]["aged"])
 
@@ -415,7 +415,7 @@ class Session:
         lengths.append((ORIGINS, self.manifest.get("origins", {}).get("runs", 0) * FIELDS * 8))
         if "ltm" in self.manifest:
             ltm = self.manifest["ltm"]
-            key_bytes = max(ltm["key_width"], 1) * getattr(torch, ltm["key_dtype"]).itemsize
+            key_bytes = max(ltm["key_width"], 1) * dtype_of(ltm["key_dtype"]).itemsize
             lengths += [(LTM_FILES[0], ltm["entries"] * 8), (LTM_FILES[1], ltm["entries"] * 8)]
             lengths += [(LTM_FILES[2], ltm["entries"] * key_bytes)]
         return lengths
@@ -520,7 +520,7 @@ class Writer:
 def new_entries(info: dict[str, Any], bank: EntryBank) -> tuple[list[tuple[str, bytes | memoryview]], dict[str, Any]]:
     """(file, bytes) of the bank entries added since the last commit, and the new `ltm` manifest entry."""
     new = bank.added_since(info["initial_entries"] + info["entries"])  # row ids [m], births [m], keys [m, s]
-    key_dtype = getattr(torch, info["key_dtype"])
+    key_dtype = dtype_of(info["key_dtype"])
     tensors = (new[0], new[1], new[2].to(key_dtype))
     appends = [(name, tensor_bytes(tensor)) for name, tensor in zip(LTM_FILES, tensors, strict=True)]
     return appends, info | {"entries": info["entries"] + new[0].shape[0]}

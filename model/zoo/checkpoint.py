@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from ..core.config import ModelConfig, read_config
 from ..core.layers import DECODER, ENCODER
 from ..core.memoryllm import MemoryLLM
+from ..memory.dtypes import dtype_name
 from ..memory.ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from ..memory.provenance import Origins
 from ..memory.state import MemoryState, stm_rows
@@ -338,7 +339,7 @@ def save_checkpoint(model: MemoryLLM, state: MemoryState, directory: str | Path)
     save_file(carried, directory / CARRIED_STATE, metadata={"mplus.carried": json.dumps(meta)})
     written.append(CARRIED_STATE)
     config = dict(model.cfg.raw)
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype_name(model.dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
         written += [Path(path).name for path in model.tokenizer.save_pretrained(directory)]

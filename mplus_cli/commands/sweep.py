@@ -20,6 +20,7 @@ import torch
 import typer
 
 import model as mp
+from model.memory.dtypes import dtype_name
 from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
@@ -562,8 +563,8 @@ def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tu
     note_label(lm)
     details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
     details |= {"label": lm.info.label, "stop_token_ids": list(stop_ids(lm))}
-    details |= {"dtype": str(lm.dtype).removeprefix("torch.")}
-    details |= {"storage_dtype": str(mp.storage_dtype(lm)).removeprefix("torch."), "chat": with_chat}
+    details |= {"dtype": dtype_name(lm.dtype)}
+    details |= {"storage_dtype": dtype_name(mp.storage_dtype(lm)), "chat": with_chat}
     details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
     before, out = config["model_details"].get(name), plan.run_dir
     if before and before["fingerprint"] != details["fingerprint"]:
