@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 import model as mp
 from model import store as st
 from model.memory.provenance import survival
+from model.store.inject import Chunk, session_chunks
 from model.text.chunking import chunked, token_stream
 from model.text.sources import text_blocks
 from model.text.tokenizer import decode
@@ -25,32 +25,6 @@ RECENT = 5  # recent injections whose short-term share is shown
 TOP = 8  # injections named in the total (the rest are summed)
 TOP_PER_LAYER = 3
 SNIPPET_CHARS = 72
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Injection i of a session: chunk `index` (0-based) of `source`."""
-
-    source: str
-    sha256: str
-    index: int
-    chunks: int
-    chunk_tokens: int
-
-
-def session_chunks(session: st.Session, injections: int) -> dict[int, Chunk]:
-    """{injection number: Chunk} of a session whose state counts `injections`: its log's sources in order,
-    then a partial one, took the last injections one chunk each."""
-    partial = [session.partial | {"chunks": session.partial["chunks_done"]}] if session.partial else []
-    entries = [*session.log(), *partial]
-    first = injections - sum(entry["chunks"] for entry in entries) + 1
-    found, number = {}, first
-    for entry in entries:
-        total = entry.get("chunks_total", entry["chunks"])
-        for index in range(entry["chunks"]):
-            found[number] = Chunk(entry["source"], entry["sha256"], index, total, entry.get("chunk_tokens", 512))
-            number += 1
-    return found
 
 
 @functools.cache

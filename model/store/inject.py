@@ -123,7 +123,7 @@ def inject_sources(
     return state
 
 
-# -- the log lines ----------------------------------------------------------------------------------------------
+# -- the log lines (`mplus ask --explain` reads them back through session_chunks) --------------------------------
 def source_entry(source: Source, chunk_tokens: int, resumed: bool) -> dict:
     """The log line of a source injected whole."""
     entry = {"source": source.name, "sha256": source.sha256, "tokens": source.tokens, "chunks": source.chunks}
@@ -156,3 +156,29 @@ def abandoned_entry(partial: dict) -> dict:
         "partial": True,
         "at": partial["at"],
     }
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Injection i of a session: chunk `index` (0-based) of `source`."""
+
+    source: str
+    sha256: str
+    index: int
+    chunks: int
+    chunk_tokens: int
+
+
+def session_chunks(session: Session, injections: int) -> dict[int, Chunk]:
+    """{injection number: Chunk} of a session whose state counts `injections`: its log's sources in order,
+    then a partial one, took the last injections one chunk each."""
+    partial = [session.partial | {"chunks": session.partial["chunks_done"]}] if session.partial else []
+    entries = [*session.log(), *partial]
+    first = injections - sum(entry["chunks"] for entry in entries) + 1
+    found, number = {}, first
+    for entry in entries:
+        total = entry.get("chunks_total", entry["chunks"])
+        for index in range(entry["chunks"]):
+            found[number] = Chunk(entry["source"], entry["sha256"], index, total, entry.get("chunk_tokens", 512))
+            number += 1
+    return found

@@ -45,6 +45,7 @@ from tasks.sizes import default_points, format_size, parse_points, parse_size
 from ..common import (
     emit,
     note_label,
+    plural,
     say,
     stop_ids,
 )
@@ -133,10 +134,6 @@ def duration(seconds: float) -> str:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def plan_line(
