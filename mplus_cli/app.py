@@ -1,4 +1,5 @@
-"""The `mplus` command line: each command is a thin call into the `model` library and the session store.
+"""The `mplus` command line: each command is a thin call into the `model` library and the session store; the
+commands themselves are in mplus_cli/commands/, loaded by name when they run (mplus_cli/root.py).
 
 Exit codes: 0 ok, 1 failure, 2 usage error, 3 not found (session, model, file), 4 conflict (session busy,
 model mismatch), 130 interrupted. Expected errors print one line; `mplus --debug ...` shows the traceback.
@@ -7,21 +8,11 @@ model mismatch), 130 interrupted. Expected errors print one line; `mplus --debug
 from __future__ import annotations
 
 from importlib import metadata
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .commands import ask, inject, session
-from .commands.bench import bench_app
-from .commands.export import export
-from .commands.export import load_exported_memory as load_exported_memory  # re-exported for callers
-from .commands.models import models
-from .common import (
-    OPTIONS,
-    MplusGroup,
-    handle_errors,
-)
+from .root import OPTIONS, MplusGroup
 
 app = typer.Typer(
     name="mplus",
@@ -54,27 +45,3 @@ def main_options(
     ] = False,
 ) -> None:
     OPTIONS["debug"], OPTIONS["json"] = debug, as_json
-
-
-app.command()(inject.inject)
-app.command()(ask.ask)
-app.command()(export)
-app.command()(models)
-app.add_typer(session.session_app, name="session")
-app.add_typer(bench_app, name="bench")
-
-
-@app.command()
-@handle_errors
-def parity(
-    directories: Annotated[
-        list[Path], typer.Argument(help="Reference-output directories (fixtures format).", metavar="DIR")
-    ],
-) -> None:
-    """Replay reference outputs of the authors' code and compare every tensor (exit 1 on any mismatch).
-
-    Example: mplus parity tests/fixtures/official/memoryllm
-    """
-    from model.testing.parity import main as parity_main
-
-    raise typer.Exit(parity_main([str(d) for d in directories]))

@@ -3,23 +3,15 @@ turns expected errors into one line and an exit code."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
-import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
-
-try:  # typer >= 0.2x carries its own copy of click
-    from typer._click import exceptions as click_errors
-except ImportError:
-    from click import exceptions as click_errors
 
 import model as mp
 from model import store as st
@@ -27,11 +19,9 @@ from model.text.sources import SourceError
 
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
 from .models import DEFAULT_MODEL
+from .root import OPTIONS, say
 
-OPTIONS = {"debug": False, "json": False}  # the root's --debug and --json (given anywhere on the line)
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
-GLOBAL_FLAGS = ("--debug", "--json")  # accepted before or after the command's name
-OPTION_ALIASES = {"--out": "--output", "--output-path": "--output"}  # old spellings, kept out of the help
 
 
 def expand_user(value: Path | None) -> Path | None:
@@ -78,11 +68,6 @@ DtypeOpt = Annotated[
         help="The model's dtype: bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on the CPU)."
     ),
 ]
-
-
-def say(message: str) -> None:
-    """A line on stderr, through sys.stderr: a live progress bar prints it above itself, on its own line."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -175,58 +160,6 @@ def handle_errors(command: Callable) -> Callable:
             raise typer.Exit(code) from None
 
     return wrapper
-
-
-class MplusGroup(TyperGroup):
-    """The root command. Click's usage errors in any command (a bad option value, an unknown option, a missing
-    argument) print one line and exit 2; an aborted prompt, and Ctrl-C outside a command's own handler, print
-    one line and exit 130. The command line is read `normalized` first."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: typer.Context | None = None, **extra):
-        with one_line_errors():
-            return super().make_context(info_name, normalized(args), parent, **extra)
-
-    def invoke(self, ctx: typer.Context) -> Any:
-        with one_line_errors():
-            return super().invoke(ctx)
-
-
-def normalized(args: list[str]) -> list[str]:
-    """The command line as click reads it: --debug and --json moved to the front (the root takes them, wherever
-    they were given), the old spellings of --output renamed. Nothing after `--` is touched."""
-    end = args.index("--") if "--" in args else len(args)
-    head, flags, renamed = args[:end], [], []
-    for arg in head:
-        name, equals, value = arg.partition("=")
-        if arg in GLOBAL_FLAGS:
-            flags += [] if arg in flags else [arg]
-        else:
-            renamed.append(OPTION_ALIASES[name] + equals + value if name in OPTION_ALIASES else arg)
-    return [*flags, *renamed, *args[end:]]
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    try:
-        yield
-    except getattr(click_errors, "NoArgsIsHelpError", ()):  # click >= 8.2
-        raise  # `mplus` or `mplus session` alone: the help
-    except click_errors.UsageError as e:
-        say(f"mplus: error: {usage_line(e)}")
-        raise typer.Exit(EXIT_USAGE) from None
-    except typer.Abort:
-        say("mplus: aborted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except KeyboardInterrupt:
-        say("mplus: interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-
-
-def usage_line(error: click_errors.UsageError) -> str:
-    """Click's message on one line, and where the command's help is."""
-    message = " ".join(error.format_message().split()).rstrip(".")
-    command = error.ctx.command_path if error.ctx is not None else "mplus"
-    return f"{message[:1].lower()}{message[1:]} (see {command} --help)"
 
 
 def note_label(model: mp.MemoryLLM) -> None:

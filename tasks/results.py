@@ -141,8 +141,9 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 def load_runs(directories: Sequence[Path]) -> pd.DataFrame:
-    """The rows of several runs, each tagged with its protocol from config.json (a directory given twice
-    counts once). Shards of one run pool into one series when summarized by RUN_KEYS."""
+    """The rows of several runs, each tagged with its protocol from config.json; a sample measured by two
+    runs (same model, control, distance and seed) counts once, so does a directory given twice. Shards of
+    one run pool into one series when summarized by RUN_KEYS."""
     import pandas as pd
 
     frames = []
@@ -150,7 +151,8 @@ def load_runs(directories: Sequence[Path]) -> pd.DataFrame:
         config = directory / "config.json"
         protocol = json.loads(config.read_text()).get("protocol", "") if config.exists() else ""
         frames.append(read_results(directory / "results.csv").assign(protocol=protocol))
-    return pd.concat(frames, ignore_index=True)
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.drop_duplicates([*RUN_KEYS, "sample_id", "seed"], ignore_index=True)
 
 
 def model_details(directories: Sequence[Path]) -> dict[str, dict[str, Any]]:

@@ -30,7 +30,6 @@ from ..common import (
     handle_errors,
     note_label,
     open_session,
-    say,
     stop_ids,
 )
 from ..devices import pick_device, pick_dtype
@@ -43,6 +42,7 @@ from ..models import (
     model_id,
     requested_model,
 )
+from ..root import say
 
 
 def prompt_ids(lm: mp.MemoryLLM, question: str, chat: bool | None, system: str | None) -> tuple[list[int], bool]:

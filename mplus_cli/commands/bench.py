@@ -11,17 +11,10 @@ from tasks import results as res
 from tasks.launch import process_group
 from tasks.merge import merge_runs
 
-from ..common import (
-    SEED_MAX,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    TokenizerOpt,
-    handle_errors,
-    say,
-)
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
 from ..errors import NotFoundError, UsageError
 from ..models import requested_model
+from ..root import say
 from .speed import speed
 from .sweep import (
     RESUME_KEYS,
@@ -35,7 +28,9 @@ from .sweep import (
     writing_into,
 )
 
-bench_app = typer.Typer(help="Retention sweeps and speed benchmarks.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Retention sweeps and speed benchmarks.", no_args_is_help=True, rich_markup_mode=None, add_completion=False
+)
 
 
 PointsOpt = Annotated[

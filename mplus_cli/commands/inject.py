@@ -29,7 +29,6 @@ from ..common import (
     handle_errors,
     note_label,
     plural,
-    say,
     store_root,
 )
 from ..devices import dtype_option, pick_device
@@ -43,6 +42,7 @@ from ..models import (
     requested_model,
     with_memory,
 )
+from ..root import say
 from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 
 

@@ -12,27 +12,20 @@ import typer
 from model import store as st
 from model.zoo import catalog
 
-from ..common import (
-    JsonOpt,
-    StoreOpt,
-    columns,
-    emit,
-    handle_errors,
-    human_bytes,
-    open_session,
-    plural,
-    say,
-    store_root,
-)
+from ..common import JsonOpt, StoreOpt, columns, emit, handle_errors, human_bytes, open_session, plural, store_root
 from ..errors import NotFoundError, UsageError
 from ..explain import draw_map
 from ..models import (
     load_bound_model,
 )
+from ..root import say
 from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 
 session_app = typer.Typer(
-    help="List, show, check, remove and fork stored sessions.", no_args_is_help=True, rich_markup_mode=None
+    help="List, show, check, remove and fork stored sessions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=False,
 )
 
 

@@ -42,16 +42,11 @@ from tasks.plan import (
 from tasks.retention import Runner
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from ..common import (
-    emit,
-    note_label,
-    plural,
-    say,
-    stop_ids,
-)
+from ..common import emit, note_label, plural, stop_ids
 from ..devices import describe, pick_device, pick_dtype
 from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from ..models import load_model, model_id, requested_model
+from ..root import say
 
 if TYPE_CHECKING:
     import pandas as pd

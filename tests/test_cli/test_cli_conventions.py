@@ -23,6 +23,7 @@ from model import store as st
 from model.zoo.checkpoint import resolve_checkpoint
 from mplus_cli.app import app
 from mplus_cli.common import human_bytes, human_count, plural
+from mplus_cli.root import COMMANDS, load_command
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[2]
@@ -223,9 +224,10 @@ def test_a_hub_dataset_without_the_hub_is_one_line_within_seconds(
 
 # -- 5. conventions -------------------------------------------------------------------------------
 def commands(group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """The path of every command under the click group `group`."""
-    found = []
-    for name, command in group.commands.items():
+    """The path of every command under the click group `group` (the root loads each by name)."""
+    found, ctx = [], typer.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
         found += commands(command, (*path, name)) if hasattr(command, "commands") else [(*path, name)]
     return found
 
@@ -397,3 +399,25 @@ def test_session_show_of_a_training_free_session_counts_rows_used_of_capacity(st
     text = mplus("session", "show", "f", "--store", store).stdout
     assert "short-term  40 of 64 rows per layer" in text and "training-free" in text
     assert "40 tokens in 1 chunk from 1 source" in text
+
+
+def test_mplus_help_imports_no_torch_and_lists_every_command():
+    """`mplus --help` loads no command (torch takes a second to import): the root lists them from its table,
+    whose help lines are the commands' own."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mplus_cli.app import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "print(result.exit_code, sorted(m for m in ('torch', 'model', 'tasks') if m in sys.modules))\n"
+        "print(result.stdout)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    first, *help_text = proc.stdout.splitlines()
+    assert first == "0 []", proc.stdout + proc.stderr
+    assert all(any(line.strip().startswith(name) for line in help_text) for name in COMMANDS)
+
+
+def test_the_roots_table_of_commands_says_what_each_command_says():
+    for name, (_, _, first_line) in COMMANDS.items():
+        assert load_command(name).get_short_help_str(1000) == first_line, name

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from mplus_cli.app import app
-from mplus_cli.common import one_line_errors
+from mplus_cli.root import one_line_errors
 
 runner = CliRunner()
 TEXT = "Alice keeps the spare key under the blue flowerpot by the back door. " * 12

@@ -368,6 +368,16 @@ def test_plot_overlays_runs_and_checks_its_input(finished, tmp_path):
     assert mplus("bench", "plot", finished, "-o", out, "--metric", "bleu").exit_code == 2
 
 
+def test_a_sample_two_runs_measured_counts_once(finished, tmp_path):
+    """Runs that overlap (a control run that also asked from memory, say) pool each sample once."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.csv", "config.json"):
+        (copy / name).write_bytes((finished / name).read_bytes())
+    once, twice = res.load_runs([finished]), res.load_runs([finished, copy])
+    assert len(once) == len(rows(finished)) and twice.equals(once)
+
+
 def test_a_torn_last_record_is_dropped_and_redone(finished, tmp_path):
     out = tmp_path / "torn"
     out.mkdir()
