@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -19,6 +18,7 @@ from model.text.sources import SourceError
 
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
 from .models import DEFAULT_MODEL
+from .output import emit
 from .root import OPTIONS, say
 
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
@@ -68,41 +68,6 @@ DtypeOpt = Annotated[
         help="The model's dtype: bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on the CPU)."
     ),
 ]
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 chunk', '2 chunks' (`nouns`: an irregular plural)."""
-    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
-
-
-def human_bytes(count: int) -> str:
-    """Bytes in decimal units: 512 B, 1.5 kB, 23.4 MB, 16.1 GB."""
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if count >= scale:
-            return f"{count / scale:.3g} {unit}" if count < 100 * scale else f"{count / scale:,.0f} {unit}"
-    return f"{count} B"
-
-
-def human_count(count: int) -> str:
-    """A count in short form: 950, 121.6k, 134.5M, 8.068B."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if count >= scale:
-            return f"{count / scale:.4g}{unit}"
-    return str(count)
-
-
-def columns(rows: list[list[str]], right: tuple[int, ...] = ()) -> list[str]:
-    """Rows of cells as aligned text lines (the columns in `right` right-aligned), never truncated."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    cells = [
-        [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        for row in rows
-    ]
-    return ["  ".join(row).rstrip() for row in cells]
-
-
-def emit(document: dict[str, Any]) -> None:
-    typer.echo(json.dumps(document, indent=1))
 
 
 STORE_EXIT_CODES = {  # the session store's errors as exit codes

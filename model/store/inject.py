@@ -3,6 +3,7 @@ what is injected, finish a partial injection, and explain each source. `mplus in
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from ..text.sources import Source, source_chunks
 from .errors import SessionMismatch
 from .format import now
 from .session import Session, Writer
+
+log = logging.getLogger(__name__)  # notes: a source skipped, a partial injection resumed or left
 
 
 @dataclass
@@ -47,7 +50,7 @@ class InjectRun:
 
 
 def resume_plan(
-    session: Session, sources: list[Source], resume: bool, chunk_tokens: int, note: Callable[[str], None] = print
+    session: Session, sources: list[Source], resume: bool, chunk_tokens: int, note: Callable[[str], None] = log.info
 ) -> list[int]:
     """Chunks to skip per source. With `resume`: a source the log records as injected is skipped whole, the
     source of the session's partial injection continues after its committed chunks. Without it, a source
@@ -87,7 +90,7 @@ def inject_sources(
     chunk_tokens: int,
     run: InjectRun,
     on_chunk: Callable[[Source], None] = lambda source: None,
-    note: Callable[[str], None] = print,
+    note: Callable[[str], None] = log.info,
 ) -> MemoryState:
     """Inject every chunk not skipped, committing after each: a crash or Ctrl-C loses at most one chunk.
     `on_chunk(source)` after each commit; the state injected into is returned."""

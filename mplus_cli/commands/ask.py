@@ -26,7 +26,6 @@ from ..common import (
     ModelOpt,
     StoreOpt,
     TokenizerOpt,
-    emit,
     handle_errors,
     note_label,
     open_session,
@@ -42,6 +41,7 @@ from ..models import (
     model_id,
     requested_model,
 )
+from ..output import emit
 from ..root import say
 
 

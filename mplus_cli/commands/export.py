@@ -26,9 +26,10 @@ import model as mp
 from model import store as st
 from model.zoo.checkpoint import is_saved_checkpoint
 
-from ..common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, emit, handle_errors
+from ..common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, handle_errors
 from ..errors import ConflictError, NotFoundError, UsageError
 from ..models import load_bound_model
+from ..output import emit
 
 FORMATS = ("memory", "checkpoint")
 MANIFEST_KEYS = {"session", "state", "exported", "file"}  # the JSON manifest's keys, exactly

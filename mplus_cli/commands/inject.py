@@ -25,10 +25,8 @@ from ..common import (
     SessionOpt,
     StoreOpt,
     TokenizerOpt,
-    emit,
     handle_errors,
     note_label,
-    plural,
     store_root,
 )
 from ..devices import dtype_option, pick_device
@@ -42,19 +40,9 @@ from ..models import (
     requested_model,
     with_memory,
 )
+from ..output import done_counter, emit, plural, progress
 from ..root import say
 from .export import load_exported_memory as load_exported_memory  # re-exported for callers
-
-
-def progress_bar(total: int):
-    """A rich progress bar on stderr (chunks done of all, time left), shown for more than a few chunks on a
-    terminal (elsewhere it would leave an empty line)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    console = Console(stderr=True)
-    return Progress(*columns, console=console, transient=True, disable=total < 4 or not console.is_terminal)
 
 
 def bound_session(
@@ -128,7 +116,7 @@ def kept(run: st.InjectRun) -> str:
 def inject_with_progress(writer: st.Writer, lm: mp.MemoryLLM, sources, skips, chunk_tokens: int, run) -> mp.MemoryState:
     """st.inject_sources under a progress bar of the chunks to inject."""
     total = sum(s.chunks - skip for s, skip in zip(sources, skips, strict=True))
-    with progress_bar(total) as bar:
+    with progress(total >= 4, done_counter()) as bar:
         task = bar.add_task("injecting", total=total)
 
         def advance(source) -> None:

@@ -8,8 +8,9 @@ import typer
 
 from model.zoo import catalog
 
-from ..common import JsonOpt, columns, emit, handle_errors, human_bytes, human_count
+from ..common import JsonOpt, handle_errors
 from ..models import requested_model
+from ..output import columns, emit, human_bytes, human_count
 
 
 def models_table(entries: list[catalog.Entry]) -> list[str]:

@@ -12,12 +12,13 @@ import typer
 from model import store as st
 from model.zoo import catalog
 
-from ..common import JsonOpt, StoreOpt, columns, emit, handle_errors, human_bytes, open_session, plural, store_root
+from ..common import JsonOpt, StoreOpt, handle_errors, open_session, store_root
 from ..errors import NotFoundError, UsageError
 from ..explain import draw_map
 from ..models import (
     load_bound_model,
 )
+from ..output import columns, emit, human_bytes, plural
 from ..root import say
 from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 

@@ -21,10 +21,11 @@ from tasks.figures import Figure, Report, show
 from tasks.sizes import format_size, parse_size
 from tasks.timing import machine_info
 
-from ..common import DeviceOpt, DtypeOpt, JsonOpt, emit, handle_errors
+from ..common import DeviceOpt, DtypeOpt, JsonOpt, handle_errors
 from ..devices import dtype_option, pick_device
 from ..errors import MplusError, NotFoundError, UsageError
 from ..models import load_model
+from ..output import emit
 from ..root import say
 
 MAX_LTM_ROWS = 1_000_000  # per layer (the 8b shape's default sweep ends at 150000)

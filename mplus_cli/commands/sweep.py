@@ -42,10 +42,11 @@ from tasks.plan import (
 from tasks.retention import Runner
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from ..common import emit, note_label, plural, stop_ids
+from ..common import note_label, stop_ids
 from ..devices import describe, pick_device, pick_dtype
 from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from ..models import load_model, model_id, requested_model
+from ..output import approx, duration, emit, plural, progress, token_counter
 from ..root import say
 
 if TYPE_CHECKING:
@@ -115,22 +116,6 @@ def data_origin(dataset: str, data_dir: Path | None, split: str = "test") -> str
     return str(data_dir.resolve()) if data_dir else f"hub {qa.HUB_IDS[dataset]}"
 
 
-def approx(n: float) -> str:
-    """A count to three digits: 512, 1.23k, 160k, 3.2M."""
-    for suffix, unit in (("M", 1e6), ("k", 1e3)):
-        if n >= unit:
-            return f"{n / unit:.3g}{suffix}"
-    return f"{n:.0f}"
-
-
-def duration(seconds: float) -> str:
-    """0.4 s, 41 s, 13 min, 2 h 05 min."""
-    if seconds < 90:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
 def plan_line(
     n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str], niah: bool = False
 ) -> str:
@@ -151,24 +136,6 @@ def plan_line(
         f"{plural(n_samples * len(names) * per_sample, 'question')}, "
         f"{format_size(n_samples * points[-1] * len(names))} distractor tokens to inject"
     )
-
-
-def progress_bar(show: bool = True):
-    """Distractor tokens injected of those planned, tokens/s, the current model, sample and distance, ETA (shown
-    on a terminal, when `show`)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Tokens(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = approx(task.speed) if task.speed else "-"
-            return Text(f"{approx(task.completed)}/{approx(task.total or 0)} tokens, {speed} tokens/s")
-
-    columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), Tokens(), TimeRemainingColumn())
-    console = Console(stderr=True)
-    disable = not (show and console.is_terminal)  # off a terminal it would leave a blank line
-    return Progress(*columns, console=console, transient=True, disable=disable)
 
 
 class Pace:
@@ -518,7 +485,7 @@ def run_models(
     conditions = (MEMORY, *sweep.controls)
     memory_left = sum((name, s.id, MEMORY) not in done for name in plan.models for s in samples)
     warnings = []
-    with progress_bar(show=plan.launch.merges or not plan.launch.group) as bar:  # torchrun: rank 0's bar alone
+    with progress(plan.launch.merges or not plan.launch.group, token_counter()) as bar:  # torchrun: rank 0's bar alone
         task = bar.add_task("loading", total=memory_left * sweep.points[-1])
         for name in plan.models:
             bar.update(task, description=f"loading {name}")

@@ -22,7 +22,7 @@ import model as mp
 from model import store as st
 from model.zoo.checkpoint import resolve_checkpoint
 from mplus_cli.app import app
-from mplus_cli.common import human_bytes, human_count, plural
+from mplus_cli.output import human_bytes, human_count, plural
 from mplus_cli.root import COMMANDS, load_command
 
 runner = CliRunner()
