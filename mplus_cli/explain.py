@@ -1,6 +1,6 @@
 """`mplus ask --explain`: what a question read. For M+, which injections the retrieved long-term rows came
 from (per layer and in total, with a snippet of each source chunk); for both models, how much of each recent
-injection the short-term memory still holds. Built on row provenance (model.provenance)."""
+injection the short-term memory still holds. Built on row provenance (model.memory.provenance)."""
 
 from __future__ import annotations
 

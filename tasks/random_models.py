@@ -1,4 +1,4 @@
-"""What the speed benches measure on: random models (`model.presets.random_model` plus a random initial memory),
+"""What the speed benches measure on: random models (`model.zoo.presets.random_model` plus a random initial memory),
 token ids, and long-term memories laid out as injections leave them, their rows in sparse files."""
 
 from __future__ import annotations

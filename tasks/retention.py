@@ -36,6 +36,7 @@ import model as mp
 from model.memory.dtypes import dtype_name
 from model.memory.provenance import retrievals_by_state, share, survival
 from model.memory.rows import FileArray
+from model.store.files import atomic_file
 from model.text.tokenizer import decode
 
 from .data import DataError, Sample
@@ -69,19 +70,17 @@ class EncodedPool:
     def build(
         cls, lm: mp.MemoryLLM, chunks: list[torch.Tensor], path: Path, dtype: torch.dtype, on_chunk=lambda: None
     ) -> EncodedPool:
-        """Encode `chunks` into `path` (written to a temporary file, then renamed); reused when `path` exists
+        """Encode `chunks` into `path` (written atomically); reused when `path` exists
         with the same chunks (a resumed run)."""
         lengths = [len(c) for c in chunks]
         L, d = lm.cfg.num_layers, lm.cfg.hidden_size
         records = L * sum(lengths)
         if not (path.is_file() and path.stat().st_size == records * d * dtype.itemsize):
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_file(path) as f:
                 for ids in chunks:
                     delta = lm.compute_delta(ids, lm.initial_state)  # [L, n, d]
                     f.write(delta.to(dtype).cpu().contiguous().view(torch.uint8).numpy().tobytes())
                     on_chunk()
-            os.replace(tmp, path)
         return cls(FileArray(path, records, d, dtype), lengths, L)
 
     def ids(self, first: int, piece: Piece) -> torch.Tensor:

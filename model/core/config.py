@@ -59,7 +59,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainingFreeConfig:
-    """The training-free memory of a plain pretrained Llama (see model.training_free): `capacity` short-term
+    """The training-free memory of a plain pretrained Llama (see model.policies.training_free): `capacity` short-term
     rows per layer, evicted (and, M+, `retrieved` rows read back) in blocks of `block` consecutive tokens."""
 
     capacity: int

@@ -1,7 +1,8 @@
 """MemoryLLM: a Llama decoder that reads a per-layer memory prefix and writes to it by injection.
 
-What a model writes and how it evicts are policies it is built with: the authors' `TrainedDelta` and
-`RandomRows` here, the training-free demo's `LayerInputs` and `RandomBlocks` in model.training_free.
+What a model writes and how it evicts are policies it is built with (the protocols are here): the authors'
+`TrainedDelta` and `RandomRows` in model.policies.authors, the demo's `LayerInputs` and `RandomBlocks` in
+model.policies.training_free.
 """
 
 from __future__ import annotations

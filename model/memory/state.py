@@ -53,7 +53,7 @@ class MemoryState:
     (`next_row_id`), layer by layer: an injection's delta [L, k, d] takes k ids per layer. The ids of a
     model's initial memory are 0..L*N-1 (layer by layer). An M+ state's LTM holds its entries' rows by id
     in its row space (`ltm.rows`), which also holds every short-term row (a dropped row stays where it is).
-    origins: where each row id came from (injection, layer, position: see model.provenance).
+    origins: where each row id came from (injection, layer, position: see model.memory.provenance).
     version: counts the changes of the memory (`memory_changed`); kv_cache: the memory rows' keys/values
     for one version, derived data that every change discards.
     """

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -33,17 +34,29 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temp file (`mode`, under the umask), fsync it, and rename it over `path`: readers
-    see the old file or the new one, never a mix."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A file to write `path` through: a temp file (`mode`, under the umask) that is fsync'ed and renamed
+    over `path` when the block ends, removed if it fails. Readers see the old file or the new one, never a
+    mix or a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """`data` as the whole of `path`, atomically (atomic_file)."""
+    with atomic_file(path, mode) as f:
+        f.write(data)
 
 
 def append_after(path: Path, committed: int, data: bytes | memoryview) -> int:

@@ -14,7 +14,7 @@ A session is a directory under the store root (format 4):
                               copied here
     log.jsonl                 append-only: one JSON line per injected source (or a partial one, abandoned)
     origins.bin               append-only: where the rows came from, a record per run of row ids
-                              (first id, rows, injection, layer, first position: see model.provenance)
+                              (first id, rows, injection, layer, first position: see model.memory.provenance)
     index-NNNNNN.safetensors  commit NNNNNN: `memory_ids` [L, N] (the short-term rows), the drop generator;
                               M+: the short-term rows' ages and the LTM's layout (runs of entry ids, run-
                               length recall frequencies: see LongTermMemory.layout)

@@ -153,7 +153,7 @@ def _ignorable(key: str, cfg: ModelConfig) -> bool:
 
 def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory, or a hub id (aliases: memoryllm-7b, memoryllm-8b, ...) from the HF cache, downloaded
-    there first when the hub is reachable (see model.hub: offline, or unreachable, it is one line that says how
+    there first when the hub is reachable (see model.zoo.hub: offline, or unreachable, it is one line that says how
     to proceed). An unknown name's error lists the models, with the closest one."""
     from .hub import HUB_ID, snapshot
 
