@@ -1,5 +1,5 @@
 """Sessions on disk. Floors, lowest first: errors, files (durable primitives), format (names, manifest),
-session (open, load, write), inject (texts in, resumable), verify (check and roll back)."""
+session (open, load, write), inject (texts in, resumable), export (one file), verify (check and roll back)."""
 
 from ..memory.dtypes import dtype_name
 from ..memory.rows import DamagedFile
@@ -12,6 +12,7 @@ from .errors import (
     SessionNotFound,
     StoreError,
 )
+from .export import load_exported_memory, write_memory_export
 from .files import append_after, fsync_path, tensor_bytes, write_atomic
 from .format import (
     LOCK,
@@ -33,6 +34,8 @@ from .session import Session, Writer, binding, initial_rows, kept_commits, list_
 from .verify import check_session, rollback_session
 
 __all__ = [
+    "load_exported_memory",
+    "write_memory_export",
     "InjectRun",
     "inject_sources",
     "resume_plan",

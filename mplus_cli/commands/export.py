@@ -10,20 +10,18 @@ name in the same directory, checked again, then renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 import model as mp
 from model import store as st
+from model.store.export import is_memory_export, is_memory_manifest, manifest_path, write_memory_export
 from model.zoo.checkpoint import is_saved_checkpoint
 
 from ..common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, handle_errors
@@ -32,35 +30,6 @@ from ..models import load_bound_model
 from ..output import emit
 
 FORMATS = ("memory", "checkpoint")
-MANIFEST_KEYS = {"session", "state", "exported", "file"}  # the JSON manifest's keys, exactly
-MANIFEST_MAX_BYTES = 1 << 24
-
-
-def manifest_path(out: Path) -> Path:
-    """The JSON manifest written beside a memory export: memory.safetensors -> memory.json."""
-    return out.with_suffix(".json")
-
-
-def is_memory_export(path: Path) -> bool:
-    """A regular file whose safetensors metadata holds the session manifest."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return "mplus.manifest" in (f.metadata() or {})
-    except (SafetensorError, OSError):
-        return False
-
-
-def is_memory_manifest(path: Path) -> bool:
-    """A regular file holding the JSON manifest that export_memory writes."""
-    if path.is_symlink() or not path.is_file() or path.stat().st_size > MANIFEST_MAX_BYTES:
-        return False
-    try:
-        document = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(document, dict) and set(document) == MANIFEST_KEYS
 
 
 @dataclass(frozen=True)
@@ -100,42 +69,6 @@ class Plan:
                 raise ConflictError(f"{target} exists and is not {kind}: it will not be replaced; choose another -o")
             if not self.force:
                 raise ConflictError(f"{target} already exists: pass --force to replace it or choose another -o")
-
-
-def private_temp(beside: Path) -> Path:
-    """An empty 0600 file in `beside`'s directory, named after it."""
-    fd, name = tempfile.mkstemp(dir=beside.parent, prefix=f".{beside.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def export_memory(plan: Plan, found: st.Session, state: mp.MemoryState) -> None:
-    """One safetensors file with the whole state, and a JSON manifest beside it (the session manifest and
-    the state meta, also kept in the file's metadata so the file stands alone)."""
-    out = plan.out
-    document = {"session": found.manifest, "state": state.to_meta(), "exported": st.now(), "file": out.name}
-    metadata = {"mplus.manifest": json.dumps(found.manifest), "mplus.state": json.dumps(state.to_meta())}
-    temps = [private_temp(out), private_temp(manifest_path(out))]
-    try:
-        save_file({k: v.cpu().contiguous() for k, v in state.to_tensors().items()}, temps[0], metadata=metadata)
-        temps[1].write_bytes(json.dumps(document, indent=1).encode())
-        for temp in temps:
-            st.fsync_path(temp)
-        plan.check()
-        os.replace(temps[1], manifest_path(out))
-        os.replace(temps[0], out)
-        st.fsync_path(out.parent)
-    finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-
-
-def load_exported_memory(path: Path) -> tuple[mp.MemoryState, dict[str, Any]]:
-    """(state, session manifest) of a `--format memory` export."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    state = mp.MemoryState.from_tensors(load_file(path), json.loads(metadata["mplus.state"]))
-    return state, json.loads(metadata["mplus.manifest"])
 
 
 def export_checkpoint(plan: Plan, lm: mp.MemoryLLM, state: mp.MemoryState) -> None:
@@ -186,7 +119,7 @@ def export(
     lm = load_bound_model(session, found.model_ref, tokenizer)
     state = found.load_state(lm.initial_state)
     if format == "memory":
-        export_memory(plan, found, state)
+        write_memory_export(plan.out, found, state, plan.check)
     else:
         export_checkpoint(plan, lm, state)
     if as_json:

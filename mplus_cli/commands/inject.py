@@ -42,7 +42,6 @@ from ..models import (
 )
 from ..output import done_counter, emit, plural, progress
 from ..root import say
-from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 
 
 def bound_session(

@@ -20,7 +20,6 @@ from ..models import (
 )
 from ..output import columns, emit, human_bytes, plural
 from ..root import say
-from .export import load_exported_memory as load_exported_memory  # re-exported for callers
 
 session_app = typer.Typer(
     help="List, show, check, remove and fork stored sessions.",

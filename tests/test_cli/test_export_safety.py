@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import model as mp
 import model.zoo.checkpoint as ckpt
 from model import store as st
+from model.store.export import load_exported_memory
 from mplus_cli.app import app
-from mplus_cli.commands.export import load_exported_memory
 
 runner = CliRunner()
 TEXTS = {

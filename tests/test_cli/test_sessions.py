@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
+from model.store.export import load_exported_memory
 from model.text.sources import plan_source
 from mplus_cli.app import app
-from mplus_cli.commands.export import load_exported_memory
 
 runner = CliRunner()
 TEXT = "Alice keeps the spare key under the blue flowerpot by the back door. " * 12
