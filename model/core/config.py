@@ -184,6 +184,26 @@ def _lora_from_hf(cfg: dict[str, Any]) -> LoraConfig | None:
     )
 
 
+def llama_trunk(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of the Llama trunk in a config dict (HF names): the one reader of them, for the
+    authors' configs and the plain Llama configs of the training-free models."""
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) Llama models are supported")
+    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+    return {
+        "vocab_size": int(cfg["vocab_size"]),
+        "hidden_size": hidden,
+        "intermediate_size": int(cfg["intermediate_size"]),
+        "num_layers": int(cfg["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or hidden // heads),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Translate the authors' `config.json` dict into a ModelConfig."""
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_blocks", "num_tokens") if k not in cfg]
@@ -191,20 +211,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"config.json lacks {', '.join(missing)}: not a MemoryLLM / M+ checkpoint config")
     archs = cfg.get("architectures") or []
     kind: MemoryKind = "mplus" if ("MPlus" in archs or "num_ltm_blocks" in cfg) else "memoryllm"
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) Llama models are supported")
     return ModelConfig(
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        **llama_trunk(cfg),
         rope=rope_from_hf(cfg, kind),
         num_tokens=int(cfg["num_tokens"]),
         num_blocks=int(cfg["num_blocks"]),
@@ -212,7 +220,6 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         add_bos_embedding=bool(cfg.get("add_bos_embedding", True)),
         # M+ always drops per layer; MemoryLLM only when the flag says so (7B shares one permutation).
         drop_memory_per_layer=kind == "mplus" or bool(cfg.get("drop_memory_per_layer", False)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         lora=_lora_from_hf(cfg),
         num_ltm_blocks=int(cfg.get("num_ltm_blocks", 0)) if kind == "mplus" else 0,
         ltm_initial_size=int(cfg.get("ltm_initial_size", 0)),

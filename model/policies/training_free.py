@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core.config import MemoryKind, ModelConfig, TrainingFreeConfig, rope_from_hf
+from ..core.config import MemoryKind, ModelConfig, TrainingFreeConfig, llama_trunk, rope_from_hf
 from ..core.memoryllm import InjectResult, MemoryLLM
 from ..core.mplus import MPlus, Retrieval
 from ..memory.ltm import LongTermMemory
@@ -71,26 +71,15 @@ def training_free_config(
     capacity = defaults["capacity"] if capacity is None else capacity
     retrieved = defaults["retrieved"] if retrieved is None else retrieved
     block = defaults["block"] if block is None else block
-    if llama.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {llama['hidden_act']!r}: only silu (SwiGLU) Llama models")
     retrieved = retrieved if memory == "mplus" else 0
     if block < 1 or capacity < block or capacity % block or retrieved % block or (memory == "mplus" and not retrieved):
         raise ValueError(f"capacity (and for M+ retrieved) must be positive multiples of the block size {block}")
-    heads, hidden = int(llama["num_attention_heads"]), int(llama["hidden_size"])
     return ModelConfig(
-        vocab_size=int(llama["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(llama["intermediate_size"]),
-        num_layers=int(llama["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(llama.get("num_key_value_heads") or heads),
-        head_dim=int(llama.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(llama.get("rms_norm_eps", 1e-6)),
+        **llama_trunk(llama),
         rope=rope_from_hf(llama, "memoryllm"),  # float32 inverse frequencies
         num_tokens=0,
         num_blocks=0,
         kind=memory,
-        tie_word_embeddings=bool(llama.get("tie_word_embeddings", False)),
         training_free=TrainingFreeConfig(capacity, retrieved, block),
         bos_token_id=int(llama["bos_token_id"]),
         eos_token_id=llama.get("eos_token_id"),
