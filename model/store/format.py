@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ..memory.dtypes import FLOAT_DTYPES
 from ..zoo.paths import cache_dir
 from .errors import InvalidName, SessionDamaged, rollback_hint
 from .files import digest, tensor_bytes
@@ -122,7 +123,6 @@ def sum_records(records: list[tuple[str, int, int]]) -> bytes:
 
 # -- the manifest's schema -------------------------------------------------------------------------------------
 Check = Callable[[Any], bool]
-FLOATS = ("float32", "bfloat16", "float16")
 INDEX_NAME = re.compile(r"index-[0-9]{6}\.safetensors")  # a plain name inside the session, never a path
 
 
@@ -139,7 +139,7 @@ def text(value: Any) -> bool:
 
 
 def floats(value: Any) -> bool:
-    return value in FLOATS
+    return value in FLOAT_DTYPES
 
 
 def optional(check: Check) -> Check:

@@ -388,21 +388,20 @@ class Session:
         fsync_path(root)
         return Session.open(root, new_name)
 
-    def integrity_checks(self) -> list[tuple[str, Callable[[], object]]]:
-        """(what, check) for everything this commit is built from: its index, its log, and every committed
-        byte of the append-only files against their block checksums. A check raises SessionDamaged or
-        DamagedFile naming the file; `session check` and every writer run them all."""
+    def integrity_checks(self) -> list[Callable[[], object]]:
+        """A check for everything this commit is built from: its index, its log, and every committed byte of
+        the append-only files against their block checksums. A check raises SessionDamaged or DamagedFile
+        naming the file; `session check` and every writer run them all."""
         sums = self.sums()
-        checks: list[tuple[str, Callable[[], object]]] = [(self.manifest["index"], self.index), (LOG, self.log)]
-        for name, nbytes in self.committed_lengths():
-            if sums[name] is not None:
-                checks.append((name, functools.partial(sums[name].verify_all, nbytes)))
+        checks: list[Callable[[], object]] = [self.index, self.log]
+        lengths = [(name, n) for name, n in self.committed_lengths() if sums[name] is not None]
+        checks += [functools.partial(sums[name].verify_all, n) for name, n in lengths]
         return checks
 
     def verify(self) -> None:
         """Run every integrity check; the first failure as SessionDamaged, pointing at `session check`."""
         try:
-            for _, check in self.integrity_checks():
+            for check in self.integrity_checks():
                 check()
         except (DamagedFile, OSError) as e:
             message = str(e) if "session check" in str(e) else str(e) + self.hint

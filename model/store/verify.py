@@ -37,13 +37,14 @@ def verify_commit(directory: Path, manifest_path: Path) -> Verdict:
     except damage as e:
         return Verdict(manifest_path.name, None, [problem(e)])
     verdict = Verdict(manifest_path.name, session.manifest["commit"], [])
-    for _, check in checks:
+    for check in checks:
         try:
             check()
         except damage as e:
             if problem(e) not in verdict.problems:
                 verdict.problems.append(problem(e))
-    verdict.checked_bytes = sum(nbytes for name, nbytes in session.committed_lengths() if name in dict(checks))
+    sums = session.sums()  # read once, above
+    verdict.checked_bytes = sum(nbytes for name, nbytes in session.committed_lengths() if sums[name] is not None)
     return verdict
 
 
