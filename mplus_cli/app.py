@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .root import OPTIONS, MplusGroup
+from .root import MplusGroup
 
 app = typer.Typer(
     name="mplus",
@@ -44,4 +44,4 @@ def main_options(
         bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    OPTIONS["debug"], OPTIONS["json"] = debug, as_json
+    """The root's options; commands read --debug and --json from the click context (common.root_flag)."""

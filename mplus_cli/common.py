@@ -14,12 +14,14 @@ import typer
 
 import model as mp
 from model import store as st
+from model.memory.dtypes import DtypeName
 from model.text.sources import SourceError
 
+from .clicklib import get_current_context
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
 from .models import DEFAULT_MODEL
 from .output import emit
-from .root import OPTIONS, say
+from .root import say
 
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
 
@@ -63,10 +65,8 @@ DeviceOpt = Annotated[
     ),
 ]
 DtypeOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="The model's dtype: bfloat16 | float16 | float32 (default: bfloat16 on CUDA, float32 on the CPU)."
-    ),
+    DtypeName | None,
+    typer.Option(help="The model's dtype (default: bfloat16 on CUDA, float32 on the CPU)."),
 ]
 
 
@@ -80,10 +80,15 @@ STORE_EXIT_CODES = {  # the session store's errors as exit codes
 }
 
 
-def exit_code(error: Exception) -> int:
+def as_mplus_error(error: Exception) -> MplusError:
+    """The click exception that reports `error`: its own message when some layer expected it (with the store's
+    exit code for the store's errors), else `unexpected`."""
     if isinstance(error, MplusError):
-        return error.exit_code
-    return next((code for kind, code in STORE_EXIT_CODES.items() if isinstance(error, kind)), EXIT_FAILURE)
+        return error
+    if isinstance(error, st.StoreError | st.DamagedFile | SourceError):
+        code = next((code for kind, code in STORE_EXIT_CODES.items() if isinstance(error, kind)), EXIT_FAILURE)
+        return MplusError(str(error), code)
+    return MplusError(unexpected(error))
 
 
 def unexpected(error: Exception) -> str:
@@ -95,17 +100,24 @@ def unexpected(error: Exception) -> str:
     return f"{type(error).__name__}: {error} (traceback: mplus --debug)"
 
 
+def root_flag(name: str) -> bool:
+    """The root's --debug or --json (`debug`, `as_json`), from the click context of the running command."""
+    ctx = get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get(name))
+
+
 def handle_errors(command: Callable) -> Callable:
-    """Turn expected errors into one line (plus a JSON error document under --json) and an exit code."""
+    """Raise every error of a command as a click exception with its exit code (an `MplusError`: one line), after
+    a JSON error document under --json and the traceback under --debug."""
 
     takes_json = "as_json" in inspect.signature(command).parameters
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         if takes_json:
-            kwargs["as_json"] = kwargs.get("as_json") or OPTIONS["json"]
+            kwargs["as_json"] = kwargs.get("as_json") or root_flag("as_json")
         try:
-            if OPTIONS["json"] and not takes_json:
+            if root_flag("as_json") and not takes_json:
                 raise UsageError("this command has no --json output")
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -114,15 +126,12 @@ def handle_errors(command: Callable) -> Callable:
             say("mplus: interrupted; every session keeps its last committed state")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:
-            code = exit_code(e)
-            expected = isinstance(e, MplusError | st.StoreError | st.DamagedFile | SourceError)
-            message = str(e) if expected else unexpected(e)
-            if OPTIONS["debug"]:
+            error = as_mplus_error(e)
+            if root_flag("debug"):
                 traceback.print_exc()
-            say(f"mplus: error: {message}")
             if kwargs.get("as_json"):
-                emit({"error": message, "exit_code": code})
-            raise typer.Exit(code) from None
+                emit({"error": error.message, "exit_code": error.exit_code})
+            raise error from None
 
     return wrapper
 

@@ -1,6 +1,9 @@
-"""Expected errors: one line that says what to do, and the documented exit code."""
+"""Expected errors: click exceptions that print one line that says what to do, and exit with the documented
+code."""
 
 from __future__ import annotations
+
+from .clicklib import ClickException, echo
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -10,10 +13,18 @@ EXIT_CONFLICT = 4
 EXIT_INTERRUPTED = 130
 
 
-class MplusError(Exception):
-    """An expected failure; the command prints its message (one line) and exits with `exit_code`."""
+class MplusError(ClickException):
+    """An expected failure: click prints `mplus: error: <message>` (one line) and exits with `exit_code`."""
 
     exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        echo(f"mplus: error: {self.format_message()}", file=file, err=True)
 
 
 class UsageError(MplusError):

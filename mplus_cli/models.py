@@ -12,7 +12,7 @@ import model as mp
 from model import store as st
 from model.memory.dtypes import dtype_of
 
-from .errors import ConflictError, MplusError, NotFoundError, UsageError
+from .errors import ConflictError, MplusError, NotFoundError
 
 DEFAULT_MODEL = "smollm2-135m"  # the offline demo model: SmolLM2-135M with training-free M+ memory
 
@@ -27,8 +27,6 @@ def with_memory(name: str, memory: str | None) -> str:
     are (their kind is checked once loaded)."""
     if memory is None:
         return name
-    if memory not in ("mplus", "memoryllm"):
-        raise UsageError(f"unknown --memory {memory!r}: use mplus or memoryllm")
     named = mp.MODELS.get(name)
     if named is not None and named.kind != memory and named.twin is not None:
         return named.twin

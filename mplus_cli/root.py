@@ -13,16 +13,9 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.2x carries its own copy of click
-    from typer._click import exceptions as click_errors
-    from typer._click.utils import make_default_short_help
-except ImportError:
-    from click import exceptions as click_errors
-    from click.utils import make_default_short_help
-
+from .clicklib import click_errors, make_default_short_help
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE
 
-OPTIONS = {"debug": False, "json": False}  # the root's --debug and --json (given anywhere on the line)
 GLOBAL_FLAGS = ("--debug", "--json")  # accepted before or after the command's name
 OPTION_ALIASES = {"--out": "--output", "--output-path": "--output"}  # old spellings, kept out of the help
 COMMANDS = {  # name: (module, its Typer app or command function, its help's first line: a test keeps them equal)
@@ -135,6 +128,6 @@ def one_line_errors() -> Iterator[None]:
 
 def usage_line(error: click_errors.UsageError) -> str:
     """Click's message on one line, and where the command's help is."""
-    message = " ".join(error.format_message().split()).rstrip(".")
+    message = " ".join(error.format_message().replace("Value error, ", "").split()).rstrip(".")  # typer >= 0.2x
     command = error.ctx.command_path if error.ctx is not None else "mplus"
     return f"{message[:1].lower()}{message[1:]} (see {command} --help)"

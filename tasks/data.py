@@ -21,7 +21,7 @@ import random
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -30,7 +30,8 @@ from model.zoo import hub
 from . import realtext
 from .samples import DataError, QAData, Sample, take_chars
 
-DATASETS = ("squad", "nq", "synthetic", "news", "niah")
+DatasetName = Literal["synthetic", "news", "niah", "squad", "nq"]
+DATASETS = get_args(DatasetName)
 OFFLINE = ("synthetic", "news", "niah")  # built here from generated text or text that ships in a package
 HUB_IDS = {"squad": "rajpurkar/squad_v2", "nq": "google-research-datasets/natural_questions"}
 AUTHORS_FILES = {  # dev file, train file, sample-index file
@@ -53,7 +54,7 @@ def load(
 ) -> QAData:
     """The first `limit` samples of a dataset and at least `distractor_chars` characters of distractors
     (SQuAD: the whole train set). `authors` keeps the authors' NQ distractor text, bug included; `split`:
-    news's dev or test questions; `lengths`: the haystack lengths of niah's samples."""
+    news's or niah's dev or test questions; `lengths`: the haystack lengths of niah's samples."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -61,7 +62,7 @@ def load(
     if name == "news":
         return realtext.news(split, limit, distractor_chars, data_dir)
     if name == "niah":
-        return realtext.niah(lengths, limit, distractor_chars, data_dir)
+        return realtext.niah(split, lengths, limit, distractor_chars, data_dir)
     if data_dir is None:
         return load_hub(name, limit, distractor_chars)
     directory = authors_layout(Path(data_dir), name)

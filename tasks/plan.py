@@ -8,6 +8,7 @@ import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 
@@ -42,7 +43,8 @@ class Protocol:
 
 CLEAN = Protocol("clean", 16, False, "{context}", "Question: {question}\nAnswer:", None)
 AUTHORS = Protocol("authors", 10, True, "Context: {context}", "Questions: {question} Answer:", 512)
-PROTOCOLS = ("clean", "authors")
+ProtocolName = Literal["clean", "authors"]
+PROTOCOLS = get_args(ProtocolName)
 
 
 def protocol_for(name: str, dataset: str) -> Protocol:

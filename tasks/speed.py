@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -57,6 +57,7 @@ class Shape:
     store_injects: tuple[int, ...] = (1, 10, 50)  # session sizes (in injects) at which the store is measured
 
 
+ShapeName = Literal["tiny", "small", "8b"]
 SHAPES = {
     "tiny": Shape("tiny", MODELS["tiny"].hf, MODELS["tiny-mplus"].hf, 64, 8, 8, (64, 256, 960)),
     "small": Shape("small", MODELS["small"].hf, MODELS["small-mplus"].hf, 512, 32, 16, (10_000, 40_000, 150_000)),

@@ -8,11 +8,15 @@ from typing import Annotated
 import typer
 
 from tasks import results as res
+from tasks.data import DatasetName
 from tasks.launch import process_group
 from tasks.merge import merge_runs
+from tasks.plan import ProtocolName
+from tasks.realtext import Split
+from tasks.results import Metric
 
 from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
-from ..errors import NotFoundError, UsageError
+from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
 from .speed import speed
@@ -48,7 +52,7 @@ ModelsOpt = Annotated[
         help="Model name, checkpoint or hub id; repeat to compare (default as inject).",
     ),
 ]
-ProtocolOpt = Annotated[str, typer.Option(help="clean (memory restored per sample) | authors (their choices).")]
+ProtocolOpt = Annotated[ProtocolName, typer.Option(help="clean: memory restored per sample; authors: their choices.")]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -76,8 +80,11 @@ DataDirOpt = Annotated[
     ),
 ]
 SplitOpt = Annotated[
-    str,
-    typer.Option(help="news: the dev questions (stories 0-34: choose settings on these) or the test ones (35-299)."),
+    Split,
+    typer.Option(
+        help="news: the dev questions (stories 0-34: choose settings on these) or the test ones (35-299); "
+        "niah: the dev needles or the test ones."
+    ),
 ]
 BatchOpt = Annotated[
     int,
@@ -102,10 +109,10 @@ ChatOpt = Annotated[
 def bench_retention(
     max_distance: Annotated[str, typer.Option(help="Largest distance in tokens: 512, 4k, 160k, 1M (k = 1000).")],
     dataset: Annotated[
-        str,
+        DatasetName,
         typer.Option(
-            help="synthetic (offline) | news (real news stories, offline) | niah (needle in a haystack of real "
-            "essays, offline: --points are the haystack lengths) | squad | nq"
+            help="synthetic (offline), news (real news stories, offline), niah (needle in a haystack of real "
+            "essays, offline: --points are the haystack lengths), squad or nq"
         ),
     ] = "synthetic",
     split: SplitOpt = "test",
@@ -177,14 +184,12 @@ def bench_retention(
 def bench_plot(
     directories: Annotated[list[Path], typer.Argument(help="Output directories of bench retention runs.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
-    metric: Annotated[str, typer.Option(help="exact_hit | em | f1")] = "exact_hit",
+    metric: Annotated[Metric, typer.Option(help="The metric plotted.")] = "exact_hit",
 ) -> None:
     """Overlay retention runs in one plot (runs of the same dataset, protocol and model pool, e.g. shards).
 
     Example: mplus bench plot run1 run2 -o retention.png
     """
-    if metric not in res.METRICS:
-        raise UsageError(f"unknown --metric {metric!r}: use {', '.join(res.METRICS)}")
     if not out.parent.is_dir():
         raise NotFoundError(f"no directory {out.parent} to write {out.name} into: create it first")
     missing = [str(d) for d in directories if not (d / "results.csv").is_file()]

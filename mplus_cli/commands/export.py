@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -29,7 +29,7 @@ from ..errors import ConflictError, NotFoundError, UsageError
 from ..models import load_bound_model
 from ..output import emit
 
-FORMATS = ("memory", "checkpoint")
+ExportFormat = Literal["memory", "checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,9 @@ def export_checkpoint(plan: Plan, lm: mp.MemoryLLM, state: mp.MemoryState) -> No
 def export(
     session: SessionOpt,
     out: Annotated[Path, typer.Option("--output", "-o", help="Output file (memory) or directory (checkpoint).")],
-    format: Annotated[str, typer.Option("--format", help="memory | checkpoint")] = "memory",
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="memory: one safetensors file; checkpoint: a directory.")
+    ] = "memory",
     force: Annotated[bool, typer.Option(help="Replace an earlier export of this tool (nothing else).")] = False,
     store: StoreOpt = None,
     tokenizer: TokenizerOpt = None,
@@ -110,8 +112,6 @@ def export(
 
     Example: mplus export --session s1 -o s1.safetensors
     """
-    if format not in FORMATS:
-        raise UsageError(f"unknown --format {format!r}: use memory or checkpoint")
     root = store or st.default_root()
     found = st.Session.open(root, session)
     plan = Plan(out, format, force, root)

@@ -13,6 +13,8 @@ import typer
 
 import model as mp
 from model import store as st
+from model.core.config import MemoryKind
+from model.memory.dtypes import DtypeName
 from model.text.chunking import MIN_CHUNK_TOKENS
 from model.text.sources import plan_source
 
@@ -154,13 +156,13 @@ def inject(
     ] = None,
     tokenizer: TokenizerOpt = None,
     memory: Annotated[
-        str | None,
-        typer.Option(help="Memory of a new session: mplus | memoryllm (picks the built-in model's flavour)."),
+        MemoryKind | None,
+        typer.Option(help="Memory of a new session (picks the built-in model's flavour)."),
     ] = None,
     dtype: Annotated[
-        str | None,
+        DtypeName | None,
         typer.Option(
-            help="The model's dtype and a new session's storage dtype: bfloat16 | float16 | float32 (default: "
+            help="The model's dtype and a new session's storage dtype (default: "
             "bfloat16 on CUDA, float32 on the CPU; a new session then keeps its rows in the model's storage dtype)."
         ),
     ] = None,

@@ -118,7 +118,8 @@ def parse_sizes(option: str, text: str, example: str, most: int, count: int | No
 def speed(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Benchmark this preset or checkpoint.")] = None,
     shape: Annotated[
-        str, typer.Option(help="Random models: tiny | small (CPU) | 8b (GPU); with --model, the workload sizes.")
+        sp.ShapeName,
+        typer.Option(help="Random models: tiny, small (CPU) or 8b (GPU); with --model, the workload sizes."),
     ] = "small",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -213,8 +214,6 @@ def check_options(
 ) -> Options:
     """The options parsed, or a UsageError for the first bad one."""
     chosen = parse_groups(groups)
-    if shape not in sp.SHAPES:
-        raise UsageError(f"unknown --shape {shape!r}: use {', '.join(sp.SHAPES)}")
     rows = parse_rows(ltm_rows) if ltm_rows else None
     tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k", most=MAX_SESSION_TOKENS)
     cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", most=MAX_INTERRUPT_BYTES, count=2)

@@ -195,7 +195,7 @@ def test_inject_and_ask_run_on_the_device_and_dtype_given(tmp_path):
         (["inject", "-", "-s", "s", "--device", "cuda:1"], "--device cuda:1 but no CUDA device is available"),
         (["bench", "retention", "--max-distance", "64", "--device", "cuda"], "use --device cpu"),
         (["ask", "Where?", "--device", "gpu"], "unknown --device 'gpu': use auto, cpu, cuda or cuda:N"),
-        (["ask", "Where?", "--dtype", "fp8"], "unknown --dtype 'fp8': use float32, bfloat16, float16"),
+        (["ask", "Where?", "--dtype", "fp8"], "invalid value for '--dtype': 'fp8' is not one of 'bfloat16', 'float16'"),
     ],
 )
 def test_an_unusable_device_or_dtype_is_one_line_and_exit_2(tmp_path, monkeypatch, args, says):

@@ -320,12 +320,12 @@ def test_resume_refuses_other_settings(finished):
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--dataset", "trivia", "--max-distance", "4k"], 2, "unknown dataset 'trivia'"),
+        (["--dataset", "trivia", "--max-distance", "4k"], 2, "'trivia' is not one of 'synthetic', 'news', 'niah'"),
         (["--dataset", "synthetic", "--max-distance", "4q"], 2, "bad size '4q'"),
         (["--dataset", "synthetic", "--max-distance", "4k", "--shard", "3/2"], 2, "bad shard '3/2'"),
         (["--dataset", "synthetic", "--max-distance", "4k", "--points", "0,8k"], 2, "beyond --max-distance"),
         (["--dataset", "synthetic", "--max-distance", "4k", "--controls", "open-book"], 2, "unknown control"),
-        (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "mine"], 2, "unknown protocol"),
+        (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "mine"], 2, "'mine' is not one of 'clean'"),
         (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "authors", "--shard", "1/2"], 2, "--shard"),
         (["--dataset", "squad", "--max-distance", "4k", "--data-dir", "/nonexistent/dir"], 3, "no data directory"),
     ],

@@ -27,7 +27,7 @@ from tasks.random_models import random_model_with_memory
 from tasks.timing import machine_info
 
 runner = CliRunner()
-app = typer.Typer()
+app = typer.Typer(rich_markup_mode=None)  # as mplus builds it: click prints its errors
 app.command()(speed)
 
 TINY_GROUPS = ["--groups", "sessions,cold,store", "--shape", "tiny", "--repeats", "1", "--threads", "1"]

@@ -105,14 +105,27 @@ def write_essays(directory: Path) -> None:
 
 def test_niah_samples_cover_needles_lengths_and_depths(tmp_path):
     write_essays(tmp_path)
-    data = realtext.niah((1000, 4000), 2, 10_000, tmp_path)
+    data = realtext.niah("test", (1000, 4000), 2, 10_000, tmp_path)
     assert len(data.samples) == 2 * 2 * len(realtext.DEPTHS)
     first = data.samples[0]
-    assert (first.depth, first.haystack, first.context) == (0, 1000, realtext.NEEDLES[0].sentence)
+    assert (first.id, first.depth, first.haystack) == ("niah-0-1000-0", 0, 1000)
+    assert first.context == "The secret ingredient in Marta's famous soup is smoked paprika."
     assert {s.depth for s in data.samples} == {0, 25, 50, 75, 100}
-    assert all(needle.answer not in " ".join(realtext.essays(tmp_path)) for needle in realtext.NEEDLES)
     with pytest.raises(DataError, match="at least 64"):
-        realtext.niah((10,), None, 0, tmp_path)
+        realtext.niah("test", (10,), None, 0, tmp_path)
+
+
+def test_niah_dev_needles_are_other_needles_of_the_same_kinds(tmp_path):
+    write_essays(tmp_path)
+    dev, test = (realtext.niah(split, (1000,), None, 10_000, tmp_path) for split in ("dev", "test"))
+    assert len(dev.samples) == 6 * 5 and len(test.samples) == 5 * 5
+    assert dev.samples[0].id == "niah-dev-0-1000-0"
+    assert not {s.context for s in dev.samples} & {s.context for s in test.samples}
+    assert not {s.answer for s in dev.samples} & {s.answer for s in test.samples}
+    for sample in [*dev.samples, *test.samples]:
+        assert sample.answer in sample.context and sample.answer not in sample.question
+    with pytest.raises(DataError, match="use dev or test"):
+        realtext.niah("train", (1000,), None, 0, tmp_path)
     essays = realtext.essays(tmp_path)
     longer = realtext.haystack(3 * sum(map(len, essays)) + 1, tmp_path)  # more than the essays hold: they repeat
     assert longer == [*essays, *essays, *essays, essays[0]]
