@@ -10,9 +10,8 @@ from .core.mplus import MPlus, Retrieval
 from .memory.dtypes import FLOAT_DTYPES
 from .memory.state import MemoryState
 from .policies.training_free import TRAINING_FREE_LABEL
-from .zoo.checkpoint import HUB_MODELS, CheckpointError, save_checkpoint
+from .zoo.checkpoint import CheckpointError, save_checkpoint
 from .zoo.load import default_dtype, dispatch, load, storage_dtype
-from .zoo.presets import PRESETS
 from .zoo.registry import MODELS, build_model, from_name, names
 
 # built-in models that need no checkpoint directory: seeded random presets and the SmolLM2 demo model
@@ -24,7 +23,6 @@ __all__ = [
     "DecodeSettings",
     "FLOAT_DTYPES",
     "Generation",
-    "HUB_MODELS",
     "InjectResult",
     "KVCache",
     "MODELS",
@@ -33,7 +31,6 @@ __all__ = [
     "MemoryState",
     "ModelConfig",
     "ModelInfo",
-    "PRESETS",
     "Retrieval",
     "TRAINING_FREE_LABEL",
     "build_model",

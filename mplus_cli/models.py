@@ -11,6 +11,7 @@ import torch
 import model as mp
 from model import store as st
 from model.memory.dtypes import dtype_of
+from model.zoo.registry import repo_id
 
 from .errors import ConflictError, MplusError, NotFoundError
 
@@ -40,7 +41,7 @@ def model_id(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(path.resolve())
-    return mp.HUB_MODELS.get(name, name)
+    return repo_id(name)
 
 
 def load_model(

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from ..core.config import ModelConfig, read_config
 from ..policies.training_free import TRAINING_FREE_LABEL, config_of_export
 from . import smollm2
-from .checkpoint import HUB_MODELS, checkpoint_files, is_state_key
+from .checkpoint import checkpoint_files, is_state_key
 from .presets import UNTRAINED_LABEL
-from .registry import MODELS, build_model, from_name
+from .registry import MODELS, build_model, from_name, repo_id
 from .registry import names as registered
 
 
@@ -58,9 +58,9 @@ def entries() -> list[Entry]:
         found.append(Entry(name, MODELS[name].kind, "training-free", count, None, label, "built in", True))
     found += [demo_entry(name, MODELS[name].kind) for name in registered("demo")]
     cached = hub_cache()
-    for name, repo_id in HUB_MODELS.items():
-        snapshot, size = cached.get(repo_id, (None, None))
-        where = str(snapshot) if snapshot else f"hub {repo_id} (not downloaded)"
+    for name in registered("hub"):
+        snapshot, size = cached.get(repo_id(name), (None, None))
+        where = str(snapshot) if snapshot else f"hub {repo_id(name)} (not downloaded)"
         count = weights_parameters(snapshot) if snapshot else None
         found.append(Entry(name, MODELS[name].kind, "trained", count, size, "", where, snapshot is not None))
     return found
@@ -93,7 +93,7 @@ def hub_cache() -> dict[str, tuple[Path, int]]:
         info = scan_cache_dir(constants.HF_HUB_CACHE)
     except (CacheNotFound, OSError, ValueError):  # no cache, or not a directory
         return {}
-    wanted = set(HUB_MODELS.values())
+    wanted = {repo_id(name) for name in registered("hub")}
     found = {}
     for repo in info.repos:
         if repo.repo_type != "model" or repo.repo_id not in wanted or not repo.revisions:
@@ -136,7 +136,7 @@ def model_config(name: str) -> ModelConfig | None:
         from huggingface_hub import try_to_load_from_cache
 
         try:
-            cached = try_to_load_from_cache(HUB_MODELS.get(name, name), "config.json")
+            cached = try_to_load_from_cache(repo_id(name), "config.json")
         except ValueError:  # not a hub id
             return None
         if not isinstance(cached, str):

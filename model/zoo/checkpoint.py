@@ -28,9 +28,8 @@ from ..memory.dtypes import dtype_name
 from ..memory.ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from ..memory.provenance import Origins
 from ..memory.state import MemoryState, stm_rows
-from .registry import MODELS, aligned, build_model, build_training_free, unknown_model
+from .registry import aligned, build_model, build_training_free, repo_id, unknown_model
 
-HUB_MODELS = {name: MODELS[name].repo for name in MODELS if MODELS[name].family == "hub"}  # alias -> repo id
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
 STATE_KEYS = {"memory", "initialized"}  # checkpoint tensors that become the MemoryState (M+: and the LTM)
 LTM_KEY = re.compile(r"ltm(_keys|_recall_frequencies|_ages)?\.\d+")
@@ -162,12 +161,12 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Path:
         return path
     if path.exists():
         raise FileNotFoundError(f"{path} is a file: pass the checkpoint directory that holds config.json")
-    repo_id = HUB_MODELS.get(name_or_path, name_or_path)
-    if not HUB_ID.fullmatch(repo_id):
+    repo = repo_id(name_or_path)
+    if not HUB_ID.fullmatch(repo):
         if name_or_path.startswith(("/", "~", ".")) or "/" in name_or_path:
             raise FileNotFoundError(f"no checkpoint directory {name_or_path}")
         raise FileNotFoundError(unknown_model(name_or_path))
-    return snapshot(repo_id, revision)
+    return snapshot(repo, revision)
 
 
 def load_checkpoint(

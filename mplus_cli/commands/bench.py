@@ -22,6 +22,7 @@ from ..root import say
 from .speed import speed
 from .sweep import (
     RESUME_KEYS,
+    RetentionOptions,
     check_output,
     finish_sweep,
     plan_retention,
@@ -145,13 +146,13 @@ def bench_retention(
 
     Example: mplus bench retention --dataset synthetic --max-distance 4k --limit 20 -o run1
     """
-    plan = plan_retention(
+    options = RetentionOptions(
         dataset=dataset,
-        protocol=protocol,
         max_distance=max_distance,
+        models=model or [requested_model(None)],
+        protocol=protocol,
         points=points,
         controls=controls,
-        models=model or [requested_model(None)],
         limit=limit,
         seed=seed,
         shard=shard,
@@ -164,6 +165,7 @@ def bench_retention(
         batch_size=batch_size,
         split=split,
     )
+    plan = plan_retention(options)
     config = retention_config(plan)
     check_output(plan, resume)
     with task_errors(), writing_into(plan.run_dir), process_group(plan.launch, plan.device):

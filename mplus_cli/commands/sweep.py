@@ -202,28 +202,42 @@ LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
 
 
 @dataclass(frozen=True)
-class RetentionPlan:
-    """A retention run as its options give it, checked."""
+class RetentionOptions:
+    """bench retention's options as the command line gives them (the one list of them)."""
 
     dataset: str
-    protocol: str
+    max_distance: str
+    models: list[str]
+    protocol: str = "clean"
+    points: str | None = None
+    controls: str = ""
+    limit: int = 100
+    seed: int = 0
+    shard: str | None = None
+    output_path: Path | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    data_dir: Path | None = None
+    chat: bool | None = None
+    tokenizer: str | None = None
+    batch_size: int = 1
+    split: str = "test"
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """A retention run: its options, and what they give once checked."""
+
+    options: RetentionOptions
     proto: Protocol
     max_distance: int
     points: list[int]
     controls: list[str]
-    models: list[str]
-    limit: int
-    seed: int
     launch: Launch
     shard: tuple[int, int]  # this process's slice of the samples
     out: Path  # the run's directory (under torchrun, the one the shards merge into)
     device: torch.device
     dtype: torch.dtype
-    data_dir: Path | None
-    chat: bool | None
-    tokenizer: str | None
-    batch_size: int = 1
-    split: str = "test"
 
     @property
     def run_dir(self) -> Path:
@@ -235,76 +249,49 @@ class RetentionPlan:
         return f"{self.shard[0]}/{self.shard[1]}"
 
 
-def plan_retention(
-    *,
-    dataset: str,
-    protocol: str,
-    max_distance: str,
-    points: str | None,
-    controls: str,
-    models: list[str],
-    limit: int,
-    seed: int,
-    shard: str | None,
-    output_path: Path | None,
-    device: str,
-    dtype: str | None,
-    data_dir: Path | None,
-    chat: bool | None,
-    tokenizer: str | None,
-    batch_size: int = 1,
-    split: str = "test",
-) -> RetentionPlan:
+def plan_retention(options: RetentionOptions) -> RetentionPlan:
     """The run that bench retention's options describe, in the launch that started this process; one-line
     usage errors for options that do not make one."""
+    o = options
     try:
-        if dataset not in qa.DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(qa.DATASETS)}")
-        proto = protocol_for(protocol, dataset)
-        if split not in ("dev", "test"):
-            raise ValueError(f"unknown split {split!r}: use dev or test")
-        largest, distances = parse_distances(max_distance, points)
-        if dataset == "niah":  # haystack lengths, not distances
+        if o.dataset not in qa.DATASETS:
+            raise ValueError(f"unknown dataset {o.dataset!r}: use one of {', '.join(qa.DATASETS)}")
+        proto = protocol_for(o.protocol, o.dataset)
+        if o.split not in ("dev", "test"):
+            raise ValueError(f"unknown split {o.split!r}: use dev or test")
+        largest, distances = parse_distances(o.max_distance, o.points)
+        if o.dataset == "niah":  # haystack lengths, not distances
             distances = [d for d in distances if d > 0]
             if distances[0] < 64:
                 raise ValueError("--points of niah are haystack lengths of at least 64 tokens")
-            if protocol != "clean" or batch_size > 1:
+            if o.protocol != "clean" or o.batch_size > 1:
                 raise ValueError("niah runs one haystack at a time: use --protocol clean and --batch-size 1")
-        launch, shard_i, shard_n = pick_shard(shard)
-        control_list = parse_controls(controls)
+        launch, shard_i, shard_n = pick_shard(o.shard)
+        control_list = parse_controls(o.controls)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if proto.carry_memory and shard_n > 1:
         how = f"sharding over {shard_n} {LAUNCHERS[launch.launcher]}" if launch.launcher else "--shard"
         raise UsageError(f"{how} needs --protocol clean: the authors protocol carries memory from sample to sample")
-    if len(set(models)) < len(models):
+    if len(set(o.models)) < len(o.models):
         raise UsageError("a --model is given twice")
-    if proto.carry_memory and batch_size > 1:
+    if proto.carry_memory and o.batch_size > 1:
         raise UsageError(
             "--batch-size needs --protocol clean: the authors protocol carries memory from sample to sample"
         )
-    target = pick_device(device, launch.local_rank)
+    target = pick_device(o.device, launch.local_rank)
     suffix = f"-shard{shard_i}of{shard_n}" if shard_n > 1 and not launch.launcher else ""
     return RetentionPlan(
-        dataset=dataset,
-        protocol=protocol,
+        options=o,
         proto=proto,
         max_distance=largest,
         points=distances,
         controls=control_list,
-        models=models,
-        limit=limit,
-        seed=seed,
         launch=launch,
         shard=(shard_i, shard_n),
-        out=output_path or Path(f"retention-{dataset}-{protocol}{suffix}"),
+        out=o.output_path or Path(f"retention-{o.dataset}-{o.protocol}{suffix}"),
         device=target,
-        dtype=pick_dtype(dtype, target),
-        data_dir=data_dir,
-        chat=chat,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        split=split,
+        dtype=pick_dtype(o.dtype, target),
     )
 
 
@@ -335,15 +322,15 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
     proto = plan.proto
     return {
         "command": "mplus bench retention",
-        "dataset": plan.dataset,
-        "data": data_origin(plan.dataset, plan.data_dir, plan.split),
-        "protocol": plan.protocol,
+        "dataset": plan.options.dataset,
+        "data": data_origin(plan.options.dataset, plan.options.data_dir, plan.options.split),
+        "protocol": plan.options.protocol,
         "max_distance": plan.max_distance,
         "points": plan.points,
-        "limit": plan.limit,
-        "seed": plan.seed,
+        "limit": plan.options.limit,
+        "seed": plan.options.seed,
         "shard": plan.shard_text,
-        "models": plan.models,
+        "models": plan.options.models,
         "controls": plan.controls,
         "chunk_tokens": CHUNK_TOKENS,
         "distractors": DISTRACTORS if not proto.carry_memory else "the authors' list",
@@ -353,10 +340,11 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
             "context_template": proto.context_template,
             "question_template": proto.question_template,  # a model with "chat" in model_details: the question alone
             "truncate_tokens": proto.truncate_tokens,
-            "chat": "auto" if plan.chat is None else plan.chat,  # as given; model_details: each model's choice
+            # as given; model_details: each model's choice
+            "chat": "auto" if plan.options.chat is None else plan.options.chat,
         },
         "output_path": str(plan.run_dir),
-        "batch_size": plan.batch_size,
+        "batch_size": plan.options.batch_size,
         "launcher": plan.launch.launcher or None,
         "device": describe(plan.device),
         "versions": versions(),
@@ -401,25 +389,25 @@ def writing_into(directory: Path) -> Iterator[None]:
 def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:
     """Load the data, run every model over this process's samples into results.csv; returns (the number of
     samples, the warnings about mostly empty predictions, the config with each model's details)."""
-    data_dir = None if plan.dataset == "synthetic" else plan.data_dir
+    data_dir = None if plan.options.dataset == "synthetic" else plan.options.data_dir
     chars, authors = 8 * plan.max_distance + 8 * CHUNK_TOKENS, plan.proto.carry_memory
     data = qa.load(
-        plan.dataset,
-        limit=plan.limit,
+        plan.options.dataset,
+        limit=plan.options.limit,
         data_dir=data_dir,
         distractor_chars=chars,
         authors=authors,
-        split=plan.split,
+        split=plan.options.split,
         lengths=tuple(plan.points),
     )
     samples = shard_slice(data.samples, *plan.shard)
-    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.seed)
+    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.options.seed)
     out = plan.run_dir
     out.mkdir(parents=True, exist_ok=True)
     config = merged_config(out / "config.json", config | {"data_source": data.source})
     res.write_config(out / "config.json", config)
     log = res.ResultsLog(out / "results.csv")
-    say(plan_line(len(samples), plan.points, plan.models, plan.controls, plan.dataset == "niah"))
+    say(plan_line(len(samples), plan.points, plan.options.models, plan.controls, plan.options.dataset == "niah"))
     try:
         warnings = run_models(plan, samples, sweep, log, config)
     except KeyboardInterrupt:
@@ -484,11 +472,11 @@ def run_models(
     out, planned = plan.run_dir, {s.id for s in samples}
     done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
     conditions = (MEMORY, *sweep.controls)
-    memory_left = sum((name, s.id, MEMORY) not in done for name in plan.models for s in samples)
+    memory_left = sum((name, s.id, MEMORY) not in done for name in plan.options.models for s in samples)
     warnings = []
     with progress(plan.launch.merges or not plan.launch.group, token_counter()) as bar:  # torchrun: rank 0's bar alone
         task = bar.add_task("loading", total=memory_left * sweep.points[-1])
-        for name in plan.models:
+        for name in plan.options.models:
             bar.update(task, description=f"loading {name}")
             lm, with_chat = load_for_sweep(plan, name, config)
             memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
@@ -505,7 +493,7 @@ def run_models(
                 on_status=lambda text: bar.update(task, description=text),
                 on_tokens=pace.on_tokens,
                 on_sample=pace.on_sample,
-                batch_size=plan.batch_size,
+                batch_size=plan.options.batch_size,
             )
             predictions = [r["prediction"] for r in log.rows if r["model"] == name and r["sample_id"] in planned]
             warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
@@ -516,8 +504,8 @@ def run_models(
 def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tuple[mp.MemoryLLM, bool]:
     """Model `name` on the run's device and whether it is asked in its chat template; its details go into
     config.json, refusing a model other than the one whose results the directory holds."""
-    lm = load_model(requested_model(name), plan.dtype, plan.tokenizer, device=plan.device)
-    with_chat = has_chat_template(lm.tokenizer) if plan.chat is None else plan.chat
+    lm = load_model(requested_model(name), plan.dtype, plan.options.tokenizer, device=plan.device)
+    with_chat = has_chat_template(lm.tokenizer) if plan.options.chat is None else plan.options.chat
     if with_chat and not has_chat_template(lm.tokenizer):
         raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
     note_label(lm)

@@ -107,7 +107,7 @@ def test_sharded_checkpoint_loads(tmp_path, monkeypatch):
 
 
 def test_pickled_weights_are_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(mp.PRESETS["tiny"]))
+    (tmp_path / "config.json").write_text(json.dumps(mp.MODELS["tiny"].hf))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         mp.load(tmp_path)
