@@ -22,11 +22,6 @@ MEMORY, CLOSED_BOOK, FULL_CONTEXT = "memory", "closed-book", "full-context"
 CONTROLS = (CLOSED_BOOK, FULL_CONTEXT)
 
 
-CHUNK_TOKENS = 512  # distractor chunk size, as the authors
-MEMORY, CLOSED_BOOK, FULL_CONTEXT = "memory", "closed-book", "full-context"
-CONTROLS = (CLOSED_BOOK, FULL_CONTEXT)
-
-
 @dataclass(frozen=True)
 class Protocol:
     name: str
