@@ -59,6 +59,7 @@ class Sweep:
     points: list[int]  # sorted distances in tokens
     controls: tuple[str, ...] = ()
     seed: int = 0
+    systems: tuple[str, ...] = ()  # specs of memory systems run beside each model's memory (model.systems)
     chunk_tokens: int = CHUNK_TOKENS
 
 

@@ -109,9 +109,10 @@ class ResultsLog:
 
     def complete_units(self, model: str, expected: Mapping[str, int]) -> set[tuple[str, str]]:
         """(sample id, control) of the units of `model` that have all `expected[control]` rows; the rows of
-        incomplete units (a crash between two writes) are dropped from the file."""
+        incomplete units (a crash between two writes) are dropped from the file. Units of a control this run
+        does not expect (a resume without an earlier --controls or --system) are kept as they are."""
         counts = Counter((r["sample_id"], r["control"]) for r in self.rows if r["model"] == model)
-        broken = {unit for unit, n in counts.items() if n != expected.get(unit[1])}
+        broken = {unit for unit, n in counts.items() if unit[1] in expected and n != expected[unit[1]]}
         if broken:
             self.rewrite([r for r in self.rows if r["model"] != model or (r["sample_id"], r["control"]) not in broken])
         return set(counts) - broken
@@ -303,7 +304,8 @@ def figure(
             (line,) = ax.plot([0, right], [y[0], y[0]], linestyle="--", label=label)
             ax.fill_between([0, right], [lo[0]] * 2, [hi[0]] * 2, color=line.get_color(), alpha=0.15)
         else:
-            (line,) = ax.plot(x, y, marker="o", label=label)
+            system = series["control"] not in ("memory", "full-context")  # a memory system: its own style
+            (line,) = ax.plot(x, y, marker="s" if system else "o", linestyle=":" if system else "-", label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
             colors.setdefault(series["model"], line.get_color())
     ax.set_xscale("symlog", linthresh=min([p for p in points if p > 0] or [1]), linscale=0.5)

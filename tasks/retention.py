@@ -37,6 +37,8 @@ from model.memory.dtypes import dtype_name
 from model.memory.provenance import retrievals_by_state, share, survival
 from model.memory.rows import FileArray
 from model.store.files import atomic_file
+from model.systems import MemorySystem, build_system, label
+from model.systems.baselines import no_memory
 from model.text.tokenizer import decode
 
 from .data import DataError, Sample
@@ -116,13 +118,6 @@ def evidence_survival(
     }
 
 
-def no_memory(lm: mp.MemoryLLM) -> mp.MemoryState:
-    """A state with no memory rows: forward then reads no prefix at all (the plain base model)."""
-    cfg = lm.cfg
-    memory = torch.empty(cfg.num_layers, 0, cfg.hidden_size, dtype=lm.dtype, device=lm.device)
-    return mp.MemoryState(memory=memory, initialized=False)
-
-
 def context_window(lm: mp.MemoryLLM) -> int:
     """The model's context window (ModelConfig.context_window), which full-context needs."""
     if lm.cfg.context_window is None:
@@ -152,6 +147,8 @@ class Runner:
         self.settings = mp.DecodeSettings(max_new_tokens=sweep.protocol.max_new_tokens, stop_token_ids=tuple(stop_ids))
         self.dtype = mp.storage_dtype(lm)  # rows are kept as a session of this model keeps them
         self.cache_dir, self._encoded = cache_dir, None
+        built = [build_system(spec, lm) for spec in sweep.systems]
+        self.systems: dict[str, MemorySystem] = {label(system): system for system in built}  # by results label
 
     @cached_property
     def initial(self) -> mp.MemoryState:
@@ -200,10 +197,11 @@ class Runner:
         distractors = stages[-1].distance  # per sample
         seconds = encode * distractors * (1 if self.reuses_rows else len(samples)) + write * distractors * len(samples)
         questions = len(stages) + (CLOSED_BOOK in self.sweep.controls)  # per sample
-        if FULL_CONTEXT in self.sweep.controls:
+        in_prompt = (FULL_CONTEXT in self.sweep.controls) + len(self.systems)  # read text at every distance
+        if in_prompt:
             window = context_window(self.lm)
-            seconds += encode * len(samples) * sum(min(stage.distance, window) for stage in stages)
-            questions += len(stages)
+            seconds += in_prompt * encode * len(samples) * sum(min(stage.distance, window) for stage in stages)
+            questions += in_prompt * len(stages)
         return seconds + len(samples) * questions * per_question
 
     def run(
@@ -220,7 +218,7 @@ class Runner:
         if batch_size > 1 and self.sweep.protocol.carry_memory:
             raise ValueError("the authors protocol carries one memory from sample to sample: use batch size 1")
         n_stages = len(self.planner.stages(samples[0])) if samples else 0
-        expected = {MEMORY: n_stages, FULL_CONTEXT: n_stages, CLOSED_BOOK: 1}
+        expected = {MEMORY: n_stages, FULL_CONTEXT: n_stages, CLOSED_BOOK: 1} | dict.fromkeys(self.systems, n_stages)
         done = self.log.complete_units(self.name, expected)
         carried = self._resume_carried(samples, done) if self.sweep.protocol.carry_memory else None
         if any((sample.id, MEMORY) not in done for sample in samples):
@@ -232,7 +230,8 @@ class Runner:
             shared = (time.perf_counter() - start) / len(group)  # the batch's time, split over its samples
             for index, sample in enumerate(group, start=first):
                 start = time.perf_counter()
-                todo = [control for control in (MEMORY, *self.sweep.controls) if (sample.id, control) not in done]
+                conditions = (MEMORY, *self.sweep.controls, *self.systems)
+                todo = [control for control in conditions if (sample.id, control) not in done]
                 where = f"{self.name} · sample {index + 1}/{len(samples)}"
                 for control in todo:
                     on_status(f"{where} · {control}")
@@ -283,7 +282,9 @@ class Runner:
         shutil.rmtree(self._carried_path(index), ignore_errors=True)
 
     def control_unit(self, sample: Sample, control: str) -> None:
-        if control == CLOSED_BOOK:
+        if control in self.systems:
+            self.log.append(self.system_unit(sample, control))
+        elif control == CLOSED_BOOK:
             self.log.append(self.ask([sample], [self.initial], [self.planner.question(sample)], CLOSED_BOOK))
         else:
             self.log.append(self.full_context_unit(sample))
@@ -353,6 +354,24 @@ class Runner:
             )
         return rows
 
+    def system_unit(self, sample: Sample, name: str) -> list[dict]:
+        """A memory system told what the model's memory is told (the haystack before a needle, the evidence,
+        then the distractors), asked at every distance; reset with the sample's seed."""
+        system, question = self.systems[name], self.planner.question(sample)
+        system.reset(sample_seed(self.sweep.seed, sample.id))
+        for chunk in [self.planner.pool[p.chunk][: p.tokens] for p in self.planner.prelude(sample)]:
+            system.inject(chunk)
+        for chunk in self.planner.evidence(sample):
+            system.inject(chunk)
+        rows = []
+        for stage in self.planner.stages(sample):
+            for chunk in stage.chunks:
+                system.inject(chunk)
+            answer = system.ask(question, self.settings)
+            row = self.result_row(sample, answer.token_ids, name, stage.distance, stage.n_distractors, answer.seconds)
+            rows.append(row | dict.fromkeys(SURVIVAL, ""))
+        return rows
+
     def ask(
         self,
         samples: Sequence[Sample],
@@ -373,15 +392,15 @@ class Runner:
         latency_ms = (time.perf_counter() - start) * 1000 / len(samples)
         evidence = evidence if evidence is not None else [None] * len(samples)
         return [
-            self.result_row(sample, out, control, distance, n_distractors, latency_ms)
+            self.result_row(sample, out.token_ids, control, distance, n_distractors, latency_ms / 1000)
             | evidence_survival(state, written, read.get(id(state), {}))
             for sample, state, out, distance, written in zip(samples, states, outs, distances, evidence, strict=True)
         ]
 
     def result_row(
-        self, sample: Sample, out: mp.Generation, control: str, distance: int, n_distractors: int, latency_ms: float
+        self, sample: Sample, token_ids: list[int], control: str, distance: int, n_distractors: int, seconds: float
     ) -> dict:
-        prediction = decode(self.lm.tokenizer, out.token_ids)
+        prediction = decode(self.lm.tokenizer, token_ids)
         metrics = score(prediction, sample.answer)
         return {
             "dataset": self.sweep.data.name,
@@ -397,7 +416,7 @@ class Runner:
             "exact_hit": int(metrics["exact_hit"]),
             "em": int(metrics["em"]),
             "f1": round(metrics["f1"], 6),
-            "latency_ms": round(latency_ms, 1),
+            "latency_ms": round(seconds * 1000, 1),
             "seed": self.sweep.seed,
             "depth": "" if sample.depth is None else sample.depth,
             "haystack_tokens": "" if sample.haystack is None else sample.haystack,

@@ -123,6 +123,15 @@ def bench_retention(
     model: ModelsOpt = None,
     protocol: ProtocolOpt = "clean",
     controls: Annotated[str, typer.Option(help="Also run: closed-book, full-context (comma-separated).")] = "",
+    system: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--system",
+            help="Also run a memory system over each model, repeatable: truncate[:tokens=N], "
+            "bm25[:part=P,k=K] (default 512 x 8), memory, or one an installed package adds (entry point group "
+            "mplus.systems).",
+        ),
+    ] = None,
     output_path: OutputOpt = None,
     resume: ResumeOpt = False,
     shard: ShardOpt = None,
@@ -153,6 +162,7 @@ def bench_retention(
         protocol=protocol,
         points=points,
         controls=controls,
+        systems=system or [],
         limit=limit,
         seed=seed,
         shard=shard,

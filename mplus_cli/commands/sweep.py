@@ -11,7 +11,7 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ import typer
 
 import model as mp
 from model.memory.dtypes import dtype_name
+from model.systems import SpecError, factory_of
 from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
@@ -30,7 +31,6 @@ from tasks.plan import (
     CHUNK_TOKENS,
     CLOSED_BOOK,
     CONTROLS,
-    FULL_CONTEXT,
     MEMORY,
     Protocol,
     Sweep,
@@ -75,6 +75,15 @@ def task_errors() -> Iterator[None]:
         raise UsageError(str(e)) from e
 
 
+def check_systems(specs: list[str]) -> None:
+    """--system specs that name known systems, each given once (their parameters are checked once a model is
+    loaded: a system's defaults may depend on the model)."""
+    for spec in specs:
+        factory_of(spec)
+    if len(set(specs)) < len(specs):
+        raise ValueError("a --system is given twice")
+
+
 def parse_controls(text: str) -> list[str]:
     controls = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in controls if c not in CONTROLS]
@@ -98,7 +107,9 @@ def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     if not path.exists():
         return config
     old = json.loads(path.read_text())
-    union = {k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in ("models", "controls")}
+    union = {
+        k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in ("models", "controls", "systems")
+    }
     return (
         config
         | union
@@ -129,7 +140,7 @@ def plan_line(
             f"depths) x {plural(len(names), 'model')} x {plural(len(conditions), 'condition')} "
             f"({', '.join(conditions)}) = {plural(n_samples * len(names) * len(conditions), 'question')}"
         )
-    per_sample = len(points) * (1 + (FULL_CONTEXT in controls)) + (CLOSED_BOOK in controls)
+    per_sample = len(points) * (len(conditions) - (CLOSED_BOOK in controls)) + (CLOSED_BOOK in controls)
     span = f"{format_size(points[0])} to {format_size(points[-1])}"
     return (
         f"plan: {plural(n_samples, 'sample')} x {plural(len(points), 'distance')} ({span}) x "
@@ -211,6 +222,7 @@ class RetentionOptions:
     protocol: str = "clean"
     points: str | None = None
     controls: str = ""
+    systems: list[str] = field(default_factory=list)
     limit: int = 100
     seed: int = 0
     shard: str | None = None
@@ -268,6 +280,7 @@ def plan_retention(options: RetentionOptions) -> RetentionPlan:
                 raise ValueError("niah runs one haystack at a time: use --protocol clean and --batch-size 1")
         launch, shard_i, shard_n = pick_shard(o.shard)
         control_list = parse_controls(o.controls)
+        check_systems(o.systems)
     except ValueError as e:
         raise UsageError(str(e)) from e
     if proto.carry_memory and shard_n > 1:
@@ -332,6 +345,7 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
         "shard": plan.shard_text,
         "models": plan.options.models,
         "controls": plan.controls,
+        "systems": plan.options.systems,
         "chunk_tokens": CHUNK_TOKENS,
         "distractors": DISTRACTORS if not proto.carry_memory else "the authors' list",
         "decoding": {
@@ -401,13 +415,14 @@ def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[st
         lengths=tuple(plan.points),
     )
     samples = shard_slice(data.samples, *plan.shard)
-    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.options.seed)
+    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.options.seed, tuple(plan.options.systems))
     out = plan.run_dir
     out.mkdir(parents=True, exist_ok=True)
     config = merged_config(out / "config.json", config | {"data_source": data.source})
     res.write_config(out / "config.json", config)
     log = res.ResultsLog(out / "results.csv")
-    say(plan_line(len(samples), plan.points, plan.options.models, plan.controls, plan.options.dataset == "niah"))
+    conditions = [*plan.controls, *plan.options.systems]
+    say(plan_line(len(samples), plan.points, plan.options.models, conditions, plan.options.dataset == "niah"))
     try:
         warnings = run_models(plan, samples, sweep, log, config)
     except KeyboardInterrupt:
@@ -481,7 +496,8 @@ def run_models(
             lm, with_chat = load_for_sweep(plan, name, config)
             memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
             model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
-            runner = Runner(lm, name, model_sweep, log, stop_ids(lm), memory_dir, cache_dir=out / "cache")
+            runner = build_runner(lm, name, model_sweep, log, memory_dir, out / "cache")
+            record_systems(config, name, runner, out)
             todo = [s for s in samples if any((name, s.id, c) not in done for c in conditions)]
             if todo:
                 bar.update(task, description=f"timing {name}")
@@ -499,6 +515,27 @@ def run_models(
             warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
             warnings += [warning] if warning else []
     return warnings
+
+
+def build_runner(
+    lm: mp.MemoryLLM, name: str, sweep: Sweep, log: res.ResultsLog, memory_dir: Path, cache_dir: Path
+) -> Runner:
+    """The runner of one model, its --system's built over it (bad parameters are a usage error)."""
+    try:
+        return Runner(lm, name, sweep, log, stop_ids(lm), memory_dir, cache_dir=cache_dir)
+    except SpecError as e:
+        raise UsageError(str(e)) from e
+
+
+def record_systems(config: dict[str, Any], name: str, runner: Runner, out: Path) -> None:
+    """Each system's label (what results.csv's control column says), parameters and capabilities, in the
+    model's details."""
+    systems = {
+        label: {"params": s.params, "capabilities": asdict(s.capabilities)} for label, s in runner.systems.items()
+    }
+    if systems:
+        config["model_details"][name]["systems"] = systems
+        res.write_config(out / "config.json", config)
 
 
 def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tuple[mp.MemoryLLM, bool]:

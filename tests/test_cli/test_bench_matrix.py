@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import model as mp
+from model.systems.baselines import no_memory
 from mplus_cli.app import app
-from tasks.retention import no_memory
 
 runner = CliRunner()
 KINDS = {"tiny": "memoryllm", "tiny-mplus": "mplus", "tiny-free": "memoryllm", "tiny-free-mplus": "mplus"}
