@@ -44,6 +44,11 @@ COMMANDS = {  # name: (module, its Typer app or command function, its help's fir
         "parity",
         "Replay reference outputs of the authors' code and compare every tensor (exit 1 on any mismatch).",
     ),
+    "serve": (
+        "mplus_cli.commands.serve",
+        "serve",
+        "Serve a session's memory over HTTP as an OpenAI-compatible API (on localhost unless told otherwise).",
+    ),
     "session": ("mplus_cli.commands.session", "session_app", "List, show, check, remove and fork stored sessions."),
     "bench": ("mplus_cli.commands.bench", "bench_app", "Retention sweeps and speed benchmarks."),
 }

@@ -486,7 +486,6 @@ def run_models(
     each model once loaded. Returns a warning for each model whose predictions are mostly empty."""
     out, planned = plan.run_dir, {s.id for s in samples}
     done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
-    conditions = (MEMORY, *sweep.controls)
     memory_left = sum((name, s.id, MEMORY) not in done for name in plan.options.models for s in samples)
     warnings = []
     with progress(plan.launch.merges or not plan.launch.group, token_counter()) as bar:  # torchrun: rank 0's bar alone
@@ -498,6 +497,7 @@ def run_models(
             model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
             runner = build_runner(lm, name, model_sweep, log, memory_dir, out / "cache")
             record_systems(config, name, runner, out)
+            conditions = (MEMORY, *sweep.controls, *runner.systems)
             todo = [s for s in samples if any((name, s.id, c) not in done for c in conditions)]
             if todo:
                 bar.update(task, description=f"timing {name}")
