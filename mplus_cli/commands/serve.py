@@ -31,11 +31,11 @@ def serve(
     remote: Annotated[
         bool, typer.Option("--remote", help="Allow --host to be reachable from other machines (needs --token).")
     ] = False,
-    model: ModelOpt = None,
     store: StoreOpt = None,
-    tokenizer: TokenizerOpt = None,
+    model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
 ) -> None:
     """Serve a session's memory over HTTP as an OpenAI-compatible API (on localhost unless told otherwise).
 
