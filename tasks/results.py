@@ -107,14 +107,18 @@ class ResultsLog:
         write_atomic(self.path, csv_text(rows, header=True).encode())
         self.rows = rows
 
-    def complete_units(self, model: str, expected: Mapping[str, int]) -> set[tuple[str, str]]:
-        """(sample id, control) of the units of `model` that have all `expected[control]` rows; the rows of
-        incomplete units (a crash between two writes) are dropped from the file. Units of a control this run
-        does not expect (a resume without an earlier --controls or --system) are kept as they are."""
-        counts = Counter((r["sample_id"], r["control"]) for r in self.rows if r["model"] == model)
-        broken = {unit for unit, n in counts.items() if unit[1] in expected and n != expected[unit[1]]}
+    def complete_units(self, model: str, expected: Mapping[str, int], seed: int) -> set[tuple[str, str]]:
+        """(sample id, control) of the units of `model` under `seed` that have all `expected[control]` rows;
+        the rows of incomplete units (a crash between two writes) are dropped from the file. Units of a
+        control this run does not expect (a resume without an earlier --controls or --system) are kept."""
+
+        def unit(row: dict[str, str]) -> tuple[str, str] | None:
+            return (row["sample_id"], row["control"]) if row["model"] == model and row["seed"] == str(seed) else None
+
+        counts = Counter(unit(r) for r in self.rows if unit(r) is not None)
+        broken = {u for u, n in counts.items() if u[1] in expected and n != expected[u[1]]}
         if broken:
-            self.rewrite([r for r in self.rows if r["model"] != model or (r["sample_id"], r["control"]) not in broken])
+            self.rewrite([r for r in self.rows if unit(r) not in broken])
         return set(counts) - broken
 
 
@@ -216,9 +220,19 @@ def summarize(results: pd.DataFrame, keys: Sequence[str] = SUMMARY_KEYS) -> pd.D
             row |= {metric: values.mean(), f"{metric}_lo": lo, f"{metric}_hi": hi}
         for column in SURVIVAL:
             row[column] = pd.to_numeric(group[column], errors="coerce").mean() if column in group else float("nan")
-        rows.append(row)
+        rows.append(row | seed_spread(group))
     columns = [*keys, "n_distractors", "n", *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")), *SURVIVAL]
+    columns += ["n_seeds", *(f"{m}_seed_sd" for m in METRICS)]
     return pd.DataFrame(rows, columns=columns).sort_values(list(keys), kind="stable", ignore_index=True)
+
+
+def seed_spread(group: pd.DataFrame) -> dict[str, float | int]:
+    """The seeds a group's answers ran under, and each metric's standard deviation over the per-seed means
+    (NaN for one seed): how much the drop seed moves the figure, beside the interval over the answers."""
+    seeds = group.seed if "seed" in group else [0] * len(group)  # results without the column: one seed
+    per_seed = group.groupby(seeds)[list(METRICS)].apply(lambda rows: rows.astype(float).mean())  # [seeds, metrics]
+    spread = per_seed.std(ddof=1) if len(per_seed) > 1 else dict.fromkeys(METRICS, math.nan)
+    return {"n_seeds": len(per_seed)} | {f"{m}_seed_sd": float(spread[m]) for m in METRICS}
 
 
 def write_summary(results: pd.DataFrame, path: Path, keys: Sequence[str] = SUMMARY_KEYS) -> pd.DataFrame:

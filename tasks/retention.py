@@ -219,7 +219,7 @@ class Runner:
             raise ValueError("the authors protocol carries one memory from sample to sample: use batch size 1")
         n_stages = len(self.planner.stages(samples[0])) if samples else 0
         expected = {MEMORY: n_stages, FULL_CONTEXT: n_stages, CLOSED_BOOK: 1} | dict.fromkeys(self.systems, n_stages)
-        done = self.log.complete_units(self.name, expected)
+        done = self.log.complete_units(self.name, expected, self.sweep.seed)
         carried = self._resume_carried(samples, done) if self.sweep.protocol.carry_memory else None
         if any((sample.id, MEMORY) not in done for sample in samples):
             self.encoded_pool(on_status)  # before the first sample, so that it times a sample alone

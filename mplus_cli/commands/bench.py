@@ -120,6 +120,13 @@ def bench_retention(
     points: PointsOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="Number of samples (the first ones).")] = 100,
     seed: SweepSeedOpt = 0,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Run each sample under each of these seeds, e.g. 0,1,2 (instead of --seed): summary.csv adds "
+            "the spread over seeds."
+        ),
+    ] = None,
     model: ModelsOpt = None,
     protocol: ProtocolOpt = "clean",
     controls: Annotated[str, typer.Option(help="Also run: closed-book, full-context (comma-separated).")] = "",
@@ -165,6 +172,7 @@ def bench_retention(
         systems=system or [],
         limit=limit,
         seed=seed,
+        seeds=seeds,
         shard=shard,
         output_path=output_path,
         device=device,

@@ -42,7 +42,7 @@ from tasks.plan import (
 from tasks.retention import Runner
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from ..common import note_label, stop_ids
+from ..common import SEED_MAX, note_label, stop_ids
 from ..devices import describe, pick_device, pick_dtype
 from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -82,6 +82,17 @@ def check_systems(specs: list[str]) -> None:
         factory_of(spec)
     if len(set(specs)) < len(specs):
         raise ValueError("a --system is given twice")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds 0,1,2: distinct seeds in the order given."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --seeds {text!r}: give seeds separated by commas, e.g. 0,1,2") from None
+    if any(not 0 <= seed <= SEED_MAX for seed in seeds) or len(set(seeds)) < len(seeds):
+        raise ValueError(f"bad --seeds {text!r}: distinct seeds from 0 to {SEED_MAX}")
+    return seeds
 
 
 def parse_controls(text: str) -> list[str]:
@@ -129,24 +140,31 @@ def data_origin(dataset: str, data_dir: Path | None, split: str = "test") -> str
 
 
 def plan_line(
-    n_samples: int, points: Sequence[int], names: Sequence[str], controls: Sequence[str], niah: bool = False
+    n_samples: int,
+    points: Sequence[int],
+    names: Sequence[str],
+    controls: Sequence[str],
+    niah: bool = False,
+    seeds: int = 1,
 ) -> str:
-    """The run's size: samples x distances x models x conditions, its questions and distractor tokens (niah:
-    each sample is one haystack, asked once)."""
+    """The run's size: samples x distances x models (x seeds) x conditions, its questions and distractor
+    tokens (niah: each sample is one haystack, asked once)."""
     conditions = [MEMORY, *controls]
+    runs = len(names) * seeds
+    models = plural(len(names), "model") + (f" x {plural(seeds, 'seed')}" if seeds > 1 else "")
     if niah:
         return (
             f"plan: {plural(n_samples, 'haystack')} (needles x lengths {', '.join(map(format_size, points))} x "
-            f"depths) x {plural(len(names), 'model')} x {plural(len(conditions), 'condition')} "
-            f"({', '.join(conditions)}) = {plural(n_samples * len(names) * len(conditions), 'question')}"
+            f"depths) x {models} x {plural(len(conditions), 'condition')} "
+            f"({', '.join(conditions)}) = {plural(n_samples * runs * len(conditions), 'question')}"
         )
     per_sample = len(points) * (len(conditions) - (CLOSED_BOOK in controls)) + (CLOSED_BOOK in controls)
     span = f"{format_size(points[0])} to {format_size(points[-1])}"
     return (
         f"plan: {plural(n_samples, 'sample')} x {plural(len(points), 'distance')} ({span}) x "
-        f"{plural(len(names), 'model')} x {plural(len(conditions), 'condition')} ({', '.join(conditions)}) = "
-        f"{plural(n_samples * len(names) * per_sample, 'question')}, "
-        f"{format_size(n_samples * points[-1] * len(names))} distractor tokens to inject"
+        f"{models} x {plural(len(conditions), 'condition')} ({', '.join(conditions)}) = "
+        f"{plural(n_samples * runs * per_sample, 'question')}, "
+        f"{format_size(n_samples * points[-1] * runs)} distractor tokens to inject"
     )
 
 
@@ -225,6 +243,7 @@ class RetentionOptions:
     systems: list[str] = field(default_factory=list)
     limit: int = 100
     seed: int = 0
+    seeds: str | None = None
     shard: str | None = None
     output_path: Path | None = None
     device: str = "auto"
@@ -245,6 +264,7 @@ class RetentionPlan:
     max_distance: int
     points: list[int]
     controls: list[str]
+    seeds: list[int]  # each sample runs under each of these seeds (drops and distractor order)
     launch: Launch
     shard: tuple[int, int]  # this process's slice of the samples
     out: Path  # the run's directory (under torchrun, the one the shards merge into)
@@ -280,6 +300,9 @@ def plan_retention(options: RetentionOptions) -> RetentionPlan:
                 raise ValueError("niah runs one haystack at a time: use --protocol clean and --batch-size 1")
         launch, shard_i, shard_n = pick_shard(o.shard)
         control_list = parse_controls(o.controls)
+        seeds = parse_seeds(o.seeds) if o.seeds else [o.seed]
+        if o.seeds and o.seed:
+            raise ValueError("--seed and --seeds both given: --seeds 0,1,2 lists every seed")
         check_systems(o.systems)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -300,6 +323,7 @@ def plan_retention(options: RetentionOptions) -> RetentionPlan:
         max_distance=largest,
         points=distances,
         controls=control_list,
+        seeds=seeds,
         launch=launch,
         shard=(shard_i, shard_n),
         out=o.output_path or Path(f"retention-{o.dataset}-{o.protocol}{suffix}"),
@@ -341,7 +365,7 @@ def retention_config(plan: RetentionPlan) -> dict[str, Any]:
         "max_distance": plan.max_distance,
         "points": plan.points,
         "limit": plan.options.limit,
-        "seed": plan.options.seed,
+        "seed": plan.seeds[0] if len(plan.seeds) == 1 else plan.seeds,
         "shard": plan.shard_text,
         "models": plan.options.models,
         "controls": plan.controls,
@@ -415,14 +439,15 @@ def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[st
         lengths=tuple(plan.points),
     )
     samples = shard_slice(data.samples, *plan.shard)
-    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.options.seed, tuple(plan.options.systems))
+    sweep = Sweep(data, plan.proto, plan.points, tuple(plan.controls), plan.seeds[0], tuple(plan.options.systems))
     out = plan.run_dir
     out.mkdir(parents=True, exist_ok=True)
     config = merged_config(out / "config.json", config | {"data_source": data.source})
     res.write_config(out / "config.json", config)
     log = res.ResultsLog(out / "results.csv")
     conditions = [*plan.controls, *plan.options.systems]
-    say(plan_line(len(samples), plan.points, plan.options.models, conditions, plan.options.dataset == "niah"))
+    niah = plan.options.dataset == "niah"
+    say(plan_line(len(samples), plan.points, plan.options.models, conditions, niah, len(plan.seeds)))
     try:
         warnings = run_models(plan, samples, sweep, log, config)
     except KeyboardInterrupt:
@@ -485,32 +510,37 @@ def run_models(
     """Each model in turn over the samples, with a rough estimate of its time once loaded; config.json records
     each model once loaded. Returns a warning for each model whose predictions are mostly empty."""
     out, planned = plan.run_dir, {s.id for s in samples}
-    done = {(r["model"], r["sample_id"], r["control"]) for r in log.rows if r["sample_id"] in planned}
-    memory_left = sum((name, s.id, MEMORY) not in done for name in plan.options.models for s in samples)
+    done = {(r["model"], r["sample_id"], r["control"], r["seed"]) for r in log.rows if r["sample_id"] in planned}
+    models, seeds = plan.options.models, [str(seed) for seed in plan.seeds]
+    memory_left = sum((name, s.id, MEMORY, seed) not in done for name in models for s in samples for seed in seeds)
     warnings = []
     with progress(plan.launch.merges or not plan.launch.group, token_counter()) as bar:  # torchrun: rank 0's bar alone
         task = bar.add_task("loading", total=memory_left * sweep.points[-1])
-        for name in plan.options.models:
+        for name in models:
             bar.update(task, description=f"loading {name}")
             lm, with_chat = load_for_sweep(plan, name, config)
-            memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-            model_sweep = replace(sweep, protocol=replace(sweep.protocol, chat=with_chat))
-            runner = build_runner(lm, name, model_sweep, log, memory_dir, out / "cache")
-            record_systems(config, name, runner, out)
-            conditions = (MEMORY, *sweep.controls, *runner.systems)
-            todo = [s for s in samples if any((name, s.id, c) not in done for c in conditions)]
-            if todo:
-                bar.update(task, description=f"timing {name}")
-                seconds = runner.rough_seconds(todo)
-                say(f"{name}: about {duration(seconds)} (timed on one chunk and one question; firmer after a sample)")
-            pace = Pace(bar, task, name, len(todo))
-            runner.run(
-                samples,
-                on_status=lambda text: bar.update(task, description=text),
-                on_tokens=pace.on_tokens,
-                on_sample=pace.on_sample,
-                batch_size=plan.options.batch_size,
-            )
+            for seed in plan.seeds:
+                memory_dir = out / "memory" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+                memory_dir = memory_dir / f"seed-{seed}" if len(plan.seeds) > 1 else memory_dir
+                seed_sweep = replace(sweep, seed=seed, protocol=replace(sweep.protocol, chat=with_chat))
+                runner = build_runner(lm, name, seed_sweep, log, memory_dir, out / "cache")
+                record_systems(config, name, runner, out)
+                conditions = (MEMORY, *sweep.controls, *runner.systems)
+                todo = [s for s in samples if any((name, s.id, c, str(seed)) not in done for c in conditions)]
+                who = name if len(plan.seeds) == 1 else f"{name} (seed {seed})"
+                if todo:
+                    bar.update(task, description=f"timing {who}")
+                    seconds = runner.rough_seconds(todo)
+                    timed = "timed on one chunk and one question; firmer after a sample"
+                    say(f"{who}: about {duration(seconds)} ({timed})")
+                pace = Pace(bar, task, who, len(todo))
+                runner.run(
+                    samples,
+                    on_status=lambda text: bar.update(task, description=text),
+                    on_tokens=pace.on_tokens,
+                    on_sample=pace.on_sample,
+                    batch_size=plan.options.batch_size,
+                )
             predictions = [r["prediction"] for r in log.rows if r["model"] == name and r["sample_id"] in planned]
             warning = empty_warning(name, predictions, with_chat, has_chat_template(lm.tokenizer))
             warnings += [warning] if warning else []

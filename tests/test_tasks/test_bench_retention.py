@@ -6,6 +6,7 @@ import csv
 import fcntl
 import importlib
 import json
+import math
 import os
 import random
 import re
@@ -328,6 +329,9 @@ def test_resume_refuses_other_settings(finished):
         (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "mine"], 2, "'mine' is not one of 'clean'"),
         (["--dataset", "synthetic", "--max-distance", "4k", "--protocol", "authors", "--shard", "1/2"], 2, "--shard"),
         (["--dataset", "squad", "--max-distance", "4k", "--data-dir", "/nonexistent/dir"], 3, "no data directory"),
+        (["--max-distance", "4k", "--seeds", "0,x"], 2, "bad --seeds '0,x'"),
+        (["--max-distance", "4k", "--seeds", "1,1"], 2, "distinct seeds"),
+        (["--max-distance", "4k", "--seeds", "0,1", "--seed", "2"], 2, "--seed and --seeds both given"),
     ],
 )
 def test_bad_input_is_one_line_and_an_exit_code(tmp_path, args, code, message):
@@ -595,3 +599,40 @@ def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path):
     assert result.exit_code == 4 and "busy" in result.stderr, result.output
     assert not (out / "results.csv").exists()
     assert mplus(*SYNTHETIC, "--max-distance", "1k", "--limit", "1", "-o", out).exit_code == 0  # free again
+
+
+def test_seeds_run_every_sample_under_each_seed_and_the_summary_gives_their_spread(tmp_path):
+    out = tmp_path / "run"
+    args = ["bench", "retention", "--model", "tiny", "--max-distance", "1k", "--limit", "3", "--seeds", "0,1"]
+    result = mplus(*args, "-o", out)
+    assert result.exit_code == 0, result.output
+    found = rows(out)
+    assert sorted({(r["sample_id"], r["seed"]) for r in found}) == [(f"syn-0000{i}", s) for i in range(3) for s in "01"]
+    at_1k = {(r["sample_id"], r["seed"]): float(r["evidence_stm"]) for r in found if r["distance_tokens"] == "1000"}
+    assert any(at_1k[(sample, "0")] != at_1k[(sample, "1")] for sample, _ in at_1k)  # the drops differ by seed
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary.n == 6).all() and (summary.n_seeds == 2).all()
+    memory_1k = summary[(summary.control == "memory") & (summary.distance_tokens == 1000)].iloc[0]
+    assert memory_1k.evidence_stm == pytest.approx(sum(at_1k.values()) / 6)
+    assert json.loads((out / "config.json").read_text())["seed"] == [0, 1]
+    again = mplus(*args, "-o", out, "--resume")
+    assert again.exit_code == 0 and len(rows(out)) == len(found)
+
+
+def test_the_seed_spread_is_the_deviation_of_the_per_seed_means():
+    answers = pd.DataFrame(
+        {"seed": [0, 0, 1, 1, 2, 2], "exact_hit": [1, 1, 1, 0, 0, 0], "em": [0] * 6, "f1": [1.0, 0.5, 0, 0, 0, 0]}
+    )
+    spread = res.seed_spread(answers)
+    assert spread["n_seeds"] == 3
+    assert spread["exact_hit_seed_sd"] == pytest.approx(0.5)  # per-seed means 1, 0.5, 0: sd 0.5
+    assert spread["em_seed_sd"] == 0.0 and spread["f1_seed_sd"] == pytest.approx(0.4330127, rel=1e-6)
+    assert math.isnan(res.seed_spread(answers[answers.seed == 0])["exact_hit_seed_sd"])
+
+
+def test_resuming_one_seed_keeps_the_rows_of_the_others(tmp_path):
+    log = res.ResultsLog(tmp_path / "results.csv")
+    row = dict.fromkeys(res.COLUMNS, "") | {"model": "m", "control": "memory", "sample_id": "s"}
+    log.append([row | {"seed": 0, "distance_tokens": 0}, row | {"seed": 1, "distance_tokens": 0}])
+    assert log.complete_units("m", {"memory": 2}, seed=1) == set()  # seed 1's unit is torn: dropped
+    assert [r["seed"] for r in res.ResultsLog(tmp_path / "results.csv").rows] == ["0"]
