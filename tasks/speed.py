@@ -33,6 +33,7 @@ import torch
 
 import model as mp
 from model.memory.ltm import LongTermMemory
+from model.systems import build_system, label
 from model.zoo.registry import MODELS
 
 from .baselines import authors_ask, authors_delta, authors_retrieve
@@ -129,6 +130,47 @@ def measure_ask(model: mp.MemoryLLM, prompt_tokens: int, new_tokens: int, repeat
         Figure(f"ask time to first token ({rows}, {prompt_tokens}-token prompt)", "s", *ttft, target=5, detail=detail),
         Figure(f"ask decode tok/s ({rows})", "tok/s", *decode, detail=detail),
     ]
+
+
+BASELINES = ("bm25", "truncate")  # the systems whose per-question cost bench speed shows beside memory's
+
+
+def measure_systems(model: mp.MemoryLLM, tokens: int, new_tokens: int, repeats: int) -> list[Figure]:
+    """Per question, after `tokens` tokens were injected in chunks of 512: the model's memory answering vs
+    each baseline system (the model without memory, text before the question), greedy, `new_tokens` new."""
+    ids = random_ids(tokens, model.cfg.vocab_size)
+    question = random_ids(16, model.cfg.vocab_size, seed=1).tolist()
+    settings = mp.DecodeSettings(max_new_tokens=new_tokens)
+    systems = [build_system(spec, model) for spec in ("memory", *BASELINES)]
+    for system in systems:
+        system.reset(0)
+        for chunk in ids.split(512):
+            system.inject(chunk)
+    memory, *baselines = systems
+    figures = []
+    for baseline in baselines:
+        fast, slow = paired(
+            lambda: memory.ask(question, settings), lambda b=baseline: b.ask(question, settings), model.device, repeats
+        )
+        figures.append(
+            Figure(
+                f"per question: memory vs {label(baseline)} ({tokens} tokens injected)",
+                "s",
+                fast,
+                slow,
+                detail=f"memory.ask vs {baseline.name}.ask: the model reads {baseline.name}'s text before the question",
+            )
+        )
+    return figures
+
+
+def system_figures(model: mp.MemoryLLM, workload: Shape, repeats: int, log: Callable[[str], None]) -> list[Figure]:
+    """measure_systems for a model with a tokenizer and a window (the baselines need both); none otherwise."""
+    if model.tokenizer is None or model.cfg.context_window is None:
+        return []
+    log(f"{model.cfg.kind}: a question from memory vs the baseline systems")
+    tokens = min(4 * workload.inject_tokens, model.cfg.context_window // 2)
+    return measure_systems(model, tokens, workload.new_tokens, repeats)
 
 
 def measure_batch(model: mp.MemoryLLM, batch: int, workload: Shape, repeats: int) -> Figure:
@@ -229,6 +271,7 @@ def run(
             if cfg.training_free is not None:  # the demo: no authors' procedure to compare with
                 log(f"{cfg.kind}: inject vs a plain forward")
                 figures.append(measure_write(model, workload.inject_tokens, 4, repeats))
+                figures += system_figures(model, workload, repeats, log)
                 continue
             if cfg.kind == "memoryllm" or len(models) == 1:
                 log(f"{cfg.kind}: inject")
@@ -248,6 +291,7 @@ def run(
                 figures.append(measure_ltm_inject(model, ltm, (sizes[0], sizes[-1]), cfg.num_tokens))
                 figures += measure_ltm_session(model, ltm, (sizes[0], sizes[-1]), Path(tmp), cfg.num_tokens, repeats)
                 del ltm
+            figures += system_figures(model, workload, repeats, log)
             log(f"{cfg.kind}: session store")
             figures += measure_store(model, Path(tmp), cfg.num_tokens, workload.store_injects, repeats)
     report.elapsed_s = time.perf_counter() - start

@@ -16,6 +16,7 @@ from model.zoo.presets import build_preset, random_model
 from model.zoo.registry import TINY_CONFIG
 from mplus_cli.app import app as root
 from mplus_cli.commands.speed import speed
+from tasks import speed as sp
 from tasks.baselines import authors_delta, authors_retrieve
 from tasks.random_models import first_rows, random_ltm, with_ltm
 from tasks.speed_store import bytes_written, file_table
@@ -176,6 +177,23 @@ def test_a_choice_not_offered_is_clicks_usage_error_on_one_line(args):
 def test_a_training_free_model_reports_its_inject_next_to_a_plain_forward(name):
     result = runner.invoke(app, ["--model", name, "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
-    (figure,) = json.loads(result.stdout)["figures"]
+    figure, *per_question = json.loads(result.stdout)["figures"]
     assert figure["name"].startswith("inject vs a plain forward") and figure["target"] == ">= 0.8"
+    assert [f["name"].split(" (")[0] for f in per_question] == [
+        "per question: memory vs bm25:k=8,part=512",
+        "per question: memory vs truncate:tokens=4096",
+    ]
     assert figure["optimized"] > 0 and figure["baseline"] > 0 and figure["unit"] == "tok/s"
+
+
+def test_the_baseline_systems_are_timed_per_question_beside_memory():
+    lm = mp.load("tiny-free-mplus")
+    figures = sp.system_figures(lm, sp.SHAPES["tiny"], 1, log=lambda message: None)
+    tokens = min(4 * sp.SHAPES["tiny"].inject_tokens, lm.cfg.context_window // 2)
+    assert [f.name for f in figures] == [
+        f"per question: memory vs bm25:k=8,part=512 ({tokens} tokens injected)",
+        f"per question: memory vs truncate:tokens={lm.cfg.context_window} ({tokens} tokens injected)",
+    ]
+    assert all(f.unit == "s" and f.optimized > 0 and f.baseline > 0 and f.target is None for f in figures)
+    lm.tokenizer = None  # a random model of a checkpoint's shape has none: the baselines cannot read text
+    assert sp.system_figures(lm, sp.SHAPES["tiny"], 1, log=lambda message: None) == []
