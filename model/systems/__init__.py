@@ -45,6 +45,7 @@ class Answer:
     context_tokens: int  # injected tokens the question read as text (baselines) or as memory rows (latent)
     first_token_s: float  # from the question to its first new token
     seconds: float  # the whole answer
+    provenance: dict[int, float] | None = None  # injection number -> its rows the question read (mean per layer)
 
 
 class MemorySystem(Protocol):

@@ -108,7 +108,7 @@ class BM25(InPrompt):
         self.params = {"part": self.part, "k": self.k}
 
     def parts(self) -> list[torch.Tensor]:
-        return list(torch.split(self.injected(), self.part))
+        return [part for part in torch.split(self.injected(), self.part) if len(part)]  # none before an inject
 
     def best_parts(self, question_ids: list[int], parts: list[torch.Tensor]) -> list[int]:
         """Indices of the min(k, n) best parts for the question, best first."""

@@ -93,6 +93,18 @@ def test_the_memory_system_is_the_models_own_memory(lm):
     assert system.capabilities.provenance and system.capabilities.persistent
 
 
+def test_the_memory_system_says_which_injections_an_answer_read(lm):
+    system = build_system("memory", lm)
+    system.reset(0)
+    for text in ["The lamp room code is 73914. " * 4, "Zebras graze by the river. " * 40, "The kettle is blue. " * 40]:
+        system.inject(ids(lm, text))  # injections 1, 2, 3
+    answer = system.ask(encode(lm.tokenizer, "What is the lamp room code?"), GREEDY)
+    window, retrieved = lm.cfg.training_free.capacity, lm.cfg.training_free.retrieved
+    assert answer.provenance == {1: retrieved, 3: window}  # the code's block found; the window holds the last text
+    assert sum(answer.provenance.values()) == lm.prefix_length(system.state) - 1  # every row but bos
+    assert build_system("bm25", lm).ask(encode(lm.tokenizer, "x?"), GREEDY).provenance is None
+
+
 PLUGIN = """
     from model.systems.baselines import InPrompt
 
