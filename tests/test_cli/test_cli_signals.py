@@ -178,5 +178,5 @@ def test_ctrl_c_cuts_a_large_read_short(tmp_path, store):
     args = ["inject", big, "-s", "big", "--store", store]
     proc, after_signal = interrupted(tmp_path, "model.text.sources:text_blocks", *args, how="thread")
     assert only_line(proc) == "mplus: error: interrupted; nothing was injected into session 'big'"
-    assert after_signal < 2.0
+    assert after_signal < 4.0  # the read alone takes ~9 s (more on a loaded machine): cut short, not finished
     assert not st.session_exists(store, "big")
