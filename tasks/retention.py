@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -176,9 +176,10 @@ class Runner:
             self._encoded = EncodedPool.build(self.lm, pool, path, self.dtype, progress)
         return self._encoded
 
-    def rough_seconds(self, samples: Sequence[Sample]) -> float:
-        """A rough estimate of the time all units of `samples` take, from one distractor chunk encoded and
-        written into a fresh state and one question asked from it (a fuller memory takes longer)."""
+    def rough_seconds(self, samples: Sequence[Sample], done: Collection[tuple[str, str]] = ()) -> float:
+        """A rough estimate of the time the units of `samples` not `done` ((sample id, control)) take, from one
+        distractor chunk encoded and written into a fresh state and one question asked from it (a fuller
+        memory takes longer)."""
         if not samples:
             return 0.0
         stages = self.planner.stages(samples[0])
@@ -194,15 +195,19 @@ class Runner:
         start = time.perf_counter()
         mp.generate(self.lm, state, self.planner.question(samples[0]), self.settings)
         per_question = time.perf_counter() - start
-        distractors = stages[-1].distance  # per sample
-        seconds = encode * distractors * (1 if self.reuses_rows else len(samples)) + write * distractors * len(samples)
-        questions = len(stages) + (CLOSED_BOOK in self.sweep.controls)  # per sample
-        in_prompt = (FULL_CONTEXT in self.sweep.controls) + len(self.systems)  # read text at every distance
-        if in_prompt:
-            window = context_window(self.lm)
-            seconds += in_prompt * encode * len(samples) * sum(min(stage.distance, window) for stage in stages)
-            questions += in_prompt * len(stages)
-        return seconds + len(samples) * questions * per_question
+
+        def left(control: str) -> int:
+            return sum((sample.id, control) not in done for sample in samples)
+
+        distractors, memory = stages[-1].distance, left(MEMORY)  # distractor tokens per sample
+        seconds = encode * distractors * (min(memory, 1) if self.reuses_rows else memory) + write * distractors * memory
+        questions = len(stages) * memory + (left(CLOSED_BOOK) if CLOSED_BOOK in self.sweep.controls else 0)
+        in_prompt = [c for c in self.sweep.controls if c == FULL_CONTEXT] + list(self.systems)  # read text each time
+        for control in in_prompt:
+            read = sum(min(stage.distance, context_window(self.lm)) for stage in stages)  # tokens per sample
+            seconds += encode * left(control) * read
+            questions += left(control) * len(stages)
+        return seconds + questions * per_question
 
     def run(
         self,

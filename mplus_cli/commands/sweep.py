@@ -530,7 +530,7 @@ def run_models(
                 who = name if len(plan.seeds) == 1 else f"{name} (seed {seed})"
                 if todo:
                     bar.update(task, description=f"timing {who}")
-                    seconds = runner.rough_seconds(todo)
+                    seconds = runner.rough_seconds(todo, {(s, c) for m, s, c, d in done if (m, d) == (name, str(seed))})
                     timed = "timed on one chunk and one question; firmer after a sample"
                     say(f"{who}: about {duration(seconds)} ({timed})")
                 pace = Pace(bar, task, who, len(todo))

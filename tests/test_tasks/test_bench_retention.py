@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import importlib
+import itertools
 import json
 import math
 import os
@@ -636,3 +637,17 @@ def test_resuming_one_seed_keeps_the_rows_of_the_others(tmp_path):
     log.append([row | {"seed": 0, "distance_tokens": 0}, row | {"seed": 1, "distance_tokens": 0}])
     assert log.complete_units("m", {"memory": 2}, seed=1) == set()  # seed 1's unit is torn: dropped
     assert [r["seed"] for r in res.ResultsLog(tmp_path / "results.csv").rows] == ["0"]
+
+
+def test_the_time_estimate_counts_only_the_units_left(word_model, tmp_path, monkeypatch):
+    clock = itertools.count()  # every timed step takes one second: the estimates compare exactly
+    monkeypatch.setattr("tasks.retention.time.perf_counter", lambda: float(next(clock)))
+    data = qa.synthetic(3, distractor_chars=60_000)
+    sweep = Sweep(data, CLEAN, [0, 700], controls=("closed-book",), systems=("truncate",))
+    runner = Runner(word_model, "words", sweep, ResultsLog(tmp_path / "results.csv"))
+    samples = data.samples
+    every = {(s.id, c) for s in samples for c in ("memory", "closed-book", *runner.systems)}
+    assert runner.rough_seconds(samples, every) == 0.0
+    memory_done = {(s.id, "memory") for s in samples}
+    only_truncate = runner.rough_seconds(samples, memory_done | {(s.id, "closed-book") for s in samples})
+    assert 0 < only_truncate < runner.rough_seconds(samples, memory_done) < runner.rough_seconds(samples)
