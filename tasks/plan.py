@@ -183,11 +183,14 @@ class Planner:
         """Pieces of the pool injected before the evidence (needle in a haystack only)."""
         return self.haystack(sample)[0] if sample.haystack is not None else []
 
+    def ids(self, pieces: Sequence[Piece]) -> list[torch.Tensor]:
+        """The token ids of each piece of the pool."""
+        return [self.pool[p.chunk][: p.tokens] for p in pieces]
+
     def stages(self, sample: Sample) -> list[Stage]:
         if sample.haystack is not None:
             after = self.haystack(sample)[1]
-            chunks = [self.pool[p.chunk][: p.tokens] for p in after]
-            return [Stage(chunks, sum(p.tokens for p in after), len(after), after)]
+            return [Stage(self.ids(after), sum(p.tokens for p in after), len(after), after)]
         if self.sweep.protocol.carry_memory:
             if self.authors_plan is None:
                 self.authors_plan = self._authors_stages()
@@ -200,7 +203,7 @@ class Planner:
         ):
             pieces = [Piece(next(order), size) for size in sizes]
             count += len(pieces)
-            stages.append(Stage([pool[p.chunk][: p.tokens] for p in pieces], point, count, pieces))
+            stages.append(Stage(self.ids(pieces), point, count, pieces))
         return stages
 
     def _stream(self, count: int) -> torch.Tensor:

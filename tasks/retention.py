@@ -203,8 +203,8 @@ class Runner:
         seconds = encode * distractors * (min(memory, 1) if self.reuses_rows else memory) + write * distractors * memory
         questions = len(stages) * memory + (left(CLOSED_BOOK) if CLOSED_BOOK in self.sweep.controls else 0)
         in_prompt = [c for c in self.sweep.controls if c == FULL_CONTEXT] + list(self.systems)  # read text each time
+        read = sum(min(stage.distance, context_window(self.lm)) for stage in stages) if in_prompt else 0  # per sample
         for control in in_prompt:
-            read = sum(min(stage.distance, context_window(self.lm)) for stage in stages)  # tokens per sample
             seconds += encode * left(control) * read
             questions += left(control) * len(stages)
         return seconds + questions * per_question
@@ -337,7 +337,7 @@ class Runner:
         """Inject a piece of the pool: its rows computed once (`pool`, held by the state from id `first`) or
         its text."""
         if pool is None:
-            self.lm.inject(state, self.planner.pool[piece.chunk][: piece.tokens])
+            self.lm.inject(state, self.planner.ids([piece])[0])
         else:
             self.lm.inject_rows(state, pool.rows(piece), piece.tokens, pool.ids(first, piece))
 
@@ -345,7 +345,7 @@ class Runner:
         """Evidence, the distractors up to each point and the question as one prompt; the context keeps its
         last (window - question - answer) tokens."""
         question, rows = self.planner.question(sample), []
-        chunks = [self.planner.pool[p.chunk][: p.tokens] for p in self.planner.prelude(sample)]
+        chunks = self.planner.ids(self.planner.prelude(sample))
         chunks += self.planner.evidence(sample)
         budget = context_window(self.lm) - len(question) - self.settings.max_new_tokens
         if budget <= 0:
@@ -364,9 +364,7 @@ class Runner:
         then the distractors), asked at every distance; reset with the sample's seed."""
         system, question = self.systems[name], self.planner.question(sample)
         system.reset(sample_seed(self.sweep.seed, sample.id))
-        for chunk in [self.planner.pool[p.chunk][: p.tokens] for p in self.planner.prelude(sample)]:
-            system.inject(chunk)
-        for chunk in self.planner.evidence(sample):
+        for chunk in [*self.planner.ids(self.planner.prelude(sample)), *self.planner.evidence(sample)]:
             system.inject(chunk)
         rows = []
         for stage in self.planner.stages(sample):
@@ -394,10 +392,10 @@ class Runner:
         start = time.perf_counter()
         with retrievals_by_state(self.lm) if recording else contextlib.nullcontext({}) as read:
             outs = mp.generate_batch(self.lm, states, prompts, self.settings)
-        latency_ms = (time.perf_counter() - start) * 1000 / len(samples)
+        seconds = (time.perf_counter() - start) / len(samples)
         evidence = evidence if evidence is not None else [None] * len(samples)
         return [
-            self.result_row(sample, out.token_ids, control, distance, n_distractors, latency_ms / 1000)
+            self.result_row(sample, out.token_ids, control, distance, n_distractors, seconds)
             | evidence_survival(state, written, read.get(id(state), {}))
             for sample, state, out, distance, written in zip(samples, states, outs, distances, evidence, strict=True)
         ]

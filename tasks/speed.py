@@ -34,6 +34,7 @@ import torch
 import model as mp
 from model.memory.ltm import LongTermMemory
 from model.systems import build_system, label
+from model.systems.baselines import no_memory
 from model.zoo.registry import MODELS
 
 from .baselines import authors_ask, authors_delta, authors_retrieve
@@ -88,7 +89,7 @@ def measure_write(model: mp.MemoryLLM, tokens: int, chunks: int, repeats: int) -
     the same chunks (no memory, logits at every position): the lower bound of a write, which must read the
     text once."""
     ids = [random_ids(tokens, model.cfg.vocab_size, seed) for seed in range(chunks)]
-    plain = mp.MemoryState(memory=torch.empty(model.cfg.num_layers, 0, model.cfg.hidden_size), initialized=False)
+    plain = no_memory(model)
 
     def write() -> None:
         state = model.new_state(0)

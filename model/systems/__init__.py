@@ -96,19 +96,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, params
 
 
-def factory_of(spec: str) -> tuple[Factory | metadata.EntryPoint, dict[str, str]]:
-    """(the factory of the system `spec` names, its parameters); a SpecError for a name no system has."""
+def factory_of(spec: str) -> tuple[str, Factory | metadata.EntryPoint, dict[str, str]]:
+    """(the name, factory and parameters of the system `spec` names); a SpecError for a name no system has."""
     name, params = parse_spec(spec)
     found = factories()
     if name not in found:
         raise SpecError(f"unknown system {name!r}: use one of {', '.join(found)} (or install a package that adds it)")
-    return found[name], params
+    return name, found[name], params
 
 
 def build_system(spec: str, model: MemoryLLM) -> MemorySystem:
     """The system `spec` names, over `model`."""
-    factory, params = factory_of(spec)
-    name = parse_spec(spec)[0]
+    name, factory, params = factory_of(spec)
     factory = factory.load() if isinstance(factory, metadata.EntryPoint) else factory
     try:
         return factory(model, **params)

@@ -91,8 +91,8 @@ class Truncate(InPrompt):
         self.params = {"tokens": self.tokens}
 
     def context(self, question_ids: list[int], budget: int) -> list[int]:
-        keep = min(self.tokens, budget)
-        return self.injected()[len(self.injected()) - keep :].tolist() if keep else []
+        keep, injected = min(self.tokens, budget), self.injected()
+        return injected[len(injected) - keep :].tolist() if keep else []
 
 
 class BM25(InPrompt):

@@ -231,7 +231,7 @@ def ask(
     found, lm, head = asking_model(store, session, model, tokenizer, target, pick_dtype(dtype, target))
     settings = decode_settings(lm, max_new_tokens, sample, temperature, top_p, seed)
     prompts = [prompt_ids(lm, question, chat, system) for question in asked]
-    state = lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)  # read only
+    state = memory_of(found, lm)
     load_s = time.perf_counter() - start
     check_context(lm, state, [ids for ids, _ in prompts], max_new_tokens)
     note_label(lm)
@@ -262,6 +262,11 @@ def asking_model(
     check_requested(session, found.model_ref, model)
     lm = load_bound_model(session, found.model_ref, tokenizer, device, dtype)
     return found, lm, {"session": session, "model": found.model_ref["id"], "label": found.model_ref["label"]}
+
+
+def memory_of(found: st.Session | None, lm: mp.MemoryLLM) -> mp.MemoryState:
+    """What a question reads (never changed): the session's memory, or the model's own without one."""
+    return lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)
 
 
 def decode_settings(

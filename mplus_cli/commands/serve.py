@@ -11,7 +11,7 @@ from ..devices import pick_device, pick_dtype
 from ..errors import UsageError
 from ..root import say
 from ..server import LOCAL_HOSTS, Answerer, Server
-from .ask import asking_model
+from .ask import asking_model, memory_of
 
 
 @handle_errors
@@ -48,7 +48,7 @@ def serve(
         raise UsageError(f"--host {host} reaches other machines: pass --remote and --token (or keep 127.0.0.1)")
     target = pick_device(device)
     found, lm, head = asking_model(store, session, model, tokenizer, target, pick_dtype(dtype, target))
-    state = lm.initial_state if found is None else found.load_state(lm.initial_state, lm.device)  # read only
+    state = memory_of(found, lm)
     note_label(lm)
     answerer = Answerer(lm, state, session or head["model"], stop_ids(lm))
     try:
