@@ -28,6 +28,7 @@ from ..memory.dtypes import dtype_name
 from ..memory.ltm import CACHE_KEYS, LongTermMemory, layer_keys
 from ..memory.provenance import Origins
 from ..memory.state import MemoryState, stm_rows
+from ..policies.training_free import COMPUTED, config_of_export, training_free_config
 from .registry import aligned, build_model, build_training_free, repo_id, unknown_model
 
 ADAPTER_NAMES = {"default": ENCODER, "decoder_adapter": DECODER}  # authors' name -> ours
@@ -179,7 +180,9 @@ def load_checkpoint(
     missing, unused or mis-shaped key."""
     raw = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
     if "mplus_training_free" in raw:
-        return load_training_free(directory, raw, dtype, device)
+        return load_training_free(directory, config_of_export(raw), dtype, device)
+    if is_plain_causal_lm(raw):  # the base model without memory (the papers' baselines); training-free memory
+        return load_training_free(directory, training_free_config(plain_llama(directory, raw)), dtype, device)
     cfg = read_config(directory)
     if rope_inv_freq_dtype is not None:
         cfg = dataclasses.replace(cfg, rope=dataclasses.replace(cfg.rope, inv_freq_dtype=rope_inv_freq_dtype))
@@ -223,18 +226,34 @@ def load_checkpoint(
     return model
 
 
-def load_training_free(directory: Path, raw: dict, dtype: torch.dtype, device: torch.device | str) -> MemoryLLM:
-    """A training-free model that save_checkpoint exported (config.json: a Llama config + its memory settings)."""
-    from ..policies.training_free import COMPUTED, config_of_export
+def is_plain_causal_lm(raw: dict) -> bool:
+    """A Hugging Face causal LM's config.json (no memory settings of the authors' or ours)."""
+    return "num_blocks" not in raw and any(arch.endswith("ForCausalLM") for arch in raw.get("architectures") or [])
 
-    cfg = config_of_export(raw)
+
+def plain_llama(directory: Path, raw: dict) -> dict:
+    """The Llama config of a plain causal LM checkpoint; a CheckpointError for another architecture."""
+    if raw.get("model_type") != "llama":
+        raise CheckpointError(
+            f"checkpoint {directory} is a {raw.get('model_type')!r} model: a plain causal LM runs here only with"
+            " the Llama architecture (model_type llama: Llama 2 / 3, SmolLM2, ...)"
+        )
+    if raw.get("bos_token_id") is None:
+        raise CheckpointError(f"checkpoint {directory}: config.json has no bos_token_id (the memory's first row)")
+    return raw
+
+
+def load_training_free(directory: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> MemoryLLM:
+    """A model with training-free memory over Llama weights: one that save_checkpoint exported (its memory
+    included) or a plain causal LM checkpoint (an empty memory)."""
     tensors = {}
     for path in checkpoint_files(directory):
         with safe_open(str(path), framework="pt") as f:
             tensors |= {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    weights = {to_module_key(k): v for k, v in tensors.items() if not is_state_key(k)}
+    weights = {to_module_key(k): v for k, v in tensors.items() if not is_state_key(k) and not _ignorable(k, cfg)}
     model = build_training_free(cfg, {k: v for k, v in weights.items() if k not in COMPUTED}, dtype, device)
-    model.initial_state = checkpoint_state(directory, cfg, tensors, dtype, device, key_dtype=torch.float32)
+    if "memory" in tensors:
+        model.initial_state = checkpoint_state(directory, cfg, tensors, dtype, device, key_dtype=torch.float32)
     return model
 
 

@@ -3,7 +3,9 @@ so its logits must match `LlamaForCausalLM` with the same config and weights."""
 
 from __future__ import annotations
 
+import csv
 import inspect
+import json
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ import model as mp
 from model.core.config import config_from_hf
 from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
+from model.systems.baselines import no_memory
+from model.text.tokenizer import byte_tokenizer
 from model.zoo.registry import TINY_CONFIG as TINY
 
 transformers = pytest.importorskip("transformers")
@@ -198,3 +202,50 @@ def test_llama3_rope_differs_from_default():
     ids = prompts(1, 48, seed=8)
     diff = scaled(ids, empty_state(scaled)).logits - plain(ids, empty_state(plain)).logits
     assert diff.abs().max() > 1e-3
+
+
+# -- a plain Hugging Face causal LM by directory: the base model under the baselines -------------------------
+def saved_plain_llama(directory, rope_scaling: dict[str, Any] | None = None, seed: int = 11) -> Any:
+    """A seeded LlamaForCausalLM saved as transformers saves it (safetensors, config.json) with a byte
+    tokenizer; returns the HF model."""
+    hf = seeded_hf_model(plain_config(rope_scaling), seed)
+    hf.config.bos_token_id, hf.config.eos_token_id = 256, 256
+    hf.save_pretrained(directory, safe_serialization=True)
+    byte_tokenizer().save_pretrained(directory)
+    return hf
+
+
+def test_a_plain_llama_directory_loads_as_the_base_model_hf_computes(tmp_path):
+    """Its logits without memory (as the baselines read it) are the HF model's; it gets the training-free
+    memory and its tokenizer."""
+    torch.set_num_threads(1)
+    hf = saved_plain_llama(tmp_path, LLAMA3_ROPE)
+    ours = mp.load(tmp_path)
+    assert ours.cfg.training_free is not None and "training-free" in ours.info.label
+    assert ours.cfg.rope.kind == "llama3" and ours.tokenizer is not None
+    ids = prompts(1, 40, seed=12)
+    torch.testing.assert_close(ours(ids, no_memory(ours)).logits, hf_logits(hf, ids), atol=ATOL, rtol=0)
+
+
+def test_a_plain_model_of_another_architecture_is_refused_by_name(tmp_path):
+    saved_plain_llama(tmp_path)
+    config = tmp_path / "config.json"
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps(raw | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(mp.CheckpointError, match="'qwen2' model: a plain causal LM runs here only with the Llama"):
+        mp.load(tmp_path)
+
+
+def test_bench_retention_runs_the_baselines_over_a_plain_llama_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from mplus_cli.app import app
+
+    saved_plain_llama(tmp_path / "llama")
+    args = ["bench", "retention", "--model", str(tmp_path / "llama"), "--max-distance", "512", "--limit", "1"]
+    result = CliRunner().invoke(app, [*args, "--system", "truncate:tokens=64", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
+    assert {(row["model"], row["control"]) for row in rows} == {
+        (str(tmp_path / "llama"), control) for control in ("memory", "truncate:tokens=64")
+    }
