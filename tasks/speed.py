@@ -133,12 +133,13 @@ def measure_ask(model: mp.MemoryLLM, prompt_tokens: int, new_tokens: int, repeat
     ]
 
 
-BASELINES = ("bm25", "truncate")  # the systems whose per-question cost bench speed shows beside memory's
+BASELINES = ("bm25", "truncate", "snapkv", "snapkv:question=aware")  # timed per question beside memory
 
 
 def measure_systems(model: mp.MemoryLLM, tokens: int, new_tokens: int, repeats: int) -> list[Figure]:
     """Per question, after `tokens` tokens were injected in chunks of 512: the model's memory answering vs
-    each baseline system (the model without memory, text before the question), greedy, `new_tokens` new."""
+    each baseline system (the model without memory, reading text or kept keys before the question), greedy,
+    `new_tokens` new."""
     ids = random_ids(tokens, model.cfg.vocab_size)
     question = random_ids(16, model.cfg.vocab_size, seed=1).tolist()
     settings = mp.DecodeSettings(max_new_tokens=new_tokens)
@@ -159,7 +160,7 @@ def measure_systems(model: mp.MemoryLLM, tokens: int, new_tokens: int, repeats: 
                 "s",
                 fast,
                 slow,
-                detail=f"memory.ask vs {baseline.name}.ask: the model reads {baseline.name}'s text before the question",
+                detail=f"memory.ask vs {label(baseline)}.ask, the same text injected into both",
             )
         )
     return figures

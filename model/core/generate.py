@@ -68,18 +68,24 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
     reuse_memory_kv: bool = True,
+    prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Generation:
     """Answer `prompt_ids` from memory. The prefill reads the memory prefix; decode steps reuse the
     KV cache at positions prefix + prompt + t. The memory is not modified; its keys/values are kept on
-    the state for the next question unless `reuse_memory_kv` is False."""
+    the state for the next question unless `reuse_memory_kv` is False. `prefix_kv` (per layer, keys after
+    RoPE and values [1, H_kv, P, D] at positions 0..P-1) is read as the prefix instead of a memory state's
+    (a KV-cache system's; `state` then has no rows)."""
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty")
-    P, n = model.prefix_length(state), ids.shape[1]
+    P = model.prefix_length(state) if prefix_kv is None else prefix_kv[0][0].shape[2]
+    n = ids.shape[1]
     generator = torch.Generator(device="cpu").manual_seed(settings.seed) if settings.sample else None
     stops = set(settings.stop_token_ids)
     out = Generation(token_ids=[], finish_reason="length")
     with model.caches(1, P + n + settings.max_new_tokens):
+        if prefix_kv is not None:
+            model.put_prefix(prefix_kv)
         input_pos = torch.arange(P, P + n)  # the prompt's positions after the memory prefix
         logits = model(ids, state, input_pos, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
         for step in range(settings.max_new_tokens):

@@ -277,6 +277,17 @@ class MemoryLLM(nn.Module):
             for block in self.model.layers:
                 block.self_attn.kv_cache = None
 
+    def put_prefix(self, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write each layer's keys (after RoPE) and values [1, H_kv, P, D] at slots 0..P-1 of its cache
+        (inside `caches()`): a prefix that no memory state computes."""
+        for block, (k, v) in zip(self.model.layers, prefix_kv, strict=True):
+            block.self_attn.kv_cache.put(0, 0, k, v)
+
+    def cached_kv(self, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cached keys (after RoPE) and values of slots 0..end-1 (inside `caches()`): two
+        [B, H_kv, end, D] per layer."""
+        return [(b.self_attn.kv_cache.k[:, :, :end], b.self_attn.kv_cache.v[:, :, :end]) for b in self.model.layers]
+
     @torch.no_grad()
     def forward(
         self,

@@ -2,7 +2,8 @@
 
 A system is reset (seeded), injects token ids chunk by chunk, answers a question (greedy unless the
 settings say otherwise) and saves / loads its state. MemoryLLM, M+ and the training-free demo are systems
-(`latent`); so are the papers' baselines over the same model without memory (`truncate`, `bm25`). Other
+(`latent`); so are the papers' baselines over the same model without memory (`truncate`, `bm25`,
+`snapkv`). Other
 packages add systems through the `mplus.systems` entry point group: each entry point names a factory
 `factory(model, **params) -> MemorySystem`.
 
@@ -70,8 +71,9 @@ class SpecError(ValueError):
 def builtin_factories() -> dict[str, Factory]:
     from .baselines import BM25, Truncate
     from .latent import LatentMemory
+    from .snapkv import snapkv
 
-    return {"memory": LatentMemory, "truncate": Truncate, "bm25": BM25}
+    return {"memory": LatentMemory, "truncate": Truncate, "bm25": BM25, "snapkv": snapkv}
 
 
 def factories() -> dict[str, Factory]:

@@ -182,6 +182,8 @@ def test_a_training_free_model_reports_its_inject_next_to_a_plain_forward(name):
     assert [f["name"].split(" (")[0] for f in per_question] == [
         "per question: memory vs bm25:k=8,part=512",
         "per question: memory vs truncate:tokens=4096",
+        "per question: memory vs snapkv:budget=2048,kernel=5,question=blind,window=32",
+        "per question: memory vs snapkv:budget=2048,kernel=5,question=aware,window=32",
     ]
     assert figure["optimized"] > 0 and figure["baseline"] > 0 and figure["unit"] == "tok/s"
 
@@ -193,6 +195,8 @@ def test_the_baseline_systems_are_timed_per_question_beside_memory():
     assert [f.name for f in figures] == [
         f"per question: memory vs bm25:k=8,part=512 ({tokens} tokens injected)",
         f"per question: memory vs truncate:tokens={lm.cfg.context_window} ({tokens} tokens injected)",
+        f"per question: memory vs snapkv:budget=2048,kernel=5,question=blind,window=32 ({tokens} tokens injected)",
+        f"per question: memory vs snapkv:budget=2048,kernel=5,question=aware,window=32 ({tokens} tokens injected)",
     ]
     assert all(f.unit == "s" and f.optimized > 0 and f.baseline > 0 and f.target is None for f in figures)
     lm.tokenizer = None  # a random model of a checkpoint's shape has none: the baselines cannot read text
