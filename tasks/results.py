@@ -67,44 +67,45 @@ def write_atomic(path: Path, data: bytes) -> None:
     st.write_atomic(path, data, mode=0o666)
 
 
-def csv_text(rows: Sequence[Mapping[str, Any]], header: bool = False) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], header: bool = False, columns: Sequence[str] = COLUMNS) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
-        writer.writerow(COLUMNS)
-    writer.writerows([[row[c] for c in COLUMNS] for row in rows])
+        writer.writerow(columns)
+    writer.writerows([[row[c] for c in columns] for row in rows])
     return buffer.getvalue()
 
 
 class ResultsLog:
-    """results.csv. Each append is one write, flushed and fsynced. Opening drops a torn last record
-    (a crash mid-write): a record counts only if it has every column and ends with a newline."""
+    """results.csv (a retention run's `columns` unless told otherwise). Each append is one write, flushed and
+    fsynced. Opening drops a torn last record (a crash mid-write): a record counts only if it has every column
+    and ends with a newline."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, columns: Sequence[str] = COLUMNS):
+        self.path, self.columns = path, tuple(columns)
         self.rows: list[dict[str, str]] = []
         if not path.exists():
-            write_atomic(path, csv_text([], header=True).encode())
+            write_atomic(path, csv_text([], header=True, columns=self.columns).encode())
             return
         with open(path, newline="", encoding="utf-8", errors="replace") as f:  # a torn record may end mid-character
             text = f.read()
         records = list(csv.reader(io.StringIO(text, newline="")))
-        if not records or tuple(records[0]) != COLUMNS:
-            raise ResumeError(f"{path} does not have the columns of a retention results file")
+        if not records or tuple(records[0]) != self.columns:
+            raise ResumeError(f"{path} does not have the columns of this command's results file")
         body = records[1:-1] if not text.endswith("\n") else records[1:]
-        self.rows = [dict(zip(COLUMNS, r, strict=True)) for r in body if len(r) == len(COLUMNS)]
+        self.rows = [dict(zip(self.columns, r, strict=True)) for r in body if len(r) == len(self.columns)]
         if len(self.rows) != len(records) - 1:
             self.rewrite(self.rows)
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            f.write(csv_text(rows))
+            f.write(csv_text(rows, columns=self.columns))
             f.flush()
             os.fsync(f.fileno())
-        self.rows += [{c: str(row[c]) for c in COLUMNS} for row in rows]
+        self.rows += [{c: str(row[c]) for c in self.columns} for row in rows]
 
     def rewrite(self, rows: list[dict[str, str]]) -> None:
-        write_atomic(self.path, csv_text(rows, header=True).encode())
+        write_atomic(self.path, csv_text(rows, header=True, columns=self.columns).encode())
         self.rows = rows
 
     def complete_units(self, model: str, expected: Mapping[str, int], seed: int) -> set[tuple[str, str]]:

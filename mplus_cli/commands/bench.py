@@ -19,6 +19,7 @@ from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handl
 from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
+from .longbench import longbench
 from .speed import speed
 from .sweep import (
     RESUME_KEYS,
@@ -242,3 +243,4 @@ def bench_merge(
 
 
 bench_app.command("speed")(speed)
+bench_app.command("longbench")(longbench)

@@ -1,0 +1,222 @@
+"""`mplus bench longbench`: LongBench's six English QA sets read from memory, scored with QA-F1."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+import model as mp
+from model.systems import SpecError, build_system, label
+from model.systems.latent import LatentMemory
+from model.text.tokenizer import has_chat_template
+from tasks import longbench as lb
+from tasks import results as res
+from tasks.sizes import format_size, parse_size
+
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..devices import pick_device, pick_dtype
+from ..errors import ConflictError, UsageError
+from ..models import load_model, model_id, requested_model
+from ..output import emit
+from ..root import say
+from .sweep import check_systems, task_errors, versions, writing_into
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+RESUME_KEYS = ("truncation", "chunk_tokens", "seed", "data", "chat", "limit")  # a resumed run must match these
+UNION_KEYS = ("sets", "max_lengths", "models", "systems")  # and may add to these
+
+
+def parse_sets(text: str) -> tuple[str, ...]:
+    if text == "all":
+        return lb.SETS
+    sets = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in sets if name not in lb.SETS]
+    if unknown or not sets:
+        raise UsageError(f"unknown LongBench set {unknown[0] if unknown else text!r}: use all or {', '.join(lb.SETS)}")
+    return sets
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(dict.fromkeys(parse_size(part.strip()) for part in text.split(",") if part.strip()))
+    except ValueError as e:
+        raise UsageError(f"bad --max-length {text!r}: {e}") from None
+    if not lengths or min(lengths) < 256:
+        raise UsageError(f"bad --max-length {text!r}: give lengths of at least 256 tokens, e.g. 4k,8k,16k")
+    return lengths
+
+
+@handle_errors
+def longbench(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name, checkpoint or hub id; repeatable."),
+    ] = None,
+    system: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--system",
+            help="Also run a memory system over each model, repeatable: truncate[:tokens=N], bm25[:part=P,k=K], "
+            "snapkv[:budget=B,question=aware], or one an installed package adds.",
+        ),
+    ] = None,
+    sets: Annotated[str, typer.Option(help="all, or some of " + ", ".join(lb.SETS) + " (comma-separated).")] = "all",
+    max_length: Annotated[
+        str, typer.Option(help="Prompt lengths in tokens the context is cut to, e.g. 4k,8k,16k (k = 1000).")
+    ] = "4k,8k,16k",
+    truncate: Annotated[
+        lb.Truncation,
+        typer.Option(help="middle: keep the first and last halves (LongBench); front: keep the end (the authors')."),
+    ] = "middle",
+    limit: Annotated[int, typer.Option(min=1, help="Samples per set (the first ones; LongBench has 150-200).")] = 200,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of every memory's reset (its drops).")] = 0,
+    chunk_tokens: Annotated[int, typer.Option(min=16, help="Tokens per injection (the authors': 512).")] = 512,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="MPLUS_DATA_DIR", help="LongBench's files ({set}.jsonl; default: the hub's data.zip)."),
+    ] = None,
+    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("longbench"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done answers.")] = (
+        False
+    ),
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Ask the question part alone in the chat template, or not (default: when the tokenizer has one).",
+            show_default=False,
+        ),
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """LongBench (narrativeqa, qasper, multifieldqa_en, hotpotqa, 2wikimqa, musique) read from memory.
+
+    Each sample's prompt (LongBench's, from lm-eval's LongBench task files: pip install 'mplus[lm-eval]') is cut
+    to each --max-length; the part up to the end of its context is injected in chunks into a fresh memory, the
+    rest (instruction and question) is asked, greedy, with LongBench's answer length for the set; scored with
+    LongBench's QA-F1. Writes results.csv (one row per sample, length and model or system, appended as answered),
+    summary.csv (mean QA-F1 per set and length, the 6-set average, 95% bootstrap intervals), config.json and
+    longbench-<length>.png.
+
+    Example: mplus bench longbench --model mplus-8b --max-length 8k,16k --system truncate --system bm25
+    """
+    names, specs = model or [requested_model(None)], system or []
+    chosen, lengths = parse_sets(sets), parse_lengths(max_length)
+    results_path = output_path / "results.csv"
+    if res.holds_results(results_path) and not resume:
+        raise ConflictError(f"{output_path} already holds results: pass --resume to continue them or choose another -o")
+    with task_errors():
+        try:
+            check_systems(specs)
+        except (SpecError, ValueError) as e:
+            raise UsageError(str(e)) from e
+        prompts = lb.prompts()
+        data = {name: lb.load(name, limit, data_dir) for name in chosen}
+        config: dict[str, Any] = {
+            "command": "mplus bench longbench",
+            "sets": list(chosen),
+            "max_lengths": list(lengths),
+            "truncation": truncate,
+            "chunk_tokens": chunk_tokens,
+            "seed": seed,
+            "limit": limit,
+            "chat": chat,
+            "data": str(data_dir.resolve()) if data_dir else f"hub {lb.HUB_ID} ({lb.HUB_FILE})",
+            "prompts": {name: prompts[name].max_new_tokens for name in chosen},
+            "models": [model_id(name) for name in names],
+            "systems": specs,
+            "versions": versions(),
+            "model_details": {},
+        }
+        with writing_into(output_path):
+            if resume:
+                res.check_resumable(output_path / "config.json", config, RESUME_KEYS)
+                config = earlier_runs(output_path / "config.json", config)
+            res.write_config(output_path / "config.json", config)
+            log = res.ResultsLog(results_path, lb.COLUMNS)
+            settings, where = lb.Settings(lengths, truncate, chunk_tokens, seed), pick_device(device)
+            for name in names:
+                lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
+                config["model_details"][model_id(name)] = run_model(lm, name, specs, data, prompts, settings, chat, log)
+            summary = finish(output_path, config)
+    report(summary, output_path, as_json)
+
+
+def earlier_runs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """This run's config with the sets, lengths, models, systems and model details of the run it continues."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    union = {key: list(dict.fromkeys([*old.get(key, []), *config[key]])) for key in UNION_KEYS}
+    return config | union | {"model_details": old.get("model_details", {})}
+
+
+def run_model(
+    lm: mp.MemoryLLM,
+    name: str,
+    specs: list[str],
+    data: dict[str, list[lb.Record]],
+    prompts: dict[str, lb.Prompt],
+    settings: lb.Settings,
+    chat: bool | None,
+    log: res.ResultsLog,
+) -> dict[str, Any]:
+    """One model's memory and systems on every record and length, each answer appended to `log`; returns what
+    config.json records of it."""
+    note_label(lm)
+    if lm.tokenizer is None:
+        raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+    try:
+        systems = {"memory": LatentMemory(lm)} | {label(s): s for s in (build_system(spec, lm) for spec in specs)}
+    except SpecError as e:
+        raise UsageError(str(e)) from e
+    use_chat = has_chat_template(lm.tokenizer) if chat is None else chat
+    if use_chat and not has_chat_template(lm.tokenizer):
+        raise UsageError(f"{name}'s tokenizer has no chat template: drop --chat")
+    settings = replace(settings, chat=use_chat)
+    model, done = model_id(name), {tuple(row[key] for key in lb.UNIT) for row in log.rows}
+    for set_name, records in data.items():
+        say(f"{model}: {set_name}, {len(records)} samples x {len(settings.max_lengths)} lengths x {len(systems)} ways")
+        for record in records:
+            for row in lb.answer_rows(
+                systems, model, lm.tokenizer, set_name, record, prompts[set_name], settings, stop_ids(lm), done
+            ):
+                log.append([row])
+    return {
+        "label": lm.info.label,
+        "chat": use_chat,
+        "systems": {key: {"params": s.params, "capabilities": vars(s.capabilities)} for key, s in systems.items()},
+    }
+
+
+def finish(directory: Path, config: dict[str, Any]) -> pd.DataFrame:
+    """summary.csv, a plot per length and config.json from the run's results.csv; returns the summary."""
+    import pandas as pd
+
+    results = pd.read_csv(directory / "results.csv", dtype={"sample_id": str}, keep_default_na=False)
+    summary = lb.summarize(results)
+    res.write_atomic(directory / "summary.csv", summary.to_csv(index=False, float_format="%.4g").encode())
+    for length in config["max_lengths"]:
+        lb.plot_length(summary, length, directory / f"longbench-{format_size(length)}.png")
+    res.write_config(directory / "config.json", config | {"finished": res.now()})
+    return summary
+
+
+def report(summary: pd.DataFrame, directory: Path, as_json: bool) -> None:
+    """The 6-set averages (or the document under --json)."""
+    if as_json:
+        emit({"output": str(directory), "summary": summary.to_dict(orient="records")})
+        return
+    say(f"wrote {directory}/results.csv, summary.csv, config.json and a plot per length")
+    averages = summary[summary.set == lb.AVERAGE]
+    typer.echo("QA-F1, mean over the sets [95% bootstrap interval] (sets, n)")
+    for row in averages.itertuples():
+        interval = f"{row.qa_f1:.2f} [{row.qa_f1_lo:.2f}, {row.qa_f1_hi:.2f}] ({row.sets}, {row.n})"
+        typer.echo(f"{row.model}  {row.control}  {format_size(row.max_length)}: {interval}")
