@@ -20,6 +20,7 @@ from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
 from .longbench import longbench
+from .perplexity import perplexity
 from .speed import speed
 from .sweep import (
     RESUME_KEYS,
@@ -244,3 +245,4 @@ def bench_merge(
 
 bench_app.command("speed")(speed)
 bench_app.command("longbench")(longbench)
+bench_app.command("perplexity")(perplexity)
