@@ -19,6 +19,7 @@ from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handl
 from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
+from .integrity import integrity
 from .longbench import longbench
 from .perplexity import perplexity
 from .speed import speed
@@ -246,3 +247,4 @@ def bench_merge(
 bench_app.command("speed")(speed)
 bench_app.command("longbench")(longbench)
 bench_app.command("perplexity")(perplexity)
+bench_app.command("integrity")(integrity)

@@ -1,0 +1,174 @@
+"""`mplus bench integrity`: answers about the latest injection as the updates pile up (MemoryLLM Fig. 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+import model as mp
+from model.text.tokenizer import chat_ids, decode, encode, has_chat_template
+from tasks import data as qa
+from tasks import integrity as ig
+from tasks import results as res
+from tasks.plan import CLEAN
+from tasks.sizes import parse_size
+
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..devices import pick_device, pick_dtype
+from ..errors import ConflictError, UsageError
+from ..models import load_model, model_id, requested_model
+from ..output import emit
+from ..root import say
+from .sweep import task_errors, versions, writing_into
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+StreamDataset = Literal["synthetic", "news", "squad", "nq"]
+RESUME_KEYS = ("model", "dataset", "every", "ago", "seed", "chunk_tokens", "chat", "limit")
+
+
+@handle_errors
+def integrity(
+    updates: Annotated[str, typer.Option(help="Updates (samples injected) in all: 10k, 1M (k = 1000).")] = "10k",
+    every: Annotated[int, typer.Option(min=1, help="Ask after every this many updates.")] = 100,
+    ago: Annotated[int, typer.Option(min=1, help="Also ask about the sample injected this many updates before.")] = 10,
+    dataset: Annotated[
+        StreamDataset, typer.Option(help="synthetic, news (both offline), squad or nq: the samples streamed in order.")
+    ] = "synthetic",
+    limit: Annotated[
+        int, typer.Option(min=1, help="Samples of the dataset streamed (then from the first again).")
+    ] = 1000,
+    model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory (its drops).")] = 0,
+    chunk_tokens: Annotated[int, typer.Option(min=16, help="Most tokens per injection.")] = 512,
+    save_every: Annotated[
+        int, typer.Option(min=1, help="Save the memory for --resume after this many updates.")
+    ] = 1000,
+    data_dir: Annotated[Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="As for bench retention.")] = None,
+    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("integrity"),
+    resume: Annotated[bool, typer.Option(help="Continue from the memory the run saved last.")] = False,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Ask in the chat template (default: when the tokenizer has one).",
+            show_default=False,
+        ),
+    ] = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answers about the most recent injection (and one --ago updates back) as updates accumulate.
+
+    Each update injects one sample's evidence; after every --every updates both questions are asked from the
+    memory, greedy (the retention sweep's clean prompt, or its chat turn). Writes results.csv (one row per
+    question: the update, the answer, exact hit / EM / F1, the memory's mean row norm and long-term rows),
+    integrity.png (the answers against the updates with an EMA line) and config.json; the memory is saved every
+    --save-every updates under the output directory so --resume continues from it.
+
+    Example: mplus bench integrity --model smollm2-135m --updates 10k --every 100
+    """
+    try:
+        total = parse_size(updates)
+    except ValueError as e:
+        raise UsageError(f"bad --updates {updates!r}: {e}") from None
+    name = model or requested_model(None)
+    results_path = output_path / "results.csv"
+    if res.holds_results(results_path) and not resume:
+        raise ConflictError(f"{output_path} already holds results: pass --resume to continue them or choose another -o")
+    with task_errors():
+        data = qa.load(dataset, limit=limit, data_dir=data_dir)
+        where = pick_device(device)
+        lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
+        note_label(lm)
+        if lm.tokenizer is None:
+            raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+        use_chat = has_chat_template(lm.tokenizer) if chat is None else chat
+        config = {
+            "command": "mplus bench integrity",
+            "model": model_id(name),
+            "dataset": dataset,
+            "data": data.source,
+            "limit": limit,
+            "updates": total,
+            "every": every,
+            "ago": ago,
+            "seed": seed,
+            "chunk_tokens": chunk_tokens,
+            "chat": use_chat,
+            "label": lm.info.label,
+            "versions": versions(),
+        }
+        with writing_into(output_path):
+            if resume:
+                res.check_resumable(output_path / "config.json", config, RESUME_KEYS)
+            res.write_config(output_path / "config.json", config)
+            start, state = resumed(output_path, lm, seed)
+            log = res.ResultsLog(results_path, ig.COLUMNS)
+            log.rewrite([row for row in log.rows if int(row["update"]) <= start])  # past the save: asked again
+            stream = ig.Stream(data.samples, every, ago)
+
+            def question_ids(sample: qa.Sample) -> list[int]:
+                if use_chat:
+                    return chat_ids(lm.tokenizer, sample.question)
+                return encode(lm.tokenizer, CLEAN.question_template.format(question=sample.question))
+
+            settings = mp.DecodeSettings(max_new_tokens=CLEAN.max_new_tokens, stop_token_ids=stop_ids(lm))
+            say(f"{config['model']}: {total - start} updates from update {start + 1}, questions every {every}")
+            for update in range(start + 1, total + 1):
+                ids = encode(lm.tokenizer, stream.sample_at(update).context)
+                ig.inject_update(lm, state, ids, chunk_tokens)
+                if update % every == 0:
+                    rows = ig.checkpoint_rows(lm, state, stream, update, question_ids, settings, decode_with(lm))
+                    log.append(rows)
+                if update % save_every == 0 or update == total:
+                    ig.save_state(state, output_path, update)
+            results = read_results(results_path)
+            ig.plot(results, output_path / "integrity.png", f"{config['model']}, {dataset}: every {every} updates")
+            res.write_config(output_path / "config.json", config | {"finished": res.now()})
+    report(results, output_path, as_json)
+
+
+def decode_with(lm: mp.MemoryLLM) -> Callable[[list[int]], str]:
+    return lambda ids: decode(lm.tokenizer, ids)
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    text = ("asked", "sample_id", "question", "gold", "prediction", "ltm_rows")
+    return pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False)
+
+
+def resumed(directory: Path, lm: mp.MemoryLLM, seed: int) -> tuple[int, mp.MemoryState]:
+    """(the update the run continues after, its memory): the last save, else 0 and a fresh memory."""
+    saved = ig.saved_state(directory, lm.device)
+    return saved if saved is not None else (0, lm.new_state(seed, mp.storage_dtype(lm)))
+
+
+def report(results: pd.DataFrame, directory: Path, as_json: bool) -> None:
+    """The exact hit of the recent and the earlier sample over the first and the last tenth of the run."""
+    summary = {}
+    for kind in (ig.RECENT, ig.AGO):
+        rows = results[results.asked == kind].sort_values("update")
+        tenth = max(len(rows) // 10, 1)
+        summary[kind] = {
+            "questions": len(rows),
+            "exact_hit_first_tenth": float(rows.exact_hit[:tenth].mean()) if len(rows) else None,
+            "exact_hit_last_tenth": float(rows.exact_hit[-tenth:].mean()) if len(rows) else None,
+        }
+    if as_json:
+        emit({"output": str(directory), "summary": summary})
+        return
+    say(f"wrote {directory}/results.csv, integrity.png and config.json")
+    for kind, row in summary.items():
+        typer.echo(
+            f"{kind}: exact hit {row['exact_hit_first_tenth']} (first tenth) -> {row['exact_hit_last_tenth']} "
+            f"(last tenth), {row['questions']} questions"
+        )
