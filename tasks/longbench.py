@@ -8,13 +8,16 @@ question) is what is asked. The score is LongBench's QA-F1: the best token F1 ov
 normalized words, in points (0-100).
 
 Data: LongBench's files (`{set}.jsonl` with `input`, `context`, `answers`, `_id`), from a local directory in
-LongBench's layout or from the hub's `THUDM/LongBench` (its data.zip, read in place).
+LongBench's layout or from the hub's `THUDM/LongBench` (its data.zip, read in place). Offline, the `news` set
+stands in for them: each news test question's story among other news stories and essays as numbered passages
+(in a seeded order), asked with the multi-document prompt of hotpotqa.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -26,13 +29,17 @@ import numpy as np
 
 from model.zoo import hub
 
+from . import realtext
 from .metrics import normalize_answer
-from .samples import DataError
+from .samples import DataError, take_chars
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique")
+OFFLINE = "news"  # not LongBench: the news questions (test split) in the form of its multi-document sets, offline
+OFFLINE_PROMPT = "hotpotqa"  # whose prompt and answer length the offline set takes
+OFFLINE_CONTEXT_CHARS = 40_000  # about 10k tokens of passages per question, as LongBench's contexts
 HUB_ID = "THUDM/LongBench"
 HUB_FILE = "data.zip"
 Truncation = Literal["middle", "front"]
@@ -80,7 +87,7 @@ def prompts() -> dict[str, Prompt]:
             raise DataError(f"lm-eval's LongBench task {name} has no {{{{context}}}} before its question")
         max_new = int(task["generation_kwargs"]["max_gen_toks"])
         found[name] = Prompt(head, tail.replace("{{question}}", "{input}"), max_new)
-    return found
+    return found | {OFFLINE: found[OFFLINE_PROMPT]}
 
 
 def record_of(row: dict[str, Any]) -> Record:
@@ -106,14 +113,30 @@ def local_file(data_dir: Path, name: str) -> Path:
 
 
 def load(name: str, limit: int | None, data_dir: Path | None = None) -> list[Record]:
-    """The first `limit` records of a set, from `data_dir` or the hub."""
+    """The first `limit` records of a set, from `data_dir` or the hub (`news`: built offline)."""
+    if name == OFFLINE:
+        return offline_news(limit, data_dir)
     if name not in SETS:
-        raise ValueError(f"unknown LongBench set {name!r}: use {', '.join(SETS)}")
+        raise ValueError(f"unknown LongBench set {name!r}: use {', '.join(SETS)} or {OFFLINE}")
     if data_dir is not None:
         with open(local_file(data_dir, name), encoding="utf-8") as f:
             return read_records(f, limit)
     with zipfile.ZipFile(hub_zip()) as archive, archive.open(f"data/{name}.jsonl") as raw:
         return read_records(io.TextIOWrapper(raw, encoding="utf-8"), limit)
+
+
+def offline_news(limit: int | None, data_dir: Path | None = None) -> list[Record]:
+    """Each news test question with its story among other passages (the dev stories, then the essays) in a
+    seeded order, numbered as LongBench's multi-document contexts: about OFFLINE_CONTEXT_CHARS characters."""
+    data = realtext.news("test", limit, 4 * OFFLINE_CONTEXT_CHARS, data_dir)
+    records = []
+    for sample in data.samples:
+        rng = random.Random(f"longbench-news-{sample.id}")
+        others = take_chars(rng.sample(data.distractors, len(data.distractors)), OFFLINE_CONTEXT_CHARS)
+        others.insert(rng.randint(0, len(others)), sample.context)
+        context = "\n\n".join(f"Passage {i + 1}:\n{passage}" for i, passage in enumerate(others))
+        records.append(Record(sample.id, context, sample.question, (sample.answer,)))
+    return records
 
 
 def hub_zip() -> Path:
@@ -263,7 +286,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, control, length), group in results.groupby(["model", "control", "max_length"], sort=False):
         per_set = {name: scores.qa_f1.astype(float).tolist() for name, scores in group.groupby("set", sort=False)}
-        per_set = {name: per_set[name] for name in SETS if name in per_set}
+        per_set = {name: per_set[name] for name in (*SETS, OFFLINE) if name in per_set}
         key = {"model": model, "control": control, "max_length": int(length)}
         for name, scores in per_set.items():
             rows.append({"set": name} | key | mean_row([scores]))
@@ -286,7 +309,7 @@ def plot_length(summary: pd.DataFrame, length: int, path: Path) -> None:
 
     rows = summary[summary.max_length == length]
     lines = list(dict.fromkeys(zip(rows.model, rows.control, strict=True)))
-    names = [name for name in (*SETS, AVERAGE) if name in set(rows.set)]
+    names = [name for name in (*SETS, OFFLINE, AVERAGE) if name in set(rows.set)]
     figure = Figure(figsize=(max(6.0, 1.4 * len(names)), 4.0), layout="constrained")
     axes = figure.subplots()
     width = 0.8 / max(len(lines), 1)

@@ -36,9 +36,10 @@ def parse_sets(text: str) -> tuple[str, ...]:
     if text == "all":
         return lb.SETS
     sets = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [name for name in sets if name not in lb.SETS]
+    unknown = [name for name in sets if name not in (*lb.SETS, lb.OFFLINE)]
     if unknown or not sets:
-        raise UsageError(f"unknown LongBench set {unknown[0] if unknown else text!r}: use all or {', '.join(lb.SETS)}")
+        choices = f"all, {', '.join(lb.SETS)} or {lb.OFFLINE} (offline)"
+        raise UsageError(f"unknown LongBench set {unknown[0] if unknown else text!r}: use {choices}")
     return sets
 
 
@@ -66,7 +67,13 @@ def longbench(
             "snapkv[:budget=B,question=aware], or one an installed package adds.",
         ),
     ] = None,
-    sets: Annotated[str, typer.Option(help="all, or some of " + ", ".join(lb.SETS) + " (comma-separated).")] = "all",
+    sets: Annotated[
+        str,
+        typer.Option(
+            help=f"all, or some of {', '.join(lb.SETS)} (comma-separated); {lb.OFFLINE}: an offline stand-in built "
+            "from the news stories (no hub)."
+        ),
+    ] = "all",
     max_length: Annotated[
         str, typer.Option(help="Prompt lengths in tokens the context is cut to, e.g. 4k,8k,16k (k = 1000).")
     ] = "4k,8k,16k",

@@ -29,8 +29,8 @@ def write_set(directory, name: str, n: int) -> None:
 
 def test_the_prompts_and_answer_lengths_are_longbenchs():
     prompts = lb.prompts()
-    assert set(prompts) == set(lb.SETS)
-    assert {name: p.max_new_tokens for name, p in prompts.items()} == {
+    assert set(prompts) == {*lb.SETS, lb.OFFLINE}
+    assert {name: p.max_new_tokens for name, p in prompts.items() if name in lb.SETS} == {
         "narrativeqa": 128,
         "qasper": 128,
         "multifieldqa_en": 64,
@@ -117,3 +117,22 @@ def test_bad_input_is_one_line_with_its_exit_code(tmp_path, extra, code, says):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == code, result.output
     assert result.stderr.count("\n") == 1 and says in result.stderr
+
+
+def test_the_offline_news_set_puts_each_story_among_numbered_passages_and_runs(tmp_path):
+    from tests.test_tasks.test_realtext import write_essays, write_news
+
+    write_news(tmp_path)
+    write_essays(tmp_path)
+    records = lb.load("news", 3, tmp_path)
+    assert [r.answers for r in records] == [("37",), ("38",), ("39",)]  # test stories 35.. hold the counts i + 2
+    for record in records:
+        story = f"Story {35 + records.index(record)} begins here."
+        assert record.context.startswith("Passage 1:\n") and story in record.context
+        assert len(record.context) >= lb.OFFLINE_CONTEXT_CHARS
+    assert records[0].context.index("Story 35 ") != records[1].context.index("Story 36 ")  # seeded per question
+    assert lb.prompts()["news"] == lb.prompts()["hotpotqa"]
+    args = ["bench", "longbench", "--model", "tiny-free-mplus", "--sets", "news", "--data-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--limit", "2", "--max-length", "1k", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert len(list(csv.DictReader((tmp_path / "run" / "results.csv").open()))) == 2
