@@ -57,6 +57,15 @@ ModelOpt = Annotated[
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
 ]
+ChatOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--chat/--no-chat",
+        help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
+        show_default=False,
+    ),
+]
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
 DeviceOpt = Annotated[
     str,

@@ -25,6 +25,7 @@ from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
 
 from .metrics import score
+from .results import METRICS
 from .samples import Sample
 
 if TYPE_CHECKING:
@@ -37,9 +38,7 @@ COLUMNS = (
     "question",
     "gold",
     "prediction",
-    "exact_hit",
-    "em",
-    "f1",
+    *METRICS,
     "row_norm",
     "ltm_rows",
     "seconds",

@@ -15,7 +15,7 @@ from tasks.plan import ProtocolName
 from tasks.realtext import Split
 from tasks.results import Metric
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
+from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
 from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
@@ -96,14 +96,6 @@ BatchOpt = Annotated[
         min=1,
         max=256,
         help="Samples run at once: B memories written and asked in one batch (clean protocol; same results).",
-    ),
-]
-ChatOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--chat/--no-chat",
-        help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
-        show_default=False,
     ),
 ]
 

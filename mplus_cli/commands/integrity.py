@@ -16,7 +16,7 @@ from tasks import results as res
 from tasks.plan import CLEAN
 from tasks.sizes import parse_size
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -45,20 +45,13 @@ def integrity(
     model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory (its drops).")] = 0,
     chunk_tokens: Annotated[int, typer.Option(min=16, help="Most tokens per injection.")] = 512,
+    chat: ChatOpt = None,
     save_every: Annotated[
         int, typer.Option(min=1, help="Save the memory for --resume after this many updates.")
     ] = 1000,
     data_dir: Annotated[Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="As for bench retention.")] = None,
     output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("integrity"),
     resume: Annotated[bool, typer.Option(help="Continue from the memory the run saved last.")] = False,
-    chat: Annotated[
-        bool | None,
-        typer.Option(
-            "--chat/--no-chat",
-            help="Ask in the chat template (default: when the tokenizer has one).",
-            show_default=False,
-        ),
-    ] = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,

@@ -17,7 +17,7 @@ from tasks import longbench as lb
 from tasks import results as res
 from tasks.sizes import format_size, parse_size
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -92,14 +92,7 @@ def longbench(
     resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done answers.")] = (
         False
     ),
-    chat: Annotated[
-        bool | None,
-        typer.Option(
-            "--chat/--no-chat",
-            help="Ask the question part alone in the chat template, or not (default: when the tokenizer has one).",
-            show_default=False,
-        ),
-    ] = None,
+    chat: ChatOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
