@@ -13,6 +13,7 @@ from model.systems.baselines import no_memory
 from model.text.tokenizer import encode
 from tasks import perplexity as pp
 from tasks import results as res
+from tasks.sizes import parse_size
 
 from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
 from ..devices import pick_device, pick_dtype
@@ -47,9 +48,7 @@ def perplexity(
         str | None,
         typer.Option(help="First inject other text into the memory: news, essays (past the scored texts) or a file."),
     ] = None,
-    fill_tokens: Annotated[
-        int, typer.Option(min=512, help="Tokens of --fill injected (whole chunks of 512).")
-    ] = 16_000,
+    fill_tokens: Annotated[str, typer.Option(help="Tokens of --fill injected (whole chunks of 512): 4k, 16k.")] = "16k",
     data_dir: Annotated[
         Path | None, typer.Option(help="Directory with lee_background.cor (news) or the essays (default: the wheels).")
     ] = None,
@@ -79,6 +78,7 @@ def perplexity(
     with task_errors():
         docs = pp.texts(source, limit, text or [], data_dir)
         fill_with = pp.fill_text(fill, source, limit, data_dir) if fill else ""
+        fill_count = fill_size(fill_tokens)
         rows, details, where = [], {}, pick_device(device)
         for name in names:
             lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
@@ -87,8 +87,8 @@ def perplexity(
                 raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
             state = lm.new_state(seed)
             if fill_with:
-                say(f"{model_id(name)}: filling its memory with {fill_tokens} tokens of {fill}")
-                state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_tokens])
+                say(f"{model_id(name)}: filling its memory with {fill_count} tokens of {fill}")
+                state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_count])
             rows += score_model(lm, model_id(name), docs, max_tokens, state)
             details[model_id(name)] = {"label": lm.info.label}
         with writing_into(output_path):
@@ -100,10 +100,20 @@ def perplexity(
                 "max_tokens": max_tokens,
                 "seed": seed,
                 "fill": fill,
-                "fill_tokens": fill_tokens,
+                "fill_tokens": fill_count,
             }
             res.write_config(output_path / "config.json", run_config(source, text, docs, settings, details))
     report(summary, output_path, as_json)
+
+
+def fill_size(text: str) -> int:
+    try:
+        tokens = parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"bad --fill-tokens {text!r}: {e}") from None
+    if tokens < 512:
+        raise UsageError(f"bad --fill-tokens {text!r}: at least 512 (one whole chunk)")
+    return tokens
 
 
 def score_model(

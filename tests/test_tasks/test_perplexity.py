@@ -69,9 +69,9 @@ def test_a_run_scores_every_text_with_and_without_memory_token_weighted(tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["texts"][str(files[1])] == hashlib.sha256(files[1].read_bytes()).hexdigest()
     fill = tmp_path / "fill.txt"
-    fill.write_text("Old harbour notes. " * 60)  # 1,140 bytes: two chunks of 512 injected first
+    fill.write_text("Old harbour notes. " * 60)  # 1,140 bytes: of its first 1k tokens, one chunk of 512 injected
     args_filled = [*args[:-1], str(tmp_path / "filled"), "--text", str(files[0]), "--fill", str(fill)]
-    filled = CliRunner().invoke(app, [*args_filled, "--fill-tokens", "1024"])
+    filled = CliRunner().invoke(app, [*args_filled, "--fill-tokens", "1k"])
     assert filled.exit_code == 0, filled.output
     after = {row["reading"]: float(row["nll"]) for row in csv.DictReader((tmp_path / "filled" / "results.csv").open())}
     assert after["base"] == pytest.approx(float(rows[1]["nll"]))  # the base model reads as before
