@@ -15,6 +15,7 @@ from model.systems.latent import LatentMemory
 from model.text.tokenizer import has_chat_template
 from tasks import longbench as lb
 from tasks import results as res
+from tasks.plan import parse_shard, shard_slice
 from tasks.sizes import format_size, parse_size
 
 from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
@@ -28,7 +29,7 @@ from .sweep import check_systems, task_errors, versions, writing_into
 if TYPE_CHECKING:
     import pandas as pd
 
-RESUME_KEYS = ("truncation", "chunk_tokens", "seed", "data", "chat", "limit")  # a resumed run must match these
+RESUME_KEYS = ("truncation", "chunk_tokens", "seed", "data", "chat", "limit", "shard")  # a resumed run must match these
 UNION_KEYS = ("sets", "max_lengths", "models", "systems")  # and may add to these
 
 
@@ -88,6 +89,9 @@ def longbench(
         Path | None,
         typer.Option(envvar="MPLUS_DATA_DIR", help="LongBench's files ({set}.jsonl; default: the hub's data.zip)."),
     ] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Run only the i-th of n contiguous slices of each set's samples, e.g. 2/4.")
+    ] = None,
     output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("longbench"),
     resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done answers.")] = (
         False
@@ -111,6 +115,10 @@ def longbench(
     """
     names, specs = model or [requested_model(None)], system or []
     chosen, lengths = parse_sets(sets), parse_lengths(max_length)
+    try:
+        part = parse_shard(shard or "1/1")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     results_path = output_path / "results.csv"
     if res.holds_results(results_path) and not resume:
         raise ConflictError(f"{output_path} already holds results: pass --resume to continue them or choose another -o")
@@ -120,7 +128,7 @@ def longbench(
         except (SpecError, ValueError) as e:
             raise UsageError(str(e)) from e
         prompts = lb.prompts()
-        data = {name: lb.load(name, limit, data_dir) for name in chosen}
+        data = {name: shard_slice(lb.load(name, limit, data_dir), *part) for name in chosen}
         config: dict[str, Any] = {
             "command": "mplus bench longbench",
             "sets": list(chosen),
@@ -129,6 +137,7 @@ def longbench(
             "chunk_tokens": chunk_tokens,
             "seed": seed,
             "limit": limit,
+            "shard": f"{part[0]}/{part[1]}",
             "chat": chat,
             "data": str(data_dir.resolve()) if data_dir else f"hub {lb.HUB_ID} ({lb.HUB_FILE})",
             "prompts": {name: prompts[name].max_new_tokens for name in chosen},

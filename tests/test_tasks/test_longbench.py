@@ -136,3 +136,17 @@ def test_the_offline_news_set_puts_each_story_among_numbered_passages_and_runs(t
     result = CliRunner().invoke(app, [*args, "--limit", "2", "--max-length", "1k", "-o", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert len(list(csv.DictReader((tmp_path / "run" / "results.csv").open()))) == 2
+
+
+def test_shards_split_each_sets_samples_into_disjoint_slices(tmp_path):
+    write_set(tmp_path, "musique", 3)
+    ids = []
+    for shard in ("1/2", "2/2"):
+        args = ["bench", "longbench", "--model", "tiny-free-mplus", "--sets", "musique", "--data-dir", str(tmp_path)]
+        out = tmp_path / shard.replace("/", "-of-")
+        result = CliRunner().invoke(app, [*args, "--max-length", "512", "--shard", shard, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        ids.append([row["sample_id"] for row in csv.DictReader((out / "results.csv").open())])
+    assert ids == [["musique-0"], ["musique-1", "musique-2"]]
+    bad = CliRunner().invoke(app, [*args, "--shard", "3/2", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "bad shard '3/2'" in bad.stderr
