@@ -19,6 +19,7 @@ from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerO
 from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
+from .editing import editing
 from .integrity import integrity
 from .longbench import longbench
 from .perplexity import perplexity
@@ -240,3 +241,4 @@ bench_app.command("speed")(speed)
 bench_app.command("longbench")(longbench)
 bench_app.command("perplexity")(perplexity)
 bench_app.command("integrity")(integrity)
+bench_app.command("editing")(editing)

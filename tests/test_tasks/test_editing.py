@@ -1,0 +1,104 @@
+"""bench editing: ROME's records read into edits, its metrics (token-level for zsRE, new-vs-true probability for
+CounterFact) on a model whose predictions are known, and a run on the tiny model with the unedited reference."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from model.text.tokenizer import byte_tokenizer
+from mplus_cli.app import app
+from tasks import editing as ed
+
+ZSRE = [
+    {
+        "subject": "Watts Humphrey",
+        "src": "What university did Watts Humphrey attend?",
+        "answers": ["University of Michigan"],
+        "rephrase": "What university did Watts Humphrey go to?",
+        "loc": "nq question: who played desmond doss father in hacksaw ridge",
+        "loc_ans": "Hugo Weaving",
+    }
+] * 3
+COUNTERFACT = [
+    {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "target_new": {"str": "English"},
+            "target_true": {"str": "French"},
+        },
+        "paraphrase_prompts": ["Danielle Darrieux spoke the language", "Danielle Darrieux's mother tongue is"],
+        "neighborhood_prompts": ["The native language of Montesquieu is", "Jean Gabin spoke the language"],
+    }
+]
+
+
+class NextByte:
+    """A stand-in model over bytes: after byte b it is most sure of b + 1 (logit 5), then of b (logit 1)."""
+
+    def __call__(self, ids: torch.Tensor, state) -> object:
+        logits = torch.zeros(*ids.shape, 258)
+        logits.scatter_(-1, (ids + 1).clamp(max=257)[..., None], 5.0)
+        logits.scatter_(-1, ids[..., None], 1.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_records_become_edits_as_rome_reads_them(tmp_path):
+    (tmp_path / "counterfact.json").write_text(json.dumps(COUNTERFACT))
+    (tmp_path / "zsre_mend_eval.json").write_text(json.dumps(ZSRE))
+    (cf,) = ed.load("counterfact", tmp_path, None)
+    assert cf.fact == "The mother tongue of Danielle Darrieux is English." and cf.target_true == "French"
+    assert cf.neighbours == (
+        ("The native language of Montesquieu is", "French"),
+        ("Jean Gabin spoke the language", "French"),
+    )
+    zsre = ed.load("zsre", tmp_path, 2)
+    assert len(zsre) == 2 and zsre[0].fact == "What university did Watts Humphrey attend? University of Michigan"
+    assert zsre[0].neighbours == (("nq question: who played desmond doss father in hacksaw ridge?", "Hugo Weaving"),)
+
+
+def test_token_accuracy_is_the_share_of_target_tokens_predicted_teacher_forced():
+    tokenizer = byte_tokenizer()
+    # " cd" after "ab": after b it predicts c (not the space), after the space not c either, after c it predicts d
+    assert ed.token_accuracy(NextByte(), None, tokenizer, "ab", "cd") == pytest.approx(1 / 3)
+    # " cdef": the space and c are missed (the byte tokenizer's space is not next to b), then d, e, f are predicted
+    assert ed.token_accuracy(NextByte(), None, tokenizer, "ab", "cdef") == pytest.approx(3 / 5)
+
+
+def test_new_beats_true_compares_mean_nll_per_token():
+    tokenizer = byte_tokenizer()
+    edit = ed.Edit("0", "", "", (), target_new="bc", target_true="xz", neighbours=())
+    # " bc" and " xz" after "a": neither space nor first letter is favoured; then c after b is, z after x is not
+    assert ed.mean_nll(NextByte(), None, tokenizer, "a", "bc") < ed.mean_nll(NextByte(), None, tokenizer, "a", "xz")
+    assert ed.new_beats_true(NextByte(), None, tokenizer, "a", edit)
+    assert not ed.new_beats_true(NextByte(), None, tokenizer, "a", ed.Edit("0", "", "", (), "xz", "bc", ()))
+
+
+def test_score_is_the_harmonic_mean_and_zero_when_a_part_is():
+    assert ed.score(50.0, 100.0, 100.0) == pytest.approx(75.0)
+    assert ed.score(0.0, 100.0, 100.0) == 0.0
+
+
+@pytest.mark.parametrize("dataset", ["zsre", "counterfact"])
+def test_a_run_scores_the_unedited_model_then_the_injected_edits(tmp_path, dataset):
+    (tmp_path / "zsre_mem_eval.json").write_text(json.dumps(ZSRE))
+    (tmp_path / "counterfact.json").write_text(json.dumps(COUNTERFACT * 2))
+    args = ["bench", "editing", "--dataset", dataset, "--data-dir", str(tmp_path), "--model", "tiny-free-mplus"]
+    result = CliRunner().invoke(app, [*args, "--sequential", "2", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
+    n = 3 if dataset == "zsre" else 2
+    assert [row["condition"] for row in rows] == ["unedited"] * n + ["injected, 2 in sequence"] * n
+    summary = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
+    assert [row["condition"] for row in summary] == ["unedited", "injected, 2 in sequence"]
+    for row in summary:
+        mine = [r for r in rows if r["condition"] == row["condition"]]
+        assert float(row["efficacy"]) == pytest.approx(100 * sum(float(r["efficacy"]) for r in mine) / n)
+    missing = CliRunner().invoke(app, ["bench", "editing", "--dataset", dataset, "--data-dir", str(tmp_path / "none")])
+    assert missing.exit_code == 3 and "ROME's data files" in missing.stderr
