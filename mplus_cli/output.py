@@ -4,9 +4,12 @@ the one progress bar."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
+
+from .root import say
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -42,6 +45,16 @@ def columns(rows: list[list[str]], right: tuple[int, ...] = ()) -> list[str]:
 
 def emit(document: dict[str, Any]) -> None:
     typer.echo(json.dumps(document, indent=1))
+
+
+def run_written(directory: Path, summary: Any, as_json: bool) -> bool:
+    """Under --json the run's summary as one document (True: nothing else to print); else the line that says
+    what was written (False: the caller prints its table)."""
+    if as_json:
+        emit({"output": str(directory), "summary": summary})
+        return True
+    say(f"wrote {directory}/results.csv, summary.csv and config.json")
+    return False
 
 
 def approx(n: float) -> str:

@@ -123,6 +123,19 @@ class ResultsLog:
         return set(counts) - broken
 
 
+def write_run(
+    directory: Path,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    summary: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+) -> None:
+    """A run computed whole: results.csv (`rows` in `columns`), summary.csv (its rows' own keys) and config.json."""
+    write_atomic(directory / "results.csv", csv_text(rows, header=True, columns=columns).encode())
+    write_atomic(directory / "summary.csv", csv_text(summary, header=True, columns=list(summary[0])).encode())
+    write_config(directory / "config.json", config)
+
+
 def holds_results(path: Path) -> bool:
     """Whether results.csv at `path` has a line past its header (a run that failed before its first
     result leaves only the header, and can simply be run again)."""

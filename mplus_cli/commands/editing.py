@@ -17,7 +17,7 @@ from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handl
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
-from ..output import emit
+from ..output import run_written
 from ..root import say
 from .sweep import task_errors, versions, writing_into
 
@@ -81,9 +81,7 @@ def editing(
             "finished": res.now(),
         }
         with writing_into(output_path):
-            res.write_atomic(output_path / "results.csv", res.csv_text(rows, header=True, columns=COLUMNS).encode())
-            res.write_atomic(output_path / "summary.csv", res.csv_text(summary, True, list(summary[0])).encode())
-            res.write_config(output_path / "config.json", config)
+            res.write_run(output_path, rows, COLUMNS, summary, config)
     report(summary, output_path, as_json)
 
 
@@ -111,10 +109,8 @@ def edit_rows(
 
 
 def report(summary: list[dict[str, Any]], directory: Path, as_json: bool) -> None:
-    if as_json:
-        emit({"output": str(directory), "summary": summary})
+    if run_written(directory, summary, as_json):
         return
-    say(f"wrote {directory}/results.csv, summary.csv and config.json")
     for row in summary:
         figures = "  ".join(f"{m} {row[m]:.1f}" for m in ed.METRICS)
         typer.echo(f"{row['dataset']}  {row['condition']}: score {row['score']:.1f}  {figures}  (n {row['n']})")

@@ -19,7 +19,7 @@ from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handl
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
-from ..output import emit
+from ..output import run_written
 from ..root import say
 from .sweep import task_errors, versions, writing_into
 
@@ -91,18 +91,10 @@ def perplexity(
                 state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_count])
             rows += score_model(lm, model_id(name), docs, max_tokens, state)
             details[model_id(name)] = {"label": lm.info.label}
+        summary = summarize(rows)
+        settings = {"limit": limit, "max_tokens": max_tokens, "seed": seed, "fill": fill, "fill_tokens": fill_count}
         with writing_into(output_path):
-            res.write_atomic(output_path / "results.csv", res.csv_text(rows, header=True, columns=pp.COLUMNS).encode())
-            summary = summarize(rows)
-            res.write_atomic(output_path / "summary.csv", res.csv_text(summary, True, list(summary[0])).encode())
-            settings = {
-                "limit": limit,
-                "max_tokens": max_tokens,
-                "seed": seed,
-                "fill": fill,
-                "fill_tokens": fill_count,
-            }
-            res.write_config(output_path / "config.json", run_config(source, text, docs, settings, details))
+            res.write_run(output_path, rows, pp.COLUMNS, summary, run_config(source, text, docs, settings, details))
     report(summary, output_path, as_json)
 
 
@@ -178,10 +170,8 @@ def run_config(
 
 
 def report(summary: list[dict[str, Any]], directory: Path, as_json: bool) -> None:
-    if as_json:
-        emit({"output": str(directory), "summary": summary})
+    if run_written(directory, summary, as_json):
         return
-    say(f"wrote {directory}/results.csv, summary.csv and config.json")
     for row in summary:
         ratio = f"  (memory / base: {row['memory_vs_base']:.4f})" if row["memory_vs_base"] != "" else ""
         typer.echo(
