@@ -5,12 +5,13 @@ after every `every` updates the question of the most recent sample is asked, and
 injected `ago` updates before. The samples are taken in order and again from the first when the stream is
 longer than the dataset (so past the dataset's size a fact may also have been told one cycle before).
 Beside each answer: the memory's mean row norm and (M+) its long-term rows per layer, so drift is visible.
+The memory is a store session: its rows live in its files (a million updates do not fit in RAM), and its
+commits are what a resumed run continues from.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ COLUMNS = (
     "seconds",
 )
 RECENT, AGO = "recent", "ago"
-POINTER = "memory.json"  # {"update": u, "directory": "memory-u"}: the saved state a resumed run starts from
+SESSION = "memory"  # the stream's memory: a store session in the output directory (rows on disk, not in RAM)
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,10 @@ def memory_stats(state: MemoryState) -> dict[str, float | str]:
     return {"row_norm": round(norm, 4), "ltm_rows": ltm}
 
 
-def inject_update(model: MemoryLLM, state: MemoryState, ids: list[int], chunk_tokens: int) -> None:
-    """One update: a sample's evidence ids, in chunks of at most `chunk_tokens`."""
+def inject_update(writer: st.Writer, model: MemoryLLM, state: MemoryState, ids: list[int], chunk_tokens: int) -> None:
+    """One update: a sample's evidence ids, in chunks of at most `chunk_tokens`, staged in the session."""
     for start in range(0, len(ids), chunk_tokens):
-        model.inject(state, torch.as_tensor(ids[start : start + chunk_tokens], dtype=torch.long))
+        writer.inject(model, state, torch.as_tensor(ids[start : start + chunk_tokens], dtype=torch.long))
 
 
 def checkpoint_rows(
@@ -94,25 +95,18 @@ def checkpoint_rows(
     return rows
 
 
-def save_state(state: MemoryState, directory: Path, update: int) -> None:
-    """The state after `update` into directory/memory-<update>, then the pointer to it written atomically; older
-    saves removed (a crash leaves the previous pointer and its state whole)."""
-    target = directory / f"memory-{update}"
-    shutil.rmtree(target, ignore_errors=True)
-    state.save(target)
-    st.write_atomic(directory / POINTER, json.dumps({"update": update, "directory": target.name}).encode())
-    for old in directory.glob("memory-*"):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def saved_state(directory: Path, device: torch.device) -> tuple[int, MemoryState] | None:
-    """(the update, the state) of the last save, or None."""
-    pointer = directory / POINTER
-    if not pointer.is_file():
-        return None
-    saved = json.loads(pointer.read_text())
-    return int(saved["update"]), MemoryState.load(directory / saved["directory"], device)
+def update_entry(update: int, sample: Sample, ids: list[int], chunk_tokens: int) -> dict[str, Any]:
+    """The session log's line for one update (what `mplus session show` lists; its count is where a resumed
+    run starts)."""
+    sha = hashlib.sha256(sample.context.encode()).hexdigest()
+    chunks = -(-len(ids) // chunk_tokens)
+    return {
+        "source": f"update {update}: {sample.id}",
+        "sha256": sha,
+        "tokens": len(ids),
+        "chunks": chunks,
+        "at": st.now(),
+    }
 
 
 def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:

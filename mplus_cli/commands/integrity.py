@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 
 import model as mp
+from model import store as st
 from model.text.tokenizer import chat_ids, decode, encode, has_chat_template
 from tasks import data as qa
 from tasks import integrity as ig
@@ -47,8 +48,8 @@ def integrity(
     chunk_tokens: Annotated[int, typer.Option(min=16, help="Most tokens per injection.")] = 512,
     chat: ChatOpt = None,
     save_every: Annotated[
-        int, typer.Option(min=1, help="Save the memory for --resume after this many updates.")
-    ] = 1000,
+        int, typer.Option(min=1, help="Commit the memory (what --resume continues from) every this many updates.")
+    ] = 100,
     data_dir: Annotated[Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="As for bench retention.")] = None,
     output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("integrity"),
     resume: Annotated[bool, typer.Option(help="Continue from the memory the run saved last.")] = False,
@@ -62,8 +63,9 @@ def integrity(
     Each update injects one sample's evidence; after every --every updates both questions are asked from the
     memory, greedy (the retention sweep's clean prompt, or its chat turn). Writes results.csv (one row per
     question: the update, the answer, exact hit / EM / F1, the memory's mean row norm and long-term rows),
-    integrity.png (the answers against the updates with an EMA line) and config.json; the memory is saved every
-    --save-every updates under the output directory so --resume continues from it.
+    integrity.png (the answers against the updates with an EMA line) and config.json; the memory is a store
+    session in the output directory (`mplus session show memory --store OUT`), committed every --save-every
+    updates, which --resume continues from.
 
     Example: mplus bench integrity --model smollm2-135m --updates 10k --every 100
     """
@@ -102,9 +104,10 @@ def integrity(
             if resume:
                 res.check_resumable(output_path / "config.json", config, RESUME_KEYS)
             res.write_config(output_path / "config.json", config)
-            start, state = resumed(output_path, lm, seed)
+            session = open_session(output_path, lm, model_id(name), seed)
+            start = len(session.log())  # one log line per committed update
             log = res.ResultsLog(results_path, ig.COLUMNS)
-            log.rewrite([row for row in log.rows if int(row["update"]) <= start])  # past the save: asked again
+            log.rewrite([row for row in log.rows if int(row["update"]) <= start])  # past the commit: asked again
             stream = ig.Stream(data.samples, every, ago)
 
             def question_ids(sample: qa.Sample) -> list[int]:
@@ -114,14 +117,19 @@ def integrity(
 
             settings = mp.DecodeSettings(max_new_tokens=CLEAN.max_new_tokens, stop_token_ids=stop_ids(lm))
             say(f"{config['model']}: {total - start} updates from update {start + 1}, questions every {every}")
-            for update in range(start + 1, total + 1):
-                ids = encode(lm.tokenizer, stream.sample_at(update).context)
-                ig.inject_update(lm, state, ids, chunk_tokens)
-                if update % every == 0:
-                    rows = ig.checkpoint_rows(lm, state, stream, update, question_ids, settings, decode_with(lm))
-                    log.append(rows)
-                if update % save_every == 0 or update == total:
-                    ig.save_state(state, output_path, update)
+            with session.writer() as writer:
+                state, entries = writer.load_state(lm.initial_state, lm.device), []
+                for update in range(start + 1, total + 1):
+                    sample = stream.sample_at(update)
+                    ids = encode(lm.tokenizer, sample.context)
+                    ig.inject_update(writer, lm, state, ids, chunk_tokens)
+                    entries.append(ig.update_entry(update, sample, ids, chunk_tokens))
+                    if update % save_every == 0 or update == total:
+                        writer.commit(state, entries)
+                        entries = []
+                    if update % every == 0:
+                        rows = ig.checkpoint_rows(lm, state, stream, update, question_ids, settings, decode_with(lm))
+                        log.append(rows)
             results = read_results(results_path)
             ig.plot(results, output_path / "integrity.png", f"{config['model']}, {dataset}: every {every} updates")
             res.write_config(output_path / "config.json", config | {"finished": res.now()})
@@ -139,10 +147,11 @@ def read_results(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False)
 
 
-def resumed(directory: Path, lm: mp.MemoryLLM, seed: int) -> tuple[int, mp.MemoryState]:
-    """(the update the run continues after, its memory): the last save, else 0 and a fresh memory."""
-    saved = ig.saved_state(directory, lm.device)
-    return saved if saved is not None else (0, lm.new_state(seed, mp.storage_dtype(lm)))
+def open_session(directory: Path, lm: mp.MemoryLLM, model: str, seed: int) -> st.Session:
+    """The stream's memory session in the output directory: the one a run left, else a new one."""
+    if st.session_exists(directory, ig.SESSION):
+        return st.Session.open(directory, ig.SESSION)
+    return st.Session.create(directory, ig.SESSION, lm.initial_state, st.binding(lm, model), seed, mp.storage_dtype(lm))
 
 
 def report(results: pd.DataFrame, directory: Path, as_json: bool) -> None:
