@@ -50,7 +50,7 @@ COMMANDS = {  # name: (module, its Typer app or command function, its help's fir
         "Serve a session's memory over HTTP as an OpenAI-compatible API (on localhost unless told otherwise).",
     ),
     "session": ("mplus_cli.commands.session", "session_app", "List, show, check, remove and fork stored sessions."),
-    "bench": ("mplus_cli.commands.bench", "bench_app", "Retention sweeps and speed benchmarks."),
+    "bench": ("mplus_cli.commands.bench", "bench_app", "Retention, LongBench, editing, integrity, perplexity, speed."),
 }
 
 

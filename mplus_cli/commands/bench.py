@@ -1,4 +1,4 @@
-"""`mplus bench`: retention sweeps over distance (SQuAD, NaturalQuestions, synthetic facts) and their plots."""
+"""`mplus bench`: retention sweeps and their plots; LongBench, editing, integrity, perplexity and speed."""
 
 from __future__ import annotations
 
@@ -38,7 +38,10 @@ from .sweep import (
 )
 
 bench_app = typer.Typer(
-    help="Retention sweeps and speed benchmarks.", no_args_is_help=True, rich_markup_mode=None, add_completion=False
+    help="Benchmarks: retention sweeps, LongBench, editing, integrity, perplexity, speed.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=False,
 )
 
 
