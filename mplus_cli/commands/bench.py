@@ -38,7 +38,7 @@ from .sweep import (
 )
 
 bench_app = typer.Typer(
-    help="Benchmarks: retention sweeps, LongBench, editing, integrity, perplexity, speed.",
+    help="Retention, LongBench, editing, integrity, perplexity, speed.",
     no_args_is_help=True,
     rich_markup_mode=None,
     add_completion=False,
