@@ -11,7 +11,10 @@ memory after the edits before it); then the record's prompts are read from that 
 Each is averaged per record, then over records, in points; Score is their harmonic mean. The unedited model
 (nothing injected) is the reference row.
 
-Files: ROME's layout, `zsre_mem_eval.json` (or `zsre_mend_eval.json`) and `counterfact.json`.
+Files: ROME's layout, `zsre_mem_eval.json` (or `zsre_mend_eval.json`) and `counterfact.json`. Offline,
+`synthetic` stands in for CounterFact: the synthetic facts (made-up entities with four-digit codes) as edits
+scored by probability, the next fact's code as the competing "true" target, two other facts' prompts as the
+neighbourhood.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
 from model.text.tokenizer import encode
 
-Dataset = Literal["zsre", "counterfact"]
+Dataset = Literal["zsre", "counterfact", "synthetic"]
 FILES = {"zsre": ("zsre_mem_eval.json", "zsre_mend_eval.json"), "counterfact": ("counterfact.json",)}
 METRICS = ("efficacy", "generalization", "specificity")
 PAPER_LIMITS = {"zsre": 10_000, "counterfact": 2_000}  # MemoryLLM Table 1: the first records of each
@@ -56,8 +59,12 @@ def data_file(data_dir: Path, dataset: Dataset) -> Path:
     raise FileNotFoundError(f"no {' or '.join(FILES[dataset])} in {data_dir} (ROME's data files)")
 
 
-def load(dataset: Dataset, data_dir: Path, limit: int | None) -> list[Edit]:
-    """The first `limit` records of ROME's file."""
+def load(dataset: Dataset, data_dir: Path | None, limit: int | None) -> list[Edit]:
+    """The first `limit` records of ROME's file (`synthetic`: built offline)."""
+    if dataset == "synthetic":
+        return synthetic_edits(limit or 100)
+    if data_dir is None:
+        raise ValueError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
     records = json.loads(data_file(data_dir, dataset).read_text(encoding="utf-8"))[:limit]
     return [zsre_edit(i, r) if dataset == "zsre" else counterfact_edit(r) for i, r in enumerate(records)]
 
@@ -79,6 +86,22 @@ def counterfact_edit(record: dict) -> Edit:
     return Edit(
         str(record["case_id"]), f"{prompt} {new}.", prompt, tuple(record["paraphrase_prompts"]), new, true, neighbours
     )
+
+
+def synthetic_edits(limit: int) -> list[Edit]:
+    """The first `limit` synthetic facts as CounterFact-style edits: "The <attribute> of the <entity> is" -> its
+    code, against the next fact's code; paraphrased as its question; the next two facts' prompts as neighbours."""
+    from .data import synthetic
+
+    samples = synthetic(limit + 2, 0).samples
+    prompts = [f"The {s.question.removeprefix('What is the ').removesuffix('?')} is" for s in samples]
+    edits = []
+    for i, sample in enumerate(samples[:limit]):
+        neighbours = tuple((prompts[j], samples[j].answer) for j in (i + 1, i + 2))
+        fact = f"{prompts[i]} {sample.answer}."
+        rival = samples[i + 1].answer
+        edits.append(Edit(sample.id, fact, prompts[i], (f"{sample.question} It is",), sample.answer, rival, neighbours))
+    return edits
 
 
 @torch.no_grad()
@@ -104,10 +127,9 @@ def mean_nll(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, targe
     return float(F.cross_entropy(logits, torch.tensor(target_ids, device=logits.device)))
 
 
-def new_beats_true(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, edit: Edit) -> bool:
-    return mean_nll(model, state, tokenizer, prompt, edit.target_new) < mean_nll(
-        model, state, tokenizer, prompt, edit.target_true
-    )
+def new_beats_true(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, new: str, true: str) -> bool:
+    """Whether the new target is the more likely after the prompt (the lower mean NLL per token)."""
+    return mean_nll(model, state, tokenizer, prompt, new) < mean_nll(model, state, tokenizer, prompt, true)
 
 
 def edit_scores(model: MemoryLLM, state: MemoryState, tokenizer, dataset: Dataset, edit: Edit) -> dict[str, float]:
@@ -120,10 +142,14 @@ def edit_scores(model: MemoryLLM, state: MemoryState, tokenizer, dataset: Datase
             ),
             "specificity": mean(token_accuracy(model, state, tokenizer, p, answer) for p, answer in edit.neighbours),
         }
+
+    def beats(prompt: str, true: str = edit.target_true) -> float:
+        return float(new_beats_true(model, state, tokenizer, prompt, edit.target_new, true))
+
     return {
-        "efficacy": float(new_beats_true(model, state, tokenizer, edit.prompt, edit)),
-        "generalization": mean(float(new_beats_true(model, state, tokenizer, p, edit)) for p in edit.paraphrases),
-        "specificity": mean(float(not new_beats_true(model, state, tokenizer, p, edit)) for p, _ in edit.neighbours),
+        "efficacy": beats(edit.prompt),
+        "generalization": mean(beats(p) for p in edit.paraphrases),
+        "specificity": mean(1 - beats(p, true) for p, true in edit.neighbours),  # each keeps its own answer
     }
 
 

@@ -27,10 +27,12 @@ UNEDITED, INJECTED = "unedited", "injected"
 
 @handle_errors
 def editing(
-    dataset: Annotated[ed.Dataset, typer.Option(help="zsre or counterfact (ROME's files in --data-dir).")],
-    data_dir: Annotated[
-        Path, typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with zsre_mem_eval.json / counterfact.json.")
+    dataset: Annotated[
+        ed.Dataset, typer.Option(help="zsre, counterfact (ROME's files in --data-dir) or synthetic (offline).")
     ],
+    data_dir: Annotated[
+        Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with zsre_mem_eval.json / counterfact.json.")
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="The first N records (the paper: 10,000 zsRE, 2,000 CounterFact).")
     ] = None,
@@ -56,6 +58,8 @@ def editing(
     Example: mplus bench editing --dataset counterfact --data-dir rome/data --limit 2000 --model memoryllm-7b
     """
     name = model or requested_model(None)
+    if dataset != "synthetic" and data_dir is None:
+        raise UsageError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
     if (output_path / "results.csv").exists():
         raise ConflictError(f"{output_path} already holds results: choose another -o")
     with task_errors():
@@ -71,7 +75,7 @@ def editing(
         config = {
             "command": "mplus bench editing",
             "dataset": dataset,
-            "data": str(ed.data_file(data_dir, dataset).resolve()),
+            "data": "synthetic facts" if data_dir is None else str(ed.data_file(data_dir, dataset).resolve()),
             "limit": limit,
             "sequential": sequential,
             "seed": seed,

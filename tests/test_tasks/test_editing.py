@@ -76,13 +76,20 @@ def test_new_beats_true_compares_mean_nll_per_token():
     edit = ed.Edit("0", "", "", (), target_new="bc", target_true="xz", neighbours=())
     # " bc" and " xz" after "a": neither space nor first letter is favoured; then c after b is, z after x is not
     assert ed.mean_nll(NextByte(), None, tokenizer, "a", "bc") < ed.mean_nll(NextByte(), None, tokenizer, "a", "xz")
-    assert ed.new_beats_true(NextByte(), None, tokenizer, "a", edit)
-    assert not ed.new_beats_true(NextByte(), None, tokenizer, "a", ed.Edit("0", "", "", (), "xz", "bc", ()))
+    assert ed.new_beats_true(NextByte(), None, tokenizer, "a", edit.target_new, edit.target_true)
+    assert not ed.new_beats_true(NextByte(), None, tokenizer, "a", "xz", "bc")
 
 
 def test_score_is_the_harmonic_mean_and_zero_when_a_part_is():
     assert ed.score(50.0, 100.0, 100.0) == pytest.approx(75.0)
     assert ed.score(0.0, 100.0, 100.0) == 0.0
+
+
+def test_the_synthetic_edits_are_the_facts_against_the_next_ones_code():
+    first, second = ed.load("synthetic", None, 2)
+    assert first.fact == f"{first.prompt} {first.target_new}." and first.target_true == second.target_new
+    assert first.prompt.startswith("The ") and first.prompt.endswith(" is") and first.paraphrases[0].endswith("? It is")
+    assert first.neighbours[0] == (second.prompt, second.target_new)  # the next fact keeps its own code
 
 
 @pytest.mark.parametrize("dataset", ["zsre", "counterfact"])
