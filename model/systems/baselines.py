@@ -65,11 +65,15 @@ class InPrompt:
     def context(self, question_ids: list[int], budget: int) -> list[int]:
         raise NotImplementedError
 
-    def ask(self, question_ids: list[int], settings: DecodeSettings) -> Answer:
-        budget = self.model.cfg.context_window - len(question_ids) - settings.max_new_tokens
-        if budget < 0:
+    def room(self, question_ids: list[int], settings: DecodeSettings) -> int:
+        """The tokens of injected text the window holds beside the question and its answer."""
+        room = self.model.cfg.context_window - len(question_ids) - settings.max_new_tokens
+        if room < 0:
             raise ValueError("the question does not fit the model's context window")
-        context = self.context(question_ids, budget)
+        return room
+
+    def ask(self, question_ids: list[int], settings: DecodeSettings) -> Answer:
+        context = self.context(question_ids, self.room(question_ids, settings))
         return timed_answer(self.model, no_memory(self.model), context + question_ids, settings, len(context))
 
     def save(self, directory: Path) -> None:

@@ -76,11 +76,15 @@ def window_queries(model: MemoryLLM, layer: int, x: torch.Tensor, positions: tor
     return apply_rope(q, *model.cos_sin(positions, model.layer_device(layer)))
 
 
+def cache_length(kv: KV | None) -> int:
+    return 0 if kv is None else kv[0][0].shape[2]
+
+
 @torch.no_grad()
 def read_after(model: MemoryLLM, kept: KV | None, ids: torch.Tensor, window: int) -> tuple[KV, list[torch.Tensor]]:
     """ids [c] read after the kept entries (positions S..S+c-1): every layer's keys and values of the S + c
     entries, and the queries [1, H, w, D] of the last w = min(window, c) tokens."""
-    S = 0 if kept is None else kept[0][0].shape[2]
+    S = cache_length(kept)
     end = S + len(ids)
     positions = torch.arange(S, end)
     with model.caches(1, end):
@@ -134,10 +138,6 @@ def compressed(
         last = torch.arange(n - tail, n, device=slots.device).expand(slots.shape[0], -1)  # [H_kv, tail]
         kept.append(moved(model, k, v, torch.cat([slots, last], dim=1)))
     return kept
-
-
-def cache_length(kv: KV | None) -> int:
-    return 0 if kv is None else kv[0][0].shape[2]
 
 
 class SnapKVBlind:
@@ -200,10 +200,8 @@ class SnapKVAware(InPrompt):
         return replace(answer, first_token_s=answer.first_token_s + read_s, seconds=answer.seconds + read_s)
 
     def kept_for(self, question_ids: list[int], settings: DecodeSettings) -> KV | None:
-        room = self.model.cfg.context_window - len(question_ids) - settings.max_new_tokens
-        if room < 0:
-            raise ValueError("the question does not fit the model's context window")
-        context = self.injected()[len(self.injected()) - room :] if room else self.injected()[:0]
+        room, injected = self.room(question_ids, settings), self.injected()
+        context = injected[len(injected) - room :] if room else injected[:0]
         if not len(context):
             return None
         ids = torch.cat([context, torch.as_tensor(question_ids, dtype=torch.long)])
