@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,10 @@ from model import store as st
 from model.core.generate import DecodeSettings, generate
 from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
+from model.text.tokenizer import decode
 
 from .metrics import score
+from .plan import Protocol
 from .results import METRICS
 from .samples import Sample
 
@@ -77,18 +79,18 @@ def checkpoint_rows(
     state: MemoryState,
     stream: Stream,
     update: int,
-    question_ids: Callable[[Sample], list[int]],
+    protocol: Protocol,
     settings: DecodeSettings,
-    decode: Callable[[list[int]], str],
 ) -> list[dict[str, Any]]:
     """The answers after update `update`: about its sample, and about the one `ago` updates back (once there
-    is one), each with the memory's statistics."""
+    is one), each asked as `protocol` asks, with the memory's statistics."""
     stats = memory_stats(state)
     asked = [(RECENT, update)] + ([(AGO, update - stream.ago)] if update > stream.ago else [])
     rows = []
     for kind, told in asked:
         sample, start = stream.sample_at(told), time.perf_counter()
-        prediction = decode(generate(model, state, question_ids(sample), settings).token_ids)
+        question = protocol.question_ids(model.tokenizer, sample.question)
+        prediction = decode(model.tokenizer, generate(model, state, question, settings).token_ids)
         row = {"update": update, "asked": kind, "sample_id": sample.id, "question": sample.question}
         row |= {"gold": sample.answer, "prediction": prediction} | score(prediction, sample.answer) | stats
         rows.append(row | {"seconds": round(time.perf_counter() - start, 3)})

@@ -35,6 +35,12 @@ class Protocol:
     def ids(self, tokenizer, template: str, **fields: str) -> list[int]:
         return encode(tokenizer, template.format(**fields))[: self.truncate_tokens]
 
+    def question_ids(self, tokenizer, question: str) -> list[int]:
+        """A question as this protocol asks it: alone in the chat template, or in its question template."""
+        if self.chat:
+            return chat_ids(tokenizer, question)[: self.truncate_tokens]
+        return self.ids(tokenizer, self.question_template, question=question)
+
 
 CLEAN = Protocol("clean", 16, False, "{context}", "Question: {question}\nAnswer:", None)
 AUTHORS = Protocol("authors", 10, True, "Context: {context}", "Questions: {question} Answer:", 512)
@@ -152,10 +158,7 @@ class Planner:
         return split_evidence(ids, self.sweep.chunk_tokens)
 
     def question(self, sample: Sample) -> list[int]:
-        p = self.sweep.protocol
-        if p.chat:
-            return chat_ids(self.tokenizer, sample.question)[: p.truncate_tokens]
-        return p.ids(self.tokenizer, p.question_template, question=sample.question)
+        return self.sweep.protocol.question_ids(self.tokenizer, sample.question)
 
     @property
     def pool(self) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -10,7 +10,7 @@ import typer
 
 import model as mp
 from model import store as st
-from model.text.tokenizer import chat_ids, decode, encode, has_chat_template
+from model.text.tokenizer import encode, has_chat_template
 from tasks import data as qa
 from tasks import integrity as ig
 from tasks import results as res
@@ -109,13 +109,8 @@ def integrity(
             log = res.ResultsLog(results_path, ig.COLUMNS)
             log.rewrite([row for row in log.rows if int(row["update"]) <= start])  # past the commit: asked again
             stream = ig.Stream(data.samples, every, ago)
-
-            def question_ids(sample: qa.Sample) -> list[int]:
-                if use_chat:
-                    return chat_ids(lm.tokenizer, sample.question)
-                return encode(lm.tokenizer, CLEAN.question_template.format(question=sample.question))
-
-            settings = mp.DecodeSettings(max_new_tokens=CLEAN.max_new_tokens, stop_token_ids=stop_ids(lm))
+            protocol = replace(CLEAN, chat=use_chat)  # the retention sweep's clean prompt, or its chat turn
+            settings = mp.DecodeSettings(max_new_tokens=protocol.max_new_tokens, stop_token_ids=stop_ids(lm))
             say(f"{config['model']}: {total - start} updates from update {start + 1}, questions every {every}")
             with session.writer() as writer:
                 state, entries = writer.load_state(lm.initial_state, lm.device), []
@@ -128,16 +123,12 @@ def integrity(
                         writer.commit(state, entries)
                         entries = []
                     if update % every == 0:
-                        rows = ig.checkpoint_rows(lm, state, stream, update, question_ids, settings, decode_with(lm))
+                        rows = ig.checkpoint_rows(lm, state, stream, update, protocol, settings)
                         log.append(rows)
             results = read_results(results_path)
             ig.plot(results, output_path / "integrity.png", f"{config['model']}, {dataset}: every {every} updates")
             res.write_config(output_path / "config.json", config | {"finished": res.now()})
     report(results, output_path, as_json)
-
-
-def decode_with(lm: mp.MemoryLLM) -> Callable[[list[int]], str]:
-    return lambda ids: decode(lm.tokenizer, ids)
 
 
 def read_results(path: Path) -> pd.DataFrame:
