@@ -28,7 +28,7 @@ import numpy as np
 from model.zoo import hub
 
 from . import realtext
-from .samples import DataError, QAData, Sample, take_chars
+from .samples import DataError, QAData, Sample, one_line, take_chars
 
 DatasetName = Literal["synthetic", "news", "niah", "squad", "nq"]
 DATASETS = get_args(DatasetName)
@@ -221,7 +221,7 @@ def load_hub(name: str, limit: int | None, distractor_chars: int) -> QAData:
                 passages = take_chars(filter(str.strip, map(nq_hub_passage, train)), distractor_chars)
             return QAData(name, list(itertools.islice(samples, limit)), list(passages), f"hub {hub_id}")
     except Exception as e:  # network, authentication, format: one line that says what to do
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        reason = one_line(e)
         if offline:
             raise DataError(
                 f"cannot load {hub_id} with HF_HUB_OFFLINE set ({reason}): pass --data-dir with the authors' files, "

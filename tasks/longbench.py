@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from model.zoo import hub
-
 from . import realtext
 from .metrics import normalize_answer
-from .samples import DataError, take_chars
+from .samples import DataError, from_hub, take_chars
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -143,14 +141,8 @@ def hub_zip() -> Path:
     """LongBench's data.zip from the hub (the hub client's cache)."""
     from huggingface_hub import hf_hub_download
 
-    if not hub.offline() and not hub.reachable():
-        raise DataError(f"the hub ({hub.endpoint()}) is unreachable: pass --data-dir with LongBench's files")
-    try:
-        with hub.quiet():
-            return Path(hf_hub_download(HUB_ID, HUB_FILE, repo_type="dataset"))
-    except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise DataError(f"cannot load {HUB_ID} from the hub ({reason}); pass --data-dir with LongBench's files") from e
+    with from_hub(HUB_ID, "pass --data-dir with LongBench's files"):
+        return Path(hf_hub_download(HUB_ID, HUB_FILE, repo_type="dataset"))
 
 
 def cut(ids: Sequence[int], max_length: int, truncation: Truncation, max_new_tokens: int) -> list[int]:

@@ -27,7 +27,7 @@ from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
 
 from . import realtext
-from .samples import DataError
+from .samples import DataError, from_hub
 
 Source = Literal["news", "essays", "fineweb-edu"]
 FINEWEB = ("HuggingFaceFW/fineweb-edu", "CC-MAIN-2024-10")  # the M+ paper's snapshot
@@ -80,12 +80,9 @@ def fineweb(limit: int) -> list[Text]:
     """The first `limit` fineweb-edu documents of the M+ paper's snapshot, streamed from the hub."""
     import datasets
 
-    try:
+    with from_hub(FINEWEB[0], "use --source news or --text FILE"):
         stream = datasets.load_dataset(FINEWEB[0], FINEWEB[1], split="train", streaming=True)
         return [Text(row["id"], row["text"]) for row in itertools.islice(stream, limit)]
-    except Exception as e:  # network, authentication, format: one line that says what to do
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        raise DataError(f"cannot stream {FINEWEB[0]} from the hub ({reason}); use --source news or --text FILE") from e
 
 
 @torch.no_grad()

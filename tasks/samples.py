@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from model.zoo import hub
 
 
 class DataError(Exception):
     """The data is there but cannot be used (malformed, too small, unreachable hub)."""
+
+
+def one_line(error: Exception) -> str:
+    """An error's type and message on one line of at most 300 characters."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+@contextmanager
+def from_hub(what: str, instead: str) -> Iterator[None]:
+    """Reading `what` from the hub: refused at once when it is unreachable (its clients would retry for half a
+    minute), quiet, and any failure a DataError on one line that ends with `instead` (what to do)."""
+    if not hub.offline() and not hub.reachable():
+        raise DataError(f"the hub ({hub.endpoint()}) is unreachable: {instead}")
+    try:
+        with hub.quiet():
+            yield
+    except Exception as e:  # network, authentication, format
+        raise DataError(f"cannot load {what} from the hub ({one_line(e)}); {instead}") from e
 
 
 @dataclass(frozen=True)

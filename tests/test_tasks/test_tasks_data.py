@@ -241,3 +241,19 @@ def test_synthetic_samples_do_not_depend_on_the_limit():
     assert qa.load("synthetic", limit=3, distractor_chars=500).distractors == qa.synthetic(7, 500).distractors
     with pytest.raises(qa.DataError, match="fewer than --limit"):
         qa.synthetic(10**6, 0)
+
+
+def test_reading_from_the_hub_fails_in_one_line_that_says_what_to_do_instead(monkeypatch):
+    from tasks import samples
+
+    monkeypatch.setattr(samples.hub, "offline", lambda: False)
+    monkeypatch.setattr(samples.hub, "reachable", lambda: False)
+    with pytest.raises(qa.DataError, match=r"the hub \(.*\) is unreachable: use the files"):
+        with samples.from_hub("org/set", "use the files"):
+            pass
+    monkeypatch.setattr(samples.hub, "reachable", lambda: True)
+    with pytest.raises(
+        qa.DataError, match=r"^cannot load org/set from the hub \(OSError: no route to host\); use the files$"
+    ):
+        with samples.from_hub("org/set", "use the files"):
+            raise OSError("no route\n   to host")
