@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,7 +23,7 @@ from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .sweep import check_systems, task_errors, versions, writing_into
+from .sweep import check_systems, merged_config, task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,12 +143,13 @@ def longbench(
             "models": [model_id(name) for name in names],
             "systems": specs,
             "versions": versions(),
+            "created": res.now(),
             "model_details": {},
         }
         with writing_into(output_path):
             if resume:
                 res.check_resumable(output_path / "config.json", config, RESUME_KEYS)
-                config = earlier_runs(output_path / "config.json", config)
+                config = merged_config(output_path / "config.json", config, UNION_KEYS)
             res.write_config(output_path / "config.json", config)
             log = res.ResultsLog(results_path, lb.COLUMNS)
             settings, where = lb.Settings(lengths, truncate, chunk_tokens, seed), pick_device(device)
@@ -158,13 +158,6 @@ def longbench(
                 config["model_details"][model_id(name)] = run_model(lm, name, specs, data, prompts, settings, chat, log)
             summary = finish(output_path, config)
     report(summary, output_path, as_json)
-
-
-def earlier_runs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """This run's config with the sets, lengths, models, systems and model details of the run it continues."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    union = {key: list(dict.fromkeys([*old.get(key, []), *config[key]])) for key in UNION_KEYS}
-    return config | union | {"model_details": old.get("model_details", {})}
 
 
 def run_model(

@@ -113,14 +113,15 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def merged_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """This run's config; on resume it keeps the creation time and the models and controls run before."""
+def merged_config(
+    path: Path, config: dict[str, Any], keys: tuple[str, ...] = ("models", "controls", "systems")
+) -> dict[str, Any]:
+    """This run's config; on resume it keeps the creation time, the model details and what the run before
+    listed under `keys` (the models, controls and systems it ran)."""
     if not path.exists():
         return config
     old = json.loads(path.read_text())
-    union = {
-        k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in ("models", "controls", "systems")
-    }
+    union = {k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in keys}
     return (
         config
         | union
