@@ -105,26 +105,26 @@ def synthetic_edits(limit: int) -> list[Edit]:
 
 
 @torch.no_grad()
-def target_logits(model: MemoryLLM, state: MemoryState, prompt: list[int], target: list[int]) -> torch.Tensor:
-    """The logits [len(target), V] that predict each target token after the prompt and the target's earlier
-    tokens (teacher forced), read from `state`."""
-    ids = torch.tensor([prompt + target[:-1]])
-    return model(ids, state).logits[0, len(prompt) - 1 :].float()
+def target_logits(
+    model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, target: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [t, V] that predict each token of " " + target after the prompt and the target's earlier
+    tokens (teacher forced), read from `state`, and those t tokens."""
+    prompt_ids, target_ids = encode(tokenizer, prompt), encode(tokenizer, " " + target)
+    logits = model(torch.tensor([prompt_ids + target_ids[:-1]]), state).logits[0, len(prompt_ids) - 1 :].float()
+    return logits, torch.tensor(target_ids, device=logits.device)
 
 
 def token_accuracy(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, target: str) -> float:
     """The share of the target's tokens (after a space) that are the argmax after the prompt and the ones
     before them."""
-    target_ids = encode(tokenizer, " " + target)
-    logits = target_logits(model, state, encode(tokenizer, prompt), target_ids)
-    return float((logits.argmax(-1) == torch.tensor(target_ids, device=logits.device)).float().mean())
+    logits, targets = target_logits(model, state, tokenizer, prompt, target)
+    return float((logits.argmax(-1) == targets).float().mean())
 
 
 def mean_nll(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, target: str) -> float:
     """The mean negative log-likelihood per token of " " + target after the prompt."""
-    target_ids = encode(tokenizer, " " + target)
-    logits = target_logits(model, state, encode(tokenizer, prompt), target_ids)
-    return float(F.cross_entropy(logits, torch.tensor(target_ids, device=logits.device)))
+    return float(F.cross_entropy(*target_logits(model, state, tokenizer, prompt, target)))
 
 
 def new_beats_true(model: MemoryLLM, state: MemoryState, tokenizer, prompt: str, new: str, true: str) -> bool:
