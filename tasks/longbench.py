@@ -19,16 +19,20 @@ import io
 import json
 import random
 import zipfile
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
+
+from model.core.generate import DecodeSettings
+from model.systems import MemorySystem
+from model.text.tokenizer import chat_ids, decode, encode
 
 from . import realtext
-from .metrics import normalize_answer
+from .metrics import normalize_answer, token_f1
 from .samples import DataError, from_hub, take_chars
 
 if TYPE_CHECKING:
@@ -161,15 +165,8 @@ def cut(ids: Sequence[int], max_length: int, truncation: Truncation, max_new_tok
 def qa_f1(prediction: str, answers: Sequence[str]) -> float:
     """LongBench's QA-F1 in points: the best token F1 over the answers of the normalized words (0 when
     either side has none)."""
-    best = 0.0
     predicted = normalize_answer(prediction).split()
-    for answer in answers:
-        expected = normalize_answer(answer).split()
-        common = sum((Counter(predicted) & Counter(expected)).values())
-        if common:
-            precision, recall = common / len(predicted), common / len(expected)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return 100 * best
+    return 100 * max((token_f1(predicted, normalize_answer(answer).split()) for answer in answers), default=0.0)
 
 
 def bootstrap(scores: Sequence[Sequence[float]], resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -217,8 +214,6 @@ class Settings:
 def sample_ids(tokenizer, prompt: Prompt, record: Record, max_length: int, settings: Settings) -> tuple[list, list]:
     """(the ids injected, the question's ids) of a record's prompt cut to `max_length`: the prompt up to the
     end of its context is injected, the rest asked (alone in the chat template when `settings.chat`)."""
-    from model.text.tokenizer import chat_ids, decode, encode
-
     head = encode(tokenizer, prompt.head + record.context)
     tail = encode(tokenizer, prompt.tail.replace("{input}", record.input))
     ids = cut(head + tail, max_length, settings.truncation, prompt.max_new_tokens)
@@ -228,7 +223,7 @@ def sample_ids(tokenizer, prompt: Prompt, record: Record, max_length: int, setti
 
 
 def answer_rows(
-    systems: dict[str, Any],
+    systems: dict[str, MemorySystem],
     model_name: str,
     tokenizer,
     set_name: str,
@@ -240,10 +235,6 @@ def answer_rows(
 ) -> Iterator[dict[str, Any]]:
     """One row per system (by label) and length not in `done`: the record's text injected in chunks into the
     freshly reset system, then its question asked, greedy."""
-    import torch
-
-    from model.core.generate import DecodeSettings
-
     decoding = DecodeSettings(max_new_tokens=prompt.max_new_tokens, stop_token_ids=stop_ids)
     for max_length in settings.max_lengths:
         injected, question = sample_ids(tokenizer, prompt, record, max_length, settings)

@@ -31,16 +31,21 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def f1_score(prediction: str, gold: str) -> float:
-    """Harmonic mean of token precision and recall over normalized words (1.0 if both are empty)."""
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not predicted or not expected:
-        return float(predicted == expected)
+def token_f1(predicted: list[str], expected: list[str]) -> float:
+    """Harmonic mean of token precision and recall (0 when they share no token, either side empty included)."""
     common = sum((Counter(predicted) & Counter(expected)).values())
     if common == 0:
         return 0.0
     precision, recall = common / len(predicted), common / len(expected)
     return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    """SQuAD's token F1 over normalized words (1.0 if both are empty)."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    return token_f1(predicted, expected)
 
 
 def score(prediction: str, gold: str) -> dict[str, float]:
