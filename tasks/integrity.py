@@ -24,11 +24,11 @@ from model import store as st
 from model.core.generate import DecodeSettings, generate
 from model.core.memoryllm import MemoryLLM
 from model.memory.state import MemoryState
-from model.text.tokenizer import decode
+from model.text.tokenizer import decode, encode
 
 from .metrics import score
 from .plan import Protocol
-from .results import METRICS
+from .results import METRICS, ResultsLog
 from .samples import Sample
 
 if TYPE_CHECKING:
@@ -95,6 +95,33 @@ def checkpoint_rows(
         row |= {"gold": sample.answer, "prediction": prediction} | score(prediction, sample.answer) | stats
         rows.append(row | {"seconds": round(time.perf_counter() - start, 3)})
     return rows
+
+
+def run(
+    model: MemoryLLM,
+    session: st.Session,
+    stream: Stream,
+    protocol: Protocol,
+    settings: DecodeSettings,
+    updates: range,
+    save_every: int,
+    chunk_tokens: int,
+    log: ResultsLog,
+) -> None:
+    """The `updates` of the stream injected into the session's memory, committed every `save_every` updates
+    and after the last; after every `stream.every` updates the questions asked, their rows appended to `log`."""
+    with session.writer() as writer:
+        state, entries = writer.load_state(model.initial_state, model.device), []
+        for update in updates:
+            sample = stream.sample_at(update)
+            ids = encode(model.tokenizer, sample.context)
+            inject_update(writer, model, state, ids, chunk_tokens)
+            entries.append(update_entry(update, sample, ids, chunk_tokens))
+            if update % save_every == 0 or update == updates[-1]:
+                writer.commit(state, entries)
+                entries = []
+            if update % stream.every == 0:
+                log.append(checkpoint_rows(model, state, stream, update, protocol, settings))
 
 
 def update_entry(update: int, sample: Sample, ids: list[int], chunk_tokens: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import typer
 
 import model as mp
 from model import store as st
-from model.text.tokenizer import encode, has_chat_template
+from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import integrity as ig
 from tasks import results as res
@@ -112,19 +112,7 @@ def integrity(
             protocol = replace(CLEAN, chat=use_chat)  # the retention sweep's clean prompt, or its chat turn
             settings = mp.DecodeSettings(max_new_tokens=protocol.max_new_tokens, stop_token_ids=stop_ids(lm))
             say(f"{config['model']}: {total - start} updates from update {start + 1}, questions every {every}")
-            with session.writer() as writer:
-                state, entries = writer.load_state(lm.initial_state, lm.device), []
-                for update in range(start + 1, total + 1):
-                    sample = stream.sample_at(update)
-                    ids = encode(lm.tokenizer, sample.context)
-                    ig.inject_update(writer, lm, state, ids, chunk_tokens)
-                    entries.append(ig.update_entry(update, sample, ids, chunk_tokens))
-                    if update % save_every == 0 or update == total:
-                        writer.commit(state, entries)
-                        entries = []
-                    if update % every == 0:
-                        rows = ig.checkpoint_rows(lm, state, stream, update, protocol, settings)
-                        log.append(rows)
+            ig.run(lm, session, stream, protocol, settings, range(start + 1, total + 1), save_every, chunk_tokens, log)
             results = read_results(results_path)
             ig.plot(results, output_path / "integrity.png", f"{config['model']}, {dataset}: every {every} updates")
             res.write_config(output_path / "config.json", config | {"finished": res.now()})
