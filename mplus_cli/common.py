@@ -16,6 +16,7 @@ import model as mp
 from model import store as st
 from model.memory.dtypes import DtypeName
 from model.text.sources import SourceError
+from model.text.tokenizer import has_chat_template
 
 from .clicklib import get_current_context
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
@@ -148,6 +149,15 @@ def handle_errors(command: Callable) -> Callable:
 def note_label(model: mp.MemoryLLM) -> None:
     if model.info.label:
         say(f"note: model is {model.info.label}")
+
+
+def asks_in_chat(lm: mp.MemoryLLM, chat: bool | None, name: str) -> bool:
+    """--chat / --no-chat as given, by default whether the tokenizer has a chat template; --chat for a tokenizer
+    without one is a usage error."""
+    with_chat = has_chat_template(lm.tokenizer) if chat is None else chat
+    if with_chat and not has_chat_template(lm.tokenizer):
+        raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
+    return with_chat
 
 
 def stop_ids(lm: mp.MemoryLLM) -> tuple[int, ...]:

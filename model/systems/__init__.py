@@ -14,7 +14,7 @@ with every parameter, defaults included, in key order: what results record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,6 +119,11 @@ def build_system(spec: str, model: MemoryLLM) -> MemorySystem:
         raise SpecError(f"system {name!r}: {e}") from e
 
 
+def described(system: MemorySystem) -> dict[str, Any]:
+    """What results record of a system beside its label: its parameters and capabilities."""
+    return {"params": system.params, "capabilities": asdict(system.capabilities)}
+
+
 def label(system: MemorySystem) -> str:
     """The system's name and every parameter in key order: `bm25:k=8,part=512`."""
     params = ",".join(f"{key}={value}" for key, value in sorted(system.params.items()))
@@ -131,6 +136,7 @@ __all__ = [
     "MemorySystem",
     "SpecError",
     "build_system",
+    "described",
     "factories",
     "factory_of",
     "label",

@@ -10,14 +10,24 @@ import typer
 
 import model as mp
 from model import store as st
-from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import integrity as ig
 from tasks import results as res
 from tasks.plan import CLEAN
 from tasks.sizes import parse_size
 
-from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..common import (
+    SEED_MAX,
+    ChatOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    TokenizerOpt,
+    asks_in_chat,
+    handle_errors,
+    note_label,
+    stop_ids,
+)
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -81,10 +91,10 @@ def integrity(
         data = qa.load(dataset, limit=limit, data_dir=data_dir)
         where = pick_device(device)
         lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
-        note_label(lm)
         if lm.tokenizer is None:
             raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
-        use_chat = has_chat_template(lm.tokenizer) if chat is None else chat
+        use_chat = asks_in_chat(lm, chat, name)
+        note_label(lm)
         config = {
             "command": "mplus bench integrity",
             "model": model_id(name),

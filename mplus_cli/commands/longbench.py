@@ -9,15 +9,25 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 import model as mp
-from model.systems import SpecError, build_system, label
+from model.systems import SpecError, build_system, described, label
 from model.systems.latent import LatentMemory
-from model.text.tokenizer import has_chat_template
 from tasks import longbench as lb
 from tasks import results as res
 from tasks.plan import parse_shard, shard_slice
 from tasks.sizes import format_size, parse_size
 
-from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..common import (
+    SEED_MAX,
+    ChatOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    TokenizerOpt,
+    asks_in_chat,
+    handle_errors,
+    note_label,
+    stop_ids,
+)
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -172,16 +182,14 @@ def run_model(
 ) -> dict[str, Any]:
     """One model's memory and systems on every record and length, each answer appended to `log`; returns what
     config.json records of it."""
-    note_label(lm)
     if lm.tokenizer is None:
         raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
     try:
         systems = {"memory": LatentMemory(lm)} | {label(s): s for s in (build_system(spec, lm) for spec in specs)}
     except SpecError as e:
         raise UsageError(str(e)) from e
-    use_chat = has_chat_template(lm.tokenizer) if chat is None else chat
-    if use_chat and not has_chat_template(lm.tokenizer):
-        raise UsageError(f"{name}'s tokenizer has no chat template: drop --chat")
+    use_chat = asks_in_chat(lm, chat, name)
+    note_label(lm)
     settings = replace(settings, chat=use_chat)
     model, done = model_id(name), {tuple(row[key] for key in lb.UNIT) for row in log.rows}
     for set_name, records in data.items():
@@ -194,7 +202,7 @@ def run_model(
     return {
         "label": lm.info.label,
         "chat": use_chat,
-        "systems": {key: {"params": s.params, "capabilities": vars(s.capabilities)} for key, s in systems.items()},
+        "systems": {key: described(system) for key, system in systems.items()},
     }
 
 

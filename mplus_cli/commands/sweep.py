@@ -11,7 +11,7 @@ import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ import typer
 
 import model as mp
 from model.memory.dtypes import dtype_name
-from model.systems import SpecError, factory_of
+from model.systems import SpecError, described, factory_of
 from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
@@ -42,7 +42,7 @@ from tasks.plan import (
 from tasks.retention import Runner
 from tasks.sizes import default_points, format_size, parse_points, parse_size
 
-from ..common import SEED_MAX, note_label, stop_ids
+from ..common import SEED_MAX, asks_in_chat, note_label, stop_ids
 from ..devices import describe, pick_device, pick_dtype
 from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
 from ..models import load_model, model_id, requested_model
@@ -561,9 +561,7 @@ def build_runner(
 def record_systems(config: dict[str, Any], name: str, runner: Runner, out: Path) -> None:
     """Each system's label (what results.csv's control column says), parameters and capabilities, in the
     model's details."""
-    systems = {
-        label: {"params": s.params, "capabilities": asdict(s.capabilities)} for label, s in runner.systems.items()
-    }
+    systems = {label: described(system) for label, system in runner.systems.items()}
     if systems:
         config["model_details"][name]["systems"] = systems
         res.write_config(out / "config.json", config)
@@ -573,9 +571,7 @@ def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tu
     """Model `name` on the run's device and whether it is asked in its chat template; its details go into
     config.json, refusing a model other than the one whose results the directory holds."""
     lm = load_model(requested_model(name), plan.dtype, plan.options.tokenizer, device=plan.device)
-    with_chat = has_chat_template(lm.tokenizer) if plan.options.chat is None else plan.options.chat
-    if with_chat and not has_chat_template(lm.tokenizer):
-        raise UsageError(f"the tokenizer of {name!r} has no chat template: drop --chat")
+    with_chat = asks_in_chat(lm, plan.options.chat, name)
     note_label(lm)
     details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
     details |= {"label": lm.info.label, "stop_token_ids": list(stop_ids(lm))}

@@ -61,7 +61,7 @@ def test_a_resumed_run_continues_from_its_saved_memory_as_if_unbroken(tmp_path):
     assert broken == straight and len(straight) == 7
 
 
-@pytest.mark.parametrize(("extra", "code"), [(["--updates", "ten"], 2), (["--dataset", "trivia"], 2)])
+@pytest.mark.parametrize(("extra", "code"), [(["--updates", "ten"], 2), (["--dataset", "trivia"], 2), (["--chat"], 2)])
 def test_bad_options_are_one_line(tmp_path, extra, code):
     result = run(tmp_path, "bad", *extra)
     assert result.exit_code == code, result.output
