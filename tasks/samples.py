@@ -39,6 +39,7 @@ class Sample:
     answer: str  # the gold answer (SQuAD: the first listed answer, as the authors)
     depth: int | None = None  # needle in a haystack: where the needle is, in percent of the haystack
     haystack: int | None = None  # needle in a haystack: the haystack's length in tokens, needle excluded
+    answer_prefix: str = ""  # the start of the answer, written after the question (needles, as RULER's)
 
 
 @dataclass

@@ -195,7 +195,7 @@ def test_the_authors_protocol_asks_after_the_distractor_that_reaches_each_point(
     assert [p.name for p in (tmp_path / "memory").iterdir()] == ["after-2"]  # only the latest carried memory
 
 
-def test_prompts_per_protocol(tiny):
+def test_prompts_per_protocol(tiny, monkeypatch):
     sample = qa.Sample("s", "x" * 600, "Where is it", "here")
     data = qa.QAData("nq", [sample], [], "test")
     authors, clean = (
@@ -206,10 +206,15 @@ def test_prompts_per_protocol(tiny):
     assert [tiny.tokenizer.decode(c.tolist()) for c in authors.evidence(sample)] == [("Context: " + "x" * 600)[:512]]
     assert tiny.tokenizer.decode(clean.question(sample)) == "Question: Where is it\nAnswer:"
     assert [len(c) for c in clean.evidence(sample)] == [512, 88]  # all of the evidence, in chunks
+    prefixed = qa.Sample("n", "It is here.", "Where is it", "here", answer_prefix="It is")
+    assert tiny.tokenizer.decode(clean.question(prefixed)) == "Question: Where is it\nAnswer: It is"
+    chat = Planner(Sweep(data, replace(CLEAN, chat=True), [0]), tiny.tokenizer)
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", TEMPLATE, raising=False)
+    assert tiny.tokenizer.decode(chat.question(prefixed)) == "<u>Where is it</u><a>It is"
 
 
-def test_a_needle_is_answered_in_a_sentence_other_questions_in_a_phrase():
-    assert [protocol_for("clean", name).max_new_tokens for name in ("squad", "news", "niah")] == [16, 16, 32]
+def test_every_clean_question_is_answered_in_16_tokens():  # a needle's too: its answer prefix is given
+    assert [protocol_for("clean", name).max_new_tokens for name in ("squad", "news", "niah")] == [16, 16, 16]
     assert protocol_for("authors", "squad").max_new_tokens == 10
 
 

@@ -124,6 +124,8 @@ def test_niah_dev_needles_are_other_needles_of_the_same_kinds(tmp_path):
     assert not {s.answer for s in dev.samples} & {s.answer for s in test.samples}
     for sample in [*dev.samples, *test.samples]:
         assert sample.answer in sample.context and sample.answer not in sample.question
+        assert sample.answer not in sample.answer_prefix and sample.context.startswith(sample.answer_prefix)
+    assert test.samples[5].answer_prefix == "The code to open the blue safe in the museum basement is"
     with pytest.raises(DataError, match="use dev or test"):
         realtext.niah("train", (1000,), None, 0, tmp_path)
     essays = realtext.essays(tmp_path)
