@@ -43,7 +43,7 @@ from model.text.tokenizer import decode
 
 from .data import DataError, Sample
 from .metrics import score
-from .plan import CLOSED_BOOK, FULL_CONTEXT, MEMORY, Piece, Planner, Sweep, sample_seed
+from .plan import CLOSED_BOOK, CONTROLS, FULL_CONTEXT, MEMORY, Piece, Planner, Sweep, sample_seed
 from .results import SURVIVAL, ResultsLog, ResumeError
 from .sizes import format_size
 
@@ -149,6 +149,26 @@ class Runner:
         self.cache_dir, self._encoded = cache_dir, None
         built = [build_system(spec, lm) for spec in sweep.systems]
         self.systems: dict[str, MemorySystem] = {label(system): system for system in built}  # by results label
+        self.twin: str | None = None  # an earlier model of the run with this one's base: its control rows are ours
+
+    @property
+    def base(self) -> tuple | None:
+        """What the controls' answers depend on: the weights' files, the tokenizer, dtype, device, window, chat
+        and stop tokens. Two models of a run with the same base (two flavours of one checkpoint) ask every
+        control alike. None for a model built in memory (no files name its weights)."""
+        if not self.lm.info.path:
+            return None
+        lm, asking = self.lm, (self.sweep.protocol.chat, self.settings.stop_token_ids)
+        weights = (lm.info.path, lm.info.revision, str(lm.dtype), str(lm.device), context_window(lm))
+        return (*weights, getattr(lm.tokenizer, "name_or_path", ""), len(lm.tokenizer), *asking)
+
+    def shares(self, control: str) -> bool:
+        """Whether a control's rows are copied from the twin: full-context always, closed-book when this
+        model's initial memory is empty (it then reads nothing but the base model)."""
+        if self.twin is None or control not in CONTROLS:
+            return False
+        ltm = self.initial.ltm
+        return control == FULL_CONTEXT or (self.initial.rows_per_layer == 0 and (ltm is None or not any(ltm.sizes())))
 
     @cached_property
     def initial(self) -> mp.MemoryState:
@@ -201,8 +221,9 @@ class Runner:
 
         distractors, memory = stages[-1].distance, left(MEMORY)  # distractor tokens per sample
         seconds = encode * distractors * (min(memory, 1) if self.reuses_rows else memory) + write * distractors * memory
-        questions = len(stages) * memory + (left(CLOSED_BOOK) if CLOSED_BOOK in self.sweep.controls else 0)
-        in_prompt = [c for c in self.sweep.controls if c == FULL_CONTEXT] + list(self.systems)  # read text each time
+        own = [control for control in self.sweep.controls if not self.shares(control)]  # the twin's are copied
+        questions = len(stages) * memory + (left(CLOSED_BOOK) if CLOSED_BOOK in own else 0)
+        in_prompt = [c for c in own if c == FULL_CONTEXT] + list(self.systems)  # read text each time
         read = sum(min(stage.distance, context_window(self.lm)) for stage in stages) if in_prompt else 0  # per sample
         for control in in_prompt:
             seconds += encode * left(control) * read
@@ -287,12 +308,23 @@ class Runner:
         shutil.rmtree(self._carried_path(index), ignore_errors=True)
 
     def control_unit(self, sample: Sample, control: str) -> None:
-        if control in self.systems:
+        if self.shares(control) and (rows := self.twin_rows(sample, control)):
+            self.log.append(rows)
+        elif control in self.systems:
             self.log.append(self.system_unit(sample, control))
         elif control == CLOSED_BOOK:
             self.log.append(self.ask([sample], [self.initial], [self.planner.question(sample)], CLOSED_BOOK))
         else:
             self.log.append(self.full_context_unit(sample))
+
+    def twin_rows(self, sample: Sample, control: str) -> list[dict]:
+        """The twin's rows of a control unit (an empty list if it has none), as this model's rows."""
+        seed, mine = str(self.sweep.seed), {"model": self.name, "memory_kind": self.lm.cfg.kind}
+        return [
+            row | mine
+            for row in self.log.rows
+            if (row["model"], row["sample_id"], row["control"], row["seed"]) == (self.twin, sample.id, control, seed)
+        ]
 
     # -- the three kinds of unit ---------------------------------------------------------------
     def memory_units(

@@ -514,7 +514,7 @@ def run_models(
     done = {(r["model"], r["sample_id"], r["control"], r["seed"]) for r in log.rows if r["sample_id"] in planned}
     models, seeds = plan.options.models, [str(seed) for seed in plan.seeds]
     memory_left = sum((name, s.id, MEMORY, seed) not in done for name in models for s in samples for seed in seeds)
-    warnings = []
+    warnings, bases = [], {}  # (base, seed) -> the first model with it: its control rows serve the others
     with progress(plan.launch.merges or not plan.launch.group, token_counter()) as bar:  # torchrun: rank 0's bar alone
         task = bar.add_task("loading", total=memory_left * sweep.points[-1])
         for name in models:
@@ -526,6 +526,11 @@ def run_models(
                 seed_sweep = replace(sweep, seed=seed, protocol=replace(sweep.protocol, chat=with_chat))
                 runner = build_runner(lm, name, seed_sweep, log, memory_dir, out / "cache")
                 record_systems(config, name, runner, out)
+                twin = bases.setdefault((runner.base, seed), name) if runner.base else name
+                if twin != name:
+                    runner.twin = twin
+                    config["model_details"][name]["controls_from"] = twin
+                    res.write_config(out / "config.json", config)
                 conditions = (MEMORY, *sweep.controls, *runner.systems)
                 todo = [s for s in samples if any((name, s.id, c, str(seed)) not in done for c in conditions)]
                 who = name if len(plan.seeds) == 1 else f"{name} (seed {seed})"

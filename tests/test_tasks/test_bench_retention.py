@@ -656,3 +656,33 @@ def test_the_time_estimate_counts_only_the_units_left(word_model, tmp_path, monk
     memory_done = {(s.id, "memory") for s in samples}
     only_truncate = runner.rough_seconds(samples, memory_done | {(s.id, "closed-book") for s in samples})
     assert 0 < only_truncate < runner.rough_seconds(samples, memory_done) < runner.rough_seconds(samples)
+
+
+@pytest.mark.parametrize(
+    ("name", "shared"), [("tiny-free", {"closed-book", "full-context"}), ("tiny", {"full-context"})]
+)
+def test_a_model_with_an_earlier_ones_base_copies_the_controls_it_would_ask_alike(tmp_path, monkeypatch, name, shared):
+    """Closed-book is copied only when the initial memory is empty (`tiny` starts with 128 rows per layer)."""
+    lm = mp.load(name)
+    data = qa.synthetic(2, distractor_chars=20_000)
+    sweep = Sweep(data, CLEAN, [0, 600], controls=("closed-book", "full-context"))
+    log = ResultsLog(tmp_path / "results.csv")
+    first, second = Runner(lm, "a", sweep, log), Runner(lm, "b", sweep, log)
+    assert first.base is None  # a model built in memory: no files name its weights
+    monkeypatch.setattr(lm, "info", replace(lm.info, path=str(tmp_path / "weights")))
+    chat = replace(sweep, protocol=replace(CLEAN, chat=True))
+    assert first.base == second.base and first.base != Runner(lm, "c", chat, log).base
+    first.run(data.samples)
+    second.twin, asked, ask = "a", [], second.ask
+    second.ask = lambda samples, states, prompts, control, *rest: (
+        asked.append(control) or ask(samples, states, prompts, control, *rest)
+    )
+    second.run(data.samples)
+    assert set(asked) == {"memory"} | ({"closed-book", "full-context"} - shared)
+
+    def control_rows(model: str, control: str) -> list[dict]:
+        return [r | {"model": ""} for r in log.rows if (r["model"], r["control"]) == (model, control)]
+
+    for control in shared:  # copied: the latency too
+        assert control_rows("a", control) == control_rows("b", control) != []
+    assert len(log.rows) == 2 * (2 * 2 + 2 * 2 + 2)  # a model: memory and full-context 2 samples x 2, closed-book 2
