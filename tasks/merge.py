@@ -1,24 +1,22 @@
-"""Combine the shard directories of one retention run into one run, as if one process had run it all.
+"""Combine the shard directories of one benchmark run into one run, as if one process had run it all.
 
-Shards are the directories of `bench retention --shard i/n`, of the tasks of a Slurm array or of the ranks
-of torchrun (OUT/shard-<i>-of-<n>). They merge when every shard 1..n is there once, each finished, with
-the same settings (all of config.json but the keys in PER_SHARD) and the same models. results.csv keeps
-the rows as written, in the order of a one-process run: model by model, and within a model shard by shard.
+Shards are the directories of `bench retention --shard i/n` (or `bench longbench`, `bench editing`), of the
+tasks of a Slurm array or of the ranks of torchrun (OUT/shard-<i>-of-<n>). They merge when every shard 1..n
+is there once, each finished, with the same settings (all of config.json but the keys in PER_SHARD) and the
+same models. results.csv keeps the rows as written, in the order of a one-process run: model by model, and
+within a model shard by shard.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from . import results as res
 from .plan import parse_shard
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 PER_SHARD = (
     "shard",
@@ -33,6 +31,7 @@ PER_SHARD = (
     "merged_from",
 )
 MODEL_KEYS = ("fingerprint", "chat", "dtype")  # of each model's details, the same in every shard
+Finished = TypeVar("Finished")
 
 
 class MergeError(Exception):
@@ -49,6 +48,7 @@ class Shard:
     config: dict[str, Any]
     index: int
     count: int
+    columns: list[str]  # results.csv's header
     rows: list[dict[str, str]]  # results.csv as written
 
     @property
@@ -60,17 +60,15 @@ def read_shard(directory: Path) -> Shard:
     """A finished shard directory: its config.json and the shard it ran."""
     for name in ("config.json", "results.csv"):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"no {name} in {directory}: give the output directories of bench retention")
+            raise FileNotFoundError(f"no {name} in {directory}: give the output directories of one bench run")
     config = json.loads((directory / "config.json").read_text())
     if "finished" not in config:
-        raise MergeConflict(
-            f"{directory} is not finished: complete it with the same bench retention command and --resume"
-        )
+        raise MergeConflict(f"{directory} is not finished: complete it with the same bench command and --resume")
     try:
-        rows = res.read_rows(directory / "results.csv")
+        columns, rows = res.read_rows(directory / "results.csv")
     except res.ResumeError as e:
-        raise MergeError(f"{e}: give the output directories of bench retention") from None
-    return Shard(directory, config, *parse_shard(config.get("shard", "1/1")), rows)
+        raise MergeError(f"{e}: give the output directories of one bench run") from None
+    return Shard(directory, config, *parse_shard(config.get("shard", "1/1")), columns, rows)
 
 
 def check_shards(shards: Sequence[Shard]) -> list[Shard]:
@@ -87,10 +85,12 @@ def check_shards(shards: Sequence[Shard]) -> list[Shard]:
     missing = [f"{i}/{splits[0]}" for i in range(1, splits[0] + 1) if i not in by_index]
     if missing:
         which = f"shard {missing[0]} is" if len(missing) == 1 else f"shards {', '.join(missing)} are"
-        raise MergeError(f"{which} missing: add the directories, or run them with bench retention --shard i/n")
+        raise MergeError(f"{which} missing: add the directories, or run them with --shard i/n")
     ordered = [by_index[i] for i in sorted(by_index)]
     for shard in ordered[1:]:
         changed = settings_diff(ordered[0].config, shard.config)
+        if shard.columns != ordered[0].columns:
+            changed = f"results.csv columns {ordered[0].columns} there, {shard.columns} here"
         if changed:
             raise MergeConflict(
                 f"{shard.directory} ran other settings than {ordered[0].directory} ({changed}): "
@@ -130,11 +130,23 @@ def merged_config(shards: Sequence[Shard], out: Path) -> dict[str, Any]:
     }
 
 
+def command_of(directory: Path) -> str:
+    """The bench command that wrote a run directory (config.json's `command`; "" if it cannot be read)."""
+    try:
+        return str(json.loads((Path(directory) / "config.json").read_text()).get("command", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def merge_runs(
-    directories: Sequence[Path], out: Path, force: bool = False
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Merge the shard directories into `out`: results.csv, summary.csv, config.json and retention.png, as the
-    run's own. Refuses an `out` that holds results unless `force`. Returns (results, summary, config)."""
+    directories: Sequence[Path],
+    out: Path,
+    force: bool = False,
+    finish: Callable[[Path, dict[str, Any]], Finished] = res.finish,
+) -> tuple[Finished, dict[str, Any]]:
+    """Merge the shard directories into `out`: results.csv, then `finish(out, config)` writes the rest as the
+    run's own (retention's: summary.csv, config.json and retention.png). Refuses an `out` that holds results
+    unless `force`. Returns (what finish returned, config)."""
     shards = check_shards([read_shard(Path(d)) for d in dict.fromkeys(directories)])
     inputs = {s.directory.resolve() for s in shards}
     if out.resolve() in inputs:
@@ -142,7 +154,7 @@ def merge_runs(
     if res.holds_results(out / "results.csv") and not force:
         raise MergeConflict(f"{out} already holds results: pass --force to replace them or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    res.write_atomic(out / "results.csv", res.csv_text(merged_rows(shards), header=True).encode())
+    rows = res.csv_text(merged_rows(shards), header=True, columns=shards[0].columns)
+    res.write_atomic(out / "results.csv", rows.encode())
     config = merged_config(shards, out) | {"finished": res.now()}
-    results, summary = res.finish(out, config)
-    return results, summary, config
+    return finish(out, config), config

@@ -145,13 +145,14 @@ def holds_results(path: Path) -> bool:
         return len(list(itertools.islice(f, 2))) > 1
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The records of a finished results.csv, as the strings written (to copy them unchanged)."""
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns and records of a finished results.csv (any benchmark's), as the strings written (to copy
+    them unchanged)."""
     with open(path, newline="", encoding="utf-8") as f:
         records = list(csv.reader(f))
-    if not records or tuple(records[0]) != COLUMNS:
-        raise ResumeError(f"{path} does not have the columns of a retention results file")
-    return [dict(zip(COLUMNS, r, strict=True)) for r in records[1:]]
+    if not records or "model" not in records[0]:
+        raise ResumeError(f"{path} does not have the columns of a benchmark's results file")
+    return records[0], [dict(zip(records[0], r, strict=True)) for r in records[1:]]
 
 
 def read_results(path: Path) -> pd.DataFrame:

@@ -10,7 +10,7 @@ import typer
 from tasks import results as res
 from tasks.data import DatasetName
 from tasks.launch import process_group
-from tasks.merge import merge_runs
+from tasks.merge import command_of, merge_runs
 from tasks.plan import ProtocolName
 from tasks.realtext import Split
 from tasks.results import Metric
@@ -19,6 +19,8 @@ from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerO
 from ..errors import NotFoundError
 from ..models import requested_model
 from ..root import say
+from . import editing as editing_run
+from . import longbench as longbench_run
 from .editing import editing
 from .integrity import integrity
 from .longbench import longbench
@@ -36,6 +38,10 @@ from .sweep import (
     task_errors,
     writing_into,
 )
+
+FINISHERS = {  # what finishes a merged run of a benchmark other than retention, and prints it
+    run.COMMAND: (run.finish, run.report) for run in (longbench_run, editing_run)
+}
 
 bench_app = typer.Typer(
     help="Retention, LongBench, editing, integrity, perplexity, speed.",
@@ -222,20 +228,26 @@ def bench_plot(
 @bench_app.command("merge")
 @handle_errors
 def bench_merge(
-    directories: Annotated[list[Path], typer.Argument(help="The shard directories of one bench retention run.")],
+    directories: Annotated[list[Path], typer.Argument(help="The shard directories of one bench run.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the whole run into.")],
     force: Annotated[bool, typer.Option("--force", help="Replace the results --output already holds.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Combine the shards of a retention run (the tasks of a Slurm array, --shard i/n runs) into one run.
+    """Combine the shards of a retention, longbench or editing run (the tasks of a Slurm array, --shard i/n
+    runs) into one run.
 
     Every shard 1..n must be there once, finished, with the same settings and models. Writes results.csv
-    (the rows in the order of a one-process run), summary.csv, config.json and retention.png to --output.
+    (the rows in the order of a one-process run), then the summary, config.json and plots as the benchmark
+    itself writes them, to --output.
 
     Example: mplus bench merge runs/x/shard-* -o runs/x-all
     """
+    finisher = FINISHERS.get(command_of(directories[0]))
     with task_errors():
-        results, summary, config = merge_runs(directories, out, force)
+        if finisher:
+            finish, report = finisher
+            return report(merge_runs(directories, out, force, finish=finish)[0], out, as_json)
+        (results, summary), config = merge_runs(directories, out, force)
     title = f"{config['dataset']}, {config['protocol']} protocol"
     report_run(out, results, summary, results.sample_id.nunique(), title, [], as_json)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ import model as mp
 from model.text.tokenizer import encode
 from tasks import editing as ed
 from tasks import results as res
+from tasks.launch import process_group
+from tasks.plan import shard_slice
 
 from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
 from ..devices import pick_device, pick_dtype
@@ -19,9 +22,11 @@ from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .sweep import task_errors, versions, writing_into
+from .sweep import finish_shards, pick_shard, task_errors, versions, writing_into
 
+COMMAND = "mplus bench editing"
 COLUMNS = ("dataset", "record_id", "model", "condition", *ed.METRICS)
+RESUME_KEYS = ("dataset", "data", "limit", "sequential", "seed", "shard", "models")  # a resumed run must match
 UNEDITED, INJECTED = "unedited", "injected"
 
 
@@ -41,7 +46,13 @@ def editing(
     ] = 1,
     model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of every fresh memory.")] = 0,
+    shard: Annotated[
+        str | None, typer.Option(help="Run only the i-th of n contiguous slices of the records, e.g. 2/4.")
+    ] = None,
     output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("editing"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done records.")] = (
+        False
+    ),
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -53,63 +64,98 @@ def editing(
     N records' facts one after another into one memory), then its prompts are read from that memory:
     Efficacy, Generalization (paraphrases), Specificity (neighbourhood prompts) and Score, their harmonic mean
     (zsRE token-level, CounterFact new-vs-true probability). The unedited model is the reference row. Writes
-    results.csv, summary.csv and config.json.
+    results.csv (appended as records are scored), summary.csv and config.json.
+
+    Under torchrun each rank runs its slice of the records into OUT/shard-<r+1>-of-<n> and rank 0 merges them
+    into OUT; each task of a Slurm array runs its slice into OUT/shard-<i>-of-<n>: combine them (or the
+    directories of --shard i/n runs) with mplus bench merge.
 
     Example: mplus bench editing --dataset counterfact --data-dir rome/data --limit 2000 --model memoryllm-7b
     """
     name = model or requested_model(None)
     if dataset != "synthetic" and data_dir is None:
         raise UsageError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
-    if (output_path / "results.csv").exists():
-        raise ConflictError(f"{output_path} already holds results: choose another -o")
+    try:
+        launch, *part = pick_shard(shard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    run_dir, where = launch.directory(output_path), pick_device(device, launch.local_rank)
+    if res.holds_results(run_dir / "results.csv") and not resume:
+        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
     with task_errors():
         edits = ed.load(dataset, data_dir, limit)
-        where = pick_device(device)
-        lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
-        note_label(lm)
-        if lm.tokenizer is None:
-            raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
-        say(f"{model_id(name)}: {len(edits)} {dataset} records, unedited then injected ({sequential} per memory)")
-        rows = edit_rows(lm, model_id(name), dataset, edits, sequential, seed)
-        summary = ed.summarize(rows)
+        groups = shard_slice([edits[i : i + sequential] for i in range(0, len(edits), sequential)], *part)
         config = {
-            "command": "mplus bench editing",
+            "command": COMMAND,
             "dataset": dataset,
             "data": "synthetic facts" if data_dir is None else str(ed.data_file(data_dir, dataset).resolve()),
             "limit": limit,
             "sequential": sequential,
             "seed": seed,
-            "model": model_id(name),
-            "label": lm.info.label,
+            "shard": f"{part[0]}/{part[1]}",
+            "models": [model_id(name)],
             "versions": versions(),
-            "finished": res.now(),
+            "created": res.now(),
         }
-        with writing_into(output_path):
-            res.write_run(output_path, rows, COLUMNS, summary, config)
+        with writing_into(run_dir), process_group(launch, where):
+            if resume:
+                res.check_resumable(run_dir / "config.json", config, RESUME_KEYS)
+            lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
+            note_label(lm)
+            if lm.tokenizer is None:
+                raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+            config["label"] = lm.info.label
+            res.write_config(run_dir / "config.json", config)
+            records = sum(map(len, groups))
+            say(f"{model_id(name)}: {records} {dataset} records, unedited then injected ({sequential} per memory)")
+            log = res.ResultsLog(run_dir / "results.csv", COLUMNS)
+            edit_rows(lm, model_id(name), dataset, groups, sequential, seed, log)
+            summary = finish_shards(launch, output_path, where, config, finish)
+    if summary is None:
+        say(f"wrote {run_dir}/results.csv (shard {part[0]}/{part[1]}); rank 0 merges the shards into {output_path}")
+        return
     report(summary, output_path, as_json)
 
 
 def edit_rows(
-    lm: mp.MemoryLLM, model: str, dataset: ed.Dataset, edits: list[ed.Edit], sequential: int, seed: int
-) -> list[dict[str, Any]]:
-    """The unedited model's scores of every record, then the scores after the injections."""
-    rows = []
-
-    def add(condition: str, state: mp.MemoryState, edit: ed.Edit) -> None:
-        scores = ed.edit_scores(lm, state, lm.tokenizer, dataset, edit)
-        rows.append({"dataset": dataset, "record_id": edit.id, "model": model, "condition": condition} | scores)
-
-    unedited = lm.new_state(seed, mp.storage_dtype(lm))
-    for edit in edits:
-        add(UNEDITED, unedited, edit)
+    lm: mp.MemoryLLM,
+    model: str,
+    dataset: ed.Dataset,
+    groups: list[list[ed.Edit]],
+    sequential: int,
+    seed: int,
+    log: res.ResultsLog,
+) -> None:
+    """Per group of records: each record scored by the unedited model, then, the group's facts injected into
+    one fresh memory, scored again; the group's rows appended to `log` at once. Groups whose rows are all in
+    the log are skipped; the rows of one cut short are dropped and it runs again."""
     condition = INJECTED if sequential == 1 else f"{INJECTED}, {sequential} in sequence"
-    for start in range(0, len(edits), sequential):
-        group, state = edits[start : start + sequential], lm.new_state(seed, mp.storage_dtype(lm))
+    done = Counter(row["record_id"] for row in log.rows if row["model"] == model)
+    complete = {edit.id for group in groups if all(done[edit.id] == 2 for edit in group) for edit in group}
+    log.rewrite([row for row in log.rows if row["model"] != model or row["record_id"] in complete])
+    unedited = lm.new_state(seed, mp.storage_dtype(lm))
+
+    def row(condition: str, state: mp.MemoryState, edit: ed.Edit) -> dict[str, Any]:
+        scores = ed.edit_scores(lm, state, lm.tokenizer, dataset, edit)
+        return {"dataset": dataset, "record_id": edit.id, "model": model, "condition": condition} | scores
+
+    for group in groups:
+        if group[0].id in complete:
+            continue
+        rows = [row(UNEDITED, unedited, edit) for edit in group]
+        state = lm.new_state(seed, mp.storage_dtype(lm))
         for edit in group:
             lm.inject(state, torch.tensor(encode(lm.tokenizer, edit.fact)))
-        for edit in group:
-            add(condition, state, edit)
-    return rows
+        log.append(rows + [row(condition, state, edit) for edit in group])
+
+
+def finish(directory: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """summary.csv and the finished config.json from the run's results.csv; returns the summary."""
+    summary = ed.summarize(res.read_rows(directory / "results.csv")[1])
+    columns = list(summary[0]) if summary else ["dataset", "model", "condition", "n", *ed.METRICS, "score"]
+    res.write_atomic(directory / "summary.csv", res.csv_text(summary, header=True, columns=columns).encode())
+    res.write_config(directory / "config.json", config | {"finished": res.now()})
+    return summary
 
 
 def report(summary: list[dict[str, Any]], directory: Path, as_json: bool) -> None:

@@ -13,7 +13,8 @@ from model.systems import SpecError, build_system, described, label
 from model.systems.latent import LatentMemory
 from tasks import longbench as lb
 from tasks import results as res
-from tasks.plan import parse_shard, shard_slice
+from tasks.launch import process_group
+from tasks.plan import shard_slice
 from tasks.sizes import format_size, parse_size
 
 from ..common import (
@@ -33,11 +34,12 @@ from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .sweep import check_systems, merged_config, task_errors, versions, writing_into
+from .sweep import check_systems, finish_shards, merged_config, pick_shard, task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd
 
+COMMAND = "mplus bench longbench"
 RESUME_KEYS = ("truncation", "chunk_tokens", "seed", "data", "chat", "limit", "shard")  # a resumed run must match these
 UNION_KEYS = ("sets", "max_lengths", "models", "systems")  # and may add to these
 
@@ -120,17 +122,21 @@ def longbench(
     summary.csv (mean QA-F1 per set and length, the 6-set average, 95% bootstrap intervals), config.json and
     longbench-<length>.png.
 
+    Under torchrun each rank runs its slice of every set into OUT/shard-<r+1>-of-<n> and rank 0 merges them
+    into OUT; each task of a Slurm array runs its slice into OUT/shard-<i>-of-<n>: combine them (or the
+    directories of --shard i/n runs) with mplus bench merge.
+
     Example: mplus bench longbench --model mplus-8b --max-length 8k,16k --system truncate --system bm25
     """
     names, specs = model or [requested_model(None)], system or []
     chosen, lengths = parse_sets(sets), parse_lengths(max_length)
     try:
-        part = parse_shard(shard or "1/1")
+        launch, *part = pick_shard(shard)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    results_path = output_path / "results.csv"
-    if res.holds_results(results_path) and not resume:
-        raise ConflictError(f"{output_path} already holds results: pass --resume to continue them or choose another -o")
+    run_dir, where = launch.directory(output_path), pick_device(device, launch.local_rank)
+    if res.holds_results(run_dir / "results.csv") and not resume:
+        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
     with task_errors():
         try:
             check_systems(specs)
@@ -139,7 +145,7 @@ def longbench(
         prompts = lb.prompts()
         data = {name: shard_slice(lb.load(name, limit, data_dir), *part) for name in chosen}
         config: dict[str, Any] = {
-            "command": "mplus bench longbench",
+            "command": COMMAND,
             "sets": list(chosen),
             "max_lengths": list(lengths),
             "truncation": truncate,
@@ -156,17 +162,20 @@ def longbench(
             "created": res.now(),
             "model_details": {},
         }
-        with writing_into(output_path):
+        with writing_into(run_dir), process_group(launch, where):
             if resume:
-                res.check_resumable(output_path / "config.json", config, RESUME_KEYS)
-                config = merged_config(output_path / "config.json", config, UNION_KEYS)
-            res.write_config(output_path / "config.json", config)
-            log = res.ResultsLog(results_path, lb.COLUMNS)
-            settings, where = lb.Settings(lengths, truncate, chunk_tokens, seed), pick_device(device)
+                res.check_resumable(run_dir / "config.json", config, RESUME_KEYS)
+                config = merged_config(run_dir / "config.json", config, UNION_KEYS)
+            res.write_config(run_dir / "config.json", config)
+            log = res.ResultsLog(run_dir / "results.csv", lb.COLUMNS)
+            settings = lb.Settings(lengths, truncate, chunk_tokens, seed)
             for name in names:
                 lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
                 config["model_details"][model_id(name)] = run_model(lm, name, specs, data, prompts, settings, chat, log)
-            summary = finish(output_path, config)
+            summary = finish_shards(launch, output_path, where, config, finish)
+    if summary is None:
+        say(f"wrote {run_dir}/results.csv (shard {part[0]}/{part[1]}); rank 0 merges the shards into {output_path}")
+        return
     report(summary, output_path, as_json)
 
 

@@ -9,7 +9,7 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -26,7 +26,7 @@ from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
 from tasks.launch import SLURM, TORCHRUN, Launch, barrier, detect
-from tasks.merge import MergeConflict, MergeError, merge_runs
+from tasks.merge import Finished, MergeConflict, MergeError, merge_runs
 from tasks.plan import (
     CHUNK_TOKENS,
     CLOSED_BOOK,
@@ -459,18 +459,25 @@ def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[st
 
 
 def finish_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """summary.csv, retention.png and the finished config.json: (results, summary). Under torchrun every rank
-    marks its shard finished and waits at the barrier; rank 0 then merges the shards into the output directory
-    and the other ranks return None."""
+    """summary.csv, retention.png and the finished config.json: (results, summary); None on torchrun's other
+    ranks."""
+    return finish_shards(plan.launch, plan.out, plan.device, config, res.finish)
+
+
+def finish_shards(
+    launch: Launch, out: Path, device: torch.device, config: dict[str, Any], finish: Callable[[Path, dict], Finished]
+) -> Finished | None:
+    """`finish(directory, finished config)` of this process's run. Under torchrun every rank marks its shard
+    finished and waits at the barrier; rank 0 then merges the shards into `out` (finishing the whole run) and
+    the other ranks return None."""
     finished = config | {"finished": res.now()}
-    if not plan.launch.group:
-        return res.finish(plan.run_dir, finished)
-    res.write_config(plan.run_dir / "config.json", finished)
-    barrier(plan.launch, plan.device)
-    if not plan.launch.merges:
+    if not launch.group:
+        return finish(launch.directory(out), finished)
+    res.write_config(launch.directory(out) / "config.json", finished)
+    barrier(launch, device)
+    if not launch.merges:
         return None
-    results, summary, _ = merge_runs(plan.launch.directories(plan.out), plan.out, force=True)
-    return results, summary
+    return merge_runs(launch.directories(out), out, force=True, finish=finish)[0]
 
 
 def report_run(

@@ -144,10 +144,10 @@ def shards(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("names", "code", "says"),
     [
-        (["1"], 2, "shard 2/2 is missing: add the directories, or run them with bench retention --shard i/n"),
+        (["1"], 2, "shard 2/2 is missing: add the directories, or run them with --shard i/n"),
         (["1", "2", "1-again"], 2, "shard 1/2 is given twice"),
         (["seed1", "2"], 4, "ran other settings than"),
-        (["1", "unfinished"], 4, "is not finished: complete it with the same bench retention command"),
+        (["1", "unfinished"], 4, "is not finished: complete it with the same bench command"),
         (["1", "empty"], 3, "no config.json in"),
     ],
 )

@@ -100,8 +100,11 @@ def test_a_run_scores_the_unedited_model_then_the_injected_edits(tmp_path, datas
     result = CliRunner().invoke(app, [*args, "--sequential", "2", "-o", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((tmp_path / "run" / "results.csv").open()))
-    n = 3 if dataset == "zsre" else 2
-    assert [row["condition"] for row in rows] == ["unedited"] * n + ["injected, 2 in sequence"] * n
+    ids, injected = [edit.id for edit in ed.load(dataset, tmp_path, None)], "injected, 2 in sequence"
+    n = len(ids)
+    by_group = [(i, "unedited") for i in ids[:2]] + [(i, injected) for i in ids[:2]]  # records 0 and 1, then 2
+    by_group += [(ids[2], "unedited"), (ids[2], injected)] if n == 3 else []
+    assert [(row["record_id"], row["condition"]) for row in rows] == by_group
     summary = list(csv.DictReader((tmp_path / "run" / "summary.csv").open()))
     assert [row["condition"] for row in summary] == ["unedited", "injected, 2 in sequence"]
     for row in summary:
@@ -109,3 +112,49 @@ def test_a_run_scores_the_unedited_model_then_the_injected_edits(tmp_path, datas
         assert float(row["efficacy"]) == pytest.approx(100 * sum(float(r["efficacy"]) for r in mine) / n)
     missing = CliRunner().invoke(app, ["bench", "editing", "--dataset", dataset, "--data-dir", str(tmp_path / "none")])
     assert missing.exit_code == 3 and "ROME's data files" in missing.stderr
+
+
+def test_a_run_cut_short_resumes_and_shards_merge_into_the_rows_of_one_run(tmp_path, monkeypatch):
+    args = ["bench", "editing", "--dataset", "synthetic", "--limit", "5", "--sequential", "2", "--model", "tiny-free"]
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(app, [*args, "-o", str(whole)]).exit_code == 0
+    lines = (whole / "results.csv").read_text().splitlines(keepends=True)  # header, groups of 4, 4 and 2 rows
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.csv").write_text("".join(lines[: 1 + 4 + 3]))  # the second group cut short
+    config = json.loads((whole / "config.json").read_text())
+    (cut / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "finished"}))
+    scored, edit_scores = [], ed.edit_scores
+    monkeypatch.setattr(ed, "edit_scores", lambda *a: scored.append(a[-1].id) or edit_scores(*a))
+    resumed = CliRunner().invoke(app, [*args, "-o", str(cut), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert scored == ["syn-00002", "syn-00003"] * 2 + ["syn-00004"] * 2  # the first group is not scored again
+    assert (cut / "results.csv").read_text() == "".join(lines)
+    assert (cut / "summary.csv").read_text() == (whole / "summary.csv").read_text()
+
+    shards = [tmp_path / "s1", tmp_path / "s2"]
+    for i, out in enumerate(shards, start=1):
+        assert CliRunner().invoke(app, [*args, "--shard", f"{i}/2", "-o", str(out)]).exit_code == 0
+    merged = CliRunner().invoke(app, ["bench", "merge", *map(str, shards), "-o", str(tmp_path / "all")])
+    assert merged.exit_code == 0, merged.output
+    assert "score" in merged.output  # printed as bench editing prints a run
+    assert (tmp_path / "all" / "results.csv").read_text() == "".join(lines)
+    assert (tmp_path / "all" / "summary.csv").read_text() == (whole / "summary.csv").read_text()
+    again = CliRunner().invoke(app, [*args, "-o", str(whole)])
+    assert again.exit_code == 4 and "pass --resume" in again.stderr
+
+
+def test_the_tasks_of_a_slurm_array_run_their_slices_into_shard_directories(tmp_path, monkeypatch):
+    args = ["bench", "editing", "--dataset", "synthetic", "--limit", "3", "--model", "tiny-free", "-o", str(tmp_path)]
+    for task in (1, 2):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        assert CliRunner().invoke(app, args).exit_code == 0
+    ids = [
+        [row["record_id"] for row in csv.DictReader((tmp_path / f"shard-{i}-of-2" / "results.csv").open())]
+        for i in (1, 2)
+    ]
+    assert ids == [["syn-00000"] * 2, ["syn-00001"] * 2 + ["syn-00002"] * 2]  # each record: unedited, injected
+    refused = CliRunner().invoke(app, [*args, "--shard", "1/2"])
+    assert refused.exit_code == 2 and "--shard conflicts with" in refused.stderr

@@ -138,15 +138,26 @@ def test_the_offline_news_set_puts_each_story_among_numbered_passages_and_runs(t
     assert len(list(csv.DictReader((tmp_path / "run" / "results.csv").open()))) == 2
 
 
-def test_shards_split_each_sets_samples_into_disjoint_slices(tmp_path):
+def test_shards_split_each_sets_samples_into_disjoint_slices_and_merge_into_one_run(tmp_path):
     write_set(tmp_path, "musique", 3)
-    ids = []
-    for shard in ("1/2", "2/2"):
-        args = ["bench", "longbench", "--model", "tiny-free-mplus", "--sets", "musique", "--data-dir", str(tmp_path)]
-        out = tmp_path / shard.replace("/", "-of-")
-        result = CliRunner().invoke(app, [*args, "--max-length", "512", "--shard", shard, "-o", str(out)])
+    args = ["bench", "longbench", "--model", "tiny-free-mplus", "--sets", "musique", "--data-dir", str(tmp_path)]
+    args += ["--max-length", "512"]
+    ids, shards = [], []
+    for shard in ("1/1", "1/2", "2/2"):
+        shards.append(tmp_path / shard.replace("/", "-of-"))
+        result = CliRunner().invoke(app, [*args, "--shard", shard, "-o", str(shards[-1])])
         assert result.exit_code == 0, result.output
-        ids.append([row["sample_id"] for row in csv.DictReader((out / "results.csv").open())])
-    assert ids == [["musique-0"], ["musique-1", "musique-2"]]
+        ids.append([row["sample_id"] for row in csv.DictReader((shards[-1] / "results.csv").open())])
+    assert ids == [["musique-0", "musique-1", "musique-2"], ["musique-0"], ["musique-1", "musique-2"]]
+    merged = CliRunner().invoke(app, ["bench", "merge", str(shards[2]), str(shards[1]), "-o", str(tmp_path / "all")])
+    assert merged.exit_code == 0, merged.output
+    assert "QA-F1, mean over the sets" in merged.output  # printed as bench longbench prints a run
+
+    def without_timing(directory) -> list[dict]:
+        return [row | {"latency_ms": ""} for row in csv.DictReader((directory / "results.csv").open())]
+
+    assert without_timing(tmp_path / "all") == without_timing(shards[0])  # the rows of one process
+    assert (tmp_path / "all" / "summary.csv").read_text() == (shards[0] / "summary.csv").read_text()
+    assert (tmp_path / "all" / "longbench-512.png").is_file()
     bad = CliRunner().invoke(app, [*args, "--shard", "3/2", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "bad shard '3/2'" in bad.stderr
