@@ -15,9 +15,13 @@ A session is a directory under the store root (format 4):
     log.jsonl                 append-only: one JSON line per injected source (or a partial one, abandoned)
     origins.bin               append-only: where the rows came from, a record per run of row ids
                               (first id, rows, injection, layer, first position: see model.memory.provenance)
-    index-NNNNNN.safetensors  commit NNNNNN: `memory_ids` [L, N] (the short-term rows), the drop generator;
-                              M+: the short-term rows' ages and the LTM's layout (runs of entry ids, run-
-                              length recall frequencies: see LongTermMemory.layout)
+    index-NNNNNN.safetensors.zlib
+                              commit NNNNNN, a safetensors file compressed with zlib (format-3 and older
+                              format-4 sessions: index-NNNNNN.safetensors, uncompressed, read as they
+                              are): `memory_ids` [L, N] (the short-term rows), the drop
+                              generator; M+: the short-term rows' ages and the LTM's layout (runs of entry
+                              ids, run-length recall frequencies: see LongTermMemory.layout); ids and ages
+                              are int32 when they fit (int64 otherwise; read back as int64)
     ltm_row_ids.bin, ltm_births.bin, ltm_keys.bin
                               M+ only, append-only: one record per LTM entry past the model's initial ones:
                               the id of its row (in rows.bin or the model), its birth and its key
@@ -123,7 +127,7 @@ def sum_records(records: list[tuple[str, int, int]]) -> bytes:
 
 # -- the manifest's schema -------------------------------------------------------------------------------------
 Check = Callable[[Any], bool]
-INDEX_NAME = re.compile(r"index-[0-9]{6}\.safetensors")  # a plain name inside the session, never a path
+INDEX_NAME = re.compile(r"index-[0-9]{6}\.safetensors(\.zlib)?")  # a plain name inside the session, never a path
 
 
 def count(value: Any) -> bool:

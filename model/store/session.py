@@ -60,6 +60,8 @@ from .format import (
     sum_records,
 )
 
+INT32 = torch.iinfo(torch.int32)
+
 
 # -- the model's part of a session --------------------------------------------------------------------
 def initial_rows(initial: MemoryState) -> RowSpace:
@@ -192,7 +194,7 @@ class Session:
         if "index_sum" in self.manifest and digest(data) != self.manifest["index_sum"]:
             raise SessionDamaged(f"{path} is damaged (its checksum does not match)" + self.hint)
         try:
-            return safetensors_load(data)
+            return safetensors_load(zlib.decompress(data) if path.suffix == ".zlib" else data)
         except Exception as e:  # a format-3 index without a checksum
             raise SessionDamaged(f"{path} is damaged ({e})" + self.hint) from e
 
@@ -234,7 +236,7 @@ class Session:
         self, initial: MemoryState, index: dict[str, torch.Tensor], device: torch.device | str = "cpu"
     ) -> MemoryState:
         space = self.row_space(initial)
-        ids = index["memory_ids"]  # [L, N]
+        ids = index["memory_ids"].long()  # [L, N]
         memory = populated_empty((*ids.shape, space.width), space.dtype)  # [L, N, d]
         for layer, layer_ids in enumerate(ids):  # a layer's ids ascend (rows keep their order): read in place
             space.gather(layer_ids, out=memory[layer])
@@ -243,7 +245,7 @@ class Session:
         next_row_id = self.base + self.manifest["rows"]["count"]
         ltm = None
         if "ltm" in meta:
-            tensors["memory_ages"] = index["memory_ages"]
+            tensors["memory_ages"] = index["memory_ages"].long()
             ltm = LongTermMemory.from_layout(self.entry_bank(initial, space), index, meta["ltm"])
         state = MemoryState.from_tensors(tensors, meta, device, ltm, ids, next_row_id)
         state.origins = self.origins(initial)
@@ -323,7 +325,7 @@ class Session:
         state = initial.clone()
         if seed is not None:
             state.generator = new_generator(seed)
-        index_name, index = "index-000000.safetensors", safetensors_bytes(index_tensors(state))
+        index_name, index = index_file(0), index_bytes(state)
         width = state.memory.shape[-1]
         manifest = {
             "format": STORE_FORMAT,
@@ -431,10 +433,27 @@ def state_meta(state: MemoryState, dtype: torch.dtype) -> dict[str, Any]:
 def index_tensors(state: MemoryState) -> dict[str, torch.Tensor]:
     """What a commit's index file holds: the short-term rows' ids, the drop generator, and for M+ the
     short-term ages and the LTM layout."""
-    tensors = {"memory_ids": state.memory_ids.contiguous(), "generator_state": state.generator.get_state()}
+    tensors = {"memory_ids": narrowed(state.memory_ids), "generator_state": state.generator.get_state()}
     if state.ltm is not None:
-        tensors |= {"memory_ages": state.memory_ages.contiguous()} | state.ltm.layout()
+        tensors |= {"memory_ages": narrowed(state.memory_ages)} | state.ltm.layout()
     return tensors
+
+
+def index_bytes(state: MemoryState) -> bytes:
+    """A commit's index file: the safetensors of `index_tensors`, zlib-compressed at level 1 (a few ms; the
+    ids and ages a commit rewrites shrink about 4x)."""
+    return zlib.compress(safetensors_bytes(index_tensors(state)), 1)
+
+
+def index_file(commit: int) -> str:
+    return f"index-{commit:06d}.safetensors.zlib"
+
+
+def narrowed(values: torch.Tensor) -> torch.Tensor:
+    """int64 ids or ages as int32 when they fit (half the bytes of the index every commit rewrites); read
+    back as int64."""
+    fits = values.numel() == 0 or (int(values.min()) >= INT32.min and int(values.max()) <= INT32.max)
+    return values.to(torch.int32 if fits else torch.int64).contiguous()
 
 
 @dataclass
@@ -506,7 +525,7 @@ class Writer:
         append_after(directory / SUMS, sums["records"] * SUM_RECORD * 8, new_sums)
         manifest["sums"] = {"records": sums["records"] + len(records), "crc": zlib.crc32(new_sums, sums["crc"])}
         commit = manifest["commit"] + 1
-        index_name, index = f"index-{commit:06d}.safetensors", safetensors_bytes(index_tensors(state))
+        index_name, index = index_file(commit), index_bytes(state)
         write_atomic(directory / index_name, index)
         manifest |= {"commit": commit, "index": index_name, "index_sum": digest(index)}
         manifest |= {"state": state_meta(state, session.dtype), "updated": now(), "partial": partial}
@@ -526,7 +545,7 @@ def new_entries(info: dict[str, Any], bank: EntryBank) -> tuple[list[tuple[str, 
 
 
 def commit_number(path: Path) -> int:
-    """NNNNNN of commit-NNNNNN.json or index-NNNNNN.safetensors."""
+    """NNNNNN of commit-NNNNNN.json or index-NNNNNN.safetensors[.zlib]."""
     return int(path.name.split("-")[1].split(".")[0])
 
 
@@ -542,10 +561,15 @@ def kept_commits(directory: Path) -> list[Path]:
     return sorted(directory.glob("commit-[0-9]*.json"), key=commit_number, reverse=True)
 
 
+def commit_files(directory: Path) -> list[Path]:
+    """Every commit's manifest copy and index file (index-NNNNNN.safetensors[.zlib])."""
+    return [*directory.glob("commit-[0-9]*.json"), *directory.glob("index-[0-9]*.safetensors*")]
+
+
 def retire_commits(directory: Path, commit: int) -> None:
     """Delete the manifest copies and index files of commits older than the last KEEP_COMMITS (readers may
     still be on the previous one)."""
-    for path in [*directory.glob("commit-[0-9]*.json"), *directory.glob("index-[0-9]*.safetensors")]:
+    for path in commit_files(directory):
         if commit_number(path) <= commit - KEEP_COMMITS:
             path.unlink(missing_ok=True)
 

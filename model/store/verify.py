@@ -9,7 +9,7 @@ from ..memory.rows import DamagedFile
 from .errors import SessionDamaged, SessionNotFound
 from .files import exclusive_lock, fsync_path, read_prefix, refuse_links, write_atomic
 from .format import LOCK, MANIFEST, check_name, parse_manifest
-from .session import Session, commit_number, kept_commits, session_exists
+from .session import Session, commit_files, commit_number, kept_commits, session_exists
 
 
 # -- verification and rollback ----------------------------------------------------------------------
@@ -75,7 +75,7 @@ def rollback_session(root: Path, name: str) -> tuple[int | None, int]:
                 f"every kept commit shares; remove the session with `mplus session rm {name}`"
             )
         write_atomic(directory / MANIFEST, read_prefix(directory / good.manifest))
-        for path in [*directory.glob("commit-[0-9]*.json"), *directory.glob("index-[0-9]*.safetensors")]:
+        for path in commit_files(directory):
             if commit_number(path) > good.commit:
                 path.unlink()
         fsync_path(directory)

@@ -18,6 +18,7 @@ import torch
 import model as mp
 from model import store as st
 from model.memory.rows import FileArray
+from model.store.session import narrowed
 from mplus_cli.commands.session import summary
 
 PRESETS = ["tiny", "tiny-mplus", "tiny-free-mplus"]
@@ -246,6 +247,20 @@ def test_mplus_bytes_written_per_inject_stay_proportional_to_new_rows_as_the_ltm
     print(f"\nM+ bytes per inject: after 1: {written[1]}, after 30: {written[30]}; LTM rows: {ltm_rows[1::29]}")
     assert ltm_rows[30] >= 8 * ltm_rows[1]
     assert written[30] <= 1.15 * written[1] and written[30] < whole_ltm / 2
+
+
+def test_the_index_keeps_ids_and_ages_in_int32_when_they_fit(tmp_path, models):
+    """Every commit rewrites the index: half its bytes with int32 ids and ages; the state reads int64."""
+    lm = models["tiny-mplus"]
+    session = inject(new_session(tmp_path, lm), lm, [chunk(32, 0), chunk(32, 1)])
+    index = session.index()
+    assert index["memory_ids"].dtype == index["memory_ages"].dtype == torch.int32
+    state = session.load_state(lm.initial_state)
+    assert state.memory_ids.dtype == state.memory_ages.dtype == torch.int64
+    assert torch.equal(state.memory_ids, index["memory_ids"].long())
+    beyond = torch.tensor([[0, 2**31]])  # an id past int32 keeps the whole tensor int64
+    assert narrowed(beyond).dtype == torch.int64 and torch.equal(narrowed(beyond), beyond)
+    assert narrowed(torch.tensor([[-(2**31), 2**31 - 1]])).dtype == torch.int32
 
 
 def test_a_second_writer_waits_then_gets_busy(tmp_path, models):

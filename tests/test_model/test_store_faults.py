@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -345,7 +346,12 @@ def test_a_format_3_session_is_read_as_is_and_upgraded_by_its_next_inject(grown,
     directory = grown / "s"
     answer = ask(grown).stdout
     manifest = json.loads((directory / st.MANIFEST).read_text())
-    old = {k: v for k, v in manifest.items() if k not in ("checksum", "sums", "index_sum")} | {"format": 3}
+    index = directory / manifest["index"]
+    plain = index.with_suffix("")  # index-NNNNNN.safetensors, uncompressed, as that format wrote it
+    plain.write_bytes(zlib.decompress(index.read_bytes()))
+    index.unlink()
+    old = {k: v for k, v in manifest.items() if k not in ("checksum", "sums", "index_sum")}
+    old |= {"format": 3, "index": plain.name}
     (directory / st.MANIFEST).write_text(json.dumps(old))
     for path in [directory / st.SUMS, *st.kept_commits(directory)]:
         path.unlink()
@@ -355,6 +361,7 @@ def test_a_format_3_session_is_read_as_is_and_upgraded_by_its_next_inject(grown,
     assert mplus("inject", text, "-s", "s", "--store", grown).exit_code == 0
     upgraded = st.Session.open(grown, "s")
     assert upgraded.manifest["format"] == st.STORE_FORMAT and upgraded.manifest["commit"] == manifest["commit"] + 1
+    assert upgraded.manifest["index"].endswith(".safetensors.zlib")  # its next commits write compressed ones
     assert mplus("session", "check", "s", "--store", grown).exit_code == 0
     flip(directory / st.ROWS, 0)  # bytes the format-3 session wrote are covered too
     assert mplus("session", "check", "s", "--store", grown).exit_code == 1
