@@ -77,6 +77,8 @@ step retrieval 60 - "$py" scripts/gpu_check.py retrieval --device "$device" --sh
     --out "$work/retrieval.json"
 step kernels 30 - "$py" -m pytest -q -rs -p no:cacheprovider tests/test_model/test_attention_kernels.py \
     tests/test_model/test_device_retrieval.py tests/test_model/test_batch.py
-step speed 240 "$work/speed.json" "$py" -m mplus_cli bench speed --shape "$shape" --device "$device" $speed --json
+# core only: the cold path (bench speed's other default group) saves and reloads a 3 GB state per process at 8b
+step speed 240 "$work/speed.json" "$py" -m mplus_cli bench speed --groups core --shape "$shape" --device "$device" \
+    $speed --json
 timeout 15 "$py" scripts/gpu_check.py report --work "$work" --shape "$shape" --out "$out/gpu-check.json" >>"$log" 2>&1
 echo "wrote $out/gpu-check.json and $out/gpu-check.log ($SECONDS s)"

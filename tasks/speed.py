@@ -273,6 +273,8 @@ def run(
             if cfg.training_free is not None:  # the demo: no authors' procedure to compare with
                 log(f"{cfg.kind}: inject vs a plain forward")
                 figures.append(measure_write(model, workload.inject_tokens, 4, repeats))
+                log(f"{cfg.kind}: {BATCH} samples at once")
+                figures.append(measure_batch(model, BATCH, workload, repeats))
                 figures += system_figures(model, workload, repeats, log)
                 continue
             if cfg.kind == "memoryllm" or len(models) == 1:

@@ -35,7 +35,8 @@ GROUPS = ("core", "sessions", "cold", "store")
 GROUPS_HELP = (
     "Figure groups, comma-separated, or all: core (this process: inject, ask, LTM retrieval, session store), "
     "sessions (`mplus inject` / `mplus ask` processes on sessions at scale), cold (a question in a fresh process, "
-    "the random MemoryLLM of --shape), store (a session at the M+ shapes of --shape, without weights)."
+    "the random MemoryLLM of --shape), store (a session at the M+ shapes of --shape, without weights). "
+    "Default: core,cold (core alone for --shape 8b on the CPU)."
 )
 
 
@@ -141,7 +142,7 @@ def speed(
             help="M+ LTM sizes per layer, comma-separated (default: per shape; small, 8b: 10000,40000,150000)."
         ),
     ] = None,
-    groups: Annotated[str, typer.Option(help=GROUPS_HELP)] = "core",
+    groups: Annotated[str | None, typer.Option(help=GROUPS_HELP, show_default=False)] = None,
     session_model: Annotated[str, typer.Option(help="sessions: the sessions' model.")] = "tiny-free-mplus",
     session_tokens: Annotated[
         str, typer.Option(help="sessions: the sizes (tokens) one session is grown through, one inject each.")
@@ -159,8 +160,9 @@ def speed(
     - sessions: `mplus inject` / `mplus ask` processes on a session grown through
       --session-tokens (disk, peak RSS, inject and ask time vs a smaller session),
       and an inject of a big text interrupted with Ctrl-C (--interrupt-bytes)
-    - cold: open a session and answer one token in a fresh process, vs
-      MemoryState.load (the random MemoryLLM of --shape; --repeats processes)
+    - cold (default): open a session and answer one token in a fresh process,
+      what `mplus ask` pays first, vs MemoryState.load (the random MemoryLLM of
+      --shape; --repeats processes)
     - store: the session store at the M+ shapes of --shape (8b: mplus-8b's)
       without weights, with LTMs of --ltm-rows rows per layer
 
@@ -204,7 +206,7 @@ class Options:
 
 
 def check_options(
-    groups: str,
+    groups: str | None,
     shape: str,
     device: str,
     dtype: str | None,
@@ -213,7 +215,7 @@ def check_options(
     interrupt_bytes: str,
 ) -> Options:
     """The options parsed, or a UsageError for the first bad one."""
-    chosen = parse_groups(groups)
+    chosen = parse_groups(groups or ("core" if shape == "8b" and pick_device(device).type == "cpu" else "core,cold"))
     rows = parse_rows(ltm_rows) if ltm_rows else None
     tokens = parse_sizes("--session-tokens", session_tokens, "10k,40k,160k,200k", most=MAX_SESSION_TOKENS)
     cut = parse_sizes("--interrupt-bytes", interrupt_bytes, "200k,20M", most=MAX_INTERRUPT_BYTES, count=2)

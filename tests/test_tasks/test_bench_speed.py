@@ -15,7 +15,7 @@ import model as mp
 from model.zoo.presets import build_preset, random_model
 from model.zoo.registry import TINY_CONFIG
 from mplus_cli.app import app as root
-from mplus_cli.commands.speed import speed
+from mplus_cli.commands.speed import check_options, speed
 from tasks import speed as sp
 from tasks.baselines import authors_delta, authors_retrieve
 from tasks.random_models import first_rows, random_ltm, with_ltm
@@ -124,6 +124,8 @@ def test_the_json_report_has_every_figure_with_consistent_ratios(report):
         "memoryllm session bytes written per inject (inject #50",
         "mplus session time per inject (inject #1,",
         "mplus session open + load",
+        "cold ask: open + first token",  # the default groups: core and the cold path
+        "cold open: session vs MemoryState.load",
     ):
         assert any(name.startswith(prefix) for name in names), prefix
     for f in report["figures"]:
@@ -164,6 +166,11 @@ def test_bad_options_are_one_line_usage_errors(args, message, monkeypatch):
     assert json.loads(result.stdout)["exit_code"] == 2
 
 
+def test_the_default_groups_are_core_and_the_cold_path_where_the_cold_path_fits():
+    assert check_options(None, "small", "cpu", None, None, "10k,40k", "1k,2k").groups == ["core", "cold"]
+    assert check_options(None, "8b", "cpu", None, None, "10k,40k", "1k,2k").groups == ["core"]  # sized for a GPU
+
+
 @pytest.mark.parametrize("args", [["--shape", "huge"], ["--dtype", "int8"]])
 def test_a_choice_not_offered_is_clicks_usage_error_on_one_line(args):
     result = runner.invoke(root, ["bench", "speed", *args, "--json"])
@@ -175,10 +182,11 @@ def test_a_choice_not_offered_is_clicks_usage_error_on_one_line(args):
 
 @pytest.mark.parametrize("name", ["tiny-free", "tiny-free-mplus"])
 def test_a_training_free_model_reports_its_inject_next_to_a_plain_forward(name):
-    result = runner.invoke(app, ["--model", name, "--repeats", "1", "--json"])
+    result = runner.invoke(app, ["--model", name, "--groups", "core", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
-    figure, *per_question = json.loads(result.stdout)["figures"]
+    figure, batch, *per_question = json.loads(result.stdout)["figures"]
     assert figure["name"].startswith("inject vs a plain forward") and figure["target"] == ">= 0.8"
+    assert batch["name"] == "8 samples at once (bench retention --batch-size)" and batch["target"] == ">= 1"
     assert [f["name"].split(" (")[0] for f in per_question] == [
         "per question: memory vs bm25:k=8,part=512",
         "per question: memory vs truncate:tokens=4096",
