@@ -17,12 +17,12 @@ from tasks.launch import process_group
 from tasks.plan import shard_slice
 
 from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
-from ..devices import pick_device, pick_dtype
-from ..errors import ConflictError, UsageError
+from ..devices import pick_dtype
+from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .sweep import finish_shards, pick_shard, task_errors, versions, writing_into
+from .sweep import finish_shards, shard_run, task_errors, versions, writing_into
 
 COMMAND = "mplus bench editing"
 COLUMNS = ("dataset", "record_id", "model", "condition", *ed.METRICS)
@@ -75,13 +75,7 @@ def editing(
     name = model or requested_model(None)
     if dataset != "synthetic" and data_dir is None:
         raise UsageError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
-    try:
-        launch, *part = pick_shard(shard)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    run_dir, where = launch.directory(output_path), pick_device(device, launch.local_rank)
-    if res.holds_results(run_dir / "results.csv") and not resume:
-        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
+    launch, part, run_dir, where = shard_run(shard, output_path, device, resume)
     with task_errors():
         edits = ed.load(dataset, data_dir, limit)
         groups = shard_slice([edits[i : i + sequential] for i in range(0, len(edits), sequential)], *part)

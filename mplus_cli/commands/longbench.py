@@ -29,12 +29,12 @@ from ..common import (
     note_label,
     stop_ids,
 )
-from ..devices import pick_device, pick_dtype
-from ..errors import ConflictError, UsageError
+from ..devices import pick_dtype
+from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .sweep import check_systems, finish_shards, merged_config, pick_shard, task_errors, versions, writing_into
+from .sweep import check_systems, finish_shards, merged_config, shard_run, task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,13 +130,7 @@ def longbench(
     """
     names, specs = model or [requested_model(None)], system or []
     chosen, lengths = parse_sets(sets), parse_lengths(max_length)
-    try:
-        launch, *part = pick_shard(shard)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    run_dir, where = launch.directory(output_path), pick_device(device, launch.local_rank)
-    if res.holds_results(run_dir / "results.csv") and not resume:
-        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
+    launch, part, run_dir, where = shard_run(shard, output_path, device, resume)
     with task_errors():
         try:
             check_systems(specs)

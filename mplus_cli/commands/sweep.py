@@ -355,6 +355,22 @@ def pick_shard(shard: str | None) -> tuple[Launch, int, int]:
     return launch, launch.index, launch.count
 
 
+def shard_run(
+    shard: str | None, out: Path, device: str, resume: bool
+) -> tuple[Launch, tuple[int, int], Path, torch.device]:
+    """A benchmark's launch, this process's shard (i, n), the directory it writes (OUT, or its shard's under a
+    launcher) and its device; a usage error for a bad --shard, a conflict for a directory that holds
+    results without --resume."""
+    try:
+        launch, i, n = pick_shard(shard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    run_dir = launch.directory(out)
+    if res.holds_results(run_dir / "results.csv") and not resume:
+        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
+    return launch, (i, n), run_dir, pick_device(device, launch.local_rank)
+
+
 def retention_config(plan: RetentionPlan) -> dict[str, Any]:
     """config.json of the run before its data is loaded and its models run."""
     proto = plan.proto
