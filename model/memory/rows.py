@@ -35,6 +35,11 @@ def populated_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps `pages` alive
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
 def coalesce(index: torch.Tensor, record_bytes: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """Sort index [m] and group it into spans of records that one read each takes in.
 
@@ -95,14 +100,23 @@ class BlockSums:
 
     def verify(self, fd: int, lo: int, hi: int) -> None:
         """Check the blocks holding bytes lo..hi-1 of the file open as `fd`; raise DamagedFile on a mismatch."""
-        if hi <= lo:
-            return
-        if hi > self.covered:
-            raise DamagedFile(f"{self.path}: bytes {lo}-{hi} have no checksum (the file is damaged){self.hint}")
-        first, last = (int(i) for i in torch.searchsorted(self.ends, torch.tensor([lo, hi - 1]), right=True))
-        for block in range(first, last + 1):
-            if self.verified[block]:
-                continue
+        if hi > lo:
+            self.verify_ranges(fd, torch.tensor([lo]), torch.tensor([hi]))
+
+    def verify_ranges(self, fd: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Check every block holding bytes of the ranges lo[i]..hi[i]-1 (non-empty) at once."""
+        if int(hi.max()) > self.covered:
+            at = int(hi.argmax())
+            raise DamagedFile(
+                f"{self.path}: bytes {int(lo[at])}-{int(hi[at])} have no checksum (the file is damaged){self.hint}"
+            )
+        first = torch.searchsorted(self.ends, lo, right=True)  # [S] the block of each range's first byte
+        last = torch.searchsorted(self.ends, hi - 1, right=True)  # [S] ... and of its last byte
+        starts = torch.zeros(self.ends.numel() + 1, dtype=torch.int64)
+        starts.index_add_(0, first, torch.ones_like(first))
+        starts.index_add_(0, last + 1, -torch.ones_like(last))
+        touched = starts.cumsum(0)[:-1] > 0  # [B] blocks inside some range
+        for block in torch.nonzero(touched & ~self.verified)[:, 0].tolist():
             start, end = int(self.ends[block - 1]) if block else 0, int(self.ends[block])
             if zlib.crc32(os.pread(fd, end - start, start)) != int(self.crcs[block]):
                 raise DamagedFile(f"{self.path}: bytes {start}-{end} do not match their checksum{self.hint}")
@@ -146,12 +160,15 @@ class FileArray:
         start = self.offset + lo * self.record_bytes
         if self.sums is not None:
             self.sums.verify(fd, start, start + (hi - lo) * self.record_bytes)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        self._read_into(fd, byte_view(out), start)
+
+    def _read_into(self, fd: int, view: memoryview, start: int) -> None:
+        """The file's bytes from `start` into all of `view` (checked by the caller)."""
         want, done = view.nbytes, 0
         while done < want:
             got = os.preadv(fd, [view[done:]], start + done)
             if got == 0:
-                raise OSError(f"{self.path} ends before record {hi} (it should hold {self.count})")
+                raise OSError(f"{self.path} ends before byte {start + want} (it should hold {self.count} records)")
             done += got
 
     def read(self, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,12 +185,30 @@ class FileArray:
 
     def _read_sorted(self, index: torch.Tensor, out: torch.Tensor) -> None:
         """Records at the non-decreasing index [m] into out [m, ...], each span read into place when it holds
-        every record of its range once, else picked from a buffer."""
+        every record of its range once, else picked from a buffer. The checksums of every span are checked
+        first, together, and the loop over spans does little more than read (a question's LTM rows come in
+        hundreds of spans)."""
         _, ordered, spans = coalesce(index, self.record_bytes)
-        scratch = None
+        if not spans:
+            return
+        rb, (lo, hi, first) = self.record_bytes, torch.tensor(spans).T  # [S] each
+        end = torch.cat([first[1:], torch.tensor([ordered.numel()])])
+        distinct = not bool((ordered.diff() == 0).any())
+        whole = (end - first == hi - lo) & distinct  # [S] the span's every record once, in order
+        target, scratch, scratch_bytes = byte_view(out), None, None
         with self.opened() as fd:
-            for lo, hi, first, end in spans_with_ends(spans, ordered.numel()):
-                scratch = self._read_picked(fd, lo, hi, ordered[first:end], out[first:end], scratch)
+            if self.sums is not None:
+                self.sums.verify_ranges(fd, self.offset + lo * rb, self.offset + hi * rb)
+            columns = (t.tolist() for t in (lo, hi, first, end, whole))
+            for s_lo, s_hi, s_first, s_end, s_whole in zip(*columns, strict=True):
+                if s_whole:
+                    self._read_into(fd, target[s_first * rb : s_end * rb], self.offset + s_lo * rb)
+                    continue
+                if scratch is None or scratch.shape[0] < s_hi - s_lo:
+                    scratch = self._empty(max(s_hi - s_lo, SCAN_ROWS))
+                    scratch_bytes = byte_view(scratch)
+                self._read_into(fd, scratch_bytes[: (s_hi - s_lo) * rb], self.offset + s_lo * rb)
+                torch.index_select(scratch, 0, ordered[s_first:s_end] - s_lo, out=out[s_first:s_end])
 
     def _read_picked(
         self, fd: int, lo: int, hi: int, wanted: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None

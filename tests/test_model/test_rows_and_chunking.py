@@ -10,7 +10,7 @@ import torch
 
 import model as mp
 from model.memory import rows as rows_module
-from model.memory.rows import FileArray, RowSpace, coalesce
+from model.memory.rows import BlockSums, DamagedFile, FileArray, RowSpace, block_sums, coalesce
 from model.text.chunking import chunk_sizes, chunked, token_stream
 from model.text.tokenizer import encode
 
@@ -55,6 +55,26 @@ def test_scans_hold_one_batch_and_nearby_records_share_a_read(tmp_path, monkeypa
     batches = [positions.numel() for positions, _ in array.scan(index, batch=128)]
     assert sum(batches) == 2000 and max(batches) < 128 + 100  # a batch ends after the read that fills it
     assert len(coalesce(torch.tensor([0, 3999]), 64)[2]) == 2  # far apart: two reads
+
+
+def test_a_read_checks_the_blocks_its_spans_touch_once_and_no_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(rows_module, "SUM_BLOCK_BYTES", 256)  # 4 records of 64 bytes per block
+    monkeypatch.setattr(rows_module, "GAP_BYTES", 128)  # read through gaps of at most 2 records
+    values = torch.randn(400, 16)  # 100 blocks
+    data = values.view(torch.uint8).numpy().tobytes()
+    (tmp_path / "rows.bin").write_bytes(data)
+    ends, crcs = (torch.tensor(column) for column in zip(*block_sums(data, 0), strict=True))
+    sums = BlockSums(tmp_path / "rows.bin", ends, crcs)
+    array = FileArray(tmp_path / "rows.bin", 400, 16, torch.float32, sums=sums)
+    index = torch.tensor([1, 2, 3, 200, 201, 203, 399])  # spans: records 1-3, 200-203 (a gap), 399
+    assert torch.equal(array.read(index), values[index])
+    assert torch.nonzero(sums.verified)[:, 0].tolist() == [0, 50, 99]  # blocks 0, 50 and 99, nothing else
+    damaged = bytearray(data)
+    damaged[64 * 300] ^= 1  # record 300, block 75
+    (tmp_path / "rows.bin").write_bytes(bytes(damaged))
+    assert torch.equal(array.read(index), values[index])  # checked blocks are not read again for their sums
+    with pytest.raises(DamagedFile, match="bytes 19200-19456 do not match their checksum"):
+        array.read(torch.tensor([5, 298, 301]))
 
 
 def test_a_row_space_holds_segments_and_a_tail_by_id(tmp_path):
