@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
+from model.store.verify import check_session
 from model.text.tokenizer import byte_tokenizer
 from mplus_cli.commands.speed import speed, table
 from tasks import children as ch
@@ -141,6 +142,32 @@ def test_a_stand_in_session_opens_as_the_state_its_commits_describe(tmp_path):
     assert all(torch.equal(a.entries, b.entries) for a, b in zip(alone.layers, ltm.layers, strict=True))
     files = session.directory / st.ROWS
     assert files.stat().st_blocks * 512 < files.stat().st_size  # the history's rows were never written
+    verdicts = check_session(tmp_path, "s")  # the store's own checks: the stand-in is a session of today's format
+    assert verdicts and all(not v.problems for v in verdicts), [v.problems for v in verdicts]
+
+
+def test_the_stand_in_inject_keeps_the_books_as_the_m_plus_update_does():
+    """tasks.scale_store's update without weights moves the same row ids and ages as MPlus.update_memory (the
+    authors' eviction and LTM admission), merges included: what the store figures write is what an inject
+    writes, but for the values of the rows and keys."""
+    lm = mp.load("tiny-mplus")
+    cfg, K = lm.cfg, lm.cfg.num_tokens
+    model_state = lm.new_state(0)
+    model_state.initialized = True  # the tiling first injection is not one the store histories make
+    stand_in = model_state.clone()
+    for i in range(2 * cfg.update_ltm_frequency + 1):
+        delta = torch.randn(cfg.num_layers, K, cfg.hidden_size, generator=torch.Generator().manual_seed(i))
+        lm.update_memory(model_state, delta)
+        model_state.injections += 1
+        scs.stand_in_inject(stand_in, cfg)
+        assert torch.equal(model_state.memory_ids, stand_in.memory_ids), i
+        assert torch.equal(model_state.memory_ages, stand_in.memory_ages), i
+        a, b = model_state.ltm, stand_in.ltm
+        assert a.sizes() == b.sizes() and a.update_step == b.update_step and a.cache_size == b.cache_size, i
+        for x, y in zip(a.layers, b.layers, strict=True):
+            assert torch.equal(x.row_ids, y.row_ids) and torch.equal(x.ages, y.ages), i
+            assert torch.equal(x.recall_frequencies, y.recall_frequencies), i
+    assert sum(a.sizes()) > 0  # merges happened
 
 
 # -- the command ------------------------------------------------------------------------------------
