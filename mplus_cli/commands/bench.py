@@ -18,7 +18,6 @@ from tasks.results import Metric
 from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
 from ..errors import NotFoundError
 from ..models import requested_model
-from ..root import say
 from . import editing as editing_run
 from . import longbench as longbench_run
 from .editing import editing
@@ -196,8 +195,7 @@ def bench_retention(
             res.check_resumable(plan.run_dir / "config.json", config, RESUME_KEYS)
         n_samples, warnings, config = run_sweep(plan, config)
         finished = finish_sweep(plan, config)
-    if finished is None:
-        say(f"wrote {plan.run_dir}/results.csv (shard {plan.shard_text}); rank 0 merges the shards into {plan.out}")
+    if finished is None:  # another rank merges
         return
     results, summary = finished
     n_samples = results.sample_id.nunique() if plan.launch.group else n_samples

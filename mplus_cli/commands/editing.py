@@ -105,10 +105,8 @@ def editing(
             log = res.ResultsLog(run_dir / "results.csv", COLUMNS)
             edit_rows(lm, model_id(name), dataset, groups, sequential, seed, log)
             summary = finish_shards(launch, output_path, where, config, finish)
-    if summary is None:
-        say(f"wrote {run_dir}/results.csv (shard {part[0]}/{part[1]}); rank 0 merges the shards into {output_path}")
-        return
-    report(summary, output_path, as_json)
+    if summary is not None:  # None: another rank merges
+        report(summary, output_path, as_json)
 
 
 def edit_rows(

@@ -167,10 +167,8 @@ def longbench(
                 lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
                 config["model_details"][model_id(name)] = run_model(lm, name, specs, data, prompts, settings, chat, log)
             summary = finish_shards(launch, output_path, where, config, finish)
-    if summary is None:
-        say(f"wrote {run_dir}/results.csv (shard {part[0]}/{part[1]}); rank 0 merges the shards into {output_path}")
-        return
-    report(summary, output_path, as_json)
+    if summary is not None:  # None: another rank merges
+        report(summary, output_path, as_json)
 
 
 def run_model(

@@ -485,13 +485,15 @@ def finish_shards(
 ) -> Finished | None:
     """`finish(directory, finished config)` of this process's run. Under torchrun every rank marks its shard
     finished and waits at the barrier; rank 0 then merges the shards into `out` (finishing the whole run) and
-    the other ranks return None."""
+    the other ranks say so and return None."""
     finished = config | {"finished": res.now()}
     if not launch.group:
         return finish(launch.directory(out), finished)
     res.write_config(launch.directory(out) / "config.json", finished)
     barrier(launch, device)
     if not launch.merges:
+        shard = f"shard {launch.index}/{launch.count}"
+        say(f"wrote {launch.directory(out)}/results.csv ({shard}); rank 0 merges the shards into {out}")
         return None
     return merge_runs(launch.directories(out), out, force=True, finish=finish)[0]
 
