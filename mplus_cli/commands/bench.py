@@ -20,6 +20,7 @@ from ..errors import NotFoundError
 from ..models import requested_model
 from . import editing as editing_run
 from . import longbench as longbench_run
+from . import perplexity as perplexity_run
 from .editing import editing
 from .integrity import integrity
 from .longbench import longbench
@@ -39,7 +40,7 @@ from .sweep import (
 )
 
 FINISHERS = {  # what finishes a merged run of a benchmark other than retention, and prints it
-    run.COMMAND: (run.finish, run.report) for run in (longbench_run, editing_run)
+    run.COMMAND: (run.finish, run.report) for run in (longbench_run, editing_run, perplexity_run)
 }
 
 bench_app = typer.Typer(
@@ -231,8 +232,8 @@ def bench_merge(
     force: Annotated[bool, typer.Option("--force", help="Replace the results --output already holds.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Combine the shards of a retention, longbench or editing run (the tasks of a Slurm array, --shard i/n
-    runs) into one run.
+    """Combine the shards of a retention, longbench, editing or perplexity run (the tasks of a Slurm array,
+    --shard i/n runs) into one run.
 
     Every shard 1..n must be there once, finished, with the same settings and models. Writes results.csv
     (the rows in the order of a one-process run), then the summary, config.json and plots as the benchmark

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,17 +14,22 @@ from model.systems.baselines import no_memory
 from model.text.tokenizer import encode
 from tasks import perplexity as pp
 from tasks import results as res
+from tasks.launch import process_group
+from tasks.plan import shard_slice
 from tasks.sizes import parse_size
 
 from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
-from ..devices import pick_device, pick_dtype
-from ..errors import ConflictError, UsageError
+from ..devices import pick_dtype
+from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .sweep import task_errors, versions, writing_into
+from .sweep import finish_shards, shard_run, task_errors, versions, writing_into
 
+COMMAND = "mplus bench perplexity"
 READINGS = ("memory", "base")  # with the model's memory prefix; the same weights without it
+SUMMARY_COLUMNS = ("model", "reading", "texts", "tokens", "nll_per_token", "perplexity", "memory_vs_base")
+RESUME_KEYS = ("source", "texts", "limit", "max_tokens", "seed", "fill", "fill_tokens", "shard", "models")
 
 
 @handle_errors
@@ -52,7 +58,13 @@ def perplexity(
     data_dir: Annotated[
         Path | None, typer.Option(help="Directory with lee_background.cor (news) or the essays (default: the wheels).")
     ] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Score only the i-th of n contiguous slices of the texts, e.g. 2/4.")
+    ] = None,
     output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("perplexity"),
+    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping scored texts.")] = (
+        False
+    ),
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
@@ -65,37 +77,47 @@ def perplexity(
     that memory after --fill text was injected; M+ also retrieves from its long-term memory), once by the same
     weights alone. Perplexity is exp of the mean
     negative log-likelihood over all scored tokens of all texts (token-weighted). Writes results.csv (summed NLL
-    per text and reading), summary.csv and config.json (the texts' source and hashes).
+    per text and reading, appended as texts are scored), summary.csv and config.json (the texts' source and
+    hashes). --shard, torchrun and Slurm arrays split the texts as bench retention splits its samples.
 
     Example: mplus bench perplexity --model mplus-8b --source fineweb-edu --limit 1000
     """
     names = model or [requested_model(None)]
-    if (output_path / "results.csv").exists():
-        raise ConflictError(f"{output_path} already holds results: choose another -o")
     missing = [str(path) for path in text or [] if not path.is_file()]
     if missing:
         raise UsageError(f"no text file {missing[0]}: give files that exist to --text")
+    launch, part, run_dir, where = shard_run(shard, output_path, device, resume)
+    fill_count = fill_size(fill_tokens)
     with task_errors():
-        docs = pp.texts(source, limit, text or [], data_dir)
-        fill_with = pp.fill_text(fill, source, limit, data_dir) if fill else ""
-        fill_count = fill_size(fill_tokens)
-        rows, details, where = [], {}, pick_device(device)
-        for name in names:
-            lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
-            note_label(lm)
-            if lm.tokenizer is None:
-                raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
-            state = lm.new_state(seed)
-            if fill_with:
-                say(f"{model_id(name)}: filling its memory with {fill_count} tokens of {fill}")
-                state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_count])
-            rows += score_model(lm, model_id(name), docs, max_tokens, state)
-            details[model_id(name)] = {"label": lm.info.label}
-        summary = summarize(rows)
+        every_doc = pp.texts(source, limit, text or [], data_dir)
+        docs = shard_slice(every_doc, *part)
         settings = {"limit": limit, "max_tokens": max_tokens, "seed": seed, "fill": fill, "fill_tokens": fill_count}
-        with writing_into(output_path):
-            res.write_run(output_path, rows, pp.COLUMNS, summary, run_config(source, text, docs, settings, details))
-    report(summary, output_path, as_json)
+        config = run_config(source, text, every_doc, settings) | {"shard": f"{part[0]}/{part[1]}"}
+        config |= {"models": [model_id(name) for name in names]}
+        with writing_into(run_dir), process_group(launch, where):
+            if resume:
+                res.check_resumable(run_dir / "config.json", config, RESUME_KEYS)
+            res.write_config(run_dir / "config.json", config)
+            log = res.ResultsLog(run_dir / "results.csv", pp.COLUMNS)
+            fill_with = pp.fill_text(fill, source, limit, data_dir) if fill else ""
+            for name in names:
+                lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
+                note_label(lm)
+                if lm.tokenizer is None:
+                    raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+                config["model_details"][model_id(name)] = {"label": lm.info.label}
+                scored = scored_texts(log, model_id(name))
+                todo = [doc for doc in docs if doc.id not in scored]
+                if not todo:
+                    continue
+                state = lm.new_state(seed)
+                if fill_with:
+                    say(f"{model_id(name)}: filling its memory with {fill_count} tokens of {fill}")
+                    state = pp.filled(lm, state, encode(lm.tokenizer, fill_with)[:fill_count])
+                score_model(lm, model_id(name), todo, max_tokens, state, log)
+            summary = finish_shards(launch, output_path, where, config, finish)
+    if summary is not None:  # None: another rank merges
+        report(summary, output_path, as_json)
 
 
 def fill_size(text: str) -> int:
@@ -109,22 +131,42 @@ def fill_size(text: str) -> int:
 
 
 def score_model(
-    lm: mp.MemoryLLM, model: str, docs: list[pp.Text], max_tokens: int, memory: mp.MemoryState
-) -> list[dict[str, Any]]:
-    """Two rows per text: its summed NLL read after `memory`, and read alone."""
+    lm: mp.MemoryLLM, model: str, docs: list[pp.Text], max_tokens: int, memory: mp.MemoryState, log: res.ResultsLog
+) -> None:
+    """Two rows per text appended to `log` together: its summed NLL read after `memory`, and read alone."""
     states = {"memory": memory, "base": no_memory(lm)}
     bos = [] if lm.tokenizer.bos_token_id is None else [lm.tokenizer.bos_token_id]
     room = (lm.cfg.context_window or 1 << 30) - lm.prefix_length(states["memory"])  # the memory reading's window
-    rows = []
     say(f"{model}: {len(docs)} texts, up to {max_tokens} tokens each, with and without memory")
     for doc in docs:
         ids = (bos + encode(lm.tokenizer, doc.text))[: min(max_tokens + len(bos), room)]
         if len(ids) < 2:
             continue
-        for reading in READINGS:
-            nll = pp.text_nll(lm, states[reading], ids)
-            rows.append({"text_id": doc.id, "model": model, "reading": reading, "tokens": len(ids) - 1, "nll": nll})
-    return rows
+        nll = {reading: pp.text_nll(lm, states[reading], ids) for reading in READINGS}
+        log.append(
+            [{"text_id": doc.id, "model": model, "reading": r, "tokens": len(ids) - 1, "nll": nll[r]} for r in nll]
+        )
+
+
+def scored_texts(log: res.ResultsLog, model: str) -> set[str]:
+    """The texts the log holds both readings of for `model`; the rows of one cut short are dropped."""
+    counts = Counter(row["text_id"] for row in log.rows if row["model"] == model)
+    scored = {text for text, n in counts.items() if n == len(READINGS)}
+    if len(scored) < len(counts):
+        log.rewrite([row for row in log.rows if row["model"] != model or row["text_id"] in scored])
+    return scored
+
+
+def finish(directory: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """summary.csv and the finished config.json from the run's results.csv; returns the summary."""
+    rows = [
+        row | {"tokens": int(row["tokens"]), "nll": float(row["nll"])}
+        for row in res.read_rows(directory / "results.csv")[1]
+    ]
+    summary = summarize(rows)
+    res.write_atomic(directory / "summary.csv", res.csv_text(summary, header=True, columns=SUMMARY_COLUMNS).encode())
+    res.write_config(directory / "config.json", config | {"finished": res.now()})
+    return summary
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,20 +194,19 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def run_config(
-    source: str, files: list[Path] | None, docs: list[pp.Text], settings: dict[str, Any], details: dict
-) -> dict[str, Any]:
-    """What identifies the run: the texts' source (with each text's sha256), the settings, the models."""
+def run_config(source: str, files: list[Path] | None, docs: list[pp.Text], settings: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the run: the texts' source (with each text's sha256) and the settings; each model's
+    details are added as it loads."""
     origin = [str(path.resolve()) for path in files] if files else pp.FINEWEB if source == "fineweb-edu" else source
     hashes = {doc.id: hashlib.sha256(doc.text.encode()).hexdigest() for doc in docs}
     return {
-        "command": "mplus bench perplexity",
+        "command": COMMAND,
         "source": origin,
         "texts": hashes,
         **settings,
-        "model_details": details,
+        "model_details": {},
         "versions": versions(),
-        "finished": res.now(),
+        "created": res.now(),
     }
 
 

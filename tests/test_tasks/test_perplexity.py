@@ -81,3 +81,36 @@ def test_a_run_scores_every_text_with_and_without_memory_token_weighted(tmp_path
     assert again.exit_code == 4 and "already holds results" in again.stderr
     missing = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "other"), "--text", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "no text file" in missing.stderr
+
+
+def test_a_run_cut_short_resumes_and_shards_merge_into_the_rows_of_one_run(tmp_path, monkeypatch):
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"t{i}.txt")
+        files[-1].write_text(f"Story {i}: the ferry leaves at seven. " * (3 + i))
+    args = ["bench", "perplexity", "--model", "tiny-free-mplus", "--max-tokens", "100"]
+    args += [part for path in files for part in ("--text", str(path))]
+    whole = tmp_path / "whole"
+    assert CliRunner().invoke(app, [*args, "-o", str(whole)]).exit_code == 0
+    lines = (whole / "results.csv").read_text().splitlines(keepends=True)  # header, two rows per text
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "results.csv").write_text("".join(lines[:4]))  # the second text has one reading of two
+    config = json.loads((whole / "config.json").read_text())
+    (cut / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "finished"}))
+    scored, text_nll = [], pp.text_nll
+    monkeypatch.setattr(pp, "text_nll", lambda lm, state, ids: scored.append(len(ids)) or text_nll(lm, state, ids))
+    resumed = CliRunner().invoke(app, [*args, "-o", str(cut), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(scored) == 2 * 2  # the second and third texts, both readings; not the first
+    assert (cut / "results.csv").read_text() == "".join(lines)
+    assert (cut / "summary.csv").read_text() == (whole / "summary.csv").read_text()
+
+    shards = [tmp_path / "s1", tmp_path / "s2"]
+    for i, out in enumerate(shards, start=1):
+        assert CliRunner().invoke(app, [*args, "--shard", f"{i}/2", "-o", str(out)]).exit_code == 0
+    merged = CliRunner().invoke(app, ["bench", "merge", *map(str, shards), "-o", str(tmp_path / "all")])
+    assert merged.exit_code == 0, merged.output
+    assert "perplexity" in merged.output  # printed as bench perplexity prints a run
+    assert (tmp_path / "all" / "results.csv").read_text() == "".join(lines)
+    assert (tmp_path / "all" / "summary.csv").read_text() == (whole / "summary.csv").read_text()
