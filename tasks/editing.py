@@ -11,7 +11,8 @@ memory after the edits before it); then the record's prompts are read from that 
 Each is averaged per record, then over records, in points; Score is their harmonic mean. The unedited model
 (nothing injected) is the reference row.
 
-Files: ROME's layout, `zsre_mem_eval.json` (or `zsre_mend_eval.json`) and `counterfact.json`. Offline,
+Files: ROME's layout, `zsre_mem_eval.json` (or `zsre_mend_eval.json`) and `counterfact.json`, from a directory
+or, without one, from ROME's site through `datasets` (downloaded once into its cache). Offline,
 `synthetic` stands in for CounterFact: the synthetic facts (made-up entities with four-digit codes) as edits
 scored by probability, the next fact's code as the competing "true" target, two other facts' prompts as the
 neighbourhood.
@@ -35,6 +36,7 @@ from model.text.tokenizer import encode
 
 Dataset = Literal["zsre", "counterfact", "synthetic"]
 FILES = {"zsre": ("zsre_mem_eval.json", "zsre_mend_eval.json"), "counterfact": ("counterfact.json",)}
+ROME_DATA = "https://rome.baulab.info/data/dsets"  # where ROME's evaluation downloads the same files
 METRICS = ("efficacy", "generalization", "specificity")
 PAPER_LIMITS = {"zsre": 10_000, "counterfact": 2_000}  # MemoryLLM Table 1: the first records of each
 
@@ -60,13 +62,25 @@ def data_file(data_dir: Path, dataset: Dataset) -> Path:
 
 
 def load(dataset: Dataset, data_dir: Path | None, limit: int | None) -> list[Edit]:
-    """The first `limit` records of ROME's file (`synthetic`: built offline)."""
+    """The first `limit` records of ROME's file, from `data_dir` or ROME's site (`synthetic`: built offline)."""
     if dataset == "synthetic":
         return synthetic_edits(limit or 100)
     if data_dir is None:
-        raise ValueError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
-    records = json.loads(data_file(data_dir, dataset).read_text(encoding="utf-8"))[:limit]
+        records = downloaded(dataset)[:limit]
+    else:
+        records = json.loads(data_file(data_dir, dataset).read_text(encoding="utf-8"))[:limit]
     return [zsre_edit(i, r) if dataset == "zsre" else counterfact_edit(r) for i, r in enumerate(records)]
+
+
+def downloaded(dataset: Dataset) -> list[dict]:
+    """ROME's file of `dataset` from its site, read by `datasets` (cached after the first download)."""
+    import datasets
+
+    from .samples import from_hub
+
+    url = f"{ROME_DATA}/{FILES[dataset][0]}"
+    with from_hub(url, "pass --data-dir with ROME's files, or use --dataset synthetic"):
+        return list(datasets.load_dataset("json", data_files=url, split="train"))
 
 
 def zsre_edit(i: int, record: dict) -> Edit:

@@ -36,7 +36,11 @@ def editing(
         ed.Dataset, typer.Option(help="zsre, counterfact (ROME's files in --data-dir) or synthetic (offline).")
     ],
     data_dir: Annotated[
-        Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="Directory with zsre_mem_eval.json / counterfact.json.")
+        Path | None,
+        typer.Option(
+            envvar="MPLUS_DATA_DIR",
+            help="Directory with zsre_mem_eval.json / counterfact.json (default: downloaded from ROME's site).",
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="The first N records (the paper: 10,000 zsRE, 2,000 CounterFact).")
@@ -73,8 +77,6 @@ def editing(
     Example: mplus bench editing --dataset counterfact --data-dir rome/data --limit 2000 --model memoryllm-7b
     """
     name = model or requested_model(None)
-    if dataset != "synthetic" and data_dir is None:
-        raise UsageError(f"--dataset {dataset} reads ROME's files: pass --data-dir (or use --dataset synthetic)")
     launch, part, run_dir, where = shard_run(shard, output_path, device, resume)
     with task_errors():
         edits = ed.load(dataset, data_dir, limit)
@@ -82,7 +84,7 @@ def editing(
         config = {
             "command": COMMAND,
             "dataset": dataset,
-            "data": "synthetic facts" if data_dir is None else str(ed.data_file(data_dir, dataset).resolve()),
+            "data": data_origin(dataset, data_dir),
             "limit": limit,
             "sequential": sequential,
             "seed": seed,
@@ -107,6 +109,12 @@ def editing(
             summary = finish_shards(launch, output_path, where, config, finish)
     if summary is not None:  # None: another rank merges
         report(summary, output_path, as_json)
+
+
+def data_origin(dataset: ed.Dataset, data_dir: Path | None) -> str:
+    if dataset == "synthetic":
+        return "synthetic facts"
+    return str(ed.data_file(data_dir, dataset).resolve()) if data_dir else f"{ed.ROME_DATA}/{ed.FILES[dataset][0]}"
 
 
 def edit_rows(

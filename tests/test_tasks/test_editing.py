@@ -11,8 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from model.text.tokenizer import byte_tokenizer
+from model.zoo import hub
 from mplus_cli.app import app
 from tasks import editing as ed
+from tasks.samples import DataError
 
 ZSRE = [
     {
@@ -158,3 +160,20 @@ def test_the_tasks_of_a_slurm_array_run_their_slices_into_shard_directories(tmp_
     assert ids == [["syn-00000"] * 2, ["syn-00001"] * 2 + ["syn-00002"] * 2]  # each record: unedited, injected
     refused = CliRunner().invoke(app, [*args, "--shard", "1/2"])
     assert refused.exit_code == 2 and "--shard conflicts with" in refused.stderr
+
+
+@pytest.mark.parametrize("dataset", ["zsre", "counterfact"])
+def test_without_a_directory_romes_files_come_from_its_site_through_datasets(tmp_path, monkeypatch, dataset):
+    import datasets
+
+    site = tmp_path / "site"  # ROME's site as a local directory in its layout
+    site.mkdir()
+    (site / "zsre_mem_eval.json").write_text(json.dumps(ZSRE))
+    (site / "counterfact.json").write_text(json.dumps(COUNTERFACT))
+    monkeypatch.setattr(ed, "ROME_DATA", str(site))
+    monkeypatch.setattr(hub, "offline", lambda: True)  # no reachability probe of the hub
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    assert ed.load(dataset, None, None) == ed.load(dataset, site, None) != []
+    monkeypatch.setattr(ed, "ROME_DATA", str(tmp_path / "gone"))
+    with pytest.raises(DataError, match="pass --data-dir with ROME's files"):
+        ed.load(dataset, None, None)
