@@ -281,13 +281,15 @@ def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tens
     memory: [L, N, d] updated in place; delta: [L, k, d]; perms: [L, N] (per-layer drop) or [1, N]
     (one permutation shared by all layers). Survivors keep their order; the new rows go last.
     """
-    L, N, _ = memory.shape
+    L, N, d = memory.shape
     k = delta.shape[1]
     dropped = []
-    for layer in range(L):
+    survivors = memory.new_empty(N - k, d)  # one buffer for every layer's survivors: a large tensor's pages are
+    for layer in range(L):  # mapped once per inject, not once per layer
         kept, drop = split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)
         kept, drop = kept.to(memory.device), drop.to(memory.device)
         dropped.append(memory[layer, drop])
-        memory[layer, : N - k] = memory[layer, kept]
+        torch.index_select(memory[layer], 0, kept, out=survivors)
+        memory[layer, : N - k] = survivors
         memory[layer, N - k :] = delta[layer].to(memory.dtype)
     return torch.stack(dropped)
