@@ -59,13 +59,6 @@ def coalesce(index: torch.Tensor, record_bytes: int) -> tuple[torch.Tensor, torc
     return order, ordered, list(zip(lo, hi, firsts.tolist(), strict=True))
 
 
-def spans_with_ends(spans: list[tuple[int, int, int]], total: int) -> Iterator[tuple[int, int, int, int]]:
-    """(lo, hi, first, end) per span of `coalesce`: it holds ordered[first:end]."""
-    ends = [first for _, _, first in spans[1:]] + [total]
-    for (lo, hi, first), end in zip(spans, ends, strict=True):
-        yield lo, hi, first, end
-
-
 class DamagedFile(Exception):
     """A file's bytes do not match the checksum recorded when they were committed."""
 
@@ -184,44 +177,49 @@ class FileArray:
         return out
 
     def _read_sorted(self, index: torch.Tensor, out: torch.Tensor) -> None:
-        """Records at the non-decreasing index [m] into out [m, ...], each span read into place when it holds
-        every record of its range once, else picked from a buffer. The checksums of every span are checked
-        first, together, and the loop over spans does little more than read (a question's LTM rows come in
-        hundreds of spans)."""
+        """Records at the non-decreasing index [m] into out [m, ...]: a span that holds every record of its range
+        once is read straight into place, another is picked from a scratch buffer (`_pick`)."""
         _, ordered, spans = coalesce(index, self.record_bytes)
+        rb, target, scratch = self.record_bytes, byte_view(out), None
+        with self.opened() as fd:
+            for lo, hi, first, end, whole in self._checked_spans(fd, ordered, spans):
+                if whole:
+                    self._read_into(fd, target[first * rb : end * rb], self.offset + lo * rb)
+                else:
+                    scratch = self._pick(fd, lo, hi, ordered[first:end], out[first:end], scratch)
+
+    def _checked_spans(
+        self, fd: int, ordered: torch.Tensor, spans: list[tuple[int, int, int]]
+    ) -> list[tuple[int, int, int, int, bool]]:
+        """(lo, hi, first, end, whole) per span of `coalesce`: it holds ordered[first:end], `whole` when that is
+        every record of lo..hi-1 once. The checksums of all the spans' blocks are checked first, together: a
+        question's LTM rows come in hundreds of spans, and the reads that follow do nothing else."""
         if not spans:
-            return
+            return []
         rb, (lo, hi, first) = self.record_bytes, torch.tensor(spans).T  # [S] each
         end = torch.cat([first[1:], torch.tensor([ordered.numel()])])
         distinct = not bool((ordered.diff() == 0).any())
-        whole = (end - first == hi - lo) & distinct  # [S] the span's every record once, in order
-        target, scratch, scratch_bytes = byte_view(out), None, None
-        with self.opened() as fd:
-            if self.sums is not None:
-                self.sums.verify_ranges(fd, self.offset + lo * rb, self.offset + hi * rb)
-            columns = (t.tolist() for t in (lo, hi, first, end, whole))
-            for s_lo, s_hi, s_first, s_end, s_whole in zip(*columns, strict=True):
-                if s_whole:
-                    self._read_into(fd, target[s_first * rb : s_end * rb], self.offset + s_lo * rb)
-                    continue
-                if scratch is None or scratch.shape[0] < s_hi - s_lo:
-                    scratch = self._empty(max(s_hi - s_lo, SCAN_ROWS))
-                    scratch_bytes = byte_view(scratch)
-                self._read_into(fd, scratch_bytes[: (s_hi - s_lo) * rb], self.offset + s_lo * rb)
-                torch.index_select(scratch, 0, ordered[s_first:s_end] - s_lo, out=out[s_first:s_end])
+        whole = (end - first == hi - lo) & distinct  # [S]
+        if self.sums is not None:
+            self.sums.verify_ranges(fd, self.offset + lo * rb, self.offset + hi * rb)
+        return list(zip(*(t.tolist() for t in (lo, hi, first, end, whole)), strict=True))
 
-    def _read_picked(
-        self, fd: int, lo: int, hi: int, wanted: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Records `wanted` (sorted, within lo..hi-1) into out (contiguous) by one read; returns the scratch
-        buffer used for a span with gaps or repeats (kept for the next one)."""
-        if wanted.numel() == hi - lo and bool((wanted.diff() == 1).all()):  # the whole range, once each
-            self._read_span(fd, lo, hi, out)
-            return scratch
-        if scratch is None or scratch.shape[0] < hi - lo:
-            scratch = self._empty(max(hi - lo, SCAN_ROWS))
-        self._read_span(fd, lo, hi, scratch[: hi - lo])
-        torch.index_select(scratch, 0, wanted - lo, out=out)
+    def _pick(
+        self,
+        fd: int,
+        lo: int,
+        hi: int,
+        wanted: torch.Tensor,
+        out: torch.Tensor,
+        scratch: tuple[torch.Tensor, memoryview] | None,
+    ) -> tuple[torch.Tensor, memoryview]:
+        """Records `wanted` (sorted, within lo..hi-1, checksums checked) into out: records lo..hi-1 read into the
+        scratch buffer (grown as needed, with its bytes; returned for the next span), the wanted ones picked."""
+        if scratch is None or scratch[0].shape[0] < hi - lo:
+            rows = self._empty(max(hi - lo, SCAN_ROWS))
+            scratch = rows, byte_view(rows)
+        self._read_into(fd, scratch[1][: (hi - lo) * self.record_bytes], self.offset + lo * self.record_bytes)
+        torch.index_select(scratch[0], 0, wanted - lo, out=out)
         return scratch
 
     def all(self) -> torch.Tensor:
@@ -250,17 +248,21 @@ class FileArray:
         order, ordered, spans = coalesce(index, self.record_bytes)
         if not spans:
             return
-        widest = max(end - first for _, _, first, end in spans_with_ends(spans, ordered.numel()))
-        buffer, scratch, filled, start = self._empty(max(batch, widest)), None, 0, 0
         with self.opened() as fd:
-            for lo, hi, first, end in spans_with_ends(spans, ordered.numel()):
+            table = self._checked_spans(fd, ordered, spans)
+            widest = max(end - first for _, _, first, end, _ in table)
+            buffer, scratch, filled, start = self._empty(max(batch, widest)), None, 0, 0
+            rb, buffer_bytes = self.record_bytes, byte_view(buffer)
+            for lo, hi, first, end, whole in table:
                 if filled + end - first > buffer.shape[0]:  # full: hand the batch out first
                     yield order[start:first], buffer[:filled]
                     filled, start = 0, first
-                scratch = self._read_picked(
-                    fd, lo, hi, ordered[first:end], buffer[filled : filled + end - first], scratch
-                )
-                filled += end - first
+                n = end - first
+                if whole:
+                    self._read_into(fd, buffer_bytes[filled * rb : (filled + n) * rb], self.offset + lo * rb)
+                else:
+                    scratch = self._pick(fd, lo, hi, ordered[first:end], buffer[filled : filled + n], scratch)
+                filled += n
             yield order[start:], buffer[:filled]
 
     def opened(self):
