@@ -10,7 +10,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -108,19 +108,27 @@ class ResultsLog:
         write_atomic(self.path, csv_text(rows, header=True, columns=self.columns).encode())
         self.rows = rows
 
+    def whole_units(
+        self, unit: Callable[[dict[str, str]], Hashable | None], expected: Callable[[Hashable], int | None]
+    ) -> set[Hashable]:
+        """The units (`unit(row)`; None: a row of no unit counted here) that have all `expected(unit)` rows; the
+        rows of the others (a crash between two writes) are dropped from the file. A unit whose expected count
+        is None is kept as it is."""
+        counts = Counter(u for row in self.rows if (u := unit(row)) is not None)
+        broken = {u for u, n in counts.items() if (want := expected(u)) is not None and n != want}
+        if broken:
+            self.rewrite([row for row in self.rows if unit(row) not in broken])
+        return set(counts) - broken
+
     def complete_units(self, model: str, expected: Mapping[str, int], seed: int) -> set[tuple[str, str]]:
-        """(sample id, control) of the units of `model` under `seed` that have all `expected[control]` rows;
-        the rows of incomplete units (a crash between two writes) are dropped from the file. Units of a
-        control this run does not expect (a resume without an earlier --controls or --system) are kept."""
+        """(sample id, control) of the units of `model` under `seed` that have all `expected[control]` rows
+        (`whole_units`). Units of a control this run does not expect (a resume without an earlier --controls
+        or --system) are kept."""
 
         def unit(row: dict[str, str]) -> tuple[str, str] | None:
             return (row["sample_id"], row["control"]) if row["model"] == model and row["seed"] == str(seed) else None
 
-        counts = Counter(unit(r) for r in self.rows if unit(r) is not None)
-        broken = {u for u, n in counts.items() if u[1] in expected and n != expected[u[1]]}
-        if broken:
-            self.rewrite([r for r in self.rows if unit(r) not in broken])
-        return set(counts) - broken
+        return self.whole_units(unit, lambda u: expected.get(u[1]))
 
 
 def write_run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -130,17 +129,18 @@ def edit_rows(
     one fresh memory, scored again; the group's rows appended to `log` at once. Groups whose rows are all in
     the log are skipped; the rows of one cut short are dropped and it runs again."""
     condition = INJECTED if sequential == 1 else f"{INJECTED}, {sequential} in sequence"
-    done = Counter(row["record_id"] for row in log.rows if row["model"] == model)
-    complete = {edit.id for group in groups if all(done[edit.id] == 2 for edit in group) for edit in group}
-    log.rewrite([row for row in log.rows if row["model"] != model or row["record_id"] in complete])
+    group_of = {edit.id: i for i, group in enumerate(groups) for edit in group}
+    complete = log.whole_units(
+        lambda row: group_of.get(row["record_id"]) if row["model"] == model else None, lambda i: 2 * len(groups[i])
+    )
     unedited = lm.new_state(seed, mp.storage_dtype(lm))
 
     def row(condition: str, state: mp.MemoryState, edit: ed.Edit) -> dict[str, Any]:
         scores = ed.edit_scores(lm, state, lm.tokenizer, dataset, edit)
         return {"dataset": dataset, "record_id": edit.id, "model": model, "condition": condition} | scores
 
-    for group in groups:
-        if group[0].id in complete:
+    for i, group in enumerate(groups):
+        if i in complete:
             continue
         rows = [row(UNEDITED, unedited, edit) for edit in group]
         state = lm.new_state(seed, mp.storage_dtype(lm))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,11 +149,7 @@ def score_model(
 
 def scored_texts(log: res.ResultsLog, model: str) -> set[str]:
     """The texts the log holds both readings of for `model`; the rows of one cut short are dropped."""
-    counts = Counter(row["text_id"] for row in log.rows if row["model"] == model)
-    scored = {text for text, n in counts.items() if n == len(READINGS)}
-    if len(scored) < len(counts):
-        log.rewrite([row for row in log.rows if row["model"] != model or row["text_id"] in scored])
-    return scored
+    return log.whole_units(lambda row: row["text_id"] if row["model"] == model else None, lambda text: len(READINGS))
 
 
 def finish(directory: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
