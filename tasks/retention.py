@@ -319,12 +319,18 @@ class Runner:
 
     def twin_rows(self, sample: Sample, control: str) -> list[dict]:
         """The twin's rows of a control unit (an empty list if it has none), as this model's rows."""
-        seed, mine = str(self.sweep.seed), {"model": self.name, "memory_kind": self.lm.cfg.kind}
-        return [
-            row | mine
-            for row in self.log.rows
-            if (row["model"], row["sample_id"], row["control"], row["seed"]) == (self.twin, sample.id, control, seed)
-        ]
+        mine = {"model": self.name, "memory_kind": self.lm.cfg.kind}
+        return [row | mine for row in self.twin_units.get((sample.id, control), [])]
+
+    @cached_property
+    def twin_units(self) -> dict[tuple[str, str], list[dict]]:
+        """The twin's rows under this sweep's seed by (sample id, control), read from the log once: the twin ran
+        all its units before this model started."""
+        units: dict[tuple[str, str], list[dict]] = {}
+        for row in self.log.rows:
+            if (row["model"], row["seed"]) == (self.twin, str(self.sweep.seed)):
+                units.setdefault((row["sample_id"], row["control"]), []).append(row)
+        return units
 
     # -- the three kinds of unit ---------------------------------------------------------------
     def memory_units(
