@@ -1,6 +1,6 @@
 """Combine the shard directories of one benchmark run into one run, as if one process had run it all.
 
-Shards are the directories of `bench retention --shard i/n` (or `bench longbench`, `bench editing`), of the
+Shards are the directories of `bench retention --shard i/n` (or longbench, editing, perplexity), of the
 tasks of a Slurm array or of the ranks of torchrun (OUT/shard-<i>-of-<n>). They merge when every shard 1..n
 is there once, each finished, with the same settings (all of config.json but the keys in PER_SHARD) and the
 same models. results.csv keeps the rows as written, in the order of a one-process run: model by model, and
