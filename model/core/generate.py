@@ -88,7 +88,10 @@ def generate(
             model.put_prefix(prefix_kv)
         input_pos = torch.arange(P, P + n)  # the prompt's positions after the memory prefix
         logits = model(ids, state, input_pos, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
+        bias = model.answer_bias(state)  # after the prefill: what the memory read
         for step in range(settings.max_new_tokens):
+            if bias is not None:
+                logits = bias([*ids[0].tolist(), *out.token_ids], logits)
             if keep_logits:
                 out.step_logits.append(logits.cpu())
             token = pick_token(logits, settings, generator)
@@ -176,10 +179,13 @@ def generate_batch(
         slots = layout.slots()
         mask = layout.mask(slots).to(model.device)
         logits = model.forward_states(ids, states, slots, layout.positions(), mask, layout.pads, reuse_memory_kv)
+        biases = [model.answer_bias(state) for state in states]  # after the prefill: what each memory read
         for step in range(settings.max_new_tokens):
             tokens = torch.zeros(len(prompts), 1, dtype=torch.long)  # finished elements read a pad
             for i in list(running):
-                token = pick_token(logits[i], settings, generators[i])
+                bias = biases[i]
+                step_logits = logits[i] if bias is None else bias([*prompts[i], *outs[i].token_ids], logits[i])
+                token = pick_token(step_logits, settings, generators[i])
                 if token in stops:
                     outs[i].finish_reason = "stop"
                     running.remove(i)

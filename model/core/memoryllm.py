@@ -7,7 +7,7 @@ model.policies.training_free.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,6 +24,8 @@ from ..memory.state import (
 from .config import ModelConfig, ModelInfo
 from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
+
+AnswerBias = Callable[[Sequence[int], torch.Tensor], torch.Tensor]  # (prompt + answer so far, logits [V]) -> [V]
 
 
 @dataclass
@@ -173,6 +175,10 @@ class MemoryLLM(nn.Module):
     def prefix_length(self, state: MemoryState) -> int:
         """Rows placed before the question at every layer (bos + memory)."""
         return self.n_bos + state.rows_per_layer if state.initialized else 0
+
+    def answer_bias(self, state: MemoryState) -> AnswerBias | None:
+        """How the memory last read for a question shifts each answer token's logits (None: it does not)."""
+        return None
 
     def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
         """Rows [T, d] that a question whose layer input is x [B, n, d] places between bos and the memory

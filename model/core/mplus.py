@@ -12,7 +12,7 @@ import torch
 from ..memory.ltm import LongTermMemory
 from ..memory.state import MemoryState
 from .config import ModelConfig
-from .memoryllm import EvictionPolicy, InjectResult, MemoryLLM, WritePolicy
+from .memoryllm import AnswerBias, EvictionPolicy, InjectResult, MemoryLLM, WritePolicy
 
 
 @dataclass
@@ -49,6 +49,9 @@ class RetrievalPolicy(Protocol):
 
     def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:
         """Take an injection's evicted rows (result.dropped, their ages [L, e]) into the LTM."""
+
+    def answer_bias(self, model: MPlus, state: MemoryState) -> AnswerBias | None:
+        """How what the last question read shifts its answer's logits (None: not at all)."""
 
 
 class MPlus(MemoryLLM):
@@ -122,6 +125,9 @@ class MPlus(MemoryLLM):
         if self.retrieval.rows_read(self, state) == 0:
             return None
         return self.retrieve(layer, state, x[0]).rows
+
+    def answer_bias(self, state: MemoryState) -> AnswerBias | None:
+        return self.retrieval.answer_bias(self, state) if state.initialized else None
 
     # -- writing -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -139,6 +139,9 @@ class Selectors:
     stm_rows_age = False  # the released code never ages short-term rows (docs/algorithm.md §6.3)
     device_scoring: bool | None = None  # score on the model's device; None: when the model is not on the CPU
 
+    def answer_bias(self, model: MPlus, state: MemoryState) -> None:
+        return None  # the authors' models read their rows only through attention
+
     def attach(self, model: MPlus) -> None:
         for block in model.model.layers:  # under self_attn, as in the authors' state dict
             block.self_attn.query_proj = selector(model.cfg)  # questions -> retrieval queries

@@ -23,17 +23,20 @@ exactly what the layer itself attends to when the text is in the prompt.
   a long stretch of unrelated text: on SmolLM2-135M the full context loses a fact once about 1k tokens
   of other text follow it, and the earlier design (per-row cosine scoring at every layer, 6 blocks of 16
   rows behind a 1,024-row window) answered 0 of 12 questions on real articles. No pruning.
+  An answer then copies from what it read (`CopyHead`): once its last words occur in the rows read, the
+  words that follow them there are mixed into each token's distribution, up to the end of that sentence.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..core.config import MemoryKind, ModelConfig, TrainingFreeConfig, llama_trunk, rope_from_hf
-from ..core.memoryllm import InjectResult, MemoryLLM
+from ..core.memoryllm import AnswerBias, InjectResult, MemoryLLM
 from ..core.mplus import MPlus, Retrieval
 from ..memory.ltm import LongTermMemory
 from ..memory.state import MemoryState, draw_permutations, stm_rows
@@ -45,6 +48,8 @@ MPLUS_WINDOW = 32  # M+ flavour: the short-term memory, a window of the last tok
 MPLUS_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
 MPLUS_BLOCK = 32  # M+ flavour: the long-term memory is searched in blocks of this many tokens
 DEFAULT_CONTEXT = 1  # M+ flavour: blocks read on either side of a block the question found
+COPY_WEIGHT = 0.5  # M+ flavour: the weight of copying from the text read (see CopyHead); 0: none
+COPY_MIN_MATCH = 3  # M+ flavour: tokens of the answer so far that must match the text read to copy
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
 
 
@@ -298,6 +303,59 @@ def bm25(
     return (idf * tf * (k1 + 1) / (tf + norm[:, None])).sum(-1)
 
 
+def continuations(text: Sequence[int], context: Sequence[int], min_match: int) -> list[int]:
+    """The position after each occurrence in `text` of the longest suffix of `context` (at least `min_match`
+    tokens) that occurs there with a token after it: where an infinity-gram over `text` continues."""
+    m = min_match
+    if len(context) < m:
+        return []
+    suffix = list(context[-m:])
+    ends = [i for i in range(m, len(text)) if list(text[i - m : i]) == suffix]
+    while ends and m < len(context):
+        longer = [i for i in ends if i > m and text[i - m - 1] == context[-m - 1]]
+        if not longer:
+            break
+        ends, m = longer, m + 1
+    return ends
+
+
+def sentence_starts(tokenizer, tokens: Sequence[int]) -> frozenset[int]:
+    """Positions of `tokens` that start a sentence or a line: a token starting with a space after one ending in
+    . ! or ?, or a token holding a line break (none without a tokenizer)."""
+    if tokenizer is None:
+        return frozenset()
+    texts = [tokenizer.decode([t]) if t >= 0 else "" for t in tokens]
+    return frozenset(
+        i
+        for i in range(1, len(texts))
+        if "\n" in texts[i] or (texts[i - 1].rstrip().endswith((".", "!", "?")) and texts[i][:1].isspace())
+    )
+
+
+@dataclass(frozen=True)
+class CopyHead:
+    """Copy from the text the memory read: each answer token's distribution is the model's, mixed with weight
+    `weight` with the tokens that follow, in that text, the longest suffix of the prompt and answer so far (an
+    infinity-gram over the rows read, as Liu et al. 2024 mix one into a neural model), when that suffix has at
+    least `min_match` tokens. A copy ends with its sentence: it never proposes a token at one of `stops` (see
+    `sentence_starts`). It reads a name or a number exactly as it stands after the words that lead to it,
+    where the model alone would invent a likelier one."""
+
+    text: list[int]  # the tokens of the rows placed before the question, in order (-1: not a token)
+    stops: frozenset[int]  # positions of `text` the copy never proposes
+    weight: float
+    min_match: int
+
+    def __call__(self, context: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [V] (logits [V] when nothing is copied)."""
+        follow = [self.text[i] for i in continuations(self.text, context, self.min_match) if i not in self.stops]
+        if not follow:
+            return logits
+        copy = torch.bincount(torch.tensor(follow), minlength=logits.numel()).float()  # [V]
+        mixed = (1 - self.weight) * torch.softmax(logits.float(), -1) + self.weight * copy / len(follow)
+        return mixed.log()
+
+
 class LexicalBlocks:
     """The M+ flavour's retrieval: the long-term memory holds the text in order (see `OldestOut`), cut into
     blocks of `block` tokens. A question's tokens score every block by BM25 over the tokens the rows hold
@@ -306,10 +364,13 @@ class LexicalBlocks:
 
     stm_rows_age = True  # every row ages: blocks are found again as runs of consecutive ages
 
-    def __init__(self, block: int, context: int = DEFAULT_CONTEXT):
-        self.block, self.context = block, context
+    def __init__(
+        self, block: int, context: int = DEFAULT_CONTEXT, copy: float = COPY_WEIGHT, min_match: int = COPY_MIN_MATCH
+    ):
+        self.block, self.context, self.copy, self.min_match = block, context, copy, min_match
         self.terms: TokenTerms | None = None
         self.chosen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LTM -> the question's rows
+        self.read: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LTM -> the question's tokens read
 
     def attach(self, model: MPlus) -> None:
         pass  # no parameters: the keys are the rows' tokens
@@ -369,7 +430,18 @@ class LexicalBlocks:
             self.chosen[state.ltm] = (chosen, scores)
         else:
             chosen, scores = self.chosen[state.ltm]
-        return Retrieval(ltm.rows_at(chosen), chosen, scores, n, ltm.row_ids[chosen])
+        rows = ltm.rows_at(chosen)  # [T, d]
+        if layer == 0:
+            self.read[state.ltm] = self.token_terms(model).tokens(rows)
+        return Retrieval(rows, chosen, scores, n, ltm.row_ids[chosen])
+
+    def answer_bias(self, model: MPlus, state: MemoryState) -> AnswerBias | None:
+        """A CopyHead over the text before the last question: the LTM rows it read, then the window."""
+        if self.copy == 0 or state.ltm is None:  # (a plain model's state: a system's prompt, no memory)
+            return None
+        read = self.read.get(state.ltm, torch.empty(0, dtype=torch.long))
+        text = torch.cat([read, self.token_terms(model).tokens(state.memory[0])]).tolist()  # T + N, -1: no token
+        return CopyHead(text, sentence_starts(model.tokenizer, text), self.copy, self.min_match)
 
     @torch.no_grad()
     def admit(self, model: MPlus, state: MemoryState, result: InjectResult, dropped_ages: torch.Tensor) -> None:
@@ -395,7 +467,11 @@ def policies(cfg: ModelConfig) -> dict:
     """The write, eviction and (M+) retrieval policies of a training-free config."""
     free = cfg.training_free
     if cfg.kind == "mplus":
-        return {"write": LayerInputs(), "eviction": OldestOut(free.capacity), "retrieval": LexicalBlocks(free.block)}
+        return {
+            "write": LayerInputs(),
+            "eviction": OldestOut(free.capacity),
+            "retrieval": LexicalBlocks(free.block),
+        }
     return {"write": LayerInputs(), "eviction": RandomBlocks(free.capacity, free.block)}
 
 

@@ -17,7 +17,15 @@ from typer.testing import CliRunner
 import model as mp
 from model import store as st
 from model.memory.state import new_generator
-from model.policies.training_free import bm25, ltm_blocks, term_table, training_free_config
+from model.policies.training_free import (
+    CopyHead,
+    bm25,
+    continuations,
+    ltm_blocks,
+    sentence_starts,
+    term_table,
+    training_free_config,
+)
 from model.text.chunking import chunked
 from model.zoo import smollm2
 from model.zoo.paths import swap_in
@@ -220,6 +228,51 @@ def test_mplus_flavour_reads_bos_then_the_retrieved_rows_then_the_stm():
     question = token_ids(8, 7)
     expected = plain(question[None], mp.MemoryState(memory=torch.stack(rows))).logits
     torch.testing.assert_close(lm(question[None], state).logits, expected)
+
+
+# -- copying from the text read --------------------------------------------------------------------
+def test_continuations_follow_the_longest_suffix_of_the_context_found_in_the_text():
+    text = [5, 1, 2, 3, 9, 7, 1, 2, 3, 4, 8, 2, 3]
+    assert continuations(text, [0, 1, 2, 3], 3) == [4, 9]  # "1 2 3" twice: the tokens 9 and 4 follow
+    assert continuations(text, [7, 1, 2, 3], 3) == [9]  # "7 1 2 3" once: only 4 follows it
+    assert continuations(text, [0, 2, 3], 2) == [4, 9]  # "2 3" at the end of the text has no next token
+    assert continuations(text, [2, 3], 3) == [] and continuations(text, [6, 6, 6], 3) == []
+
+
+def test_a_sentence_starts_after_a_full_stop_and_a_space_or_at_a_line_break():
+    tokenizer = mp.text.tokenizer.byte_tokenizer()
+    tokens = tokenizer.encode("Is 3.5. Yes!\nno")
+    assert sorted(sentence_starts(tokenizer, tokens)) == [7, 12]  # " " after "5." and the line break
+    assert sentence_starts(None, tokens) == frozenset()
+
+
+def test_the_copy_head_mixes_the_models_distribution_with_what_follows_in_the_text():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    head = CopyHead(text=[0, 1, 2, 1, 2, 3, 1, 2, 4], stops=frozenset({8}), weight=0.4, min_match=2)
+    copy = torch.tensor([0, 0.5, 0, 0.5, 0])  # "1 2" is followed by 1 and 3 (and by 4 at a stop: never proposed)
+    mixed = head([7, 1, 2], logits)
+    torch.testing.assert_close(mixed, (0.6 * torch.softmax(logits, -1) + 0.4 * copy).log())
+    assert torch.equal(head([9, 9], logits), logits)  # nothing matches: the model's own logits
+
+
+def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
+    lm = build_tiny("mplus", capacity=64, retrieved=64)
+    encode = lm.tokenizer.encode
+    state = lm.new_state(0)
+    for chunk in ["The code of the blue safe is 4127. It opens the door.", "x" * 64, "y" * 64]:
+        lm.inject(state, torch.tensor(encode(chunk)))  # the needle is in the LTM, read back whole
+    prompt = encode("code? blue safe is")
+    settings = mp.DecodeSettings(max_new_tokens=8)
+    copied = mp.generate(lm, state, prompt, settings, keep_logits=True)
+    assert lm.tokenizer.decode(copied.token_ids).startswith(" 4127.")  # and not " It": a new sentence
+    lm.retrieval.copy = 0.0
+    plain = mp.generate(lm, state, prompt, settings, keep_logits=True)
+    space = encode(" ")[0]
+    expected = (
+        0.5 * torch.softmax(plain.step_logits[0], -1)
+        + 0.5 * torch.nn.functional.one_hot(torch.tensor(space), plain.step_logits[0].numel())
+    ).log()
+    torch.testing.assert_close(copied.step_logits[0], expected)  # " is" -> " " once in the text
 
 
 @pytest.mark.parametrize("memory", ["memoryllm", "mplus"])
