@@ -134,6 +134,7 @@ def update_entry(update: int, sample: Sample, ids: list[int], chunk_tokens: int)
         "sha256": sha,
         "tokens": len(ids),
         "chunks": chunks,
+        "chunk_tokens": chunk_tokens,
         "at": st.now(),
     }
 

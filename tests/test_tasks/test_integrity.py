@@ -8,6 +8,8 @@ import csv
 import pytest
 from typer.testing import CliRunner
 
+from model import store as st
+from model.store.inject import session_chunks
 from mplus_cli.app import app
 from tasks import integrity as ig
 from tasks.samples import Sample
@@ -59,6 +61,17 @@ def test_a_resumed_run_continues_from_its_saved_memory_as_if_unbroken(tmp_path):
     keep = ("update", "asked", "sample_id", "prediction", "row_norm", "ltm_rows")
     straight, broken = ([{k: row[k] for k in keep} for row in rows_of(tmp_path, d)] for d in ("straight", "broken"))
     assert broken == straight and len(straight) == 7
+
+
+def test_the_sessions_log_says_how_each_update_was_cut_into_chunks(tmp_path):
+    assert run(tmp_path, "cut", "--updates", "3", "--chunk-tokens", "16").exit_code == 0
+    session = st.Session.open(tmp_path / "cut", ig.SESSION)
+    entries = list(session.log())
+    assert [entry["chunks"] for entry in entries] == [-(-entry["tokens"] // 16) for entry in entries]
+    assert sum(entry["chunks"] for entry in entries) > 3  # updates longer than one chunk
+    chunks = session_chunks(session, session.manifest["state"]["injections"])
+    assert len(chunks) == sum(entry["chunks"] for entry in entries)
+    assert {chunk.chunk_tokens for chunk in chunks.values()} == {16}  # what `ask --explain` cuts the text by
 
 
 @pytest.mark.parametrize(("extra", "code"), [(["--updates", "ten"], 2), (["--dataset", "trivia"], 2), (["--chat"], 2)])
