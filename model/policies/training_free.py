@@ -48,7 +48,7 @@ MPLUS_WINDOW = 32  # M+ flavour: the short-term memory, a window of the last tok
 MPLUS_RETRIEVED = 256  # M+ flavour: long-term rows read back per layer at a question
 MPLUS_BLOCK = 32  # M+ flavour: the long-term memory is searched in blocks of this many tokens
 DEFAULT_CONTEXT = 1  # M+ flavour: blocks read on either side of a block the question found
-COPY_WEIGHT = 0.5  # M+ flavour: the weight of copying from the text read (see CopyHead); 0: none
+COPY_WEIGHT = 0.3  # M+ flavour: the weight of copying from the text read (see CopyHead); 0: none
 COPY_MIN_MATCH = 3  # M+ flavour: tokens of the answer so far that must match the text read to copy
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
 

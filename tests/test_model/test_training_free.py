@@ -18,6 +18,7 @@ import model as mp
 from model import store as st
 from model.memory.state import new_generator
 from model.policies.training_free import (
+    COPY_WEIGHT,
     CopyHead,
     bm25,
     continuations,
@@ -264,13 +265,14 @@ def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
     prompt = encode("code? blue safe is")
     settings = mp.DecodeSettings(max_new_tokens=8)
     copied = mp.generate(lm, state, prompt, settings, keep_logits=True)
-    assert lm.tokenizer.decode(copied.token_ids).startswith(" 4127.")  # and not " It": a new sentence
+    assert lm.tokenizer.decode(copied.token_ids).startswith(" 4127.")  # the random model alone would not
     lm.retrieval.copy = 0.0
     plain = mp.generate(lm, state, prompt, settings, keep_logits=True)
     space = encode(" ")[0]
+    w = COPY_WEIGHT
     expected = (
-        0.5 * torch.softmax(plain.step_logits[0], -1)
-        + 0.5 * torch.nn.functional.one_hot(torch.tensor(space), plain.step_logits[0].numel())
+        (1 - w) * torch.softmax(plain.step_logits[0], -1)
+        + w * torch.nn.functional.one_hot(torch.tensor(space), plain.step_logits[0].numel())
     ).log()
     torch.testing.assert_close(copied.step_logits[0], expected)  # " is" -> " " once in the text
 
