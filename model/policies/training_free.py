@@ -351,7 +351,7 @@ class CopyHead:
         follow = [self.text[i] for i in continuations(self.text, context, self.min_match) if i not in self.stops]
         if not follow:
             return logits
-        copy = torch.bincount(torch.tensor(follow), minlength=logits.numel()).float()  # [V]
+        copy = torch.bincount(torch.tensor(follow, device=logits.device), minlength=logits.numel()).float()  # [V]
         mixed = (1 - self.weight) * torch.softmax(logits.float(), -1) + self.weight * copy / len(follow)
         return mixed.log()
 
