@@ -338,8 +338,8 @@ class CopyHead:
     `weight` with the tokens that follow, in that text, the longest suffix of the prompt and answer so far (an
     infinity-gram over the rows read, as Liu et al. 2024 mix one into a neural model), when that suffix has at
     least `min_match` tokens. A copy ends with its sentence: it never proposes a token at one of `stops` (see
-    `sentence_starts`). It reads a name or a number exactly as it stands after the words that lead to it,
-    where the model alone would invent a likelier one."""
+    `sentence_starts`), nor a row that is no token (-1). It reads a name or a number exactly as it stands after
+    the words that lead to it, where the model alone would invent a likelier one."""
 
     text: list[int]  # the tokens of the rows placed before the question, in order (-1: not a token)
     stops: frozenset[int]  # positions of `text` the copy never proposes
@@ -348,7 +348,8 @@ class CopyHead:
 
     def __call__(self, context: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [V] (logits [V] when nothing is copied)."""
-        follow = [self.text[i] for i in continuations(self.text, context, self.min_match) if i not in self.stops]
+        ends = continuations(self.text, context, self.min_match)
+        follow = [self.text[i] for i in ends if i not in self.stops and self.text[i] >= 0]
         if not follow:
             return logits
         copy = torch.bincount(torch.tensor(follow, device=logits.device), minlength=logits.numel()).float()  # [V]

@@ -254,6 +254,9 @@ def test_the_copy_head_mixes_the_models_distribution_with_what_follows_in_the_te
     mixed = head([7, 1, 2], logits)
     torch.testing.assert_close(mixed, (0.6 * torch.softmax(logits, -1) + 0.4 * copy).log())
     assert torch.equal(head([9, 9], logits), logits)  # nothing matches: the model's own logits
+    unknown = CopyHead(text=[1, 2, -1, 1, 2, 3], stops=frozenset(), weight=0.4, min_match=2)
+    only_3 = torch.tensor([0, 0, 0, 1.0, 0])  # -1 (a row that is no token) is never proposed
+    torch.testing.assert_close(unknown([1, 2], logits), (0.6 * torch.softmax(logits, -1) + 0.4 * only_3).log())
 
 
 def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
