@@ -61,9 +61,14 @@ def shares(injections: torch.Tensor) -> list[tuple[int, float]]:
 
 
 def explanation(
-    lm: mp.MemoryLLM, state: mp.MemoryState, read: dict[int, torch.Tensor], session: st.Session | None
+    lm: mp.MemoryLLM,
+    state: mp.MemoryState,
+    read: dict[int, torch.Tensor],
+    session: st.Session | None,
+    answer: mp.Generation | None = None,
 ) -> dict[str, Any]:
-    """What a question read: `read` is {layer: retrieved row ids} (empty for MemoryLLM)."""
+    """What a question read: `read` is {layer: retrieved row ids} (empty for MemoryLLM); with its `answer`, how
+    many of its steps the copy from the rows read proposed the next words at (the demo's M+ flavour)."""
     chunks = session_chunks(session, state.injections) if session is not None else {}
 
     def named(injection: int) -> dict[str, Any]:
@@ -84,6 +89,9 @@ def explanation(
             rest = {"injection": None, "source": f"{len(total) - TOP} other injections"}
             report["retrieved"].append(rest | {"share": round(sum(s for _, s in total[TOP:]), 4)})
         report["retrieved_per_layer"] = {str(k): [[i, round(s, 4)] for i, s in v] for k, v in layers.items()}
+    if answer is not None and answer.copied:
+        steps = len(answer.token_ids) + (answer.finish_reason == "stop")  # a token picked per step, the stop too
+        report["copy"] = {"proposed": answer.copied, "steps": steps}
     recent = range(max(1, state.injections - RECENT + 1), state.injections + 1)
     report["short_term"] = [
         named(i) | {"held": round(survival(state, torch.tensor([i]))["stm"], 4)} for i in reversed(recent)
@@ -114,6 +122,12 @@ def explanation_lines(report: dict[str, Any]) -> list[str]:
             if found
         ]
         lines.append("  per layer (injection share): " + "; ".join(per_layer))
+    if "copy" in report:
+        copy = report["copy"]
+        lines.append(
+            f"explain: the copy from the rows read proposed the next words at {copy['proposed']} of the "
+            f"answer's {copy['steps']} steps"
+        )
     lines.append("explain: the short-term memory still holds of the latest injections")
     lines += [f"  {entry['held']:6.1%}  {describe(entry)}" for entry in report["short_term"]]
     return lines

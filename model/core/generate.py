@@ -40,6 +40,7 @@ class Generation:
     token_ids: list[int]  # new tokens, without the stop token
     finish_reason: str  # "stop" or "length"
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [V] float32 per step, if kept
+    copied: int = 0  # steps whose distribution the memory's answer bias changed (the demo's copy from its rows)
 
 
 def pick_token(logits: torch.Tensor, settings: DecodeSettings, generator: torch.Generator | None) -> int:
@@ -91,7 +92,9 @@ def generate(
         bias = model.answer_bias(state)  # after the prefill: what the memory read
         for step in range(settings.max_new_tokens):
             if bias is not None:
-                logits = bias([*ids[0].tolist(), *out.token_ids], logits)
+                biased = bias([*ids[0].tolist(), *out.token_ids], logits)
+                out.copied += biased is not logits
+                logits = biased
             if keep_logits:
                 out.step_logits.append(logits.cpu())
             token = pick_token(logits, settings, generator)
@@ -183,8 +186,9 @@ def generate_batch(
         for step in range(settings.max_new_tokens):
             tokens = torch.zeros(len(prompts), 1, dtype=torch.long)  # finished elements read a pad
             for i in list(running):
-                bias = biases[i]
-                step_logits = logits[i] if bias is None else bias([*prompts[i], *outs[i].token_ids], logits[i])
+                bias, row = biases[i], logits[i]  # [V]
+                step_logits = row if bias is None else bias([*prompts[i], *outs[i].token_ids], row)
+                outs[i].copied += step_logits is not row
                 token = pick_token(step_logits, settings, generators[i])
                 if token in stops:
                     outs[i].finish_reason = "stop"

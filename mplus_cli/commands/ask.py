@@ -326,7 +326,7 @@ class Asking:
             "timing": timing,
         }
         if self.explain:
-            record["explain"] = report = explanation(lm, self.state, read, self.found)
+            record["explain"] = report = explanation(lm, self.state, read, self.found, out)
             if self.show:
                 for line in explanation_lines(report):
                     say(line)

@@ -269,8 +269,10 @@ def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
     settings = mp.DecodeSettings(max_new_tokens=8)
     copied = mp.generate(lm, state, prompt, settings, keep_logits=True)
     assert lm.tokenizer.decode(copied.token_ids).startswith(" 4127.")  # the random model alone would not
+    assert copied.copied >= 6  # the copy proposed " ", "4", "1", "2", "7" and "."
     lm.retrieval.copy = 0.0
     plain = mp.generate(lm, state, prompt, settings, keep_logits=True)
+    assert plain.copied == 0
     space = encode(" ")[0]
     w = COPY_WEIGHT
     expected = (
@@ -278,6 +280,19 @@ def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
         + w * torch.nn.functional.one_hot(torch.tensor(space), plain.step_logits[0].numel())
     ).log()
     torch.testing.assert_close(copied.step_logits[0], expected)  # " is" -> " " once in the text
+
+
+def test_ask_explain_says_at_how_many_steps_the_copy_proposed_the_next_words(tmp_path):
+    needle = tmp_path / "needle.txt"
+    needle.write_text("The code of the blue safe is 4127. It opens the door. " + "x" * 200)
+    store = str(tmp_path / "store")
+    assert mplus("inject", str(needle), "-s", "n", "--store", store, "--model", "tiny-free-mplus").exit_code == 0
+    args = ["ask", "code? blue safe is", "-s", "n", "--store", store, "--max-new-tokens", "8", "--no-chat"]
+    answer = json.loads(mplus(*args, "--explain", "--json").stdout)["answers"][0]
+    assert answer["answer"].startswith(" 412")  # then the random model is sure of an "x" of its window
+    assert answer["explain"]["copy"]["steps"] == 8 and 4 <= answer["explain"]["copy"]["proposed"] <= 8
+    shown = mplus(*args, "--explain")
+    assert "the copy from the rows read proposed the next words at" in shown.stderr
 
 
 @pytest.mark.parametrize("memory", ["memoryllm", "mplus"])
