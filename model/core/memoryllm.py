@@ -180,6 +180,10 @@ class MemoryLLM(nn.Module):
         """How the memory last read for a question shifts each answer token's logits (None: it does not)."""
         return None
 
+    def answer_reading(self) -> str | None:
+        """`answer_bias` in words, for a run's record (None: there is none)."""
+        return None
+
     def ltm_prefix_rows(self, layer: int, state: MemoryState, x: torch.Tensor) -> torch.Tensor | None:
         """Rows [T, d] that a question whose layer input is x [B, n, d] places between bos and the memory
         (M+ retrieval); None for MemoryLLM."""

@@ -53,6 +53,9 @@ class RetrievalPolicy(Protocol):
     def answer_bias(self, model: MPlus, state: MemoryState) -> AnswerBias | None:
         """How what the last question read shifts its answer's logits (None: not at all)."""
 
+    def answer_reading(self) -> str | None:
+        """The answer bias in words, for a run's record (None: there is none)."""
+
 
 class MPlus(MemoryLLM):
     """MemoryLLM whose question prefix is [bos, T retrieved LTM rows, STM rows] and whose injections move
@@ -128,6 +131,9 @@ class MPlus(MemoryLLM):
 
     def answer_bias(self, state: MemoryState) -> AnswerBias | None:
         return self.retrieval.answer_bias(self, state) if state.initialized else None
+
+    def answer_reading(self) -> str | None:
+        return self.retrieval.answer_reading()
 
     # -- writing -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -142,6 +142,9 @@ class Selectors:
     def answer_bias(self, model: MPlus, state: MemoryState) -> None:
         return None  # the authors' models read their rows only through attention
 
+    def answer_reading(self) -> None:
+        return None
+
     def attach(self, model: MPlus) -> None:
         for block in model.model.layers:  # under self_attn, as in the authors' state dict
             block.self_attn.query_proj = selector(model.cfg)  # questions -> retrieval queries

@@ -436,6 +436,11 @@ class LexicalBlocks:
             self.read[state.ltm] = self.token_terms(model).tokens(rows)
         return Retrieval(rows, chosen, scores, n, ltm.row_ids[chosen])
 
+    def answer_reading(self) -> str | None:
+        return (
+            f"copy {self.copy:g} after {self.min_match}+ matching tokens, to the sentence's end" if self.copy else None
+        )
+
     def answer_bias(self, model: MPlus, state: MemoryState) -> AnswerBias | None:
         """A CopyHead over the text before the last question: the LTM rows it read, then the window."""
         if self.copy == 0 or state.ltm is None:  # (a plain model's state: a system's prompt, no memory)

@@ -324,6 +324,20 @@ def test_resume_refuses_other_settings(finished):
     assert "seed: 0 then, 1 now" in result.output
 
 
+def test_resume_refuses_a_run_whose_answers_were_read_another_way(tmp_path):
+    args = ["bench", "retention", "--dataset", "synthetic", "--model", "tiny-free-mplus", "--max-distance", "1k"]
+    out = tmp_path / "run"
+    assert mplus(*args, "--limit", 1, "-o", out).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_details"]["tiny-free-mplus"]["answer_reading"].startswith("copy 0.3 after 3+")
+    del config["model_details"]["tiny-free-mplus"]["answer_reading"]  # a run from before the copy
+    (out / "config.json").write_text(json.dumps(config))
+    before = (out / "results.csv").read_bytes()
+    result = mplus(*args, "--limit", 2, "-o", out, "--resume")
+    assert result.exit_code == 4 and "read another way (no answer bias)" in result.output
+    assert (out / "results.csv").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
