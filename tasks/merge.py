@@ -30,7 +30,7 @@ PER_SHARD = (
     "batch_size",
     "merged_from",
 )
-MODEL_KEYS = ("fingerprint", "chat", "dtype")  # of each model's details, the same in every shard
+MODEL_KEYS = ("fingerprint", "chat", "dtype", "answer_reading")  # of each model's details, the same in every shard
 Finished = TypeVar("Finished")
 
 

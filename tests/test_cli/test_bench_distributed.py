@@ -176,6 +176,16 @@ def test_merge_names_the_setting_that_differs(shards, tmp_path):
     assert into_a_shard.exit_code == 2 and "is one of the shards: choose another --output" in into_a_shard.stderr
 
 
+def test_shards_whose_answers_were_read_another_way_are_not_one_run():
+    from tasks.merge import settings_diff
+
+    details = {"fingerprint": "f", "chat": True, "dtype": "float32", "answer_reading": "copy 0.3"}
+    first = {"models": ["m"], "model_details": {"m": details}}
+    other = {"models": ["m"], "model_details": {"m": {k: v for k, v in details.items() if k != "answer_reading"}}}
+    assert settings_diff(first, other) == "m answer_reading: 'copy 0.3' there, None here"
+    assert settings_diff(first, first) == ""
+
+
 # -- --device and --dtype ------------------------------------------------------------------------------------
 def test_inject_and_ask_run_on_the_device_and_dtype_given(tmp_path):
     (tmp_path / "notes.txt").write_text("The spare key of the lighthouse is under the third stone of the path.")
