@@ -89,10 +89,10 @@ def generate(
             model.put_prefix(prefix_kv)
         input_pos = torch.arange(P, P + n)  # the prompt's positions after the memory prefix
         logits = model(ids, state, input_pos, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
-        bias = model.answer_bias(state)  # after the prefill: what the memory read
+        bias, prompt = model.answer_bias(state), ids[0].tolist()  # after the prefill: what the memory read
         for step in range(settings.max_new_tokens):
             if bias is not None:
-                biased = bias([*ids[0].tolist(), *out.token_ids], logits)
+                biased = bias([*prompt, *out.token_ids], logits)
                 out.copied += biased is not logits
                 logits = biased
             if keep_logits:

@@ -473,11 +473,7 @@ def policies(cfg: ModelConfig) -> dict:
     """The write, eviction and (M+) retrieval policies of a training-free config."""
     free = cfg.training_free
     if cfg.kind == "mplus":
-        return {
-            "write": LayerInputs(),
-            "eviction": OldestOut(free.capacity),
-            "retrieval": LexicalBlocks(free.block),
-        }
+        return {"write": LayerInputs(), "eviction": OldestOut(free.capacity), "retrieval": LexicalBlocks(free.block)}
     return {"write": LayerInputs(), "eviction": RandomBlocks(free.capacity, free.block)}
 
 
