@@ -65,18 +65,20 @@ class WritePolicy(Protocol):
         """New rows [B, L, k, d] for contexts ids [B, n] (context i written into states[i])."""
 
 
+@dataclass(frozen=True)
+class NewRows:
+    """An injection's rows on their way into the short-term memory."""
+
+    delta: torch.Tensor  # [L, k, d]
+    row_ids: torch.Tensor  # [L, k] their ids
+    perms: torch.Tensor | None  # [draws, N] the random drops to make (None: the policy draws them)
+
+
 class EvictionPolicy(Protocol):
     """How new rows enter the short-term memory and which old rows leave it (the memory's rows; the update
     carries row ids and ages by the result's sources)."""
 
-    def update(
-        self,
-        model: MemoryLLM,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None,
-        row_ids: torch.Tensor,
-    ) -> InjectResult: ...
+    def update(self, model: MemoryLLM, state: MemoryState, new: NewRows) -> InjectResult: ...
 
 
 class Decoder(nn.Module):
@@ -411,10 +413,15 @@ class MemoryLLM(nn.Module):
         state.memory_changed()
         row_ids = state.new_row_ids(delta.shape[1]) if row_ids is None else row_ids
         ids = state.memory_ids
-        result = self.eviction.update(self, state, delta, perms, row_ids)
+        result = self.eviction.update(self, state, NewRows(delta, row_ids, perms))
         memory_ids, result.dropped_ids = result.carry(ids, row_ids)
         state.memory_ids = memory_ids.contiguous()
+        self.keep_update(state, result)
         return result
+
+    def keep_update(self, state: MemoryState, result: InjectResult) -> None:
+        """What the model keeps of an update besides the short-term rows and their ids: nothing (M+: ages and
+        the long-term memory)."""
 
     @torch.no_grad()
     def inject(self, state: MemoryState, ids: torch.Tensor, perms: torch.Tensor | None = None) -> InjectResult:

@@ -136,26 +136,17 @@ class MPlus(MemoryLLM):
         return self.retrieval.answer_reading()
 
     # -- writing -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def update_memory(
-        self,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None = None,
-        row_ids: torch.Tensor | None = None,
-    ) -> InjectResult:
-        """The MemoryLLM update, then the M+ bookkeeping: the new rows get ages k-1..0 (the first is the
-        oldest), the evicted rows keep theirs, and the retrieval policy takes them into the LTM."""
+    def keep_update(self, state: MemoryState, result: InjectResult) -> None:
+        """The M+ bookkeeping of an update: the new rows get ages k-1..0 (the first is the oldest), the evicted
+        rows keep theirs, and the retrieval policy takes them into the LTM."""
         if state.ltm is None or state.memory_ages is None:
             raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
-        L, k = delta.shape[:2]
+        L, k = result.delta.shape[:2]
         grown = state.memory_ages + (k if self.retrieval.stm_rows_age else 0)
-        result = super().update_memory(state, delta, perms, row_ids)
         hold_rows(state.ltm, result)
         memory_ages, dropped_ages = result.carry(grown, torch.arange(k - 1, -1, -1).expand(L, k))
         state.memory_ages = memory_ages.contiguous()
         self.retrieval.admit(self, state, result, dropped_ages)
-        return result
 
 
 def hold_rows(ltm: LongTermMemory, result: InjectResult) -> None:

@@ -297,13 +297,8 @@ class LayerLTM:
         """[n, s] gathered from the bank (a copy)."""
         return self.bank.keys(self.entries)
 
-    @property
-    def ages(self) -> torch.Tensor:
-        return self.bank.ages(self.entries)
-
-    @property
-    def row_ids(self) -> torch.Tensor:
-        return self.bank.row_ids(self.entries)
+    ages = property(lambda self: self.bank.ages(self.entries))  # [n]
+    row_ids = property(lambda self: self.bank.row_ids(self.entries))  # [n]
 
     def __len__(self) -> int:
         return self._entries.length

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.config import ModelConfig
-from ..core.memoryllm import InjectResult, MemoryLLM
+from ..core.memoryllm import InjectResult, MemoryLLM, NewRows
 from ..core.mplus import MPlus, Retrieval
 from ..memory.ltm import LongTermMemory
 from ..memory.state import MemoryState, append_sources, draw_permutations, drop_and_append, stm_rows, tile_first_delta
@@ -73,15 +73,8 @@ class RandomRows:
     random rows per layer (one permutation per layer, or one for all with `drop_memory_per_layer` False)
     and append the k new rows."""
 
-    def update(
-        self,
-        model: MemoryLLM,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None,
-        row_ids: torch.Tensor,
-    ) -> InjectResult:
-        N, k = state.rows_per_layer, delta.shape[1]
+    def update(self, model: MemoryLLM, state: MemoryState, new: NewRows) -> InjectResult:
+        delta, row_ids, perms, N, k = new.delta, new.row_ids, new.perms, state.rows_per_layer, new.delta.shape[1]
         if not state.initialized:
             state.memory = tile_first_delta(delta.to(state.memory.dtype), N).contiguous()
             state.initialized = True

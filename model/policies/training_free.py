@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.config import MemoryKind, ModelConfig, TrainingFreeConfig, llama_trunk, rope_from_hf
-from ..core.memoryllm import AnswerBias, InjectResult, MemoryLLM
+from ..core.memoryllm import AnswerBias, InjectResult, MemoryLLM, NewRows
 from ..core.mplus import MPlus, Retrieval
 from ..memory.ltm import LongTermMemory
 from ..memory.state import MemoryState, draw_permutations, stm_rows
@@ -151,23 +151,16 @@ class RandomBlocks:
         dropped = torch.cat([torch.nonzero(gone)[:, 0], N + torch.arange(lost)])
         return kept, dropped, perms
 
-    def update(
-        self,
-        model: MemoryLLM,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None,
-        row_ids: torch.Tensor,
-    ) -> InjectResult:
+    def update(self, model: MemoryLLM, state: MemoryState, new: NewRows) -> InjectResult:
         """Append delta [L, k, d]; past the capacity evict random old blocks (the same ones at every layer).
         InjectResult.dropped holds the evicted rows [L, e, d], e >= 0."""
-        k = delta.shape[1]
-        kept, dropped, perms = self.eviction(state, k, perms)
-        N, L, delta = state.rows_per_layer, state.num_layers, delta.to(state.memory.dtype)
+        k = new.delta.shape[1]
+        kept, dropped, perms = self.eviction(state, k, new.perms)
+        N, L, delta = state.rows_per_layer, state.num_layers, new.delta.to(state.memory.dtype)
         evicted = torch.cat([state.memory[:, dropped[dropped < N]], delta[:, dropped[dropped >= N] - N]], dim=1)
         state.memory = torch.cat([state.memory[:, kept[kept < N]], delta[:, kept[kept >= N] - N]], dim=1)  # [L, N', d]
         sources, dropped = kept.expand(L, -1), dropped.expand(L, -1)  # the same rows at every layer
-        return InjectResult(delta, perms, evicted, sources, row_ids, dropped)
+        return InjectResult(delta, perms, evicted, sources, new.row_ids, dropped)
 
 
 def ltm_blocks(ages: torch.Tensor, block: int) -> torch.Tensor:
@@ -188,23 +181,16 @@ class OldestOut:
     def __init__(self, capacity: int):
         self.capacity = capacity
 
-    def update(
-        self,
-        model: MemoryLLM,
-        state: MemoryState,
-        delta: torch.Tensor,
-        perms: torch.Tensor | None,
-        row_ids: torch.Tensor,
-    ) -> InjectResult:
+    def update(self, model: MemoryLLM, state: MemoryState, new: NewRows) -> InjectResult:
         """Append delta [L, k, d] and evict the oldest rows past the capacity (InjectResult.dropped [L, e, d])."""
-        (L, k), N = delta.shape[:2], state.rows_per_layer
+        (L, k), N = new.delta.shape[:2], state.rows_per_layer
         excess = max(0, N + k - self.capacity)
-        both = torch.cat([state.memory, delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
+        both = torch.cat([state.memory, new.delta.to(state.memory.dtype)], dim=1)  # [L, N + k, d]
         evicted, state.memory = both[:, :excess], both[:, excess:].contiguous()
         order = torch.arange(N + k)
         no_draw = torch.empty(0, N, dtype=torch.long)
         return InjectResult(
-            delta, no_draw, evicted, order[excess:].expand(L, -1), row_ids, order[:excess].expand(L, -1)
+            new.delta, no_draw, evicted, order[excess:].expand(L, -1), new.row_ids, order[:excess].expand(L, -1)
         )
 
 
