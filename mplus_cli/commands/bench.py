@@ -25,6 +25,7 @@ from .editing import editing
 from .integrity import integrity
 from .longbench import longbench
 from .perplexity import perplexity
+from .runs import task_errors, writing_into
 from .speed import speed
 from .sweep import (
     RESUME_KEYS,
@@ -35,8 +36,6 @@ from .sweep import (
     report_run,
     retention_config,
     run_sweep,
-    task_errors,
-    writing_into,
 )
 
 FINISHERS = {  # what finishes a merged run of a benchmark other than retention, and prints it

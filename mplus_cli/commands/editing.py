@@ -15,13 +15,24 @@ from tasks import results as res
 from tasks.launch import process_group
 from tasks.plan import shard_slice
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
+from ..common import (
+    SEED_MAX,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    RunDirOpt,
+    RunResumeOpt,
+    RunShardOpt,
+    TokenizerOpt,
+    handle_errors,
+    note_label,
+)
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .sweep import finish_shards, shard_run, task_errors, versions, writing_into
+from .runs import finish_shards, shard_run, task_errors, versions, writing_into
 
 COMMAND = "mplus bench editing"
 COLUMNS = ("dataset", "record_id", "model", "condition", *ed.METRICS)
@@ -49,13 +60,9 @@ def editing(
     ] = 1,
     model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of every fresh memory.")] = 0,
-    shard: Annotated[
-        str | None, typer.Option(help="Run only the i-th of n contiguous slices of the records, e.g. 2/4.")
-    ] = None,
-    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("editing"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done records.")] = (
-        False
-    ),
+    shard: RunShardOpt = None,
+    output_path: RunDirOpt = Path("editing"),
+    resume: RunResumeOpt = False,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,

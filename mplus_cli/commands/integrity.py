@@ -22,6 +22,7 @@ from ..common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    RunDirOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
@@ -33,7 +34,7 @@ from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .sweep import task_errors, versions, writing_into
+from .runs import task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,7 +62,7 @@ def integrity(
         int, typer.Option(min=1, help="Commit the memory (what --resume continues from) every this many updates.")
     ] = 100,
     data_dir: Annotated[Path | None, typer.Option(envvar="MPLUS_DATA_DIR", help="As for bench retention.")] = None,
-    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("integrity"),
+    output_path: RunDirOpt = Path("integrity"),
     resume: Annotated[bool, typer.Option(help="Continue from the memory the run saved last.")] = False,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",

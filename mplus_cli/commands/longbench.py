@@ -23,6 +23,9 @@ from ..common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    RunDirOpt,
+    RunResumeOpt,
+    RunShardOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
@@ -34,7 +37,7 @@ from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .sweep import check_systems, finish_shards, merged_config, shard_run, task_errors, versions, writing_into
+from .runs import check_systems, finish_shards, merged_config, shard_run, task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,13 +103,9 @@ def longbench(
         Path | None,
         typer.Option(envvar="MPLUS_DATA_DIR", help="LongBench's files ({set}.jsonl; default: the hub's data.zip)."),
     ] = None,
-    shard: Annotated[
-        str | None, typer.Option(help="Run only the i-th of n contiguous slices of each set's samples, e.g. 2/4.")
-    ] = None,
-    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("longbench"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping done answers.")] = (
-        False
-    ),
+    shard: RunShardOpt = None,
+    output_path: RunDirOpt = Path("longbench"),
+    resume: RunResumeOpt = False,
     chat: ChatOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",

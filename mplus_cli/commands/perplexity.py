@@ -17,13 +17,24 @@ from tasks.launch import process_group
 from tasks.plan import shard_slice
 from tasks.sizes import parse_size
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
+from ..common import (
+    SEED_MAX,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    RunDirOpt,
+    RunResumeOpt,
+    RunShardOpt,
+    TokenizerOpt,
+    handle_errors,
+    note_label,
+)
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .sweep import finish_shards, shard_run, task_errors, versions, writing_into
+from .runs import finish_shards, shard_run, task_errors, versions, writing_into
 
 COMMAND = "mplus bench perplexity"
 READINGS = ("memory", "base")  # with the model's memory prefix; the same weights without it
@@ -57,13 +68,9 @@ def perplexity(
     data_dir: Annotated[
         Path | None, typer.Option(help="Directory with lee_background.cor (news) or the essays (default: the wheels).")
     ] = None,
-    shard: Annotated[
-        str | None, typer.Option(help="Score only the i-th of n contiguous slices of the texts, e.g. 2/4.")
-    ] = None,
-    output_path: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")] = Path("perplexity"),
-    resume: Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping scored texts.")] = (
-        False
-    ),
+    shard: RunShardOpt = None,
+    output_path: RunDirOpt = Path("perplexity"),
+    resume: RunResumeOpt = False,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
-import os
-import platform
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +15,11 @@ import typer
 
 import model as mp
 from model.memory.dtypes import dtype_name
-from model.systems import SpecError, described, factory_of
+from model.systems import SpecError, described
 from model.text.tokenizer import has_chat_template
 from tasks import data as qa
 from tasks import results as res
-from tasks.launch import SLURM, TORCHRUN, Launch, barrier, detect
-from tasks.merge import Finished, MergeConflict, MergeError, merge_runs
+from tasks.launch import Launch
 from tasks.plan import (
     CHUNK_TOKENS,
     CLOSED_BOOK,
@@ -35,7 +28,6 @@ from tasks.plan import (
     Protocol,
     Sweep,
     check_points,
-    parse_shard,
     protocol_for,
     shard_slice,
 )
@@ -44,44 +36,18 @@ from tasks.sizes import default_points, format_size, parse_points, parse_size
 
 from ..common import SEED_MAX, asks_in_chat, note_label, stop_ids
 from ..devices import describe, pick_device, pick_dtype
-from ..errors import EXIT_INTERRUPTED, ConflictError, MplusError, NotFoundError, UsageError
+from ..errors import EXIT_INTERRUPTED, ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import approx, duration, emit, plural, progress, token_counter
 from ..root import say
+from .runs import LAUNCHERS, check_systems, finish_shards, merged_config, pick_shard, versions
 
 if TYPE_CHECKING:
     import pandas as pd
 
 RESUME_KEYS = ("dataset", "data", "protocol", "points", "seed", "shard", "chunk_tokens", "distractors", "decoding")
 DISTRACTORS = "pool of chunk_tokens chunks in source order, taken in a per-sample order; a gap's last chunk is cut"
-PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
 MAX_DISTANCE = 10_000_000  # tokens: the distractor text alone is about 8 characters per token
-
-
-@contextmanager
-def task_errors() -> Iterator[None]:
-    """The library's errors as the CLI's one-line errors and exit codes."""
-    try:
-        yield
-    except FileNotFoundError as e:
-        raise NotFoundError(str(e)) from e
-    except qa.DataError as e:
-        raise MplusError(str(e)) from e
-    except res.ResumeError as e:
-        raise ConflictError(f"{e}: choose another --output") from e
-    except MergeConflict as e:
-        raise ConflictError(str(e)) from e
-    except MergeError as e:
-        raise UsageError(str(e)) from e
-
-
-def check_systems(specs: list[str]) -> None:
-    """--system specs that name known systems, each given once (their parameters are checked once a model is
-    loaded: a system's defaults may depend on the model)."""
-    for spec in specs:
-        factory_of(spec)
-    if len(set(specs)) < len(specs):
-        raise ValueError("a --system is given twice")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -101,32 +67,6 @@ def parse_controls(text: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown control {unknown[0]!r}: use {' and/or '.join(CONTROLS)}")
     return [c for c in CONTROLS if c in controls]
-
-
-def versions() -> dict[str, str | None]:
-    found = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def merged_config(
-    path: Path, config: dict[str, Any], keys: tuple[str, ...] = ("models", "controls", "systems")
-) -> dict[str, Any]:
-    """This run's config; on resume it keeps the creation time, the model details and what the run before
-    listed under `keys` (the models, controls and systems it ran)."""
-    if not path.exists():
-        return config
-    old = json.loads(path.read_text())
-    union = {k: old.get(k, []) + [v for v in config[k] if v not in old.get(k, [])] for k in keys}
-    return (
-        config
-        | union
-        | {"created": old.get("created", config["created"]), "model_details": old.get("model_details", {})}
-    )
 
 
 def data_origin(dataset: str, data_dir: Path | None, split: str = "test") -> str:
@@ -226,9 +166,6 @@ def json_records(summary) -> list[dict[str, Any]]:
         {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         for row in summary.to_dict("records")
     ]
-
-
-LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
 
 
 @dataclass(frozen=True)
@@ -345,32 +282,6 @@ def parse_distances(max_distance: str, points: str | None) -> tuple[int, list[in
     return largest, distances
 
 
-def pick_shard(shard: str | None) -> tuple[Launch, int, int]:
-    """The launch and this process's shard: the launcher's (torchrun, a Slurm array), else --shard's, else 1/1."""
-    launch = detect()
-    if not launch.launcher:
-        return (launch, *parse_shard(shard or "1/1"))
-    if shard is not None:
-        raise ValueError(f"--shard conflicts with {LAUNCHERS[launch.launcher]}, which shard the run: drop --shard")
-    return launch, launch.index, launch.count
-
-
-def shard_run(
-    shard: str | None, out: Path, device: str, resume: bool
-) -> tuple[Launch, tuple[int, int], Path, torch.device]:
-    """A benchmark's launch, this process's shard (i, n), the directory it writes (OUT, or its shard's under a
-    launcher) and its device; a usage error for a bad --shard, a conflict for a directory that holds
-    results without --resume."""
-    try:
-        launch, i, n = pick_shard(shard)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    run_dir = launch.directory(out)
-    if res.holds_results(run_dir / "results.csv") and not resume:
-        raise ConflictError(f"{run_dir} already holds results: pass --resume to continue them or choose another -o")
-    return launch, (i, n), run_dir, pick_device(device, launch.local_rank)
-
-
 def retention_config(plan: RetentionPlan) -> dict[str, Any]:
     """config.json of the run before its data is loaded and its models run."""
     proto = plan.proto
@@ -417,30 +328,6 @@ def check_output(plan: RetentionPlan, resume: bool) -> None:
             )
 
 
-@contextmanager
-def writing_into(directory: Path) -> Iterator[None]:
-    """The run directory, held by this process alone (an flock on the directory itself, which leaves no file):
-    a second run into it (another --shard given the same --output) is refused instead of writing the same
-    results.csv and cache files. A directory this run created and left empty is removed when it fails."""
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConflictError(
-                f"{directory} is busy: another run is writing into it; wait for it or choose another --output"
-            ) from None
-        yield
-    except BaseException:
-        if created and not any(directory.iterdir()):
-            directory.rmdir()
-        raise
-    finally:
-        os.close(fd)
-
-
 def run_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[int, list[str], dict[str, Any]]:
     """Load the data, run every model over this process's samples into results.csv; returns (the number of
     samples, the warnings about mostly empty predictions, the config with each model's details)."""
@@ -478,24 +365,6 @@ def finish_sweep(plan: RetentionPlan, config: dict[str, Any]) -> tuple[pd.DataFr
     """summary.csv, retention.png and the finished config.json: (results, summary); None on torchrun's other
     ranks."""
     return finish_shards(plan.launch, plan.out, plan.device, config, res.finish)
-
-
-def finish_shards(
-    launch: Launch, out: Path, device: torch.device, config: dict[str, Any], finish: Callable[[Path, dict], Finished]
-) -> Finished | None:
-    """`finish(directory, finished config)` of this process's run. Under torchrun every rank marks its shard
-    finished and waits at the barrier; rank 0 then merges the shards into `out` (finishing the whole run) and
-    the other ranks say so and return None."""
-    finished = config | {"finished": res.now()}
-    if not launch.group:
-        return finish(launch.directory(out), finished)
-    res.write_config(launch.directory(out) / "config.json", finished)
-    barrier(launch, device)
-    if not launch.merges:
-        shard = f"shard {launch.index}/{launch.count}"
-        say(f"wrote {launch.directory(out)}/results.csv ({shard}); rank 0 merges the shards into {out}")
-        return None
-    return merge_runs(launch.directories(out), out, force=True, finish=finish)[0]
 
 
 def report_run(
