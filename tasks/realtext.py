@@ -230,6 +230,27 @@ DEV_NEEDLES = (  # written to choose settings on, never reported
         "What is the special spice in Grandma Okafor's bread?",
         "cardamom",
     ),
+    # needles whose words lead the model elsewhere (a "code" or a "class" reads as program code)
+    Needle(
+        "The code word for the staff entrance at the Marlow theatre is lantern.",
+        "What is the code word for the staff entrance at the Marlow theatre?",
+        "lantern",
+    ),
+    Needle(
+        "The PIN for the garage door keypad on Orchard Lane is 9264.",
+        "What is the PIN for the garage door keypad on Orchard Lane?",
+        "9264",
+    ),
+    Needle(
+        "The class that Ms. Varga teaches on Tuesday evenings is pottery.",
+        "What is the class that Ms. Varga teaches on Tuesday evenings?",
+        "pottery",
+    ),
+    Needle(
+        "The function key that opens the hidden menu on Tomas's laptop is F7.",
+        "What is the function key that opens the hidden menu on Tomas's laptop?",
+        "F7",
+    ),
 )
 NEEDLES = {"dev": DEV_NEEDLES, "test": TEST_NEEDLES}
 DEPTHS = (0, 25, 50, 75, 100)

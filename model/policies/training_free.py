@@ -50,6 +50,7 @@ MPLUS_BLOCK = 32  # M+ flavour: the long-term memory is searched in blocks of th
 DEFAULT_CONTEXT = 1  # M+ flavour: blocks read on either side of a block the question found
 COPY_WEIGHT = 0.3  # M+ flavour: the weight of copying from the text read (see CopyHead); 0: none
 COPY_MIN_MATCH = 3  # M+ flavour: tokens of the answer so far that must match the text read to copy
+COPY_LONG_WEIGHT, COPY_LONG_MATCH = 0.7, 8  # M+ flavour: the copy's weight after a match of 8 tokens or more
 COMPUTED = ("bos_embedding", "new_memory_positional_emb")  # parameters not read from the weights
 
 
@@ -289,12 +290,13 @@ def bm25(
     return (idf * tf * (k1 + 1) / (tf + norm[:, None])).sum(-1)
 
 
-def continuations(text: Sequence[int], context: Sequence[int], min_match: int) -> list[int]:
-    """The position after each occurrence in `text` of the longest suffix of `context` (at least `min_match`
-    tokens) that occurs there with a token after it: where an infinity-gram over `text` continues."""
+def continuations(text: Sequence[int], context: Sequence[int], min_match: int) -> tuple[list[int], int]:
+    """(the position after each occurrence in `text` of the longest suffix of `context` (at least `min_match`
+    tokens) that occurs there with a token after it, that suffix's length): where an infinity-gram over `text`
+    continues, and on how many tokens."""
     m = min_match
     if len(context) < m:
-        return []
+        return [], 0
     suffix = list(context[-m:])
     ends = [i for i in range(m, len(text)) if list(text[i - m : i]) == suffix]
     while ends and m < len(context):
@@ -302,28 +304,31 @@ def continuations(text: Sequence[int], context: Sequence[int], min_match: int) -
         if not longer:
             break
         ends, m = longer, m + 1
-    return ends
+    return ends, m if ends else 0
 
 
 def sentence_starts(tokenizer, tokens: Sequence[int]) -> frozenset[int]:
-    """Positions of `tokens` that start a sentence or a line: a token starting with a space after one ending in
-    . ! or ?, or a token holding a line break (none without a tokenizer)."""
+    """Positions of `tokens` that start a sentence or a line: a token starting with a space or a capital after
+    one ending in . ! or ? (texts injected one after another meet without a space), or a token holding a line
+    break (none without a tokenizer)."""
     if tokenizer is None:
         return frozenset()
     texts = [tokenizer.decode([t]) if t >= 0 else "" for t in tokens]
     return frozenset(
         i
         for i in range(1, len(texts))
-        if "\n" in texts[i] or (texts[i - 1].rstrip().endswith((".", "!", "?")) and texts[i][:1].isspace())
+        if "\n" in texts[i]
+        or (texts[i - 1].rstrip().endswith((".", "!", "?")) and (texts[i][:1].isspace() or texts[i][:1].isupper()))
     )
 
 
 @dataclass(frozen=True)
 class CopyHead:
     """Copy from the text the memory read: each answer token's distribution is the model's, mixed with weight
-    `weight` with the tokens that follow, in that text, the longest suffix of the prompt and answer so far (an
-    infinity-gram over the rows read, as Liu et al. 2024 mix one into a neural model), when that suffix has at
-    least `min_match` tokens. A copy ends with its sentence: it never proposes a token at one of `stops` (see
+    `weight` (`long_weight` once it is `long_match` tokens or longer) with the tokens that follow, in that text,
+    the longest suffix of the prompt and answer so far (an infinity-gram over the rows read, as Liu et al. 2024
+    mix one into a neural model, trusting a longer match more), when that suffix has at least `min_match`
+    tokens. A copy ends with its sentence: it never proposes a token at one of `stops` (see
     `sentence_starts`), nor a row that is no token (-1). It reads a name or a number exactly as it stands after
     the words that lead to it, where the model alone would invent a likelier one."""
 
@@ -331,15 +336,22 @@ class CopyHead:
     stops: frozenset[int]  # positions of `text` the copy never proposes
     weight: float
     min_match: int
+    long_weight: float = COPY_LONG_WEIGHT
+    long_match: int = COPY_LONG_MATCH
+
+    def weight_after(self, matched: int) -> float:
+        """The copy's weight after a match of `matched` tokens: a long one is trusted more."""
+        return self.long_weight if matched >= self.long_match else self.weight
 
     def __call__(self, context: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [V] (logits [V] when nothing is copied)."""
-        ends = continuations(self.text, context, self.min_match)
+        ends, matched = continuations(self.text, context, self.min_match)
         follow = [self.text[i] for i in ends if i not in self.stops and self.text[i] >= 0]
         if not follow:
             return logits
         copy = torch.bincount(torch.tensor(follow, device=logits.device), minlength=logits.numel()).float()  # [V]
-        mixed = (1 - self.weight) * torch.softmax(logits.float(), -1) + self.weight * copy / len(follow)
+        w = self.weight_after(matched)
+        mixed = (1 - w) * torch.softmax(logits.float(), -1) + w * copy / len(follow)
         return mixed.log()
 
 
@@ -423,9 +435,10 @@ class LexicalBlocks:
         return Retrieval(rows, chosen, scores, n, ltm.row_ids[chosen])
 
     def answer_reading(self) -> str | None:
-        return (
-            f"copy {self.copy:g} after {self.min_match}+ matching tokens, to the sentence's end" if self.copy else None
-        )
+        if not self.copy:
+            return None
+        long = f"{COPY_LONG_WEIGHT:g} after {COPY_LONG_MATCH}+"
+        return f"copy {self.copy:g} after {self.min_match}+ matching tokens ({long}), to the sentence's end"
 
     def answer_bias(self, model: MPlus, state: MemoryState) -> AnswerBias | None:
         """A CopyHead over the text before the last question: the LTM rows it read, then the window."""

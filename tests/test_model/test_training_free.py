@@ -18,7 +18,7 @@ import model as mp
 from model import store as st
 from model.memory.state import new_generator
 from model.policies.training_free import (
-    COPY_WEIGHT,
+    COPY_LONG_WEIGHT,
     CopyHead,
     bm25,
     continuations,
@@ -234,16 +234,16 @@ def test_mplus_flavour_reads_bos_then_the_retrieved_rows_then_the_stm():
 # -- copying from the text read --------------------------------------------------------------------
 def test_continuations_follow_the_longest_suffix_of_the_context_found_in_the_text():
     text = [5, 1, 2, 3, 9, 7, 1, 2, 3, 4, 8, 2, 3]
-    assert continuations(text, [0, 1, 2, 3], 3) == [4, 9]  # "1 2 3" twice: the tokens 9 and 4 follow
-    assert continuations(text, [7, 1, 2, 3], 3) == [9]  # "7 1 2 3" once: only 4 follows it
-    assert continuations(text, [0, 2, 3], 2) == [4, 9]  # "2 3" at the end of the text has no next token
-    assert continuations(text, [2, 3], 3) == [] and continuations(text, [6, 6, 6], 3) == []
+    assert continuations(text, [0, 1, 2, 3], 3) == ([4, 9], 3)  # "1 2 3" twice: the tokens 9 and 4 follow
+    assert continuations(text, [7, 1, 2, 3], 3) == ([9], 4)  # "7 1 2 3" once: only 4 follows it
+    assert continuations(text, [0, 2, 3], 2) == ([4, 9], 2)  # "2 3" at the end of the text has no next token
+    assert continuations(text, [2, 3], 3) == ([], 0) and continuations(text, [6, 6, 6], 3) == ([], 0)
 
 
-def test_a_sentence_starts_after_a_full_stop_and_a_space_or_at_a_line_break():
+def test_a_sentence_starts_after_a_full_stop_and_a_space_or_a_capital_or_at_a_line_break():
     tokenizer = mp.text.tokenizer.byte_tokenizer()
-    tokens = tokenizer.encode("Is 3.5. Yes!\nno")
-    assert sorted(sentence_starts(tokenizer, tokens)) == [7, 12]  # " " after "5." and the line break
+    tokens = tokenizer.encode("Is 3.5. Yes!\nno.Two.three")
+    assert sorted(sentence_starts(tokenizer, tokens)) == [7, 12, 16]  # " " after "5.", the line break, "T"
     assert sentence_starts(None, tokens) == frozenset()
 
 
@@ -254,6 +254,10 @@ def test_the_copy_head_mixes_the_models_distribution_with_what_follows_in_the_te
     mixed = head([7, 1, 2], logits)
     torch.testing.assert_close(mixed, (0.6 * torch.softmax(logits, -1) + 0.4 * copy).log())
     assert torch.equal(head([9, 9], logits), logits)  # nothing matches: the model's own logits
+    trusting = CopyHead(text=[0, 1, 2, 3], stops=frozenset(), weight=0.4, min_match=2, long_weight=0.9, long_match=3)
+    to_3 = torch.tensor([0, 0, 0, 1.0, 0])
+    torch.testing.assert_close(trusting([0, 1, 2], logits), (0.1 * torch.softmax(logits, -1) + 0.9 * to_3).log())
+    torch.testing.assert_close(trusting([9, 1, 2], logits), (0.6 * torch.softmax(logits, -1) + 0.4 * to_3).log())
     unknown = CopyHead(text=[1, 2, -1, 1, 2, 3], stops=frozenset(), weight=0.4, min_match=2)
     only_3 = torch.tensor([0, 0, 0, 1.0, 0])  # -1 (a row that is no token) is never proposed
     torch.testing.assert_close(unknown([1, 2], logits), (0.6 * torch.softmax(logits, -1) + 0.4 * only_3).log())
@@ -274,7 +278,7 @@ def test_an_answer_copies_the_words_after_its_start_from_the_retrieved_text():
     plain = mp.generate(lm, state, prompt, settings, keep_logits=True)
     assert plain.copied == 0
     space = encode(" ")[0]
-    w = COPY_WEIGHT
+    w = COPY_LONG_WEIGHT  # " blue safe is": 13 byte tokens match, a long match
     expected = (
         (1 - w) * torch.softmax(plain.step_logits[0], -1)
         + w * torch.nn.functional.one_hot(torch.tensor(space), plain.step_logits[0].numel())

@@ -118,7 +118,7 @@ def test_niah_samples_cover_needles_lengths_and_depths(tmp_path):
 def test_niah_dev_needles_are_other_needles_of_the_same_kinds(tmp_path):
     write_essays(tmp_path)
     dev, test = (realtext.niah(split, (1000,), None, 10_000, tmp_path) for split in ("dev", "test"))
-    assert len(dev.samples) == 6 * 5 and len(test.samples) == 5 * 5
+    assert len(dev.samples) == 10 * 5 and len(test.samples) == 5 * 5
     assert dev.samples[0].id == "niah-dev-0-1000-0"
     assert not {s.context for s in dev.samples} & {s.context for s in test.samples}
     assert not {s.answer for s in dev.samples} & {s.answer for s in test.samples}
