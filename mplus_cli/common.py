@@ -68,11 +68,6 @@ ChatOpt = Annotated[
 ]
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
-RunDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
-RunResumeOpt = Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping what it did.")]
-RunShardOpt = Annotated[
-    str | None, typer.Option(help="Run only the i-th of n contiguous slices of the work, e.g. 2/4.")
-]
 DeviceOpt = Annotated[
     str,
     typer.Option(

@@ -15,24 +15,13 @@ from tasks import results as res
 from tasks.launch import process_group
 from tasks.plan import shard_slice
 
-from ..common import (
-    SEED_MAX,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    RunDirOpt,
-    RunResumeOpt,
-    RunShardOpt,
-    TokenizerOpt,
-    handle_errors,
-    note_label,
-)
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import run_written
 from ..root import say
-from .runs import finish_shards, shard_run, task_errors, versions, writing_into
+from .runs import RunDirOpt, RunResumeOpt, RunShardOpt, finish_shards, shard_run, task_errors, versions, writing_into
 
 COMMAND = "mplus bench editing"
 COLUMNS = ("dataset", "record_id", "model", "condition", *ed.METRICS)

@@ -22,7 +22,6 @@ from ..common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
-    RunDirOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
@@ -34,7 +33,7 @@ from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .runs import task_errors, versions, writing_into
+from .runs import RunDirOpt, task_errors, versions, writing_into
 
 if TYPE_CHECKING:
     import pandas as pd

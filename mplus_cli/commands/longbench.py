@@ -23,9 +23,6 @@ from ..common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
-    RunDirOpt,
-    RunResumeOpt,
-    RunShardOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
@@ -37,7 +34,18 @@ from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import emit
 from ..root import say
-from .runs import check_systems, finish_shards, merged_config, shard_run, task_errors, versions, writing_into
+from .runs import (
+    RunDirOpt,
+    RunResumeOpt,
+    RunShardOpt,
+    check_systems,
+    finish_shards,
+    merged_config,
+    shard_run,
+    task_errors,
+    versions,
+    writing_into,
+)
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import typer
 
 from model.systems import factory_of
 from tasks import data as qa
@@ -28,6 +29,11 @@ from ..root import say
 
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
 LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
+RunDirOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
+RunResumeOpt = Annotated[bool, typer.Option(help="Continue the run in the output directory, skipping what it did.")]
+RunShardOpt = Annotated[
+    str | None, typer.Option(help="Run only the i-th of n contiguous slices of the work, e.g. 2/4.")
+]
 
 
 @contextmanager
