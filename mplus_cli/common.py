@@ -4,7 +4,6 @@ turns expected errors into one line and an exit code."""
 from __future__ import annotations
 
 import functools
-import inspect
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +66,6 @@ ChatOpt = Annotated[
     ),
 ]
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout and nothing else there.")]
 DeviceOpt = Annotated[
     str,
     typer.Option(
@@ -116,18 +114,22 @@ def root_flag(name: str) -> bool:
     return bool(ctx is not None and ctx.find_root().params.get(name))
 
 
-def handle_errors(command: Callable) -> Callable:
-    """Raise every error of a command as a click exception with its exit code (an `MplusError`: one line), after
-    a JSON error document under --json and the traceback under --debug."""
+def json_output() -> bool:
+    """Whether the running command was given --json (the root takes it before or after the command's name)."""
+    return root_flag("as_json")
 
-    takes_json = "as_json" in inspect.signature(command).parameters
+
+def handle_errors(command: Callable | None = None, *, has_json: bool = True) -> Callable:
+    """Raise every error of a command as a click exception with its exit code (an `MplusError`: one line), after
+    a JSON error document under --json and the traceback under --debug. A command without a JSON document
+    (`@handle_errors(has_json=False)`) refuses --json."""
+    if command is None:
+        return functools.partial(handle_errors, has_json=has_json)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        if takes_json:
-            kwargs["as_json"] = kwargs.get("as_json") or root_flag("as_json")
         try:
-            if root_flag("as_json") and not takes_json:
+            if json_output() and not has_json:
                 raise UsageError("this command has no --json output")
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -139,7 +141,7 @@ def handle_errors(command: Callable) -> Callable:
             error = as_mplus_error(e)
             if root_flag("debug"):
                 traceback.print_exc()
-            if kwargs.get("as_json"):
+            if json_output() and has_json:
                 emit({"error": error.message, "exit_code": error.exit_code})
             raise error from None
 

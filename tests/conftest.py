@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner, Result
 
 import model as mp
+from mplus_cli.app import app as mplus_app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 MEMORYLLM_SCENARIOS = ["memoryllm", "memoryllm_lora", "memoryllm7b"]
@@ -38,3 +40,8 @@ def state(tiny: mp.MemoryLLM) -> mp.MemoryState:
 def token_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
     """n random token ids (deterministic per seed)."""
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def speed_cli(args: list) -> Result:
+    """`mplus bench speed ARGS` (--json is the root's: given after the command as a user gives it)."""
+    return CliRunner().invoke(mplus_app, ["bench", "speed", *map(str, args)])

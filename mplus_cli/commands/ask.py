@@ -22,11 +22,11 @@ from ..common import (
     SEED_MAX,
     DeviceOpt,
     DtypeOpt,
-    JsonOpt,
     ModelOpt,
     StoreOpt,
     TokenizerOpt,
     handle_errors,
+    json_output,
     note_label,
     open_session,
     stop_ids,
@@ -214,7 +214,6 @@ def ask(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Answer questions from a session's memory, streamed to stdout (the session is not changed).
 
@@ -225,6 +224,7 @@ def ask(
 
     Example: mplus ask "Where is the spare key?" --session s1
     """
+    as_json = json_output()
     asked = gather_questions(questions, questions_file)
     start = time.perf_counter()
     target = pick_device(device)

@@ -15,7 +15,7 @@ from tasks.plan import ProtocolName
 from tasks.realtext import Split
 from tasks.results import Metric
 
-from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors
+from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt, handle_errors, json_output
 from ..errors import NotFoundError
 from ..models import requested_model
 from . import editing as editing_run
@@ -152,7 +152,6 @@ def bench_retention(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
     batch_size: BatchOpt = 1,
-    as_json: JsonOpt = False,
 ) -> None:
     """Recall of an injected fact as a function of the tokens injected after it.
 
@@ -166,6 +165,7 @@ def bench_retention(
 
     Example: mplus bench retention --dataset synthetic --max-distance 4k --limit 20 -o run1
     """
+    as_json = json_output()
     options = RetentionOptions(
         dataset=dataset,
         max_distance=max_distance,
@@ -203,7 +203,7 @@ def bench_retention(
 
 
 @bench_app.command("plot")
-@handle_errors
+@handle_errors(has_json=False)
 def bench_plot(
     directories: Annotated[list[Path], typer.Argument(help="Output directories of bench retention runs.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.")],
@@ -229,7 +229,6 @@ def bench_merge(
     directories: Annotated[list[Path], typer.Argument(help="The shard directories of one bench run.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the whole run into.")],
     force: Annotated[bool, typer.Option("--force", help="Replace the results --output already holds.")] = False,
-    as_json: JsonOpt = False,
 ) -> None:
     """Combine the shards of a retention, longbench, editing or perplexity run (the tasks of a Slurm array,
     --shard i/n runs) into one run.
@@ -240,6 +239,7 @@ def bench_merge(
 
     Example: mplus bench merge runs/x/shard-* -o runs/x-all
     """
+    as_json = json_output()
     finisher = FINISHERS.get(command_of(directories[0]))
     with task_errors():
         if finisher:

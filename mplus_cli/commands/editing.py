@@ -15,7 +15,7 @@ from tasks import results as res
 from tasks.launch import process_group
 from tasks.plan import shard_slice
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, TokenizerOpt, handle_errors, json_output, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
@@ -55,7 +55,6 @@ def editing(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Knowledge editing by injection, scored as ROME's evaluation scores it (MemoryLLM Table 1).
 
@@ -71,6 +70,7 @@ def editing(
 
     Example: mplus bench editing --dataset counterfact --data-dir rome/data --limit 2000 --model memoryllm-7b
     """
+    as_json = json_output()
     name = model or requested_model(None)
     launch, part, run_dir, where = shard_run(shard, output_path, device, resume)
     with task_errors():

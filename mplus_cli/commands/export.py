@@ -25,7 +25,7 @@ from model.store.export import is_memory_export, is_memory_manifest, manifest_pa
 from model.zoo.checkpoint import is_saved_checkpoint
 from model.zoo.paths import swap_in
 
-from ..common import JsonOpt, SessionOpt, StoreOpt, TokenizerOpt, handle_errors
+from ..common import SessionOpt, StoreOpt, TokenizerOpt, handle_errors, json_output
 from ..errors import ConflictError, NotFoundError, UsageError
 from ..models import load_bound_model
 from ..output import emit
@@ -97,12 +97,12 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an earlier export of this tool (nothing else).")] = False,
     store: StoreOpt = None,
     tokenizer: TokenizerOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Export a session's memory (one safetensors file) or a knowledge-injected checkpoint directory.
 
     Example: mplus export --session s1 -o s1.safetensors
     """
+    as_json = json_output()
     root = store or st.default_root()
     found = st.Session.open(root, session)
     plan = Plan(out, format, force, root)

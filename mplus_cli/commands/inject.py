@@ -22,12 +22,12 @@ from .. import inputs
 from ..common import (
     SEED_MAX,
     DeviceOpt,
-    JsonOpt,
     ModelOpt,
     SessionOpt,
     StoreOpt,
     TokenizerOpt,
     handle_errors,
+    json_output,
     note_label,
     store_root,
 )
@@ -171,7 +171,6 @@ def inject(
         bool,
         typer.Option(help="Continue an interrupted inject: skip sources already injected, finish a partial one."),
     ] = False,
-    as_json: JsonOpt = False,
 ) -> None:
     """Inject text into a session's memory (the session is created on first use, bound to its model).
 
@@ -181,6 +180,7 @@ def inject(
 
     Example: mplus inject notes.txt --session s1 --model tiny-mplus
     """
+    as_json = json_output()
     storage, target = dtype_option(dtype), pick_device(device)
     run = st.InjectRun(store_root(store), session)
     try:

@@ -21,10 +21,10 @@ from ..common import (
     ChatOpt,
     DeviceOpt,
     DtypeOpt,
-    JsonOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
+    json_output,
     note_label,
     stop_ids,
 )
@@ -66,7 +66,6 @@ def integrity(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Answers about the most recent injection (and one --ago updates back) as updates accumulate.
 
@@ -79,6 +78,7 @@ def integrity(
 
     Example: mplus bench integrity --model smollm2-135m --updates 10k --every 100
     """
+    as_json = json_output()
     try:
         total = parse_size(updates)
     except ValueError as e:

@@ -22,10 +22,10 @@ from ..common import (
     ChatOpt,
     DeviceOpt,
     DtypeOpt,
-    JsonOpt,
     TokenizerOpt,
     asks_in_chat,
     handle_errors,
+    json_output,
     note_label,
     stop_ids,
 )
@@ -118,7 +118,6 @@ def longbench(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """LongBench (narrativeqa, qasper, multifieldqa_en, hotpotqa, 2wikimqa, musique) read from memory.
 
@@ -135,6 +134,7 @@ def longbench(
 
     Example: mplus bench longbench --model mplus-8b --max-length 8k,16k --system truncate --system bm25
     """
+    as_json = json_output()
     names, specs = model or [requested_model(None)], system or []
     chosen, lengths = parse_sets(sets), parse_lengths(max_length)
     launch, part, run_dir, where = shard_run(shard, output_path, device, resume)

@@ -8,7 +8,7 @@ import typer
 
 from model.zoo import catalog
 
-from ..common import JsonOpt, handle_errors
+from ..common import handle_errors, json_output
 from ..models import requested_model
 from ..output import columns, emit, human_bytes, human_count
 
@@ -24,7 +24,7 @@ def models_table(entries: list[catalog.Entry]) -> list[str]:
 
 
 @handle_errors
-def models(as_json: JsonOpt = False) -> None:
+def models() -> None:
     """List the models --model takes by name, and their copies on this machine (never the network).
 
     Built-in presets, the SmolLM2 demo (its converted cache) and the authors' checkpoints by alias (a copy in
@@ -32,6 +32,7 @@ def models(as_json: JsonOpt = False) -> None:
 
     Example: mplus models --json
     """
+    as_json = json_output()
     found = catalog.entries()
     if as_json:
         emit({"default": requested_model(None), "models": [dataclasses.asdict(e) for e in found]})

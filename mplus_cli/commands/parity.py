@@ -10,7 +10,7 @@ import typer
 from ..common import handle_errors
 
 
-@handle_errors
+@handle_errors(has_json=False)
 def parity(
     directories: Annotated[
         list[Path], typer.Argument(help="Reference-output directories (fixtures format).", metavar="DIR")

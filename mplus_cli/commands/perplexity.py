@@ -17,7 +17,7 @@ from tasks.launch import process_group
 from tasks.plan import shard_slice
 from tasks.sizes import parse_size
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, JsonOpt, TokenizerOpt, handle_errors, note_label
+from ..common import SEED_MAX, DeviceOpt, DtypeOpt, TokenizerOpt, handle_errors, json_output, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
@@ -63,7 +63,6 @@ def perplexity(
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Perplexity of texts read inside the window, with the model's memory and without it (M+ §4.6.1).
 
@@ -77,6 +76,7 @@ def perplexity(
 
     Example: mplus bench perplexity --model mplus-8b --source fineweb-edu --limit 1000
     """
+    as_json = json_output()
     names = model or [requested_model(None)]
     missing = [str(path) for path in text or [] if not path.is_file()]
     if missing:

@@ -14,7 +14,7 @@ from ..server import LOCAL_HOSTS, Answerer, Server
 from .ask import asking_model, memory_of
 
 
-@handle_errors
+@handle_errors(has_json=False)
 def serve(
     session: Annotated[
         str | None,

@@ -12,7 +12,7 @@ import typer
 from model import store as st
 from model.zoo import catalog
 
-from ..common import JsonOpt, StoreOpt, handle_errors, open_session, store_root
+from ..common import StoreOpt, handle_errors, json_output, open_session, store_root
 from ..errors import NotFoundError, UsageError
 from ..explain import draw_map
 from ..models import (
@@ -83,12 +83,13 @@ def ltm_range(memory: dict[str, Any]) -> str:
 
 @session_app.command("ls")
 @handle_errors
-def session_ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def session_ls(store: StoreOpt = None) -> None:
     """List the sessions: model, memory, injections, tokens, size on disk, last update, and whether a writer
     holds one now (busy).
 
     Example: mplus session ls --json
     """
+    as_json = json_output()
     root = store_root(store)
     rows = []
     for name in st.list_sessions(root):
@@ -142,13 +143,13 @@ def session_show(
         ),
     ] = None,
     store: StoreOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """A session's model, counts, memory (short-term rows used of capacity, long-term rows per layer), storage
     dtype, size on disk and injection log.
 
     Example: mplus session show s1 --map s1.png
     """
+    as_json = json_output()
     found = open_session(store, name)
     info = summary(found)
     if map_path is not None:
@@ -203,12 +204,12 @@ def session_rm(
     name: Annotated[str, typer.Argument()],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     store: StoreOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Remove a session.
 
     Example: mplus session rm s1 --yes
     """
+    as_json = json_output()
     root = store_root(store)
     if not yes:
         if not sys.stdin.isatty():
@@ -227,12 +228,12 @@ def session_fork(
     name: Annotated[str, typer.Argument()],
     new_name: Annotated[str, typer.Argument()],
     store: StoreOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Copy a session under a new name.
 
     Example: mplus session fork s1 s1-backup
     """
+    as_json = json_output()
     forked = open_session(store, name).fork(st.check_name(new_name))
     if as_json:
         emit({"session": forked.name, "forked_from": name, "commit": forked.manifest["commit"]})
@@ -251,7 +252,6 @@ def session_check(
         bool, typer.Option(help="Check the committed state only, not the kept commits a rollback may need.")
     ] = False,
     store: StoreOpt = None,
-    as_json: JsonOpt = False,
 ) -> None:
     """Verify every file of a session against its checksums (exit 1 if anything a session or its rollback
     needs is damaged).
@@ -262,6 +262,7 @@ def session_check(
 
     Example: mplus session check s1 --rollback
     """
+    as_json = json_output()
     root = store_root(store)
     verdicts = st.check_session(root, name, quick and not rollback)
     current, kept = verdicts[0], verdicts[1:]

@@ -21,7 +21,7 @@ from tasks.figures import Figure, Report, show
 from tasks.sizes import format_size, parse_size
 from tasks.timing import machine_info
 
-from ..common import DeviceOpt, DtypeOpt, JsonOpt, handle_errors
+from ..common import DeviceOpt, DtypeOpt, handle_errors, json_output
 from ..devices import dtype_option, pick_device
 from ..errors import MplusError, NotFoundError, UsageError
 from ..models import load_model
@@ -150,7 +150,6 @@ def speed(
     interrupt_bytes: Annotated[
         str, typer.Option(help="sessions: the sizes of the two texts whose inject is interrupted: baseline,measured.")
     ] = "200k,20M",
-    as_json: JsonOpt = False,
 ) -> None:
     """Inject and ask throughput, LTM retrieval and session-store costs, each next to its baseline.
 
@@ -170,6 +169,7 @@ def speed(
     Examples: mplus bench speed --groups sessions,cold --threads 1
               mplus bench speed --groups store --shape 8b --threads 1
     """
+    as_json = json_output()
     options = check_options(groups, shape, device, dtype, ltm_rows, session_tokens, interrupt_bytes)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -10,15 +10,14 @@ import sys
 
 import pytest
 import torch
-import typer
+from conftest import speed_cli
 from rich.console import Console
-from typer.testing import CliRunner
 
 import model as mp
 from model import store as st
 from model.store.verify import check_session
 from model.text.tokenizer import byte_tokenizer
-from mplus_cli.commands.speed import speed, table
+from mplus_cli.commands.speed import table
 from tasks import children as ch
 from tasks import scale as sc
 from tasks import scale_store as scs
@@ -26,10 +25,6 @@ from tasks import speed as sp
 from tasks.figures import Figure, Report
 from tasks.random_models import random_model_with_memory
 from tasks.timing import machine_info
-
-runner = CliRunner()
-app = typer.Typer(rich_markup_mode=None)  # as mplus builds it: click prints its errors
-app.command()(speed)
 
 TINY_GROUPS = ["--groups", "sessions,cold,store", "--shape", "tiny", "--repeats", "1", "--threads", "1"]
 TINY_SIZES = ["--session-tokens", "2k,4k", "--interrupt-bytes", "16k,64k", "--ltm-rows", "64,256"]
@@ -173,7 +168,7 @@ def test_the_stand_in_inject_keeps_the_books_as_the_m_plus_update_does():
 # -- the command ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = runner.invoke(app, [*TINY_GROUPS, *TINY_SIZES, "--json"])
+    result = speed_cli([*TINY_GROUPS, *TINY_SIZES, "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -231,7 +226,7 @@ def test_cold_and_store_figures_are_there(report):
     ],
 )
 def test_bad_options_are_one_line_usage_errors(args, message):
-    result = runner.invoke(app, [*args, "--json"])
+    result = speed_cli([*args, "--json"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -240,6 +235,6 @@ def test_bad_options_are_one_line_usage_errors(args, message):
 def test_the_store_group_runs_at_8b_shapes_on_a_cpu_without_a_model(monkeypatch):
     figures = []
     monkeypatch.setattr(scs, "store_figures", lambda shape, rows, *args, **kwargs: figures.append((shape, rows)) or [])
-    result = runner.invoke(app, ["--groups", "store", "--shape", "8b", "--json"])
+    result = speed_cli(["--groups", "store", "--shape", "8b", "--json"])
     assert result.exit_code == 0, result.output
     assert figures == [(sp.SHAPES["8b"], (10_000, 40_000, 150_000))]

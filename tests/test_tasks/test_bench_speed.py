@@ -7,23 +7,16 @@ import json
 
 import pytest
 import torch
-import typer
-from conftest import token_ids
-from typer.testing import CliRunner
+from conftest import speed_cli, token_ids
 
 import model as mp
 from model.zoo.presets import build_preset, random_model
 from model.zoo.registry import TINY_CONFIG
-from mplus_cli.app import app as root
-from mplus_cli.commands.speed import check_options, speed
+from mplus_cli.commands.speed import check_options
 from tasks import speed as sp
 from tasks.baselines import authors_delta, authors_retrieve
 from tasks.random_models import first_rows, random_ltm, with_ltm
 from tasks.speed_store import bytes_written, file_table
-
-runner = CliRunner()
-app = typer.Typer(rich_markup_mode=None)  # as mplus builds it: click prints its errors
-app.command()(speed)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +97,7 @@ def test_bytes_written_counts_appends_and_replacements(tmp_path):
 @pytest.fixture(scope="module")
 def report() -> dict:
     torch.set_num_threads(1)
-    result = runner.invoke(app, ["--shape", "tiny", "--repeats", "1", "--json"])
+    result = speed_cli(["--shape", "tiny", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -142,7 +135,7 @@ def test_the_json_report_has_every_figure_with_consistent_ratios(report):
 
 
 def test_the_table_shows_the_figures():
-    result = runner.invoke(app, ["--shape", "tiny", "--repeats", "1", "--ltm-rows", "40,80"])
+    result = speed_cli(["--shape", "tiny", "--repeats", "1", "--ltm-rows", "40,80"])
     assert result.exit_code == 0, result.output
     assert "inject tok/s" in result.stdout and "LTM retrieval per layer (80 LTM rows/layer)" in result.stdout
 
@@ -159,7 +152,7 @@ def test_the_table_shows_the_figures():
 )
 def test_bad_options_are_one_line_usage_errors(args, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    result = runner.invoke(app, [*args, "--json"])
+    result = speed_cli([*args, "--json"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -173,7 +166,7 @@ def test_the_default_groups_are_core_and_the_cold_path_where_the_cold_path_fits(
 
 @pytest.mark.parametrize("args", [["--shape", "huge"], ["--dtype", "int8"]])
 def test_a_choice_not_offered_is_clicks_usage_error_on_one_line(args):
-    result = runner.invoke(root, ["bench", "speed", *args, "--json"])
+    result = speed_cli([*args, "--json"])
     assert result.exit_code == 2
     option, value = args
     assert result.stderr.startswith(f"mplus: error: invalid value for '{option}': '{value}' is not one of '")
@@ -182,7 +175,7 @@ def test_a_choice_not_offered_is_clicks_usage_error_on_one_line(args):
 
 @pytest.mark.parametrize("name", ["tiny-free", "tiny-free-mplus"])
 def test_a_training_free_model_reports_its_inject_next_to_a_plain_forward(name):
-    result = runner.invoke(app, ["--model", name, "--groups", "core", "--repeats", "1", "--json"])
+    result = speed_cli(["--model", name, "--groups", "core", "--repeats", "1", "--json"])
     assert result.exit_code == 0, result.output
     figure, batch, *per_question = json.loads(result.stdout)["figures"]
     assert figure["name"].startswith("inject vs a plain forward") and figure["target"] == ">= 0.8"
