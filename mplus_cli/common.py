@@ -1,5 +1,6 @@
-"""What every `mplus` command shares: option types, stderr/stdout helpers and the error handler that
-turns expected errors into one line and an exit code."""
+"""What every `mplus` command shares besides its option types (mplus_cli/options.py): the error handler that
+turns expected errors into one line and an exit code, --json and --debug from the root, and the helpers that
+pick a session, a model's chat and stop tokens."""
 
 from __future__ import annotations
 
@@ -7,75 +8,20 @@ import functools
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 import model as mp
 from model import store as st
-from model.memory.dtypes import DtypeName
 from model.text.sources import SourceError
 from model.text.tokenizer import has_chat_template
 
 from .clicklib import get_current_context
 from .errors import EXIT_CONFLICT, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, MplusError, UsageError
-from .models import DEFAULT_MODEL
 from .output import emit
 from .root import say
 
 SEED_MAX = 2**63 - 1  # seeds go to torch.Generator.manual_seed and into JSON: non-negative 64-bit integers
-
-
-def expand_user(value: Path | None) -> Path | None:
-    return value.expanduser() if value is not None else None
-
-
-def explicit_only(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
-    """A --model given on the line; its environment variable stays a default (requested_model reads it), so
-    that it never conflicts with the model an existing session is bound to."""
-    source = ctx.get_parameter_source(param.name)
-    return None if source is not None and source.name == "ENVIRONMENT" else value
-
-
-SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--store", envvar="MPLUS_HOME", callback=expand_user, help="Session store (default: ~/.cache/mplus/sessions)."
-    ),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        "-m",
-        envvar="MPLUS_MODEL",
-        callback=explicit_only,
-        help=f"Model name (see `mplus models`), checkpoint directory or hub id (default: {DEFAULT_MODEL}).",
-    ),
-]
-TokenizerOpt = Annotated[
-    str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
-]
-ChatOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--chat/--no-chat",
-        help="Ask each question alone in the chat template, or not (default: when the tokenizer has one).",
-        show_default=False,
-    ),
-]
-
-DeviceOpt = Annotated[
-    str,
-    typer.Option(
-        "--device", help="Where the model runs: auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N."
-    ),
-]
-DtypeOpt = Annotated[
-    DtypeName | None,
-    typer.Option(help="The model's dtype (default: bfloat16 on CUDA, float32 on the CPU)."),
-]
 
 
 STORE_EXIT_CODES = {  # the session store's errors as exit codes

@@ -18,19 +18,7 @@ from model import store as st
 from model.memory.provenance import retrievals
 from model.text.tokenizer import chat_ids, decode, encode, has_chat_template, wants_chat
 
-from ..common import (
-    SEED_MAX,
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    StoreOpt,
-    TokenizerOpt,
-    handle_errors,
-    json_output,
-    note_label,
-    open_session,
-    stop_ids,
-)
+from ..common import SEED_MAX, handle_errors, json_output, note_label, open_session, stop_ids
 from ..devices import pick_device, pick_dtype
 from ..errors import MplusError, NotFoundError, UsageError
 from ..explain import explanation, explanation_lines
@@ -41,6 +29,7 @@ from ..models import (
     model_id,
     requested_model,
 )
+from ..options import DeviceOpt, DtypeOpt, ModelOpt, StoreOpt, TokenizerOpt
 from ..output import emit
 from ..root import say
 

@@ -15,9 +15,10 @@ from tasks.plan import ProtocolName
 from tasks.realtext import Split
 from tasks.results import Metric
 
-from ..common import SEED_MAX, ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt, handle_errors, json_output
+from ..common import SEED_MAX, handle_errors, json_output
 from ..errors import NotFoundError
 from ..models import requested_model
+from ..options import ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
 from . import editing as editing_run
 from . import longbench as longbench_run
 from . import perplexity as perplexity_run

@@ -15,10 +15,11 @@ from tasks import results as res
 from tasks.launch import process_group
 from tasks.plan import shard_slice
 
-from ..common import SEED_MAX, DeviceOpt, DtypeOpt, TokenizerOpt, handle_errors, json_output, note_label
+from ..common import SEED_MAX, handle_errors, json_output, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
+from ..options import DeviceOpt, DtypeOpt, TokenizerOpt
 from ..output import run_written
 from ..root import say
 from .runs import RunDirOpt, RunResumeOpt, RunShardOpt, finish_shards, shard_run, task_errors, versions, writing_into

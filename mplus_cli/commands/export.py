@@ -25,9 +25,10 @@ from model.store.export import is_memory_export, is_memory_manifest, manifest_pa
 from model.zoo.checkpoint import is_saved_checkpoint
 from model.zoo.paths import swap_in
 
-from ..common import SessionOpt, StoreOpt, TokenizerOpt, handle_errors, json_output
+from ..common import handle_errors, json_output
 from ..errors import ConflictError, NotFoundError, UsageError
 from ..models import load_bound_model
+from ..options import SessionOpt, StoreOpt, TokenizerOpt
 from ..output import emit
 
 ExportFormat = Literal["memory", "checkpoint"]

@@ -19,18 +19,7 @@ from model.text.chunking import MIN_CHUNK_TOKENS
 from model.text.sources import plan_source
 
 from .. import inputs
-from ..common import (
-    SEED_MAX,
-    DeviceOpt,
-    ModelOpt,
-    SessionOpt,
-    StoreOpt,
-    TokenizerOpt,
-    handle_errors,
-    json_output,
-    note_label,
-    store_root,
-)
+from ..common import SEED_MAX, handle_errors, json_output, note_label, store_root
 from ..devices import dtype_option, pick_device
 from ..errors import ConflictError, Interrupted, MplusError, UsageError
 from ..models import (
@@ -42,6 +31,7 @@ from ..models import (
     requested_model,
     with_memory,
 )
+from ..options import DeviceOpt, ModelOpt, SessionOpt, StoreOpt, TokenizerOpt
 from ..output import done_counter, emit, plural, progress
 from ..root import say
 

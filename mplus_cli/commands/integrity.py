@@ -16,21 +16,11 @@ from tasks import results as res
 from tasks.plan import CLEAN
 from tasks.sizes import parse_size
 
-from ..common import (
-    SEED_MAX,
-    ChatOpt,
-    DeviceOpt,
-    DtypeOpt,
-    TokenizerOpt,
-    asks_in_chat,
-    handle_errors,
-    json_output,
-    note_label,
-    stop_ids,
-)
+from ..common import SEED_MAX, asks_in_chat, handle_errors, json_output, note_label, stop_ids
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
+from ..options import ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
 from ..output import emit
 from ..root import say
 from .runs import RunDirOpt, task_errors, versions, writing_into

@@ -17,21 +17,11 @@ from tasks.launch import process_group
 from tasks.plan import shard_slice
 from tasks.sizes import format_size, parse_size
 
-from ..common import (
-    SEED_MAX,
-    ChatOpt,
-    DeviceOpt,
-    DtypeOpt,
-    TokenizerOpt,
-    asks_in_chat,
-    handle_errors,
-    json_output,
-    note_label,
-    stop_ids,
-)
+from ..common import SEED_MAX, asks_in_chat, handle_errors, json_output, note_label, stop_ids
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
+from ..options import ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
 from ..output import emit
 from ..root import say
 from .runs import (

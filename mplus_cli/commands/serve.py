@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
-from ..common import DeviceOpt, DtypeOpt, ModelOpt, StoreOpt, TokenizerOpt, handle_errors, note_label, stop_ids
+from ..common import handle_errors, note_label, stop_ids
 from ..devices import pick_device, pick_dtype
 from ..errors import UsageError
+from ..options import DeviceOpt, DtypeOpt, ModelOpt, StoreOpt, TokenizerOpt
 from ..root import say
 from ..server import LOCAL_HOSTS, Answerer, Server
 from .ask import asking_model, memory_of

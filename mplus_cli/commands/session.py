@@ -12,12 +12,13 @@ import typer
 from model import store as st
 from model.zoo import catalog
 
-from ..common import StoreOpt, handle_errors, json_output, open_session, store_root
+from ..common import handle_errors, json_output, open_session, store_root
 from ..errors import NotFoundError, UsageError
 from ..explain import draw_map
 from ..models import (
     load_bound_model,
 )
+from ..options import StoreOpt
 from ..output import columns, emit, human_bytes, plural
 from ..root import say
 

@@ -21,10 +21,11 @@ from tasks.figures import Figure, Report, show
 from tasks.sizes import format_size, parse_size
 from tasks.timing import machine_info
 
-from ..common import DeviceOpt, DtypeOpt, handle_errors, json_output
+from ..common import handle_errors, json_output
 from ..devices import dtype_option, pick_device
 from ..errors import MplusError, NotFoundError, UsageError
 from ..models import load_model
+from ..options import DeviceOpt, DtypeOpt
 from ..output import emit
 from ..root import say
 
