@@ -28,6 +28,7 @@ from .runs import (
     RunDirOpt,
     RunResumeOpt,
     RunShardOpt,
+    check_same_model,
     check_systems,
     finish_shards,
     merged_config,
@@ -162,10 +163,21 @@ def longbench(
             settings = lb.Settings(lengths, truncate, chunk_tokens, seed)
             for name in names:
                 lm = load_model(name, pick_dtype(dtype, where), tokenizer, device=where)
-                config["model_details"][model_id(name)] = run_model(lm, name, specs, data, prompts, settings, chat, log)
+                details = model_details(lm, name, chat)
+                check_same_model(config["model_details"].get(model_id(name)), details, model_id(name), run_dir)
+                systems = run_model(lm, name, specs, data, prompts, replace(settings, chat=details["chat"]), log)
+                config["model_details"][model_id(name)] = details | {"systems": systems}
             summary = finish_shards(launch, output_path, where, config, finish)
     if summary is not None:  # None: another rank merges
         report(summary, output_path, as_json)
+
+
+def model_details(lm: mp.MemoryLLM, name: str, chat: bool | None) -> dict[str, Any]:
+    """What config.json records of a model before its answers (a resumed run must find the same)."""
+    if lm.tokenizer is None:
+        raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+    details = {"label": lm.info.label, "fingerprint": lm.cfg.fingerprint(), "chat": asks_in_chat(lm, chat, name)}
+    return details | ({"answer_reading": reading} if (reading := lm.answer_reading()) else {})
 
 
 def run_model(
@@ -175,20 +187,15 @@ def run_model(
     data: dict[str, list[lb.Record]],
     prompts: dict[str, lb.Prompt],
     settings: lb.Settings,
-    chat: bool | None,
     log: res.ResultsLog,
 ) -> dict[str, Any]:
-    """One model's memory and systems on every record and length, each answer appended to `log`; returns what
-    config.json records of it."""
-    if lm.tokenizer is None:
-        raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
+    """One model's memory and systems on every record and length, each answer appended to `log`; returns each
+    system's description."""
     try:
         systems = {"memory": LatentMemory(lm)} | {label(s): s for s in (build_system(spec, lm) for spec in specs)}
     except SpecError as e:
         raise UsageError(str(e)) from e
-    use_chat = asks_in_chat(lm, chat, name)
     note_label(lm)
-    settings = replace(settings, chat=use_chat)
     model, done = model_id(name), {tuple(row[key] for key in lb.UNIT) for row in log.rows}
     for set_name, records in data.items():
         say(f"{model}: {set_name}, {len(records)} samples x {len(settings.max_lengths)} lengths x {len(systems)} ways")
@@ -197,11 +204,7 @@ def run_model(
                 systems, model, lm.tokenizer, set_name, record, prompts[set_name], settings, stop_ids(lm), done
             ):
                 log.append([row])
-    return {
-        "label": lm.info.label,
-        "chat": use_chat,
-        "systems": {key: described(system) for key, system in systems.items()},
-    }
+    return {key: described(system) for key, system in systems.items()}
 
 
 def finish(directory: Path, config: dict[str, Any]) -> pd.DataFrame:

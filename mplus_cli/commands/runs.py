@@ -154,3 +154,19 @@ def finish_shards(
         say(f"wrote {launch.directory(out)}/results.csv ({shard}); rank 0 merges the shards into {out}")
         return None
     return merge_runs(launch.directories(out), out, force=True, finish=finish)[0]
+
+
+def check_same_model(before: dict[str, Any] | None, details: dict[str, Any], name: str, out: Path) -> None:
+    """Refuse to add answers of model `name` (its `details`) to the run in `out` whose answers of it (`before`, its
+    details there) came from another model: another config, another way of reading its answers, another chat
+    choice."""
+    if not before:
+        return
+    if before.get("fingerprint", details["fingerprint"]) != details["fingerprint"]:
+        raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
+    if before.get("answer_reading") != details.get("answer_reading"):
+        then = before.get("answer_reading") or "no answer bias"
+        raise ConflictError(f"{out} holds answers of {name!r} read another way ({then}): write to a new --output")
+    if before.get("chat", details["chat"]) != details["chat"]:
+        asked = "with" if before["chat"] else "without"
+        raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")

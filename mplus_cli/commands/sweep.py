@@ -40,7 +40,7 @@ from ..errors import EXIT_INTERRUPTED, ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import approx, duration, emit, plural, progress, token_counter
 from ..root import say
-from .runs import LAUNCHERS, check_systems, finish_shards, merged_config, pick_shard, versions
+from .runs import LAUNCHERS, check_same_model, check_systems, finish_shards, merged_config, pick_shard, versions
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -478,15 +478,7 @@ def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tu
     details |= {"storage_dtype": dtype_name(mp.storage_dtype(lm)), "chat": with_chat}
     details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
     details |= {"answer_reading": reading} if (reading := lm.answer_reading()) else {}
-    before, out = config["model_details"].get(name), plan.run_dir
-    if before and before["fingerprint"] != details["fingerprint"]:
-        raise ConflictError(f"{out} holds results of another {name!r} (config {before['fingerprint']})")
-    if before and before.get("answer_reading") != details.get("answer_reading"):
-        then = before.get("answer_reading") or "no answer bias"
-        raise ConflictError(f"{out} holds answers of {name!r} read another way ({then}): write to a new --output")
-    if before and before.get("chat", with_chat) != with_chat:
-        asked = "with" if before["chat"] else "without"
-        raise ConflictError(f"{out} holds results of {name!r} asked {asked} a chat template: use its tokenizer")
+    check_same_model(config["model_details"].get(name), details, name, plan.run_dir)
     config["model_details"][name] = details
-    res.write_config(out / "config.json", config)
+    res.write_config(plan.run_dir / "config.json", config)
     return lm, with_chat

@@ -102,6 +102,24 @@ def test_a_run_over_local_files_writes_results_summary_plots_and_resumes(tmp_pat
     assert resumed.exit_code == 0 and len(list(csv.DictReader((out / "results.csv").open()))) == len(rows)
 
 
+def test_resume_refuses_a_model_whose_answers_were_read_another_way(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    write_set(data, "hotpotqa", 2)
+    args = ["bench", "longbench", "--model", "tiny-free-mplus", "--sets", "hotpotqa", "--data-dir", str(data)]
+    args += ["--max-length", "512", "-o", str(out)]
+    assert CliRunner().invoke(app, [*args, "--limit", "1"]).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    details = config["model_details"]["tiny-free-mplus"]
+    assert details["answer_reading"].startswith("copy 0.3") and details["fingerprint"]
+    del details["answer_reading"]  # a run from before the copy
+    (out / "config.json").write_text(json.dumps(config))
+    before = (out / "results.csv").read_bytes()
+    resumed = CliRunner().invoke(app, [*args, "--limit", "1", "--resume"])
+    assert resumed.exit_code == 4 and "read another way (no answer bias)" in resumed.stderr
+    assert (out / "results.csv").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("extra", "code", "says"),
     [
@@ -120,7 +138,7 @@ def test_bad_input_is_one_line_with_its_exit_code(tmp_path, extra, code, says):
 
 
 def test_the_offline_news_set_puts_each_story_among_numbered_passages_and_runs(tmp_path):
-    from tests.test_tasks.test_realtext import write_essays, write_news
+    from test_realtext import write_essays, write_news  # this folder is on the path (rootdir-less test modules)
 
     write_news(tmp_path)
     write_essays(tmp_path)
