@@ -5,6 +5,7 @@ pick a session, a model's chat and stop tokens."""
 from __future__ import annotations
 
 import functools
+import inspect
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,9 @@ def root_flag(name: str) -> bool:
     return bool(ctx is not None and ctx.find_root().params.get(name))
 
 
+JSON_HELP = "--json (before or after the command's name): print one JSON document to stdout and nothing else there."
+
+
 def json_output() -> bool:
     """Whether the running command was given --json (the root takes it before or after the command's name)."""
     return root_flag("as_json")
@@ -91,6 +95,8 @@ def handle_errors(command: Callable | None = None, *, has_json: bool = True) -> 
                 emit({"error": error.message, "exit_code": error.exit_code})
             raise error from None
 
+    if has_json:  # the root takes --json; a command's help says it has one
+        wrapper.__doc__ = f"{inspect.cleandoc(command.__doc__ or '')}\n\n{JSON_HELP}"
     return wrapper
 
 

@@ -271,6 +271,8 @@ def test_debug_and_json_go_before_or_after_the_command(store, text_file):
     assert asked.exit_code == 0 and len(json.loads(asked.stdout)["token_ids"]) <= 2
     no_json = mplus("--json", "parity", ROOT / "tests" / "fixtures" / "official" / "memoryllm")
     assert no_json.exit_code == 2 and "no --json output" in no_json.stderr
+    assert "--json (before or after" in mplus("session", "ls", "--help").stdout  # a command with one says so
+    assert "--json" not in mplus("parity", "--help").stdout
 
 
 @pytest.mark.parametrize("spelling", ["-o", "--output", "--out"])
