@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..memory.state import MemoryState
-from .memoryllm import MemoryLLM
+from .memoryllm import AnswerBias, MemoryLLM
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     step_logits: list[torch.Tensor] = field(default_factory=list)  # [V] float32 per step, if kept
     copied: int = 0  # steps whose distribution the memory's answer bias changed (the demo's copy from its rows)
+
+
+def biased(bias: AnswerBias | None, prompt: Sequence[int], out: Generation, logits: torch.Tensor) -> torch.Tensor:
+    """The next token's logits [V] after the memory's answer bias over the prompt and `out` so far (counted in
+    out.copied when the bias changed them)."""
+    if bias is None:
+        return logits
+    shifted = bias([*prompt, *out.token_ids], logits)
+    out.copied += shifted is not logits
+    return shifted
 
 
 def pick_token(logits: torch.Tensor, settings: DecodeSettings, generator: torch.Generator | None) -> int:
@@ -91,10 +101,7 @@ def generate(
         logits = model(ids, state, input_pos, reuse_memory_kv=reuse_memory_kv, last_only=True).logits[0, -1]
         bias, prompt = model.answer_bias(state), ids[0].tolist()  # after the prefill: what the memory read
         for step in range(settings.max_new_tokens):
-            if bias is not None:
-                biased = bias([*prompt, *out.token_ids], logits)
-                out.copied += biased is not logits
-                logits = biased
+            logits = biased(bias, prompt, out, logits)
             if keep_logits:
                 out.step_logits.append(logits.cpu())
             token = pick_token(logits, settings, generator)
@@ -186,10 +193,7 @@ def generate_batch(
         for step in range(settings.max_new_tokens):
             tokens = torch.zeros(len(prompts), 1, dtype=torch.long)  # finished elements read a pad
             for i in list(running):
-                bias, row = biases[i], logits[i]  # [V]
-                step_logits = row if bias is None else bias([*prompts[i], *outs[i].token_ids], row)
-                outs[i].copied += step_logits is not row
-                token = pick_token(step_logits, settings, generators[i])
+                token = pick_token(biased(biases[i], prompts[i], outs[i], logits[i]), settings, generators[i])
                 if token in stops:
                     outs[i].finish_reason = "stop"
                     running.remove(i)
