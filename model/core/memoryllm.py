@@ -410,6 +410,7 @@ class MemoryLLM(nn.Module):
         """Put delta [L, k, d] into the short-term memory as the eviction policy does (random drops from
         `state.generator` unless `perms` are given). The delta rows take the state's next row ids, or
         `row_ids` [L, k] (rows the state already holds)."""
+        self.check_updatable(state)
         state.memory_changed()
         row_ids = state.new_row_ids(delta.shape[1]) if row_ids is None else row_ids
         ids = state.memory_ids
@@ -418,6 +419,9 @@ class MemoryLLM(nn.Module):
         state.memory_ids = memory_ids.contiguous()
         self.keep_update(state, result)
         return result
+
+    def check_updatable(self, state: MemoryState) -> None:
+        """Refuse, before anything changes, a state this model cannot update: none here."""
 
     def keep_update(self, state: MemoryState, result: InjectResult) -> None:
         """What the model keeps of an update besides the short-term rows and their ids: nothing (M+: ages and

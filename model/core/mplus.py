@@ -136,11 +136,13 @@ class MPlus(MemoryLLM):
         return self.retrieval.answer_reading()
 
     # -- writing -------------------------------------------------------------------------------
+    def check_updatable(self, state: MemoryState) -> None:
+        if state.ltm is None or state.memory_ages is None:
+            raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
+
     def keep_update(self, state: MemoryState, result: InjectResult) -> None:
         """The M+ bookkeeping of an update: the new rows get ages k-1..0 (the first is the oldest), the evicted
         rows keep theirs, and the retrieval policy takes them into the LTM."""
-        if state.ltm is None or state.memory_ages is None:
-            raise ValueError("an M+ model needs an M+ memory state (with memory_ages and ltm): use model.new_state()")
         L, k = result.delta.shape[:2]
         grown = state.memory_ages + (k if self.retrieval.stm_rows_age else 0)
         hold_rows(state.ltm, result)

@@ -123,6 +123,16 @@ def test_ages_bookkeeping(tiny, state):
         assert torch.equal(state.ltm.layers[layer].ages, ltm_ages_before[layer] + 2 * K)
 
 
+def test_a_state_without_its_m_plus_parts_is_refused_before_anything_changes(tiny, state):
+    state.ltm = None  # a MemoryLLM state
+    memory, ids, next_id = state.memory.clone(), state.memory_ids.clone(), state.next_row_id
+    delta = torch.ones(tiny.cfg.num_layers, tiny.cfg.num_tokens, tiny.cfg.hidden_size)
+    with pytest.raises(ValueError, match="needs an M\\+ memory state"):
+        tiny.update_memory(state, delta)
+    assert torch.equal(state.memory, memory) and torch.equal(state.memory_ids, ids)
+    assert state.next_row_id == next_id
+
+
 def test_cached_keys_are_key_proj_of_input_layernorm(tiny, state):
     result = tiny.inject(state, token_ids(15))
     for layer, block in enumerate(tiny.model.layers):
