@@ -32,6 +32,7 @@ from .runs import (
     check_systems,
     finish_shards,
     merged_config,
+    model_identity,
     shard_run,
     task_errors,
     versions,
@@ -176,8 +177,7 @@ def model_details(lm: mp.MemoryLLM, name: str, chat: bool | None) -> dict[str, A
     """What config.json records of a model before its answers (a resumed run must find the same)."""
     if lm.tokenizer is None:
         raise UsageError(f"{name} has no tokenizer: pass --tokenizer")
-    details = {"label": lm.info.label, "fingerprint": lm.cfg.fingerprint(), "chat": asks_in_chat(lm, chat, name)}
-    return details | ({"answer_reading": reading} if (reading := lm.answer_reading()) else {})
+    return model_identity(lm, asks_in_chat(lm, chat, name))
 
 
 def run_model(

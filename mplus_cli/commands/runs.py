@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -26,6 +26,9 @@ from tasks.plan import parse_shard
 from ..devices import pick_device
 from ..errors import ConflictError, MplusError, NotFoundError, UsageError
 from ..root import say
+
+if TYPE_CHECKING:
+    import model as mp
 
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
 LAUNCHERS = {TORCHRUN: "torchrun processes", SLURM: "Slurm array tasks"}
@@ -154,6 +157,13 @@ def finish_shards(
         say(f"wrote {launch.directory(out)}/results.csv ({shard}); rank 0 merges the shards into {out}")
         return None
     return merge_runs(launch.directories(out), out, force=True, finish=finish)[0]
+
+
+def model_identity(lm: mp.MemoryLLM, chat: bool) -> dict[str, Any]:
+    """What a run records of a model that a resumed run must find again (see `check_same_model`): its label, its
+    config's fingerprint, whether it is asked in its chat template and how its answers are read."""
+    identity = {"label": lm.info.label, "fingerprint": lm.cfg.fingerprint(), "chat": chat}
+    return identity | ({"answer_reading": reading} if (reading := lm.answer_reading()) else {})
 
 
 def check_same_model(before: dict[str, Any] | None, details: dict[str, Any], name: str, out: Path) -> None:

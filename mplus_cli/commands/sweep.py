@@ -40,7 +40,16 @@ from ..errors import EXIT_INTERRUPTED, ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
 from ..output import approx, duration, emit, plural, progress, token_counter
 from ..root import say
-from .runs import LAUNCHERS, check_same_model, check_systems, finish_shards, merged_config, pick_shard, versions
+from .runs import (
+    LAUNCHERS,
+    check_same_model,
+    check_systems,
+    finish_shards,
+    merged_config,
+    model_identity,
+    pick_shard,
+    versions,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -472,12 +481,10 @@ def load_for_sweep(plan: RetentionPlan, name: str, config: dict[str, Any]) -> tu
     lm = load_model(requested_model(name), plan.dtype, plan.options.tokenizer, device=plan.device)
     with_chat = asks_in_chat(lm, plan.options.chat, name)
     note_label(lm)
-    details = {"id": model_id(name), "kind": lm.cfg.kind, "fingerprint": lm.cfg.fingerprint()}
-    details |= {"label": lm.info.label, "stop_token_ids": list(stop_ids(lm))}
-    details |= {"dtype": dtype_name(lm.dtype)}
-    details |= {"storage_dtype": dtype_name(mp.storage_dtype(lm)), "chat": with_chat}
+    details = {"id": model_id(name), "kind": lm.cfg.kind} | model_identity(lm, with_chat)
+    details |= {"stop_token_ids": list(stop_ids(lm)), "dtype": dtype_name(lm.dtype)}
+    details |= {"storage_dtype": dtype_name(mp.storage_dtype(lm))}
     details |= {"drop_rate": drop_rate(lm)} if lm.cfg.kind == "memoryllm" else {}
-    details |= {"answer_reading": reading} if (reading := lm.answer_reading()) else {}
     check_same_model(config["model_details"].get(name), details, name, plan.run_dir)
     config["model_details"][name] = details
     res.write_config(plan.run_dir / "config.json", config)
