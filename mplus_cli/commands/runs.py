@@ -1,5 +1,6 @@
-"""What every benchmark run shares: its errors, its shard and output directory, the versions it records, its
-config on resume and how a sharded run finishes."""
+"""What every benchmark run shares: its errors, its --output / --resume / --shard, its shard and output
+directory, the versions and models it records (a resumed run must find the same models), its config on
+resume and how a sharded run finishes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from model.systems import factory_of
@@ -28,6 +28,8 @@ from ..errors import ConflictError, MplusError, NotFoundError, UsageError
 from ..root import say
 
 if TYPE_CHECKING:
+    import torch
+
     import model as mp
 
 PACKAGES = ("mplus", "torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "matplotlib")
