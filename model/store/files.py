@@ -16,10 +16,11 @@ from typing import BinaryIO
 
 import torch
 
-from ..memory.rows import SUM_BLOCK_BYTES, DamagedFile, block_sums
+from ..memory.rows import SUM_BLOCK_BYTES, DamagedFile, all_zero, block_sums
 from .errors import SessionBusy, SessionDamaged, SessionNotFound
 
 LOCK_TIMEOUT_S = 5.0
+HOLE_BYTES = 1 << 20  # an appended run of zeros this long (aligned in the data) is left as a hole, not written
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -60,17 +61,33 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def append_after(path: Path, committed: int, data: bytes | memoryview) -> int:
-    """Drop whatever follows the first `committed` bytes of `path`, append `data`, fsync; the new length."""
+    """Drop whatever follows the first `committed` bytes of `path`, append `data`, fsync; the new length.
+    Whole HOLE_BYTES blocks of zeros are not written: the file keeps them as holes, read back as zeros."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
     try:
         os.ftruncate(fd, committed)
-        view, done = memoryview(data).cast("B") if len(data) else memoryview(b""), 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], committed + done)
+        view = memoryview(data).cast("B") if len(data) else memoryview(b"")
+        for start, end in data_runs(view):
+            done = start
+            while done < end:
+                done += os.pwrite(fd, view[done:end], committed + done)
+        os.ftruncate(fd, committed + view.nbytes)
         os.fsync(fd)
     finally:
         os.close(fd)
     return committed + len(data)
+
+
+def data_runs(view: memoryview) -> Iterator[tuple[int, int]]:
+    """(start, end) of the parts of `view` to write: all of it but its whole HOLE_BYTES blocks of zeros."""
+    start = 0
+    for at in range(0, view.nbytes - HOLE_BYTES + 1, HOLE_BYTES):
+        if all_zero(view[at : at + HOLE_BYTES]):
+            if start < at:
+                yield start, at
+            start = at + HOLE_BYTES
+    if start < view.nbytes:
+        yield start, view.nbytes
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 import model as mp
 from model import store as st
-from model.memory.rows import FileArray
+from model.memory.rows import SUM_BLOCK_BYTES, FileArray, block_sums
 from model.store.session import narrowed
 from mplus_cli.commands.session import summary
 
@@ -203,6 +204,20 @@ def test_bytes_past_the_committed_length_are_ignored_then_truncated(tmp_path, mo
     for name, nbytes in after.committed_lengths():
         assert (session.directory / name).stat().st_size == nbytes
     assert after.committed_lengths()[0][1] > committed[0][1] and len(after.log()) == 2
+
+
+def test_an_append_leaves_whole_blocks_of_zeros_as_holes_and_sums_them_as_zlib_does(tmp_path):
+    hole = st.files.HOLE_BYTES
+    path = tmp_path / "rows.bin"
+    path.write_bytes(b"head" + b"\x7f" * 3 * hole)  # 4 committed bytes, then a crashed commit's leftovers
+    data = b"\x01" * 100 + bytes(3 * hole) + b"\x02" * 100 + bytes(100)  # 2 whole zero blocks in 3 MB of zeros
+    assert st.append_after(path, 4, data) == 4 + len(data)
+    assert path.read_bytes() == b"head" + data  # the holes read back as zeros, not as the leftovers
+    assert path.stat().st_blocks * 512 <= len(data) - 2 * hole + 2 * 4096  # stored: the rest, in 4 kB blocks
+    assert block_sums(data, 4) == [
+        (min(4 + at + SUM_BLOCK_BYTES, 4 + len(data)), zlib.crc32(data[at : at + SUM_BLOCK_BYTES]))
+        for at in range(0, len(data), SUM_BLOCK_BYTES)
+    ]
 
 
 def test_bytes_written_per_inject_stay_proportional_to_new_rows(tmp_path, models):
