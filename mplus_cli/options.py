@@ -1,4 +1,4 @@
-"""The option types the `mplus` commands share (typer annotations): session, store, model, tokenizer, chat,
+"""The option types the `mplus` commands share (typer annotations): session, store, model(s), tokenizer, chat,
 device, dtype."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def explicit_only(ctx: typer.Context, param: typer.CallbackParam, value: str | N
 
 
 SessionOpt = Annotated[str, typer.Option("--session", "-s", help="Session name.")]
+SessionNameArg = Annotated[str, typer.Argument(help="Session name (see `mplus session ls`).", show_default=False)]
 StoreOpt = Annotated[
     Path | None,
     typer.Option(
@@ -41,6 +42,11 @@ ModelOpt = Annotated[
         help=f"Model name (see `mplus models`), checkpoint directory or hub id (default: {DEFAULT_MODEL}).",
     ),
 ]
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name, checkpoint or hub id; repeatable."),
+]
+BenchModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Tokenizer directory or hub id, for checkpoints without one.")
 ]

@@ -27,7 +27,6 @@ from .format import (
     check_name,
     default_root,
     now,
-    sum_records,
 )
 from .inject import InjectRun, inject_sources, resume_plan
 from .session import Session, Writer, binding, initial_rows, kept_commits, list_sessions, remove_session, session_exists
@@ -72,7 +71,6 @@ __all__ = [
     "remove_session",
     "rollback_session",
     "session_exists",
-    "sum_records",
     "tensor_bytes",
     "write_atomic",
 ]

@@ -19,7 +19,7 @@ from ..common import SEED_MAX, handle_errors, json_output, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
-from ..options import DeviceOpt, DtypeOpt, TokenizerOpt
+from ..options import BenchModelOpt, DeviceOpt, DtypeOpt, TokenizerOpt
 from ..output import run_written
 from ..root import say
 from .runs import RunDirOpt, RunResumeOpt, RunShardOpt, finish_shards, shard_run, task_errors, versions, writing_into
@@ -48,7 +48,7 @@ def editing(
     sequential: Annotated[
         int, typer.Option(min=1, help="Edits injected one after another into one memory before they are read.")
     ] = 1,
-    model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
+    model: BenchModelOpt = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of every fresh memory.")] = 0,
     shard: RunShardOpt = None,
     output_path: RunDirOpt = Path("editing"),

@@ -20,7 +20,7 @@ from ..common import SEED_MAX, asks_in_chat, handle_errors, json_output, note_la
 from ..devices import pick_device, pick_dtype
 from ..errors import ConflictError, UsageError
 from ..models import load_model, model_id, requested_model
-from ..options import ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
+from ..options import BenchModelOpt, ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
 from ..output import emit
 from ..root import say
 from .runs import RunDirOpt, task_errors, versions, writing_into
@@ -43,7 +43,7 @@ def integrity(
     limit: Annotated[
         int, typer.Option(min=1, help="Samples of the dataset streamed (then from the first again).")
     ] = 1000,
-    model: Annotated[str | None, typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name.")] = None,
+    model: BenchModelOpt = None,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the memory (its drops).")] = 0,
     chunk_tokens: Annotated[int, typer.Option(min=16, help="Most tokens per injection.")] = 512,
     chat: ChatOpt = None,

@@ -21,7 +21,7 @@ from ..common import SEED_MAX, asks_in_chat, handle_errors, json_output, note_la
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
-from ..options import ChatOpt, DeviceOpt, DtypeOpt, TokenizerOpt
+from ..options import ChatOpt, DeviceOpt, DtypeOpt, ModelsOpt, TokenizerOpt
 from ..output import emit
 from ..root import say
 from .runs import (
@@ -70,10 +70,7 @@ def parse_lengths(text: str) -> tuple[int, ...]:
 
 @handle_errors
 def longbench(
-    model: Annotated[
-        list[str] | None,
-        typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name, checkpoint or hub id; repeatable."),
-    ] = None,
+    model: ModelsOpt = None,
     system: Annotated[
         list[str] | None,
         typer.Option(

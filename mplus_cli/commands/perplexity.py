@@ -21,7 +21,7 @@ from ..common import SEED_MAX, handle_errors, json_output, note_label
 from ..devices import pick_dtype
 from ..errors import UsageError
 from ..models import load_model, model_id, requested_model
-from ..options import DeviceOpt, DtypeOpt, TokenizerOpt
+from ..options import DeviceOpt, DtypeOpt, ModelsOpt, TokenizerOpt
 from ..output import run_written
 from ..root import say
 from .runs import RunDirOpt, RunResumeOpt, RunShardOpt, finish_shards, shard_run, task_errors, versions, writing_into
@@ -34,10 +34,7 @@ RESUME_KEYS = ("source", "texts", "limit", "max_tokens", "seed", "fill", "fill_t
 
 @handle_errors
 def perplexity(
-    model: Annotated[
-        list[str] | None,
-        typer.Option("--model", "-m", envvar="MPLUS_MODEL", help="Model name, checkpoint or hub id; repeatable."),
-    ] = None,
+    model: ModelsOpt = None,
     source: Annotated[
         pp.Source,
         typer.Option(

@@ -18,7 +18,7 @@ from ..explain import draw_map
 from ..models import (
     load_bound_model,
 )
-from ..options import StoreOpt
+from ..options import SessionNameArg, StoreOpt
 from ..output import columns, emit, human_bytes, plural
 from ..root import say
 
@@ -134,7 +134,7 @@ def session_ls(store: StoreOpt = None) -> None:
 @session_app.command("show")
 @handle_errors
 def session_show(
-    name: Annotated[str, typer.Argument()],
+    name: SessionNameArg,
     map_path: Annotated[
         Path | None,
         typer.Option(
@@ -202,7 +202,7 @@ def session_show(
 @session_app.command("rm")
 @handle_errors
 def session_rm(
-    name: Annotated[str, typer.Argument()],
+    name: SessionNameArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     store: StoreOpt = None,
 ) -> None:
@@ -226,8 +226,8 @@ def session_rm(
 @session_app.command("fork")
 @handle_errors
 def session_fork(
-    name: Annotated[str, typer.Argument()],
-    new_name: Annotated[str, typer.Argument()],
+    name: SessionNameArg,
+    new_name: Annotated[str, typer.Argument(help="Name of the copy.", show_default=False)],
     store: StoreOpt = None,
 ) -> None:
     """Copy a session under a new name.
@@ -245,7 +245,7 @@ def session_fork(
 @session_app.command("check")
 @handle_errors
 def session_check(
-    name: Annotated[str, typer.Argument()],
+    name: SessionNameArg,
     rollback: Annotated[
         bool, typer.Option(help="If the committed state is damaged, return to the newest kept commit that verifies.")
     ] = False,
