@@ -105,6 +105,7 @@ def inject_zeros(model: mp.MPlus, state: mp.MemoryState, delta: torch.Tensor) ->
 
 
 def history_session(root: Path, name: str, model: mp.MPlus, initial: mp.MemoryState) -> st.Session:
+    """A new session `name` for a history of the stand-in model, bf16 rows."""
     ref = {"id": "stand-in", "fingerprint": model.cfg.fingerprint(), "kind": model.cfg.kind}
     return st.Session.create(root, name, initial, ref, 0, STORE_DTYPE)
 
