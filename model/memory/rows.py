@@ -194,16 +194,58 @@ class FileArray:
         return out
 
     def _read_sorted(self, index: torch.Tensor, out: torch.Tensor) -> None:
-        """Records at the non-decreasing index [m] into out [m, ...]: a span that holds every record of its range
-        once is read straight into place, another is picked from a scratch buffer (`_pick`)."""
+        """Records at the non-decreasing index [m] into out [m, ...] (see `_read_spans`)."""
         _, ordered, spans = coalesce(index, self.record_bytes)
-        rb, target, scratch = self.record_bytes, byte_view(out), None
         with self.opened() as fd:
-            for lo, hi, first, end, whole in self._checked_spans(fd, ordered, spans):
-                if whole:
-                    self._read_into(fd, target[first * rb : end * rb], self.offset + lo * rb)
-                else:
-                    scratch = self._pick(fd, lo, hi, ordered[first:end], out[first:end], scratch)
+            self._read_spans(fd, self._checked_spans(fd, ordered, spans), ordered, out, 0)
+
+    def _read_spans(
+        self,
+        fd: int,
+        table: list[tuple[int, int, int, int, bool]],
+        ordered: torch.Tensor,
+        out: torch.Tensor,
+        start: int,
+    ) -> None:
+        """The records of spans `table` (see `_checked_spans`; checked) into out: ordered[j] into out[j - start].
+        A span that holds every record of its range once is read straight into place; the others are read one
+        after another into a scratch buffer of SPAN_BYTES (one span fits) and their records picked at once."""
+        rb, target, picked, rows = self.record_bytes, byte_view(out), [], 0
+        room = max(1, SPAN_BYTES // rb)  # records: any span fits
+        scratch = self._empty(min(room, sum(hi - lo for lo, hi, _, _, whole in table if not whole)))
+        for lo, hi, first, end, whole in table:
+            if whole:
+                self._read_into(fd, target[(first - start) * rb : (end - start) * rb], self.offset + lo * rb)
+                continue
+            if rows + hi - lo > room:
+                self._pick(fd, picked, scratch, ordered, out, start)
+                picked, rows = [], 0
+            picked.append((lo, hi, first, end))
+            rows += hi - lo
+        if picked:
+            self._pick(fd, picked, scratch, ordered, out, start)
+
+    def _pick(
+        self,
+        fd: int,
+        spans: list[tuple[int, int, int, int]],
+        scratch: torch.Tensor,
+        ordered: torch.Tensor,
+        out: torch.Tensor,
+        start: int,
+    ) -> None:
+        """Spans (lo, hi, first, end) read one after another into `scratch` (room for all), then ordered[first:end]
+        of each picked from it into out[first - start : end - start], all in one gather."""
+        view, rb, at = byte_view(scratch), self.record_bytes, 0
+        for lo, hi, _, _ in spans:
+            self._read_into(fd, view[at * rb : (at + hi - lo) * rb], self.offset + lo * rb)
+            at += hi - lo
+        lo, hi, first, end = torch.tensor(spans).T  # [P] each
+        counts = end - first
+        span = torch.repeat_interleave(torch.arange(len(spans)), counts)  # [n] the span of each picked record
+        j = first[span] + torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[span]  # [n] ordered positions
+        read_at = (hi - lo).cumsum(0) - (hi - lo)  # [P] where each span starts in the scratch buffer
+        out[j - start] = scratch[ordered[j] - lo[span] + read_at[span]]
 
     def _checked_spans(
         self, fd: int, ordered: torch.Tensor, spans: list[tuple[int, int, int]]
@@ -220,24 +262,6 @@ class FileArray:
         if self.sums is not None:
             self.sums.verify_ranges(fd, self.offset + lo * rb, self.offset + hi * rb)
         return list(zip(*(t.tolist() for t in (lo, hi, first, end, whole)), strict=True))
-
-    def _pick(
-        self,
-        fd: int,
-        lo: int,
-        hi: int,
-        wanted: torch.Tensor,
-        out: torch.Tensor,
-        scratch: tuple[torch.Tensor, memoryview] | None,
-    ) -> tuple[torch.Tensor, memoryview]:
-        """Records `wanted` (sorted, within lo..hi-1, checksums checked) into out: records lo..hi-1 read into the
-        scratch buffer (grown as needed, with its bytes; returned for the next span), the wanted ones picked."""
-        if scratch is None or scratch[0].shape[0] < hi - lo:
-            rows = self._empty(max(hi - lo, SCAN_ROWS))
-            scratch = rows, byte_view(rows)
-        self._read_into(fd, scratch[1][: (hi - lo) * self.record_bytes], self.offset + lo * self.record_bytes)
-        torch.index_select(scratch[0], 0, wanted - lo, out=out)
-        return scratch
 
     def all(self) -> torch.Tensor:
         """Every record, in one read."""
@@ -268,19 +292,14 @@ class FileArray:
         with self.opened() as fd:
             table = self._checked_spans(fd, ordered, spans)
             widest = max(end - first for _, _, first, end, _ in table)
-            buffer, scratch, filled, start = self._empty(max(batch, widest)), None, 0, 0
-            rb, buffer_bytes = self.record_bytes, byte_view(buffer)
-            for lo, hi, first, end, whole in table:
-                if filled + end - first > buffer.shape[0]:  # full: hand the batch out first
-                    yield order[start:first], buffer[:filled]
-                    filled, start = 0, first
-                n = end - first
-                if whole:
-                    self._read_into(fd, buffer_bytes[filled * rb : (filled + n) * rb], self.offset + lo * rb)
-                else:
-                    scratch = self._pick(fd, lo, hi, ordered[first:end], buffer[filled : filled + n], scratch)
-                filled += n
-            yield order[start:], buffer[:filled]
+            buffer, step, start = self._empty(max(batch, widest)), 0, 0
+            for i, (_, _, first, end, _) in enumerate(table):
+                if end - start > buffer.shape[0]:  # full: read the batch's spans and hand it out first
+                    self._read_spans(fd, table[step:i], ordered, buffer, start)
+                    yield order[start:first], buffer[: first - start]
+                    step, start = i, first
+            self._read_spans(fd, table[step:], ordered, buffer, start)
+            yield order[start:], buffer[: ordered.numel() - start]
 
     def opened(self):
         return _Descriptor(self.path)

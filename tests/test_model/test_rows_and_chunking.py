@@ -21,8 +21,11 @@ def file_of(tmp_path, values: torch.Tensor) -> FileArray:
     return FileArray(path, values.shape[0], values.shape[1] if values.dim() > 1 else 0, values.dtype)
 
 
+@pytest.mark.parametrize("span_records", [None, 10])  # 10: many reads, picked in many rounds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_a_file_array_reads_any_index_exactly(tmp_path, dtype):
+def test_a_file_array_reads_any_index_exactly(tmp_path, monkeypatch, dtype, span_records):
+    if span_records is not None:
+        monkeypatch.setattr(rows_module, "SPAN_BYTES", span_records * 7 * dtype.itemsize)
     values = (torch.randn(500, 7) * 100).to(dtype) if dtype != torch.int64 else torch.randint(0, 99, (500, 7))
     array = file_of(tmp_path, values)
     g = torch.Generator().manual_seed(0)
