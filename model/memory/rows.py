@@ -9,17 +9,19 @@ memory does not grow with the session.
 
 from __future__ import annotations
 
-import functools
 import math
 import mmap
 import os
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+
+try:
+    from zlib_ng.zlib_ng import crc32  # zlib's crc32, 6x faster (20 vs 3.2 GB/s here)
+except ImportError:  # installed without its dependencies: the same checksum, slower
+    from zlib import crc32
 
 GAP_BYTES = 64 << 10  # records closer than this are read through, in one read, rather than sought past
 SPAN_BYTES = 4 << 20  # the most one read takes in at a time
@@ -69,24 +71,9 @@ def block_sums(data: bytes | memoryview, start: int) -> list[tuple[int, int]]:
     """(end, crc32) of each block of `data`, appended at byte `start` of its file, in SUM_BLOCK_BYTES blocks."""
     view = memoryview(data).cast("B")
     return [
-        (start + min(at + SUM_BLOCK_BYTES, view.nbytes), block_crc(view[at : at + SUM_BLOCK_BYTES]))
+        (start + min(at + SUM_BLOCK_BYTES, view.nbytes), crc32(view[at : at + SUM_BLOCK_BYTES]))
         for at in range(0, view.nbytes, SUM_BLOCK_BYTES)
     ]
-
-
-def block_crc(block: memoryview) -> int:
-    """crc32 of one block; of a block of zeros (a sparse file's hole) from a table, 10x faster."""
-    return zeros_crc(block.nbytes) if all_zero(block) else zlib.crc32(block)
-
-
-@functools.cache
-def zeros_crc(nbytes: int) -> int:
-    return zlib.crc32(bytes(nbytes))
-
-
-def all_zero(view: memoryview) -> bool:
-    """Whether every byte of `view` is zero."""
-    return not np.count_nonzero(np.frombuffer(view, dtype=np.uint8))
 
 
 @dataclass
@@ -128,7 +115,7 @@ class BlockSums:
         touched = starts.cumsum(0)[:-1] > 0  # [B] blocks inside some range
         for block in torch.nonzero(touched & ~self.verified)[:, 0].tolist():
             start, end = int(self.ends[block - 1]) if block else 0, int(self.ends[block])
-            if zlib.crc32(os.pread(fd, end - start, start)) != int(self.crcs[block]):
+            if crc32(os.pread(fd, end - start, start)) != int(self.crcs[block]):
                 raise DamagedFile(f"{self.path}: bytes {start}-{end} do not match their checksum{self.hint}")
             self.verified[block] = True
 

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 
-from ..memory.rows import SUM_BLOCK_BYTES, DamagedFile, all_zero, block_sums
+from ..memory.rows import SUM_BLOCK_BYTES, DamagedFile, block_sums
 from .errors import SessionBusy, SessionDamaged, SessionNotFound
 
 LOCK_TIMEOUT_S = 5.0
@@ -88,6 +89,11 @@ def data_runs(view: memoryview) -> Iterator[tuple[int, int]]:
             start = at + HOLE_BYTES
     if start < view.nbytes:
         yield start, view.nbytes
+
+
+def all_zero(view: memoryview) -> bool:
+    """Whether every byte of `view` is zero."""
+    return not np.count_nonzero(np.frombuffer(view, dtype=np.uint8))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:

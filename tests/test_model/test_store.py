@@ -210,7 +210,8 @@ def test_an_append_leaves_whole_blocks_of_zeros_as_holes_and_sums_them_as_zlib_d
     hole = st.files.HOLE_BYTES
     path = tmp_path / "rows.bin"
     path.write_bytes(b"head" + b"\x7f" * 3 * hole)  # 4 committed bytes, then a crashed commit's leftovers
-    data = b"\x01" * 100 + bytes(3 * hole) + b"\x02" * 100 + bytes(100)  # 2 whole zero blocks in 3 MB of zeros
+    rng = random.Random(0)
+    data = rng.randbytes(100) + bytes(3 * hole) + rng.randbytes(100) + bytes(100)  # 2 whole zero MiB in 3
     assert st.append_after(path, 4, data) == 4 + len(data)
     assert path.read_bytes() == b"head" + data  # the holes read back as zeros, not as the leftovers
     assert path.stat().st_blocks * 512 <= len(data) - 2 * hole + 2 * 4096  # stored: the rest, in 4 kB blocks
