@@ -232,7 +232,7 @@ class FileArray:
         span = torch.repeat_interleave(torch.arange(len(spans)), counts)  # [n] the span of each picked record
         j = first[span] + torch.arange(int(counts.sum())) - (counts.cumsum(0) - counts)[span]  # [n] ordered positions
         read_at = (hi - lo).cumsum(0) - (hi - lo)  # [P] where each span starts in the scratch buffer
-        out[j - start] = scratch[ordered[j] - lo[span] + read_at[span]]
+        out.index_copy_(0, j - start, torch.index_select(scratch, 0, ordered[j] - lo[span] + read_at[span]))
 
     def _checked_spans(
         self, fd: int, ordered: torch.Tensor, spans: list[tuple[int, int, int]]
