@@ -164,7 +164,8 @@ def speed(
       what `mplus ask` pays first, vs MemoryState.load (the random MemoryLLM of
       --shape; --repeats processes)
     - store: the session store at the M+ shapes of --shape (8b: mplus-8b's)
-      without weights, with LTMs of --ltm-rows rows per layer
+      without weights: one session grown by the M+ update of zero rows through
+      LTMs of --ltm-rows rows per layer or more (whole merges; 8b: ~3 min)
 
     \b
     Examples: mplus bench speed --groups sessions,cold --threads 1
