@@ -254,24 +254,28 @@ STOP_WORDS = frozenset(
 
 def term_table(tokenizer, vocab: int) -> torch.Tensor:
     """[V] the term id of every token: equal for tokens whose text has the same English stem in any case or
-    spacing (Snowball: "died" and "die"); -1 for stop words, punctuation and special tokens. Without a
-    tokenizer every token is its own term."""
-    import snowballstemmer
+    spacing (Snowball: "died" and "die"), numbered in order of first token; -1 for stop words, punctuation and
+    special tokens. Without a tokenizer every token is its own term."""
+    import snowballstemmer  # PyStemmer's C stemmer when installed: the same stems, 50x faster
 
     if tokenizer is None:
         return torch.arange(vocab)
-    stem = snowballstemmer.stemmer("english").stemWord
     texts = tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))
     specials = set(getattr(tokenizer, "all_special_tokens", []))
+    words = [
+        "" if text is None or text in specials else plain_word(tokenizer.convert_tokens_to_string([text]))
+        for text in texts
+    ]
+    kept = sorted({word for word in words if word and word not in STOP_WORDS})
+    stems = dict(zip(kept, snowballstemmer.stemmer("english").stemWords(kept), strict=True))
     ids: dict[str, int] = {}
-    terms = torch.full((vocab,), -1, dtype=torch.long)
-    for token, text in enumerate(texts):
-        if text is None or text in specials:
-            continue
-        word = "".join(ch for ch in tokenizer.convert_tokens_to_string([text]).lower() if ch.isalnum())
-        if word and word not in STOP_WORDS:
-            terms[token] = ids.setdefault(stem(word), len(ids))
-    return terms
+    terms = [ids.setdefault(stems[word], len(ids)) if word in stems else -1 for word in words]
+    return torch.tensor(terms + [-1] * (vocab - len(terms)), dtype=torch.long)
+
+
+def plain_word(text: str) -> str:
+    """`text` lower-cased, without spaces and punctuation."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
 def bm25(
