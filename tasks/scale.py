@@ -110,7 +110,7 @@ def ask(root: Path, session: str, env: dict[str, str]) -> Child:
 def interrupted_inject(root: Path, session: str, model: str, text: Path, env: dict[str, str]) -> Child:
     """`mplus inject text` into a new session, sent SIGINT once it has committed INTERRUPT_AFTER_COMMITS chunks;
     it must exit as interrupted (130)."""
-    manifest = root / session / st.MANIFEST
+    manifest = root / session / st.format.MANIFEST
     args = ["inject", str(text), "--session", session, "--store", str(root), "--model", model]
     child = mplus(args, env, interrupt=lambda: committed(manifest) >= INTERRUPT_AFTER_COMMITS)
     if child.returncode == 0:

@@ -3,6 +3,7 @@ session (open, load, write), inject (texts in, resumable), export (one file), ve
 
 from ..memory.dtypes import dtype_name
 from ..memory.rows import DamagedFile
+from . import files, format
 from .errors import (
     InvalidName,
     SessionBusy,
@@ -13,26 +14,15 @@ from .errors import (
     StoreError,
 )
 from .export import load_exported_memory, write_memory_export
-from .files import append_after, fsync_path, tensor_bytes, write_atomic
-from .format import (
-    LOCK,
-    LOG,
-    LTM_FILES,
-    MANIFEST,
-    ORIGINS,
-    ROWS,
-    STORE_FORMAT,
-    SUM_RECORD,
-    SUMS,
-    check_name,
-    default_root,
-    now,
-)
+from .files import write_atomic
+from .format import check_name, default_root, now
 from .inject import InjectRun, inject_sources, resume_plan
 from .session import Session, Writer, binding, initial_rows, kept_commits, list_sessions, remove_session, session_exists
 from .verify import check_session, rollback_session
 
 __all__ = [
+    "files",
+    "format",
     "load_exported_memory",
     "write_memory_export",
     "InjectRun",
@@ -40,15 +30,6 @@ __all__ = [
     "resume_plan",
     "DamagedFile",
     "InvalidName",
-    "LOCK",
-    "LOG",
-    "LTM_FILES",
-    "MANIFEST",
-    "ORIGINS",
-    "ROWS",
-    "STORE_FORMAT",
-    "SUMS",
-    "SUM_RECORD",
     "Session",
     "SessionBusy",
     "SessionDamaged",
@@ -57,13 +38,11 @@ __all__ = [
     "SessionNotFound",
     "StoreError",
     "Writer",
-    "append_after",
     "binding",
     "check_name",
     "check_session",
     "default_root",
     "dtype_name",
-    "fsync_path",
     "initial_rows",
     "kept_commits",
     "list_sessions",
@@ -71,6 +50,5 @@ __all__ = [
     "remove_session",
     "rollback_session",
     "session_exists",
-    "tensor_bytes",
     "write_atomic",
 ]

@@ -58,7 +58,7 @@ def test_disk_full_mid_inject_says_what_the_session_kept_and_resume_finishes_it(
     append, calls = st.session.append_after, []
 
     def full_after_one_commit(path, committed, data):
-        if Path(path).name == st.ROWS:
+        if Path(path).name == st.format.ROWS:
             calls.append(path)
         if len(calls) == 2:  # the second chunk's rows find the disk full
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -78,7 +78,7 @@ def test_a_file_size_limit_mid_inject_is_one_line_and_the_session_verifies(store
     more = tmp_path / "more.txt"
     more.write_text(TEXT * 8)
     session = st.Session.open(store, "s")
-    rows, commits = (store / "s" / st.ROWS).stat().st_size, session.manifest["commit"]
+    rows, commits = (store / "s" / st.format.ROWS).stat().st_size, session.manifest["commit"]
     limit = rows + rows * 3 // (2 * commits)  # room for one more chunk's rows, not two
 
     def limited() -> None:
@@ -147,7 +147,7 @@ def test_a_temperature_that_is_not_a_number_is_a_usage_error(store):
 def test_a_manifest_field_of_the_wrong_type_or_range_is_damage_for_every_command(store, tmp_path, field, value):
     """The checksum recomputed (it is unkeyed): check, ask and inject all exit 1 naming the field; nothing
     written, nothing outside the session read."""
-    path = store / "s" / st.MANIFEST
+    path = store / "s" / st.format.MANIFEST
     manifest = json.loads(path.read_text())
     body = {key: val for key, val in manifest.items() if key != "checksum"} | {field: value}
     path.write_text(json.dumps(body | {"checksum": digest(canonical(body))}))

@@ -211,7 +211,7 @@ def test_session_errors_and_exit_codes(store, session, text_file):
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 1}', "\xff"])
 def test_a_corrupted_manifest_is_reported_and_removable(store, session, text_file, content):
-    manifest = store / session / st.MANIFEST
+    manifest = store / session / st.format.MANIFEST
     manifest.write_text(content, encoding="latin-1")
     before = snapshot(store)
     for args in (["session", "show", session], ["ask", "q", "-s", session], ["inject", text_file, "-s", session]):
@@ -309,7 +309,7 @@ def test_the_storage_dtype_is_chosen_for_a_new_session_and_kept(store, text_file
     shown = json.loads(mplus("session", "show", "h", "--store", store, "--json").stdout)
     assert shown["memory"]["dtype"] == "bfloat16"
     written = shown["chunks"] * 2 * 16 * 64  # each chunk writes K = 16 rows of 64 values per layer (2 layers)
-    assert (store / "h" / st.ROWS).stat().st_size == written * 2  # bfloat16: 2 bytes per value
+    assert (store / "h" / st.format.ROWS).stat().st_size == written * 2  # bfloat16: 2 bytes per value
     assert mplus("inject", text_file, *args, "--dtype", "float32").exit_code == 4
     assert mplus("inject", text_file, *args, "--dtype", "int8").exit_code == 2
     assert mplus("inject", text_file, *args, "--seed", "5").exit_code == 4  # another seed is not silently dropped

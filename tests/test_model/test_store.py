@@ -128,7 +128,9 @@ def record_reads(monkeypatch) -> list[tuple[str, int]]:
     real_all = FileArray.all
 
     def read_all(self):  # only the row origins are read whole: O(injections x layers), like the index
-        return real_all(self) if self.path.name == st.ORIGINS else pytest.fail(f"{self.path.name} was read whole")
+        return (
+            real_all(self) if self.path.name == st.format.ORIGINS else pytest.fail(f"{self.path.name} was read whole")
+        )
 
     monkeypatch.setattr(FileArray, "all", read_all)
     return reads
@@ -153,7 +155,7 @@ def test_loading_reads_the_short_term_rows_only_and_a_question_reads_each_ltm_re
     reads = record_reads(monkeypatch)
     state = st.Session.open(tmp_path, "s").load_state(lm.initial_state)
     L, N = state.memory_ids.shape
-    assert {name for name, _ in reads} == {st.ROWS} and sum(n for _, n in reads) <= L * N  # short-term rows only
+    assert {name for name, _ in reads} == {st.format.ROWS} and sum(n for _, n in reads) <= L * N  # short-term rows only
     assert sum(state.ltm.sizes()) > 0
     assert_same_state(state, expected)
     reads.clear()
@@ -180,7 +182,7 @@ def test_each_row_is_stored_once_and_committed_rows_leave_ram(tmp_path, models):
             session = writer.session
         files = tree_bytes(session.directory)
         d, written = lm.cfg.hidden_size, session.manifest["rows"]["count"]
-        assert files[st.ROWS] == written * d * 4 == (state.next_row_id - session.base) * d * 4
+        assert files[st.format.ROWS] == written * d * 4 == (state.next_row_id - session.base) * d * 4
         entries = session.manifest["ltm"]["entries"]
         key_bytes = session.manifest["ltm"]["key_width"] * 4
         assert files["ltm_row_ids.bin"] + files["ltm_births.bin"] + files["ltm_keys.bin"] == entries * (16 + key_bytes)
@@ -212,7 +214,7 @@ def test_an_append_leaves_whole_blocks_of_zeros_as_holes_and_sums_them_as_zlib_d
     path.write_bytes(b"head" + b"\x7f" * 3 * hole)  # 4 committed bytes, then a crashed commit's leftovers
     rng = random.Random(0)
     data = rng.randbytes(100) + bytes(3 * hole) + rng.randbytes(100) + bytes(100)  # 2 whole zero MiB in 3
-    assert st.append_after(path, 4, data) == 4 + len(data)
+    assert st.files.append_after(path, 4, data) == 4 + len(data)
     assert path.read_bytes() == b"head" + data  # the holes read back as zeros, not as the leftovers
     assert path.stat().st_blocks * 512 <= len(data) - 2 * hole + 2 * 4096  # stored: the rest, in 4 kB blocks
     assert block_sums(data, 4) == [
@@ -233,9 +235,9 @@ def test_bytes_written_per_inject_stay_proportional_to_new_rows(tmp_path, models
         before = tree_bytes(session.directory)
         session = inject(session, lm, [chunk(32, i)])
         after = tree_bytes(session.directory)
-        rows_growth = after[st.ROWS] - before[st.ROWS]
-        log_growth = after[st.LOG] - before[st.LOG]
-        written.append(rows_growth + log_growth + after[session.manifest["index"]] + after[st.MANIFEST])
+        rows_growth = after[st.format.ROWS] - before[st.format.ROWS]
+        log_growth = after[st.format.LOG] - before[st.format.LOG]
+        written.append(rows_growth + log_growth + after[session.manifest["index"]] + after[st.format.MANIFEST])
         assert rows_growth == new_rows
     print(f"\nbytes per inject: after 1: {written[1]}, after 30: {written[30]}; new rows {new_rows}, pool {pool}")
     assert abs(written[30] - written[1]) <= 16  # only the digits of the counters grow
@@ -254,10 +256,10 @@ def test_mplus_bytes_written_per_inject_stay_proportional_to_new_rows_as_the_ltm
         before = tree_bytes(session.directory)
         session = inject(session, lm, [chunk(32, i)])
         after = tree_bytes(session.directory)
-        growth = {name: after[name] - before[name] for name in (st.ROWS, st.LOG, *st.LTM_FILES)}
-        assert growth[st.ROWS] == L * K * d * 4
-        assert sum(growth[name] for name in st.LTM_FILES) == L * K * (8 + 8 + 4 * s)
-        written.append(sum(growth.values()) + after[session.manifest["index"]] + after[st.MANIFEST])
+        growth = {name: after[name] - before[name] for name in (st.format.ROWS, st.format.LOG, *st.format.LTM_FILES)}
+        assert growth[st.format.ROWS] == L * K * d * 4
+        assert sum(growth[name] for name in st.format.LTM_FILES) == L * K * (8 + 8 + 4 * s)
+        written.append(sum(growth.values()) + after[session.manifest["index"]] + after[st.format.MANIFEST])
         ltm_rows.append(sum(session.manifest["state"]["ltm"]["sizes"]))
     whole_ltm = ltm_rows[30] * (4 * d + 4 * s + 16)
     print(f"\nM+ bytes per inject: after 1: {written[1]}, after 30: {written[30]}; LTM rows: {ltm_rows[1::29]}")
@@ -342,7 +344,7 @@ def test_sigkill_at_any_moment_leaves_a_committed_chunk(tmp_path, models, preset
         os.waitpid(pid, 0)
         reopened = st.Session.open(tmp_path, "s")
         lengths = dict(reopened.committed_lengths())
-        torn += (reopened.directory / st.ROWS).stat().st_size != lengths[st.ROWS]
+        torn += (reopened.directory / st.format.ROWS).stat().st_size != lengths[st.format.ROWS]
         state = reopened.load_state(lm.initial_state)
         done = [i for i, s in enumerate(chain) if torch.equal(state.memory, s.memory)]
         assert done, "the session is at no committed chunk"
@@ -371,8 +373,8 @@ def test_two_concurrent_injects_never_lose_an_update(tmp_path, models):
 
 def test_a_session_of_an_older_format_is_refused_with_a_message(tmp_path, models):
     session = new_session(tmp_path, models["tiny"])
-    manifest = json.loads((session.directory / st.MANIFEST).read_text())
+    manifest = json.loads((session.directory / st.format.MANIFEST).read_text())
     manifest = {key: value for key, value in manifest.items() if key != "checksum"} | {"format": 2}
-    (session.directory / st.MANIFEST).write_text(json.dumps(manifest))
+    (session.directory / st.format.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(st.SessionDamaged, match="store format 2"):
         st.Session.open(tmp_path, "s")

@@ -150,14 +150,14 @@ def flip(path: Path, at: int, count: int = 16) -> None:
 def committed(session: st.Session) -> dict[str, int]:
     """Committed bytes of every file of the current commit."""
     lengths = dict(session.committed_lengths())
-    lengths[st.SUMS] = session.manifest["sums"]["records"] * st.SUM_RECORD * 8
-    for name in (st.MANIFEST, session.manifest["index"]):
+    lengths[st.format.SUMS] = session.manifest["sums"]["records"] * st.format.SUM_RECORD * 8
+    for name in (st.format.MANIFEST, session.manifest["index"]):
         lengths[name] = (session.directory / name).stat().st_size
     return lengths
 
 
 def small_files(session: st.Session) -> set[str]:
-    return {st.MANIFEST, session.manifest["index"], st.SUMS, st.LOG}
+    return {st.format.MANIFEST, session.manifest["index"], st.format.SUMS, st.format.LOG}
 
 
 def ask(root: Path):
@@ -229,7 +229,7 @@ def test_an_inject_never_builds_on_damage_and_changes_no_byte(tmp_path, preset):
             assert name in line and "session check" in line, (name, how, line)
             assert {p.name: p.read_bytes() for p in (root / "s").iterdir()} == before, (name, how)
             tried += 1
-    assert tried == 3 * len(files) and (preset == "tiny") == (st.LTM_FILES[0] not in files)
+    assert tried == 3 * len(files) and (preset == "tiny") == (st.format.LTM_FILES[0] not in files)
     print(f"\n{preset}: {tried} damaged files, every inject refused")
 
 
@@ -242,14 +242,17 @@ def test_rollback_returns_a_session_damaged_in_its_last_commit_to_the_commit_bef
     shutil.copytree(grown, pristine)
     now, then = committed(session), dict(before.committed_lengths())
     targets = {name: (then[name] + now[name]) // 2 for name in then if now[name] > then[name]}
-    targets |= {st.MANIFEST: now[st.MANIFEST] // 2, session.manifest["index"]: now[session.manifest["index"]] // 2}
+    targets |= {
+        st.format.MANIFEST: now[st.format.MANIFEST] // 2,
+        session.manifest["index"]: now[session.manifest["index"]] // 2,
+    }
     for name, at in targets.items():
         shutil.rmtree(grown)
         shutil.copytree(pristine, grown)
         flip(grown / "s" / name, at)
         result = mplus("session", "check", "s", "--store", grown, "--rollback", "--json")
         assert result.exit_code == 0, (name, result.output)
-        back_to = session if name == st.MANIFEST else before  # the manifest's own copy verifies: nothing lost
+        back_to = session if name == st.format.MANIFEST else before  # the manifest's own copy verifies: nothing lost
         assert json.loads(result.stdout)["commit"] == back_to.manifest["commit"], name
         assert mplus("session", "check", "s", "--store", grown).exit_code == 0
         assert ask(grown).exit_code == 0
@@ -263,14 +266,14 @@ def kept(session: st.Session) -> list[str]:
 
 def test_damage_every_kept_commit_shares_is_named_and_not_rolled_back(grown):
     session = st.Session.open(grown, "s")
-    flip(session.directory / st.ROWS, 0)  # the first rows: in every kept commit
+    flip(session.directory / st.format.ROWS, 0)  # the first rows: in every kept commit
     result = mplus("session", "check", "s", "--store", grown, "--rollback")
-    assert result.exit_code == 1 and "no kept commit" in result.stderr and st.ROWS in result.stderr
+    assert result.exit_code == 1 and "no kept commit" in result.stderr and st.format.ROWS in result.stderr
     assert st.Session.open(grown, "s").manifest["commit"] == session.manifest["commit"]
 
 
 # -- links -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [st.ROWS, st.LOG, st.MANIFEST, st.LOCK])
+@pytest.mark.parametrize("name", [st.format.ROWS, st.format.LOG, st.format.MANIFEST, st.format.LOCK])
 def test_a_linked_file_is_refused_and_the_outside_file_untouched(grown, tmp_path, name):
     directory = grown / "s"
     outside = tmp_path / "outside.bin"
@@ -345,25 +348,27 @@ def test_a_format_3_session_is_read_as_is_and_upgraded_by_its_next_inject(grown,
     the next inject adds checksums for every committed byte, and then it verifies."""
     directory = grown / "s"
     answer = ask(grown).stdout
-    manifest = json.loads((directory / st.MANIFEST).read_text())
+    manifest = json.loads((directory / st.format.MANIFEST).read_text())
     index = directory / manifest["index"]
     plain = index.with_suffix("")  # index-NNNNNN.safetensors, uncompressed, as that format wrote it
     plain.write_bytes(zlib.decompress(index.read_bytes()))
     index.unlink()
     old = {k: v for k, v in manifest.items() if k not in ("checksum", "sums", "index_sum")}
     old |= {"format": 3, "index": plain.name}
-    (directory / st.MANIFEST).write_text(json.dumps(old))
-    for path in [directory / st.SUMS, *st.kept_commits(directory)]:
+    (directory / st.format.MANIFEST).write_text(json.dumps(old))
+    for path in [directory / st.format.SUMS, *st.kept_commits(directory)]:
         path.unlink()
     assert ask(grown).stdout == answer
     text = tmp_path / "more.txt"
     text.write_text("more text " * 20)
     assert mplus("inject", text, "-s", "s", "--store", grown).exit_code == 0
     upgraded = st.Session.open(grown, "s")
-    assert upgraded.manifest["format"] == st.STORE_FORMAT and upgraded.manifest["commit"] == manifest["commit"] + 1
+    assert (
+        upgraded.manifest["format"] == st.format.STORE_FORMAT and upgraded.manifest["commit"] == manifest["commit"] + 1
+    )
     assert upgraded.manifest["index"].endswith(".safetensors.zlib")  # its next commits write compressed ones
     assert mplus("session", "check", "s", "--store", grown).exit_code == 0
-    flip(directory / st.ROWS, 0)  # bytes the format-3 session wrote are covered too
+    flip(directory / st.format.ROWS, 0)  # bytes the format-3 session wrote are covered too
     assert mplus("session", "check", "s", "--store", grown).exit_code == 1
 
 
@@ -406,7 +411,7 @@ def test_rm_and_inject_in_every_order_never_report_a_write_to_a_removed_session(
         write()
     elif order == "rm-holds-the-lock":  # the inject opens the lock file, then waits while rm renames the folder
         directory = grown / "s"
-        with st.files.exclusive_lock(directory / st.LOCK, "s"):
+        with st.files.exclusive_lock(directory / st.format.LOCK, "s"):
             writer = threading.Thread(target=write)
             writer.start()
             time.sleep(0.3)

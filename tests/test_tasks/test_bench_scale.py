@@ -139,7 +139,7 @@ def test_a_stand_in_session_opens_as_the_state_its_commits_describe(tmp_path, mo
     assert int(ltm.bank.row_ids(torch.arange(len(ltm.bank))).max()) < state.next_row_id
     alone = scs.session_ltm(session, initial)
     assert all(torch.equal(a.entries, b.entries) for a, b in zip(alone.layers, ltm.layers, strict=True))
-    files = session.directory / st.ROWS
+    files = session.directory / st.format.ROWS
     assert files.stat().st_blocks * 512 < files.stat().st_size  # the history's rows were never written
     verdicts = check_session(tmp_path, "s")  # the store's own checks: the stand-in is a session of today's format
     assert verdicts and all(not v.problems for v in verdicts), [v.problems for v in verdicts]
