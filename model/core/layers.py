@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +135,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """What every layer of one forward pass shares: the RoPE tables of its rows' positions, cos/sin [S, D]
+    (or [B, 1, S, D]); the LoRA adapter; with a KV cache, the rows' cache slots input_pos [S] and, where the
+    queries do not simply see every slot up to theirs, the mask [B, 1, n_query, end] of what they see."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    adapter: str | None
+    input_pos: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,29 +170,20 @@ class Attention(nn.Module):
         v = self.v_proj(h, adapter).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        n_query: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        adapter: str | None,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows) at the positions of
-        cos/sin [S, D] (or [B, 1, S, D]). With input_pos [S] (their cache slots) the keys/values go into the
-        layer's cache and the queries see every cached slot before theirs (a question's memory prefix is
-        already there), or what `mask` [B, 1, n_query, end] shows. Returns [B, n_query, d]."""
+    def forward(self, h: torch.Tensor, n_query: int, at: Pass) -> torch.Tensor:
+        """h: [B, S, d] normed rows (keys-only rows, then the n_query query rows) at the positions of at's
+        cos/sin. With at.input_pos the keys/values go into the layer's cache and the queries see every cached
+        slot before theirs (a question's memory prefix is already there), or what at.mask shows.
+        Returns [B, n_query, d]."""
         B, S, _ = h.shape
-        q = self.q_proj(h[:, S - n_query :], adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
-        k, v = self.project_kv(h, adapter)
-        q = apply_rope(q, cos[..., -n_query:, :], sin[..., -n_query:, :])  # [B, H, n_query, D]
-        k = apply_rope(k, cos, sin)  # [B, H_kv, S, D]
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, end, D]
-        y = attend(q, k, v, mask).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
-        return self.o_proj(y, adapter)
+        q = self.q_proj(h[:, S - n_query :], at.adapter).view(B, n_query, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.project_kv(h, at.adapter)
+        q = apply_rope(q, at.cos[..., -n_query:, :], at.sin[..., -n_query:, :])  # [B, H, n_query, D]
+        k = apply_rope(k, at.cos, at.sin)  # [B, H_kv, S, D]
+        if at.input_pos is not None:
+            k, v = self.kv_cache.update(at.input_pos, k, v)  # [B, H_kv, end, D]
+        y = attend(q, k, v, at.mask).transpose(1, 2).reshape(B, n_query, self.n_heads * self.head_dim)
+        return self.o_proj(y, at.adapter)
 
 
 class MLP(nn.Module):
@@ -202,17 +208,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        n_query: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        adapter: str | None,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, n_query: int, at: Pass) -> torch.Tensor:
         """h: [B, S, d] layer input (keys-only rows then the n_query query rows) -> [B, n_query, d]."""
-        attn = self.self_attn(self.input_layernorm(h), n_query, cos, sin, adapter, input_pos, mask)
-        x = h[:, -n_query:] + attn
-        return x + self.mlp(self.post_attention_layernorm(x), adapter)
+        x = h[:, -n_query:] + self.self_attn(self.input_layernorm(h), n_query, at)
+        return x + self.mlp(self.post_attention_layernorm(x), at.adapter)

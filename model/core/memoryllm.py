@@ -22,7 +22,7 @@ from ..memory.state import (
     new_generator,
 )
 from .config import ModelConfig, ModelInfo
-from .layers import DECODER, ENCODER, Block, KVCache, RMSNorm
+from .layers import DECODER, ENCODER, Block, KVCache, Pass, RMSNorm
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
 
 AnswerBias = Callable[[Sequence[int], torch.Tensor], torch.Tensor]  # (prompt + answer so far, logits [V]) -> [V]
@@ -326,14 +326,14 @@ class MemoryLLM(nn.Module):
                 return self(ids, state, torch.arange(P, P + n), return_hidden, reuse_memory_kv, last_only)
         prefill = P > 0 and int(input_pos[0]) == P
         x = self.model.embed_tokens(ids.to(self.device))  # [B, n, d]
-        cos, sin = self.cos_sin(input_pos)
+        at = Pass(*self.cos_sin(input_pos), self.decoder_adapter(), input_pos)
         hidden = [] if return_hidden else None
         for layer, block in enumerate(self.model.layers):
             if hidden is not None:
                 hidden.append(x)
             if prefill:
                 self.fill_prefix(layer, state, x, reuse_memory_kv)
-            x = block(x, n, cos, sin, self.decoder_adapter(), input_pos)
+            x = block(x, n, at)
         x = self.model.norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -357,13 +357,14 @@ class MemoryLLM(nn.Module):
         slots before slots[0]."""
         x = self.model.embed_tokens(ids.to(self.device))  # [B, n, d]
         cos, sin = (t[:, None] for t in self.cos_sin(positions))  # [B, 1, n, D]
+        at = Pass(cos, sin, self.decoder_adapter(), slots.to(self.device), mask)
         for layer, block in enumerate(self.model.layers):
             if pads is not None:
                 for i, (state, pad) in enumerate(zip(states, pads, strict=True)):
                     P = self.prefix_length(state)
                     k, v = self.prefix_kv(layer, state, x[i : i + 1, pad:], reuse_memory_kv, P + 1)
                     block.self_attn.kv_cache.put(i, int(slots[0]) - P, k[:, :, :P], v[:, :, :P])
-            x = block(x, x.shape[1], cos, sin, self.decoder_adapter(), slots.to(self.device), mask)
+            x = block(x, x.shape[1], at)
         return self.logits(self.model.norm(x[:, -1]))  # [B, V]
 
     # -- writing: injection ----------------------------------------------------------------------
@@ -373,12 +374,12 @@ class MemoryLLM(nn.Module):
         [n], [B, L, n, d] for a batch ids [B, n]."""
         x = self.model.embed_tokens(ids.to(self.device).view(-1, ids.shape[-1]))  # [B, n, d]
         n = x.shape[1]
-        cos, sin = self.cos_sin(torch.arange(n))
+        at = Pass(*self.cos_sin(torch.arange(n)), None)
         inputs = []
         for layer, block in enumerate(self.model.layers):
             inputs.append(x.to(self.device))
             if layer < self.cfg.num_layers - 1:  # the last layer's output is never needed
-                x = block(x, n, cos, sin, None)
+                x = block(x, n, at)
         stacked = torch.stack(inputs, dim=1)  # [B, L, n, d]
         return stacked if ids.dim() == 2 else stacked[0]
 

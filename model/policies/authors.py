@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.config import ModelConfig
+from ..core.layers import Pass
 from ..core.memoryllm import InjectResult, MemoryLLM, NewRows
 from ..core.mplus import MPlus, Retrieval
 from ..memory.ltm import LongTermMemory
@@ -46,9 +47,9 @@ class TrainedDelta:
         B, n = ids.shape
         memory_block = K if initialized else 0
         length = model.n_bos * (memory_block > 0) + memory_block + n
-        cos, sin = model.cos_sin(torch.arange(length))
+        last, positions = model.cfg.num_layers - 1, torch.arange(length)
+        at = Pass(*model.cos_sin(positions), model.encoder_adapter(), positions if like_authors else None)
         n_query = max(n, K) if initialized else n
-        last, positions = model.cfg.num_layers - 1, torch.arange(length) if like_authors else None
         deltas = []
         with model.caches(B, length) if like_authors else nullcontext():
             for layer, block in enumerate(model.model.layers):
@@ -60,7 +61,7 @@ class TrainedDelta:
                 h = torch.cat(parts, dim=1)  # [B, bos + K + n, d] (a fresh tensor: safe to add into)
                 h[:, -K:] += model.new_memory_positional_emb.to(device)
                 queries = min(n_query, K) if layer == last and not like_authors else n_query
-                out = block(h, queries, cos, sin, model.encoder_adapter(), positions)  # [B, queries, d]
+                out = block(h, queries, at)  # [B, queries, d]
                 deltas.append(out[:, -K:].to(model.device))
                 x = out[:, -n:]
         if like_authors:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.core.config import config_from_hf
-from model.core.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, RMSNorm, attend, make_linear
+from model.core.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, Pass, RMSNorm, attend, make_linear
 from model.core.rope import apply_rope, cos_sin, inverse_frequencies
 from model.zoo.registry import TINY_CONFIG as TINY
 
@@ -244,8 +244,8 @@ def test_attention_shapes_and_prefix_rows(cfg, adapter):
     attn = fill(Attention(cfg), seed=20)
     h = randn(2, 11, cfg.hidden_size, seed=21)  # [B, S, d]
     cos, sin = rope_tables(cfg, torch.arange(11))
-    full = attn(h, 11, cos, sin, adapter)
-    part = attn(h, 4, cos, sin, adapter)
+    full = attn(h, 11, Pass(cos, sin, adapter))
+    part = attn(h, 4, Pass(cos, sin, adapter))
     assert full.shape == (2, 11, cfg.hidden_size) and part.shape == (2, 4, cfg.hidden_size)
     torch.testing.assert_close(part, full[:, -4:], atol=1e-5, rtol=1e-5)
 
@@ -274,7 +274,7 @@ def test_attention_matches_written_out_llama(cfg):
     h = randn(2, 9, cfg.hidden_size, seed=23)
     positions = torch.arange(5, 14)  # not starting at 0
     cos, sin = rope_tables(cfg, positions)
-    out = attn(h, 9, cos, sin, None)
+    out = attn(h, 9, Pass(cos, sin, None))
     torch.testing.assert_close(out.double(), reference_attention_layer(attn, h, positions), atol=1e-5, rtol=1e-5)
 
 
@@ -283,11 +283,11 @@ def test_block_with_cache_equals_full_run(cfg):
     block = fill(Block(cfg), seed=24)
     h = randn(1, 11, cfg.hidden_size, seed=25)
     cos, sin = rope_tables(cfg, torch.arange(11))
-    full = block(h, 11, cos, sin, DECODER)  # [1, 11, d]
+    full = block(h, 11, Pass(cos, sin, DECODER))  # [1, 11, d]
     block.self_attn.kv_cache = cache = KVCache((1, cfg.num_kv_heads, 11, cfg.head_dim), torch.float32, CPU)
-    outs = [block(h[:, :8], 8, cos[:8], sin[:8], DECODER, torch.arange(8))]
+    outs = [block(h[:, :8], 8, Pass(cos[:8], sin[:8], DECODER, torch.arange(8)))]
     for t in range(8, 11):
-        outs.append(block(h[:, t : t + 1], 1, cos[t : t + 1], sin[t : t + 1], DECODER, torch.tensor([t])))
+        outs.append(block(h[:, t : t + 1], 1, Pass(cos[t : t + 1], sin[t : t + 1], DECODER, torch.tensor([t]))))
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
     keys, _ = block.self_attn.project_kv(block.input_layernorm(h), DECODER)  # [1, H_kv, 11, D] before RoPE
     torch.testing.assert_close(cache.k, apply_rope(keys, cos, sin), atol=1e-6, rtol=1e-6)  # every position cached
@@ -298,9 +298,9 @@ def test_block_residual_structure(cfg):
     block = fill(Block(cfg), seed=26)
     h = randn(2, 7, cfg.hidden_size, seed=27)
     cos, sin = rope_tables(cfg, torch.arange(7))
-    out = block(h, 3, cos, sin, ENCODER)
+    out = block(h, 3, Pass(cos, sin, ENCODER))
     assert out.shape == (2, 3, cfg.hidden_size)
-    x = h[:, -3:] + block.self_attn(block.input_layernorm(h), 3, cos, sin, ENCODER)
+    x = h[:, -3:] + block.self_attn(block.input_layernorm(h), 3, Pass(cos, sin, ENCODER))
     expected = x + block.mlp(block.post_attention_layernorm(x), ENCODER)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     mlp_in = block.post_attention_layernorm(x)
