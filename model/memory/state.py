@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import weakref
 from dataclasses import dataclass, field, replace
@@ -284,12 +285,23 @@ def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tens
     L, N, d = memory.shape
     k = delta.shape[1]
     dropped = []
-    survivors = memory.new_empty(N - k, d)  # one buffer for every layer's survivors: a large tensor's pages are
-    for layer in range(L):  # mapped once per inject, not once per layer
-        kept, drop = split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)
-        kept, drop = kept.to(memory.device), drop.to(memory.device)
-        dropped.append(memory[layer, drop])
-        torch.index_select(memory[layer], 0, kept, out=survivors)
-        memory[layer, : N - k] = survivors
+    for layer in range(L):
+        drop = split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)[1]  # [k] on the CPU
+        dropped.append(memory[layer, drop.to(memory.device)])
+        close_gaps(memory[layer], drop)
         memory[layer, N - k :] = delta[layer].to(memory.dtype)
     return torch.stack(dropped)
+
+
+def close_gaps(rows: torch.Tensor, drop: torch.Tensor) -> None:
+    """Move the rows of rows [N, d] that are not at drop [k] (a CPU tensor, ascending, distinct) to its front, in
+    order, in place. On the CPU each run of survivors between two dropped rows moves once, by memmove (which
+    may overlap): no buffer, one copy of the rows instead of a gather and a copy back."""
+    N, k = rows.shape[0], drop.numel()
+    if rows.device.type != "cpu" or not rows.is_contiguous():
+        kept = torch.ones(N, dtype=torch.bool).index_fill_(0, drop, False).nonzero()[:, 0]  # [N - k]
+        rows[: N - k] = rows[kept.to(rows.device)]  # the gather is a new tensor: safe to copy back
+        return
+    row_bytes, base, at = rows.stride(0) * rows.element_size(), rows.data_ptr(), drop.tolist()
+    for shift, (gap, end) in enumerate(zip(at, [*at[1:], N], strict=True), start=1):
+        ctypes.memmove(base + (gap + 1 - shift) * row_bytes, base + (gap + 1) * row_bytes, (end - gap - 1) * row_bytes)

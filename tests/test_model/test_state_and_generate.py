@@ -10,6 +10,7 @@ from conftest import token_ids
 
 import model as mp
 from model.core.generate import pick_token
+from model.memory.state import close_gaps
 from model.text.tokenizer import chat_ids
 
 
@@ -24,6 +25,20 @@ def test_state_round_trips_bit_exactly(tiny, state, tmp_path):
     ids = token_ids(25, seed=9)
     a, b = tiny.inject(state, ids), tiny.inject(loaded, ids)
     assert torch.equal(a.perms, b.perms) and torch.equal(state.memory, loaded.memory)
+
+
+@pytest.mark.parametrize("drop", [[0, 1, 7], [3, 11], [5], [10, 11], list(range(12))])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_closing_the_gaps_keeps_the_survivors_in_order_at_the_front(drop, layout):
+    rows = torch.arange(12 * 3, dtype=torch.bfloat16).view(12, 3)
+    if layout == "strided":  # every other column of a wider block: the gather path
+        rows = torch.zeros(12, 6, dtype=torch.bfloat16)[:, ::2].copy_(rows)
+    survivors = [i for i in range(12) if i not in drop]
+    expected, tail = rows[survivors].clone(), rows[12 - len(drop) :].clone()
+    close_gaps(rows, torch.tensor(drop))
+    assert torch.equal(rows[: len(survivors)], expected)
+    if layout == "contiguous":  # the memmove path leaves the last k rows as they were
+        assert torch.equal(rows[len(survivors) :], tail)
 
 
 def test_state_refuses_unknown_format(state, tmp_path):
