@@ -258,7 +258,7 @@ def inject_fraction(speed: dict[str, Any], memory: dict[str, Any], matmul: dict[
     fallback = memory.get("memoryllm", {}).get("inject_tok_s")
     if not (figures or fallback) or "tflops" not in matmul:
         return {"error": "no inject figure or no matmul peak (see the steps)"}
-    source = "bench speed (compute_delta)" if figures else "the memory step (model.inject, one timed call)"
+    source = "bench speed (model.inject, the smaller memory)" if figures else "the memory step (model.inject, one call)"
     tokens_per_s = figures[0] if figures else fallback
     per_token = decoder_flop_per_token(sp.SHAPES[shape_name].memoryllm)
     tflops = tokens_per_s * per_token / 1e12

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import model as mp
+from model.memory.state import draw_permutations, split_permutation
 from model.policies.authors import order_oldest_first
 
 
@@ -20,6 +21,23 @@ def authors_delta(model: mp.MemoryLLM, ids: torch.Tensor, state: mp.MemoryState)
     §11 item 18): every layer, the last one included, computes all max(n, K) query rows, a KV cache is filled,
     and the logits of the n tokens are computed and thrown away. Returns the same delta [L, k, d]."""
     return model.compute_delta(ids, state, like_authors=True)
+
+
+@torch.no_grad()
+def authors_inject(model: mp.MemoryLLM, ids: torch.Tensor, state: mp.MemoryState) -> None:
+    """`model.inject(state, ids)` of a MemoryLLM whose memory is written, the way the authors' injection and
+    update run (docs/algorithm.md §5.5): `authors_delta`, then the same permutations drawn, and each layer's
+    survivors gathered and concatenated with its new rows into a new tensor that is copied into the memory
+    (all layers at once under one shared permutation)."""
+    delta = authors_delta(model, ids, state).to(state.memory.dtype)  # [L, k, d]
+    N, k, memory = state.rows_per_layer, delta.shape[1], state.memory
+    draws = model.cfg.num_layers if model.cfg.drop_memory_per_layer else 1
+    perms = draw_permutations(state.generator, draws, N)  # [draws, N]
+    if draws == 1:
+        memory.copy_(torch.cat([memory[:, split_permutation(perms[0], k)[0]], delta], dim=1))
+        return
+    for layer in range(draws):
+        memory[layer] = torch.cat([memory[layer][split_permutation(perms[layer], k)[0]], delta[layer]])
 
 
 @torch.no_grad()

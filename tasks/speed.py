@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from model.systems import build_system, label
 from model.systems.baselines import no_memory
 from model.zoo.registry import MODELS
 
-from .baselines import authors_ask, authors_delta, authors_retrieve
+from .baselines import authors_ask, authors_delta, authors_inject, authors_retrieve
 from .figures import Figure, Report
 from .random_models import first_rows, initial_with_ltm, random_ids, random_ltm, random_model_with_memory, with_ltm
 from .speed_store import measure_ltm_session, measure_store
@@ -68,18 +69,39 @@ SHAPES = {
 
 
 BATCH = 8  # samples per batch in the batched-samples figure
+INJECT_ROWS = 1_280  # the smaller memory of the inject figures (rows/layer)
 
 
 # -- measurements -----------------------------------------------------------------------------------
-def measure_inject(model: mp.MemoryLLM, tokens: int, repeats: int) -> Figure:
-    """Injection (new rows only) in tokens/s: compute_delta vs the authors' way."""
+def measure_inject(model: mp.MemoryLLM, tokens: int, repeats: int) -> list[Figure]:
+    """A MemoryLLM's injection in tokens/s, the new rows and the memory's update (`model.inject` vs
+    `authors_inject`), into its memory and into a memory of its last INJECT_ROWS rows per layer."""
+    ids = random_ids(tokens, model.cfg.vocab_size)
+    detail = (
+        "model.inject (no logits, no KV cache, last layer: K rows; survivors moved in place) vs logits + KV "
+        "cache + all rows, survivors gathered and concatenated with the new rows; the same memory after each"
+    )
+    figures = []
+    for rows in sorted({min(INJECT_ROWS, model.cfg.memory_rows), model.cfg.memory_rows}):
+        memory = model.initial_state.memory[:, -rows:]  # [L, rows, d]
+        ours, theirs = mp.MemoryState(memory.clone()), mp.MemoryState(memory.clone())
+        fast, slow = paired(
+            partial(model.inject, ours, ids), partial(authors_inject, model, ids, theirs), model.device, repeats
+        )
+        name = f"inject tok/s ({tokens}-token chunks, {rows:,} memory rows/layer)"
+        figures.append(Figure(name, "tok/s", tokens / fast, tokens / slow, target=2.0, detail=detail))
+    return figures
+
+
+def measure_delta(model: mp.MemoryLLM, tokens: int, repeats: int) -> Figure:
+    """An M+ model's new rows in tokens/s: compute_delta vs the authors' way (its update is measured with the LTM)."""
     state, ids = model.new_state(0), random_ids(tokens, model.cfg.vocab_size)
     fast, slow = paired(
         lambda: model.compute_delta(ids, state), lambda: authors_delta(model, ids, state), model.device, repeats
     )
     detail = "compute_delta (no logits, no KV cache, last layer: K rows) vs logits + KV cache + all rows"
     return Figure(
-        f"inject tok/s ({tokens}-token chunks)", "tok/s", tokens / fast, tokens / slow, target=1.5, detail=detail
+        f"new rows tok/s ({tokens}-token chunks)", "tok/s", tokens / fast, tokens / slow, target=1.5, detail=detail
     )
 
 
@@ -279,7 +301,10 @@ def run(
                 continue
             if cfg.kind == "memoryllm" or len(models) == 1:
                 log(f"{cfg.kind}: inject")
-                figures.append(measure_inject(model, workload.inject_tokens, repeats))
+                if cfg.kind == "memoryllm":
+                    figures += measure_inject(model, workload.inject_tokens, repeats)
+                else:
+                    figures.append(measure_delta(model, workload.inject_tokens, repeats))
                 log(f"{cfg.kind}: ask")
                 figures += measure_ask(model, workload.prompt_tokens, workload.new_tokens, repeats)
                 log(f"{cfg.kind}: {BATCH} samples at once")

@@ -14,8 +14,8 @@ from model.zoo.presets import build_preset, random_model
 from model.zoo.registry import TINY_CONFIG
 from mplus_cli.commands.speed import check_options
 from tasks import speed as sp
-from tasks.baselines import authors_delta, authors_retrieve
-from tasks.random_models import first_rows, random_ltm, with_ltm
+from tasks.baselines import authors_delta, authors_inject, authors_retrieve
+from tasks.random_models import first_rows, random_ltm, random_model_with_memory, with_ltm
 from tasks.speed_store import bytes_written, file_table
 
 
@@ -35,6 +35,18 @@ def test_authors_injection_gives_the_same_delta(tiny, tiny_mplus, n):
     for lm in (tiny, tiny_mplus):
         state, ids = lm.new_state(0), token_ids(n, seed=n)
         torch.testing.assert_close(authors_delta(lm, ids, state), lm.compute_delta(ids, state))
+
+
+@pytest.mark.parametrize("per_layer", [True, False], ids=["a-drop-per-layer", "one-drop"])
+def test_authors_injection_leaves_the_same_memory(per_layer):
+    config = TINY_CONFIG | {"drop_memory_per_layer": per_layer}
+    lm = random_model_with_memory(config, torch.device("cpu"), torch.float32, seed=4)
+    ours, theirs = lm.new_state(7), lm.new_state(7)
+    for n in (40, 9, 23):
+        lm.inject(ours, token_ids(n, seed=n))
+        authors_inject(lm, token_ids(n, seed=n), theirs)
+    assert not torch.equal(ours.memory, lm.initial_state.memory)
+    assert torch.equal(theirs.memory, ours.memory)  # bit-identical: the K new rows come out of the same sums
 
 
 def test_generate_gives_the_same_tokens_with_and_without_the_memory_kv_cache(tiny, state):
