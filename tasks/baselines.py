@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import model as mp
-from model.memory.state import draw_permutations, split_permutation
+from model.memory.state import draw_permutations
 from model.policies.authors import order_oldest_first
 
 
@@ -33,11 +33,12 @@ def authors_inject(model: mp.MemoryLLM, ids: torch.Tensor, state: mp.MemoryState
     N, k, memory = state.rows_per_layer, delta.shape[1], state.memory
     draws = model.cfg.num_layers if model.cfg.drop_memory_per_layer else 1
     perms = draw_permutations(state.generator, draws, N)  # [draws, N]
+    keep = perms[:, : N - k].sort().values  # [draws, N - k]
     if draws == 1:
-        memory.copy_(torch.cat([memory[:, split_permutation(perms[0], k)[0]], delta], dim=1))
+        memory.copy_(torch.cat([memory[:, keep[0]], delta], dim=1))
         return
     for layer in range(draws):
-        memory[layer] = torch.cat([memory[layer][split_permutation(perms[layer], k)[0]], delta[layer]])
+        memory[layer] = torch.cat([memory[layer][keep[layer]], delta[layer]])
 
 
 @torch.no_grad()
