@@ -32,29 +32,55 @@ SUM_BLOCK_BYTES = 128 << 10  # bytes per checksummed block of an append-only fil
 
 def populated_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor that is cheap to fill: its pages come 2 MB at a time (transparent huge
-    pages, where the kernel allows them on request) or else are all mapped in one call (Linux MAP_POPULATE),
-    rather than a page fault per 4 kB when it is first written. A fresh 168 MB tensor is filled from another
-    in 58 ms on huge pages, 91 ms populated, 96 ms from torch.empty (one thread, here)."""
+    pages) when the kernel grants them on request and has enough of them free, or else are all mapped in one
+    call (Linux MAP_POPULATE), rather than a page fault per 4 kB when it is first written. A fresh 168 MB
+    tensor is filled from another in 58 ms on huge pages, 91 ms populated, 96 ms from torch.empty (one thread,
+    here). Huge pages are not asked for when too few are free: the kernel would compact memory to make them,
+    synchronously, and an open once took 370-400 ms that way."""
     count = math.prod(shape)
-    if not hasattr(mmap, "MAP_POPULATE") or count * dtype.itemsize < 1 << 20:
+    nbytes = count * dtype.itemsize
+    if not hasattr(mmap, "MAP_POPULATE") or nbytes < 1 << 20:
         return torch.empty(shape, dtype=dtype)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if huge_pages_on_request():
-        pages = mmap.mmap(-1, count * dtype.itemsize, flags=flags)
+    if huge_pages_on_request() and free_huge_bytes() >= 2 * nbytes:
+        pages = mmap.mmap(-1, nbytes, flags=flags)
         pages.madvise(mmap.MADV_HUGEPAGE)
     else:
-        pages = mmap.mmap(-1, count * dtype.itemsize, flags=flags | mmap.MAP_POPULATE)
+        pages = mmap.mmap(-1, nbytes, flags=flags | mmap.MAP_POPULATE)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps `pages` alive
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage")
 
 
 @functools.cache
 def huge_pages_on_request() -> bool:
     """Whether madvise(MADV_HUGEPAGE) gets a mapping transparent huge pages here (Linux: "always" or "madvise")."""
     try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = (THP / "enabled").read_text()
     except OSError:
         return False
     return hasattr(mmap, "MADV_HUGEPAGE") and ("[always]" in mode or "[madvise]" in mode)
+
+
+def free_huge_bytes() -> int:
+    """Bytes the kernel holds free in blocks of a huge page or larger; 0 where it does not say."""
+    try:
+        huge = int((THP / "hpage_pmd_size").read_text())
+        return free_block_bytes(Path("/proc/buddyinfo").read_text(), huge, mmap.PAGESIZE)
+    except (OSError, ValueError):
+        return 0
+
+
+def free_block_bytes(buddyinfo: str, block: int, page: int) -> int:
+    """Free bytes in blocks of at least `block` bytes, from /proc/buddyinfo's text (per zone, the number of
+    free blocks of 2^order pages of `page` bytes, order 0 first)."""
+    order = (block // page).bit_length() - 1
+    free = 0
+    for zone in buddyinfo.splitlines():
+        counts = [int(c) for c in zone.split()[4:]]  # after "Node 0, zone Normal"
+        free += sum(n << (o - order) for o, n in enumerate(counts) if o >= order)
+    return free * block
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

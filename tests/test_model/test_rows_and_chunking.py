@@ -111,7 +111,8 @@ def test_a_row_space_holds_segments_and_a_tail_by_id(tmp_path):
 
 @pytest.mark.parametrize("huge", [True, False], ids=["huge-pages", "populated"])
 def test_a_populated_empty_tensor_is_its_own_writable_memory(monkeypatch, huge):
-    monkeypatch.setattr(rows_module, "huge_pages_on_request", lambda: huge)
+    monkeypatch.setattr(rows_module, "huge_pages_on_request", lambda: True)
+    monkeypatch.setattr(rows_module, "free_huge_bytes", lambda: (1 << 30) if huge else 0)
     shape = (3, 1 << 18)  # 3 MB of float32: past the size under which torch.empty serves
     first, second = rows_module.populated_empty(shape, torch.float32), rows_module.populated_empty(shape, torch.float32)
     assert first.shape == shape and first.dtype == torch.float32 and first.is_contiguous()
@@ -119,6 +120,16 @@ def test_a_populated_empty_tensor_is_its_own_writable_memory(monkeypatch, huge):
     first.copy_(values)
     second.fill_(2.0)
     assert torch.equal(first, values) and bool((second == 2.0).all())
+
+
+def test_free_huge_pages_are_counted_from_the_buddy_allocator_blocks():
+    buddyinfo = (
+        "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
+        "Node 0, zone   Normal  21293  19517  14526   7485   4238   2035    501    378    395     22    640\n"
+    )
+    mb = 1 << 20  # 2 MB huge pages of 4 kB pages: order 9 counts once, order 10 twice
+    assert rows_module.free_block_bytes(buddyinfo, 2 * mb, 4096) == (1 + 3 * 2 + 22 + 640 * 2) * 2 * mb
+    assert rows_module.free_block_bytes(buddyinfo, 4 * mb, 4096) == (3 + 640) * 4 * mb
 
 
 class WordTokenizer:
