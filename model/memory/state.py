@@ -257,8 +257,12 @@ def split_permutation(perm: torch.Tensor, drop: int) -> tuple[torch.Tensor, torc
     sort(perm[:N-drop]) found in one pass over the N rows rather than by a sort."""
     rows = perm.shape[0]
     dropped = perm[rows - drop :].sort().values  # [drop]
-    kept = torch.ones(rows, dtype=torch.bool, device=perm.device).index_fill_(0, dropped, False).nonzero()[:, 0]
-    return kept, dropped
+    return kept_rows(dropped, rows), dropped
+
+
+def kept_rows(dropped: torch.Tensor, rows: int) -> torch.Tensor:
+    """The indices of 0..rows-1 not in dropped [k], ascending: [rows - k] on dropped's device."""
+    return torch.ones(rows, dtype=torch.bool, device=dropped.device).index_fill_(0, dropped, False).nonzero()[:, 0]
 
 
 def tile_first_delta(delta: torch.Tensor, rows: int) -> torch.Tensor:
@@ -302,8 +306,7 @@ def close_gaps(rows: torch.Tensor, drop: torch.Tensor) -> None:
     may overlap): no buffer, one copy of the rows instead of a gather and a copy back."""
     N, k = rows.shape[0], drop.numel()
     if rows.device.type != "cpu" or not rows.is_contiguous():
-        kept = torch.ones(N, dtype=torch.bool).index_fill_(0, drop, False).nonzero()[:, 0]  # [N - k]
-        rows[: N - k] = rows[kept.to(rows.device)]  # the gather is a new tensor: safe to copy back
+        rows[: N - k] = rows[kept_rows(drop, N).to(rows.device)]  # the gather is a new tensor: safe to copy back
         return
     row_bytes, base, at = rows.stride(0) * rows.element_size(), rows.data_ptr(), drop.tolist()
     for shift, (gap, end) in enumerate(zip(at, [*at[1:], N], strict=True), start=1):
