@@ -283,19 +283,17 @@ def append_sources(perms: torch.Tensor, layers: int, rows: int, k: int) -> tuple
     return torch.cat([kept, (rows + torch.arange(k)).expand(layers, k)], dim=1), dropped
 
 
-def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """Drop delta-many rows per layer and append the delta; returns the dropped rows [L, k, d].
+def drop_and_append(memory: torch.Tensor, delta: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Drop the rows at drop [L, k] (each layer's, ascending, on the CPU: `append_sources`' second result) and
+    append the delta; returns the dropped rows [L, k, d].
 
-    memory: [L, N, d] updated in place; delta: [L, k, d]; perms: [L, N] (per-layer drop) or [1, N]
-    (one permutation shared by all layers). Survivors keep their order; the new rows go last.
+    memory: [L, N, d] updated in place; delta: [L, k, d]. Survivors keep their order; the new rows go last.
     """
-    L, N, d = memory.shape
-    k = delta.shape[1]
+    N, k = memory.shape[1], delta.shape[1]
     dropped = []
-    for layer in range(L):
-        drop = split_permutation(perms[layer if perms.shape[0] > 1 else 0], k)[1]  # [k] on the CPU
-        dropped.append(memory[layer, drop.to(memory.device)])
-        close_gaps(memory[layer], drop)
+    for layer, rows in enumerate(drop):
+        dropped.append(memory[layer, rows.to(memory.device)])
+        close_gaps(memory[layer], rows)
         memory[layer, N - k :] = delta[layer].to(memory.dtype)
     return torch.stack(dropped)
 

@@ -87,8 +87,8 @@ class RandomRows:
             perms = draw_permutations(state.generator, draws, N)
         elif tuple(perms.shape) != (draws, N):
             raise ValueError(f"perms must have shape ({draws}, {N}), got {tuple(perms.shape)}")
-        dropped = drop_and_append(state.memory, delta, perms)
         sources, dropped_sources = append_sources(perms, state.num_layers, N, k)
+        dropped = drop_and_append(state.memory, delta, dropped_sources)
         return InjectResult(delta, perms, dropped, sources, row_ids, dropped_sources)
 
 
