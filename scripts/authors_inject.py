@@ -101,7 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mplus-authors-") as tmp:
         root = Path(tmp)
         chunks = root / "chunks.json"
-        chunks.write_text(json.dumps([random_ids(512, 32000, seed).tolist() for seed in range(args.chunks)]))
+        vocab, tokens = SHAPES["small"].memoryllm["vocab_size"], SHAPES["small"].inject_tokens
+        chunks.write_text(json.dumps([random_ids(tokens, vocab, seed).tolist() for seed in range(args.chunks)]))
         print("| memory rows/layer | ours | the authors' code | ratio | rounds | memory |")
         print("|---|---|---|---|---|---|")
         code, ours_at, theirs_at = str(args.authors_code), root / "ours", root / "theirs"
