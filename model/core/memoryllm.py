@@ -260,7 +260,7 @@ class MemoryLLM(nn.Module):
             k, v = self.memory_kv(layer, state, capacity)
             if extra is not None:
                 T = extra.shape[0]
-                k[:, :, b : b + T], v[:, :, b : b + T] = self.rotated_kv(layer, extra, torch.arange(b, b + T))
+                self.project_rows_into(layer, extra, b, k[:, :, b : b + T], v[:, :, b : b + T])
             return k, v
         parts = [] if extra is None else [extra.to(self.dtype)]
         rows = self.with_bos(layer, torch.cat([*parts, state.memory[layer].to(self.dtype)]))  # [P, d]
