@@ -454,8 +454,12 @@ class RowSpace:
             self._gather_sorted(ids, out)
             return out
         for positions, source, local in self._split(ids):
-            rows = source.read(local) if isinstance(source, FileArray) else source[local]
-            out.index_copy_(0, positions, rows.to("cpu", self.dtype))
+            if positions.numel() == ids.numel():  # one part holds every id (a question's LTM rows): into place
+                self._read_part(source, local, out)
+            else:
+                out.index_copy_(
+                    0, positions, self._read_part(source, local, out.new_empty(positions.numel(), self.width))
+                )
         return out
 
     def _gather_sorted(self, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -465,17 +469,20 @@ class RowSpace:
             if hi == lo:
                 continue
             covered[lo:hi] = True
-            local, target = ids[lo:hi] - first, out[lo:hi]
-            if isinstance(source, FileArray) and source.dtype == self.dtype:
-                source.read(local, out=target)
-            elif isinstance(source, FileArray):
-                target.copy_(source.read(local))
-            elif source.dtype == self.dtype and source.device.type == "cpu":
-                torch.index_select(source, 0, local, out=target)
-            else:
-                target.copy_(source[local])
+            self._read_part(source, ids[lo:hi] - first, out[lo:hi])
         if not bool(covered.all()):
             raise KeyError(f"row id {int(ids[~covered][0])} is not held by this row space")
+
+    def _read_part(self, source: Source, local: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Rows `local` [m] of one part into target [m, d] (CPU, this space's dtype), selected straight into it
+        where the dtypes agree (index_select: 4x faster than indexing on the CPU); returns target."""
+        if isinstance(source, FileArray) and source.dtype == self.dtype:
+            return source.read(local, out=target)
+        if isinstance(source, FileArray):
+            return target.copy_(source.read(local))
+        if source.dtype == self.dtype and source.device.type == "cpu":
+            return torch.index_select(source, 0, local, out=target)
+        return target.copy_(torch.index_select(source, 0, local.to(source.device)))
 
     def scan(self, ids: torch.Tensor, batch: int = SCAN_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(positions [b], rows [b, d]) for the rows at ids [m], about `batch` rows per step, each part's rows in

@@ -91,6 +91,10 @@ def test_a_row_space_holds_segments_and_a_tail_by_id(tmp_path):
     ids = torch.tensor([34, 0, 12, 29, 30, 5, 12])
     assert torch.equal(space.gather(ids), everything[ids])
     assert torch.equal(space.gather(torch.arange(35)), everything)  # sorted: read in place, part by part
+    for one_part in (torch.tensor([7, 0, 3, 3]), torch.tensor([25, 11, 19]), torch.tensor([33, 30])):
+        out = torch.full((one_part.numel(), d), float("nan"))
+        assert space.gather(one_part, out=out) is out  # unsorted, one part: selected straight into out
+        assert torch.equal(out, everything[one_part])
     seen = torch.cat([positions for positions, _ in space.scan(ids, batch=2)])
     assert sorted(seen.tolist()) == list(range(7))
     assert space.holds(10, 20) and space.holds(30, 5) and space.end == 35
