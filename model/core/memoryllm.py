@@ -25,6 +25,8 @@ from .config import ModelConfig, ModelInfo
 from .layers import DECODER, ENCODER, Block, KVCache, Pass, RMSNorm
 from .rope import apply_rope, cos_sin, inverse_frequencies, rope_into
 
+ROPE_TABLE_STEP = 4096  # positions the model's cos/sin table grows by
+
 AnswerBias = Callable[[Sequence[int], torch.Tensor], torch.Tensor]  # (prompt + answer so far, logits [V]) -> [V]
 
 
@@ -107,6 +109,7 @@ class MemoryLLM(nn.Module):
         self.bos_embedding = nn.Parameter(torch.empty(cfg.num_layers, 1, d)) if cfg.add_bos_embedding else None
         self.new_memory_positional_emb = nn.Parameter(torch.empty(1, 1, d))
         self.inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)  # float32, never cast with the weights
+        self.rope_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.initial_state: MemoryState | None = None  # the checkpoint's memory, set by the loader
         self.tokenizer = None
         self.info = ModelInfo()
@@ -164,6 +167,16 @@ class MemoryLLM(nn.Module):
     def cos_sin(self, positions: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         device = device or self.device
         return cos_sin(self.cfg.rope, self.inv_freq.to(device), positions.to(device), self.dtype)
+
+    def rope_range(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [end - start, D] of positions start..end-1, sliced from a table of positions 0.. kept per device
+        and dtype and grown ROPE_TABLE_STEP at a time: every layer of a question reads the same prefix positions.
+        Each entry depends on its position alone, so the slices hold `cos_sin`'s bits."""
+        table = self.rope_tables.get((device, self.dtype))
+        if table is None or table[0].shape[0] < end:
+            table = self.cos_sin(torch.arange(-(-end // ROPE_TABLE_STEP) * ROPE_TABLE_STEP), device)  # [>= end, D] each
+            self.rope_tables[device, self.dtype] = table
+        return table[0][start:end], table[1][start:end]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -243,7 +256,7 @@ class MemoryLLM(nn.Module):
             mean_square = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square() / d  # [r]
             kv = F.linear(x, weight).mul_(torch.rsqrt(mean_square + norm.eps).to(self.dtype)[:, None])  # [r, 2HD]
             kv = kv.view(r, 2, H, D).permute(1, 2, 0, 3)  # [2, H, r, D]
-            cos, sin = self.cos_sin(torch.arange(first + start, first + start + r), device)
+            cos, sin = self.rope_range(first + start, first + start + r, device)
             rope_into(kv[0:1], cos, sin, k_out[:, :, start : start + r])
             v_out[:, :, start : start + r] = kv[1:2]
 

@@ -199,7 +199,7 @@ class Selectors:
             q = self.queries(model, layer, h).float().cpu()  # [n_q, s]
             scores = torch.empty(entries.numel())
             for positions, keys in ltm.bank.scan_keys(entries):  # keys [b, s], a batch at a time
-                scores[positions] = torch.sigmoid(q @ keys.float().T).mean(0)
+                scores[positions] = (q @ keys.float().T).sigmoid_().mean(0)  # [b]
             chosen = scores.topk(T).indices.sort().values  # [T]
         picked = entries[chosen]  # [T] entry ids
         order = order_oldest_first(ltm.bank.ages(picked))

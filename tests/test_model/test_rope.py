@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
+import model as mp
 from model.core.config import RopeConfig
+from model.core.memoryllm import ROPE_TABLE_STEP
 from model.core.rope import apply_rope, cos_sin, inverse_frequencies, rope_angles, rope_into
 
 LLAMA31 = RopeConfig(  # the published Llama-3.1 values
@@ -223,3 +225,13 @@ def test_rope_into_transposed_out():
     storage = torch.zeros(2, 5, 3, 16)
     rope_into(x, cos, sin, storage.transpose(1, 2))
     torch.testing.assert_close(storage.transpose(1, 2), apply_rope(x, cos, sin))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mplus", "tiny-free-mplus"])
+def test_the_models_rope_table_gives_the_bits_of_cos_sin_for_any_range(name):
+    lm, cpu = mp.load(name), torch.device("cpu")
+    for start, end in [(0, 5), (3, ROPE_TABLE_STEP + 4), (ROPE_TABLE_STEP - 1, 2 * ROPE_TABLE_STEP + 1), (1, 2)]:
+        cos, sin = lm.rope_range(start, end, cpu)
+        expected = lm.cos_sin(torch.arange(start, end))
+        assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
+    assert lm.rope_tables[cpu, lm.dtype][0].shape[0] == 3 * ROPE_TABLE_STEP  # grown, never shrunk
