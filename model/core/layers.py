@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,21 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.scaling = scaling
+        self.scaling_is_power_of_two = scaling > 0 and math.frexp(scaling)[0] == 0.5
         self.lora_A = nn.ParameterDict({a: nn.Parameter(torch.empty(r, in_features)) for a in adapters})
         self.lora_B = nn.ParameterDict({a: nn.Parameter(torch.empty(out_features, r)) for a in adapters})
 
     def forward(self, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight)  # [.., out]
         if adapter is None or adapter not in self.lora_A:
             return y
-        return y + F.linear(F.linear(x, self.lora_A[adapter]), self.lora_B[adapter]) * self.scaling
+        a = F.linear(x, self.lora_A[adapter])  # [.., r]
+        if y.dtype == torch.float32 and self.scaling_is_power_of_two:
+            # y += s * (a B^T) inside the matmul: in float32 a power-of-two s scales exactly, so these are the bits
+            # of PEFT's two steps (round(a B^T) * s, then the sum) without two more passes over y.
+            y.view(-1, y.shape[-1]).addmm_(a.view(-1, a.shape[-1]), self.lora_B[adapter].T, alpha=self.scaling)
+            return y
+        return y + F.linear(a, self.lora_B[adapter]) * self.scaling
 
     def merged_weight(self, adapter: str | None = None) -> torch.Tensor:
         """W + s * B A [out, in]: one matrix for many rows (the same map up to rounding)."""

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.core.config import config_from_hf
 from model.core.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, Pass, RMSNorm, attend, make_linear
@@ -74,6 +75,17 @@ def test_lora_forward_is_w_plus_scaled_ba(adapter):
     W, A, B = layer.weight.double(), layer.lora_A[adapter].double(), layer.lora_B[adapter].double()
     expected = x.double() @ W.T + 2.0 * (x.double() @ A.T) @ B.T  # [B, S, out]
     torch.testing.assert_close(layer(x, adapter).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [2.0, 0.5, 1.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_forward_has_the_bits_of_pefts_two_steps(scaling, dtype):
+    """PEFT adds round(B(A x)) * s to W x; the fused float32 path (power-of-two s) must give the same bits."""
+    layer = lora_linear(scaling).to(dtype)
+    x = randn(2, 300, 12, seed=11).to(dtype)  # [B, S, in]
+    A, B = layer.lora_A[ENCODER], layer.lora_B[ENCODER]
+    expected = F.linear(x, layer.weight) + F.linear(F.linear(x, A), B) * scaling
+    assert torch.equal(layer(x, ENCODER), expected)
 
 
 def test_adapters_are_distinct_and_matter():
