@@ -160,20 +160,11 @@ def ask_checkpoint(ltm_rows: int, stm_rows: int | None, directory: Path) -> Path
     if stm_rows is not None:
         config["num_blocks"] = stm_rows // config["num_tokens"] + config["num_ltm_blocks"]
     model = random_model_with_memory(config, torch.device("cpu"), torch.float32)
-    g, L, d, s = (
-        torch.Generator().manual_seed(1),
-        model.cfg.num_layers,
-        model.cfg.hidden_size,
-        model.cfg.selector_hidden_dim,
-    )
+    cfg, g, n = model.cfg, torch.Generator().manual_seed(1), ltm_rows
     layers = [
-        (
-            torch.randn(ltm_rows, d, generator=g),
-            torch.randn(ltm_rows, s, generator=g),
-            torch.zeros(ltm_rows),
-            torch.randperm(ltm_rows, generator=g),
-        )
-        for _ in range(L)
+        (torch.randn(n, cfg.hidden_size, generator=g), torch.randn(n, cfg.selector_hidden_dim, generator=g))
+        + (torch.zeros(n), torch.randperm(n, generator=g))
+        for _ in range(cfg.num_layers)
     ]  # (rows [n, d], keys [n, s], recall frequencies [n], ages [n]) per layer
     state = model.initial_state
     state.ltm = LongTermMemory.from_rows(layers)
