@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -139,8 +140,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    mask = causal_mask(q_len, k_len, q.device, q.dtype)  # [q_len, k_len]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+@functools.lru_cache(maxsize=8)
+def causal_mask(q_len: int, k_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[q_len, k_len] the bottom-right causal mask as SDPA adds it (0 visible, -inf hidden), built once for every
+    layer of a pass (and every pass of the same shape): SDPA turns a boolean mask into exactly these values."""
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -203,7 +212,8 @@ class MLP(nn.Module):
         self.down_proj = make_linear(cfg, "down_proj", f, d)
 
     def forward(self, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter)) * self.up_proj(x, adapter), adapter)
+        gate = self.gate_proj(x, adapter)  # [.., d_ff], fresh: SiLU and the product go in place
+        return self.down_proj(F.silu(gate, inplace=True).mul_(self.up_proj(x, adapter)), adapter)
 
 
 class Block(nn.Module):

@@ -9,7 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from model.core.config import config_from_hf
-from model.core.layers import DECODER, ENCODER, Attention, Block, KVCache, Linear, Pass, RMSNorm, attend, make_linear
+from model.core.layers import (
+    DECODER,
+    ENCODER,
+    Attention,
+    Block,
+    KVCache,
+    Linear,
+    Pass,
+    RMSNorm,
+    attend,
+    causal_mask,
+    make_linear,
+)
 from model.core.rope import apply_rope, cos_sin, inverse_frequencies
 from model.zoo.registry import TINY_CONFIG as TINY
 
@@ -172,6 +184,16 @@ def test_attend_masks_future_keys():
     changed = attend(q, k, v_changed)
     torch.testing.assert_close(changed[:, :, 0], base[:, :, 0], atol=0, rtol=0)
     assert (changed[:, :, 1] - base[:, :, 1]).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_has_the_bits_of_sdpa_with_a_boolean_mask(dtype):
+    """The additive mask built once per shape gives SDPA's own boolean-mask results bit for bit (the authors' path)."""
+    q, k, v = (randn(1, heads, n, 16, seed=seed).to(dtype) for heads, n, seed in ((4, 5, 17), (2, 12, 18), (2, 12, 19)))
+    visible = torch.ones(5, 12, dtype=torch.bool).tril(12 - 5)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    torch.testing.assert_close(attend(q, k, v), expected, atol=0, rtol=0)
+    assert causal_mask(5, 12, CPU, dtype) is causal_mask(5, 12, CPU, dtype)  # one mask for every layer
 
 
 # -- KVCache ----------------------------------------------------------------------------------------------
