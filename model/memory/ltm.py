@@ -135,9 +135,21 @@ class KeyMirror:
         self.count = self.storage.filled = end
 
 
+def as_slice(index: torch.Tensor) -> slice | None:
+    """slice(first, last + 1) when index [m] (m >= 1) counts up by one from first to last; else None."""
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 != index.numel() or not bool((index[1:] > index[:-1]).all()):
+        return None
+    return slice(first, last + 1)
+
+
 def read(source: Source, index: torch.Tensor) -> torch.Tensor:
-    """source[index] along the first dimension (index_select: 4x faster than indexing on the CPU)."""
-    return source.read(index) if isinstance(source, FileArray) else torch.index_select(source, 0, index)
+    """source[index] along the first dimension, read-only: a view where index is a run of consecutive ids (a
+    layer's entries as a checkpoint or merge lays them out), else a copy (index_select: 4x faster than indexing)."""
+    if isinstance(source, FileArray):
+        return source.read(index)
+    run = as_slice(index) if index.numel() else None
+    return source[run] if run is not None else torch.index_select(source, 0, index)
 
 
 class EntryBank:
@@ -182,6 +194,12 @@ class EntryBank:
         """(positions in ids, part number (len(parts): the tail), local indices) of each part ids fall in."""
         ids = ids.reshape(-1)
         ends = [*self.offsets[1:], len(self)]
+        if ids.numel():
+            low, high = (int(bound) for bound in torch.aminmax(ids))
+            for number, (start, end) in enumerate(zip(self.offsets, ends, strict=True)):
+                if start <= low and high < end:  # all in one part (the common case): no search
+                    yield torch.arange(ids.numel()), number, ids - start
+                    return
         for number, (start, end) in enumerate(zip(self.offsets, ends, strict=True)):
             inside = (ids >= start) & (ids < end)
             if bool(inside.any()):

@@ -13,7 +13,7 @@ import torch
 from conftest import token_ids
 
 import model as mp
-from model.memory.ltm import EntryBank, LongTermMemory
+from model.memory.ltm import EntryBank, LongTermMemory, as_slice
 from model.memory.rows import FileArray, RowSpace
 from model.memory.state import new_generator
 from model.policies.authors import device_scores
@@ -51,6 +51,40 @@ def counting_scans(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(EntryBank, "scan_keys", counted)
     return scanned
+
+
+# -- reading the bank -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        ([3, 4, 5], slice(3, 6)),
+        ([7], slice(7, 8)),
+        ([3, 5, 6], None),
+        ([5, 4], None),
+        ([3, 3, 4], None),
+        ([3, 5, 4, 6], None),
+    ],
+)
+def test_as_slice_only_for_runs_of_consecutive_ids(ids, expected):
+    assert as_slice(torch.tensor(ids)) == expected
+
+
+def test_bank_reads_runs_shuffled_and_split_ids_alike():
+    """Two RAM parts and a tail: runs (read as views), shuffled ids and ids across parts give the same keys, ages
+    and scans as indexing all of them, and what a read returns is the caller's to change."""
+    g, s = torch.Generator().manual_seed(3), 4
+    keys, births = torch.randn(50, s, generator=g), torch.randperm(50, generator=g)
+    parts = [(torch.arange(a, b), births[a:b], keys[a:b].clone()) for a, b in ((0, 20), (20, 40))]
+    bank = EntryBank(RowSpace(4, F32), s, F32, parts)
+    bank.add(torch.arange(40, 50), keys[40:], births[40:])
+    for ids in (torch.arange(22, 38), torch.arange(41, 50), torch.randperm(20, generator=g), torch.arange(15, 45)):
+        assert torch.equal(bank.keys(ids), keys[ids]) and torch.equal(bank.ages(ids), births[ids])
+        scanned = torch.empty(ids.numel(), s)
+        for positions, batch in bank.scan_keys(ids, batch=7):
+            scanned[positions] = batch
+        assert torch.equal(scanned, keys[ids])
+    bank.keys(torch.arange(22, 38)).zero_()
+    assert torch.equal(all_keys(bank), keys)
 
 
 # -- retrieval on the device path --------------------------------------------------------------------
