@@ -133,6 +133,9 @@ class Selectors:
     stm_rows_age = False  # the released code never ages short-term rows (docs/algorithm.md §6.3)
     device_scoring: bool | None = None  # score on the model's device; None: when the model is not on the CPU
 
+    def __init__(self) -> None:
+        self.products = torch.empty(0)  # scratch for the CPU path's batch products (see product_buffer)
+
     def answer_bias(self, model: MPlus, state: MemoryState) -> None:
         return None  # the authors' models read their rows only through attention
 
@@ -199,7 +202,8 @@ class Selectors:
             q = self.queries(model, layer, h).float().cpu()  # [n_q, s]
             scores = torch.empty(entries.numel())
             for positions, keys in ltm.bank.scan_keys(entries):  # keys [b, s], a batch at a time
-                scores[positions] = (q @ keys.float().T).sigmoid_().mean(0)  # [b]
+                product = torch.mm(q, keys.float().T, out=self.product_buffer(q.shape[0], keys.shape[0]))  # [n_q, b]
+                scores[positions] = product.sigmoid_().mean(0)  # [b]
             chosen = scores.topk(T).indices.sort().values  # [T]
         picked = entries[chosen]  # [T] entry ids
         order = order_oldest_first(ltm.bank.ages(picked))
@@ -208,6 +212,13 @@ class Selectors:
         if on_device:
             rows = rows.to(model.device, non_blocking=pinned)
         return Retrieval(rows=rows, indices=chosen[order], scores=scores, num_ltm=n, row_ids=row_ids)
+
+    def product_buffer(self, rows: int, columns: int) -> torch.Tensor:
+        """A [rows, columns] float32 view of scratch that every batch of every layer and question reuses: a fresh
+        product per batch pages in new memory each time, about 40 MB a question at 40,000 LTM rows per layer."""
+        if self.products.numel() < rows * columns:
+            self.products = torch.empty(rows * columns)
+        return self.products[: rows * columns].view(rows, columns)
 
     @staticmethod
     def device_key_dtype(model: MPlus) -> torch.dtype:

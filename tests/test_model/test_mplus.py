@@ -167,6 +167,21 @@ def test_retrieval_picks_the_highest_scoring_candidates_oldest_first(tiny, state
     assert torch.equal(r.rows, rows[r.indices])
 
 
+def test_scores_are_the_mean_sigmoid_over_the_question_tokens_in_every_layer(tiny, state):
+    """Layers of different sizes, read in turn, share the scoring scratch: each gets its own keys' scores."""
+    d, s, g = tiny.cfg.hidden_size, tiny.cfg.selector_hidden_dim, torch.Generator().manual_seed(5)
+    sizes = [3 * tiny.retrieved_rows, tiny.retrieved_rows + 1]
+    layers = [(torch.randn(n, d, generator=g), torch.randn(n, s, generator=g)) for n in sizes]
+    state.ltm = LongTermMemory.from_rows(
+        [(r, k, torch.ones(len(r), dtype=torch.float64), torch.arange(len(r))) for r, k in layers]
+    )
+    h = torch.randn(3, d, generator=g)  # three question tokens
+    for layer in (1, 0, 1):
+        q = tiny.retrieval.queries(tiny, layer, h)  # [3, s]
+        expected = (q @ layers[layer][1].T).sigmoid().mean(0)  # [n]
+        assert torch.equal(tiny.retrieve(layer, state, h).scores, expected)
+
+
 def test_equal_ages_put_the_later_candidate_first():
     assert order_oldest_first(torch.tensor([5, 7, 5, 7])).tolist() == [3, 1, 2, 0]
     assert order_oldest_first(torch.tensor([0, 0, 0])).tolist() == [2, 1, 0]
