@@ -60,6 +60,15 @@ def test_scans_hold_one_batch_and_nearby_records_share_a_read(tmp_path, monkeypa
     assert len(coalesce(torch.tensor([0, 3999]), 64)[2]) == 2  # far apart: two reads
 
 
+@pytest.mark.parametrize("index", [[0, 1, 1, 2, 5000], [5000, 1, 2, 1, 0], [7], []])
+def test_coalesce_orders_sorted_and_shuffled_indices_alike(index):
+    """An index already in file order skips the sort; either way order is a stable argsort and the spans agree."""
+    index = torch.tensor(index, dtype=torch.int64)
+    order, ordered, spans = coalesce(index, 64)
+    assert torch.equal(order, index.argsort(stable=True)) and torch.equal(ordered, index[order])
+    assert spans == coalesce(index.sort().values, 64)[2]
+
+
 def test_a_read_checks_the_blocks_its_spans_touch_once_and_no_others(tmp_path, monkeypatch):
     monkeypatch.setattr(rows_module, "SUM_BLOCK_BYTES", 256)  # 4 records of 64 bytes per block
     monkeypatch.setattr(rows_module, "GAP_BYTES", 128)  # read through gaps of at most 2 records
