@@ -136,7 +136,9 @@ class KeyMirror:
 
 
 def as_slice(index: torch.Tensor) -> slice | None:
-    """slice(first, last + 1) when index [m] (m >= 1) counts up by one from first to last; else None."""
+    """slice(first, last + 1) when index [m] counts up by one from first to last (m >= 1); else None."""
+    if index.numel() == 0:
+        return None
     first, last = int(index[0]), int(index[-1])
     if last - first + 1 != index.numel() or not bool((index[1:] > index[:-1]).all()):
         return None
@@ -148,7 +150,7 @@ def read(source: Source, index: torch.Tensor) -> torch.Tensor:
     layer's entries as a checkpoint or merge lays them out), else a copy (index_select: 4x faster than indexing)."""
     if isinstance(source, FileArray):
         return source.read(index)
-    run = as_slice(index) if index.numel() else None
+    run = as_slice(index)
     return source[run] if run is not None else torch.index_select(source, 0, index)
 
 

@@ -63,6 +63,7 @@ def counting_scans(monkeypatch) -> list[int]:
         ([5, 4], None),
         ([3, 3, 4], None),
         ([3, 5, 4, 6], None),
+        ([], None),
     ],
 )
 def test_as_slice_only_for_runs_of_consecutive_ids(ids, expected):
