@@ -5,6 +5,7 @@ The memory models have their own bos row, so text is always encoded without spec
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -19,6 +20,18 @@ def load_tokenizer(name_or_path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def load_saved_tokenizer(directory: Path):
+    """A tokenizer that `save_pretrained` wrote into `directory` (the demo's converted checkpoint), loaded as the
+    class its tokenizer_config.json names (the fast one where there is one, as AutoTokenizer would): AutoTokenizer
+    first loads the model's config to choose a class, which imports about a second of transformers' modelling
+    code in every fresh process. A directory that names no known class goes through AutoTokenizer."""
+    import transformers
+
+    name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    saved = name and (getattr(transformers, f"{name}Fast", None) or getattr(transformers, name, None))
+    return saved.from_pretrained(str(directory)) if saved else load_tokenizer(directory)
 
 
 def byte_tokenizer():

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..core.config import MemoryKind, ModelInfo
 from ..core.memoryllm import MemoryLLM
 from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
+from ..text.tokenizer import load_saved_tokenizer
 from .paths import cache_dir, swap_in
 from .registry import build_training_free, named_of
 
@@ -182,12 +183,10 @@ def load_smollm2(
     """SmolLM2-135M with training-free memory (see model.policies.training_free; the flavour's defaults unless given):
     `capacity` short-term rows per layer; the M+ flavour reads back `retrieved` long-term rows per layer at
     every question, found in blocks of `block` tokens."""
-    from transformers import AutoTokenizer
-
     directory = cached_checkpoint()
     llama = json.loads((directory / "config.json").read_text())
     cfg = training_free_config(llama, memory, capacity, retrieved, block)
     model = build_training_free(cfg, load_file(directory / "model.safetensors"), dtype, device)
-    model.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model.tokenizer = load_saved_tokenizer(directory)
     model.info = ModelInfo(named_of("demo", memory), TRAINING_FREE_LABEL, str(directory))
     return model
