@@ -37,11 +37,13 @@ class RopeConfig:
 
     kind: str = "default"
     theta: float = 10000.0
-    factor: float = 1.0
+    factor: float = 1.0  # linear and llama3
+    # llama3: frequencies of wavelengths over original_max_position_embeddings / low_freq_factor are divided by
+    # factor, those under original_max_position_embeddings / high_freq_factor kept, the band between blended
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
-    position_scale: float = 1.0
+    position_scale: float = 1.0  # interpolated
     inv_freq_dtype: str = "float32"
 
 
@@ -87,14 +89,14 @@ class ModelConfig:
     drop_memory_per_layer: bool = False
     tie_word_embeddings: bool = False
     lora: LoraConfig | None = None
-    # M+ only
-    num_ltm_blocks: int = 0
-    ltm_initial_size: int = 0
-    selector_hidden_dim: int = 0
-    num_selector_layers: int = 2
-    update_ltm_frequency: int = 0
-    decay_frequency: float = 1.0
-    initial_rf_when_moving_stm_to_ltm: float = 10.0
+    # M+ only (docs/algorithm.md §2.5)
+    num_ltm_blocks: int = 0  # blocks of K rows read back from the LTM per layer (T = num_ltm_blocks * K)
+    ltm_initial_size: int = 0  # LTM rows per layer in the checkpoint
+    selector_hidden_dim: int = 0  # width of the retrievers' query and key projections
+    num_selector_layers: int = 2  # 1: one Linear; 2: Linear, activation, Linear
+    update_ltm_frequency: int = 0  # injections between merges of the dropped rows into the LTM
+    decay_frequency: float = 1.0  # subtracted from every LTM row's recall frequency at each merge
+    initial_rf_when_moving_stm_to_ltm: float = 10.0  # recall frequency of a row entering the LTM
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     training_free: TrainingFreeConfig | None = None  # a plain Llama's layer inputs as memory (the demo)
