@@ -45,3 +45,28 @@ def token_ids(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
 def speed_cli(args: list) -> Result:
     """`mplus bench speed ARGS` (--json is the root's: given after the command as a user gives it)."""
     return CliRunner().invoke(mplus_app, ["bench", "speed", *map(str, args)])
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word (so tokens are not bytes)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [sum(map(ord, w)) % 250 for w in text.split()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(f"w{i}" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def word_model() -> mp.MemoryLLM:
+    lm = mp.load("tiny")
+    lm.tokenizer = WordTokenizer()
+    return lm
+
+
+@pytest.fixture
+def chat_template() -> str:
+    """A chat template (the retention tests) that wraps each message in <u>...</u> and opens the answer with <a>."""
+    return "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
