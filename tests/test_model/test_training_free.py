@@ -143,6 +143,20 @@ def test_layer0_rows_give_back_their_tokens_in_any_storage_dtype():
     assert terms.tokens(torch.randn(4, 64)).tolist() == [-1] * 4  # no token's embedding
 
 
+def test_a_row_hash_is_the_exact_integer_dot_product_in_any_batch():
+    terms = mp_terms(build_tiny("mplus"))
+    rows = torch.randn(300, 64) * 1e4  # large and negative values: the 16-bit words span their whole range
+    rows[::7] = rows[0]
+    words = rows.view(torch.int16).long()  # [300, 128]
+    expected = words @ terms.weights[:128].long()  # int64: exact, as every sum stays under 2^53
+    for batch in (1, 7, 4096):
+        assert torch.equal(terms.hash(rows, batch=batch), expected)
+    assert torch.equal(
+        terms.hash(rows.bfloat16()), rows.bfloat16().view(torch.int16).long() @ terms.weights[:64].long()
+    )
+    assert terms.hash(rows)[::7].unique().numel() == 1 and terms.hash(rows).unique().numel() == 300 - 42
+
+
 def mp_terms(lm: mp.MemoryLLM):
     return lm.retrieval.token_terms(lm)
 
