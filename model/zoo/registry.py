@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
+import safetensors.torch
 import torch
 
 from ..core.config import MemoryKind, ModelConfig, config_from_hf
@@ -230,11 +232,30 @@ def build_model(cfg: ModelConfig) -> MemoryLLM:
     return MPlus(cfg, **chosen) if cfg.kind == "mplus" else MemoryLLM(cfg, **chosen)
 
 
+ALIGN = 64  # bytes: the CPU allocator's alignment, which matmul kernels' results depend on
+ALIGN_KEY = "mplus_align"  # the metadata entry that pads a safetensors header (see save_aligned)
+
+
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """`t` in storage aligned as the allocator aligns it: safetensors hands out views into the file at any
     offset, and CPU matmul kernels give results that differ in the last bit on unaligned weights (so a
-    model loaded from its checkpoint would not answer bit for bit like the one that saved it)."""
-    return t if t.device.type != "cpu" or t.data_ptr() % 64 == 0 else t.clone()
+    model loaded from its checkpoint would not answer bit for bit like the one that saved it). A file written
+    by `save_aligned` is used in place."""
+    return t if t.device.type != "cpu" or t.data_ptr() % ALIGN == 0 else t.clone()
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file with the data starting at a multiple of ALIGN bytes, so that every tensor whose size is a
+    multiple of ALIGN (all of a Llama's, in float32) is mapped aligned and loads without a copy: the header
+    (which safetensors pads to 8 bytes only) is padded through a metadata entry, its length read from the file
+    written without the padding (written again with it: the tensors are not serialized in memory)."""
+    metadata = metadata | {ALIGN_KEY: ""}
+    safetensors.torch.save_file(tensors, path, metadata)
+    with open(path, "rb") as f:
+        header = f.read(int.from_bytes(f.read(8), "little")).rstrip(b" ")  # safetensors pads with spaces
+    pad = (ALIGN - 8 - len(header)) % ALIGN  # 8 + header + pad: a multiple of ALIGN (and so of 8: no more padding)
+    if pad:
+        safetensors.torch.save_file(tensors, path, metadata | {ALIGN_KEY: "-" * pad})
 
 
 def build_training_free(

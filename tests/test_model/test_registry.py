@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import model as mp
 from model.policies.authors import RandomRows, Selectors
 from model.policies.training_free import LayerInputs, LexicalBlocks, OldestOut, RandomBlocks
 from model.zoo import catalog
-from model.zoo.registry import MODELS, build_model, from_name, names
+from model.zoo.registry import MODELS, aligned, build_model, from_name, names, save_aligned
 
 # Recorded with the code before the registry and the policies existed: sessions are bound to these, so a
 # refactor that changes one would orphan every session made with that model. The training-free M+ flavour's
@@ -70,3 +72,22 @@ def test_unknown_names_and_hub_entries_are_refused_with_what_to_do():
         from_name("mplus-8b")
     with pytest.raises(ValueError, match="Llama config"):
         from_name("smollm2-135m")
+
+
+@pytest.mark.parametrize("names", [["w"], ["layer.0.weight", "b"], ["a" * 37, "bb", "model.norm.weight"]])
+def test_a_file_saved_aligned_is_used_in_place_with_every_tensor_aligned(tmp_path, names):
+    """Headers of any length (the names set it) are padded so that the data starts at a multiple of 64 bytes:
+    mapped, each tensor (a multiple of 64 bytes long) is aligned, and `aligned` keeps it instead of a copy."""
+    tensors = {name: torch.randn(16 * (i + 1), 3) for i, name in enumerate(names)}
+    save_aligned(tensors, tmp_path / "w.safetensors", {"format": "pt"})
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        assert f.metadata()["format"] == "pt"
+    loaded = load_file(tmp_path / "w.safetensors")
+    for name, t in loaded.items():
+        assert t.data_ptr() % 64 == 0 and aligned(t) is t and torch.equal(t, tensors[name])
+
+
+def test_an_unaligned_tensor_is_copied_into_aligned_storage():
+    view = torch.arange(33.0)[1:]  # 4 bytes into its storage
+    copy = aligned(view)
+    assert copy.data_ptr() % 64 == 0 and copy is not view and torch.equal(copy, view)

@@ -417,7 +417,7 @@ def test_a_conversion_interrupted_midway_leaves_no_cache(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(smollm2, "save_file", interrupted)
+    monkeypatch.setattr(smollm2, "save_aligned", interrupted)
     target = tmp_path / "cache" / "tiny"
     with pytest.raises(KeyboardInterrupt):
         smollm2.convert(tmp_path / "tiny.gguf", target)
